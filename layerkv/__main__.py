@@ -1,0 +1,3 @@
+from layerkv.cli import main
+
+main()

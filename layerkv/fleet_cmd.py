@@ -1,0 +1,7 @@
+"""Placeholder until its owner lands it."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

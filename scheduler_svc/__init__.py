@@ -1,0 +1,1 @@
+"""The fleet brain: client API, waiting queue, per-worker per-layer budget ledger, policies (no torch)."""

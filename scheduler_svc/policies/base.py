@@ -1,0 +1,102 @@
+"""The policy interface: a pure decision over a read-only snapshot of the fleet.
+
+A policy orders the waiting queue and proposes dispatches (request → worker, layer placement).
+It owns no state that matters for correctness: the mechanism (``scheduler_svc.ledger``) re-checks
+every hard limit, reserves the blocks, and simply skips a proposal that no longer fits. The
+mechanism never branches on a policy's name; policies register by name in ``registry.py``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from common.types import CostModel, KVGeometry, Placement
+
+
+class PolicyParams(BaseModel):
+    """Base of every policy's parameters: typed, validated, unknown fields rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class WaitingRequest:
+    """A request in the waiting queue, as a policy sees it."""
+
+    request_id: str
+    num_prompt_tokens: int
+    max_tokens: int
+    arrival_time: float  # unix seconds
+    ttft_slo_s: float | None  # the request's own SLO; None takes the policy default
+    tpot_slo_s: float | None
+
+
+@dataclass(frozen=True)
+class RunningRequest:
+    """A request running on a worker, from the worker's latest step report."""
+
+    request_id: str
+    num_prompt_tokens: int
+    max_tokens: int
+    tokens_generated: int  # N_past
+    decode_time_s: float  # T_past: decode time spent on it so far
+    tpot_slo_s: float | None
+    placement: Placement
+
+
+@dataclass(frozen=True)
+class WorkerSnapshot:
+    """One worker: geometry, free budget (reservations already subtracted), load and cost model."""
+
+    worker_id: str
+    geometry: KVGeometry
+    gpu_blocks_total: int
+    host_blocks_total: int
+    gpu_blocks_free: int  # free minus reserved-but-unconfirmed
+    host_blocks_free: int
+    max_model_len: int
+    cost_model: CostModel
+    running: tuple[RunningRequest, ...]
+    accepting: bool  # healthy and not draining
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """Everything a policy may look at in one scheduling round (read-only)."""
+
+    now: float  # unix seconds
+    waiting: tuple[WaitingRequest, ...]  # in arrival order
+    workers: tuple[WorkerSnapshot, ...]
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A policy's proposal: run this request on this worker with this placement."""
+
+    request_id: str
+    worker_id: str
+    placement: Placement
+
+
+class Policy(ABC):
+    """A scheduling policy. Subclasses set ``name``, ``description`` and ``Params``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Params: ClassVar[type[PolicyParams]] = PolicyParams
+
+    def __init__(self, params: PolicyParams | None = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    @abstractmethod
+    def schedule(self, fleet: FleetSnapshot) -> Sequence[Dispatch]:
+        """Dispatches for this round, in the order the mechanism should try them.
+
+        Each proposal must fit the snapshot's free budget *after* the proposals before it in the
+        same list (the policy accounts for its own proposals); the mechanism re-checks anyway.
+        """
