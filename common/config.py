@@ -1,0 +1,194 @@
+"""Typed settings of the two services: every flag of docs/cli-contract.md, one field each.
+
+The CLI (``layerkv scheduler`` / ``layerkv worker``) fills these from flags or ``LAYERKV_*``
+environment variables; ``from_env`` builds them from the environment alone (containers, tests).
+Cross-field checks name the bad values. Nothing here reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common.errors import InvalidArgument
+from common.security import TLSFiles
+
+ENV_PREFIX = "LAYERKV_"
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Any:
+        """Settings from ``LAYERKV_<FIELD>`` variables (plus ``REDIS_URL``), then ``overrides``."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is None and name == "redis_url":
+                raw = env.get("REDIS_URL")
+            if raw is not None and raw != "":
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.build(**values)
+
+    @classmethod
+    def build(cls, **values: Any) -> Any:
+        """Validate ``values``; a bad value raises ``InvalidArgument`` naming the field."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+            )
+            raise InvalidArgument(f"invalid {cls.__name__}: {problems}") from exc
+
+
+def _split_addresses(value: Any) -> Any:
+    if isinstance(value, str):
+        return [a.strip() for a in value.split(",") if a.strip()]
+    return value
+
+
+def _check_host_port(address: str, what: str) -> str:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{what} {address!r} must be host:port")
+    return address
+
+
+class SchedulerSettings(_Settings):
+    """``layerkv scheduler``."""
+
+    host: str = Field("0.0.0.0", description="listen address")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", min_length=1, description="request state store")
+    redis_prefix: str = Field("layerkv", pattern=r"^[A-Za-z0-9_.-]+$", description="Redis key namespace")
+    retention_s: int = Field(86400, ge=1, description="TTL of finished request records and token logs")
+    workers: list[str] = Field(default_factory=list, description="worker addresses host:port")
+    workers_dns: str = Field("", description="name:port of a headless Service, re-resolved periodically")
+    workers_dns_interval_s: float = Field(5.0, gt=0, description="how often --workers-dns is re-resolved")
+    policy: str = Field("layerkv", min_length=1, description="initial policy (one stored in Redis wins)")
+    policy_params: dict[str, Any] = Field(default_factory=dict, description="initial policy parameters")
+    policy_file: str = Field("", description="YAML/JSON {name, params} file watched for changes")
+    policy_file_interval_s: float = Field(2.0, gt=0, description="how often --policy-file is checked")
+    queue_limit: int = Field(10000, ge=1, description="waiting requests before RESOURCE_EXHAUSTED")
+    tls_cert: str = Field("", description="server certificate PEM; TLS on when set")
+    tls_key: str = Field("", description="server private key PEM")
+    tls_ca: str = Field("", description="CA of the workers' certificates; enables mutual TLS to workers")
+    worker_server_name: str = Field("", description="name expected in worker certificates (override)")
+    admin_token: str = Field("", description="bearer token required on AdminService")
+    api_token: str = Field("", description="bearer token required on SchedulerService (optional)")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request leaves it 0")
+    round_interval_s: float = Field(0.005, gt=0, description="pause between idle scheduling rounds")
+    worker_retry_s: float = Field(1.0, gt=0, description="delay before reconnecting to a down worker")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _parse_workers(cls, value: Any) -> Any:
+        return _split_addresses(value)
+
+    @field_validator("workers")
+    @classmethod
+    def _check_workers(cls, value: list[str]) -> list[str]:
+        return [_check_host_port(a, "worker address") for a in value]
+
+    @field_validator("workers_dns")
+    @classmethod
+    def _check_dns(cls, value: str) -> str:
+        return _check_host_port(value, "--workers-dns") if value else value
+
+    @field_validator("policy_params", mode="before")
+    @classmethod
+    def _parse_params(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value or "{}")
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"policy params {value!r} are not JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise ValueError(f"policy params must be a JSON object, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> SchedulerSettings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError(
+                f"--tls-cert and --tls-key go together (cert={self.tls_cert!r}, key={self.tls_key!r})"
+            )
+        if self.tls_ca and not self.tls_cert:
+            raise ValueError(f"--tls-ca={self.tls_ca!r} needs --tls-cert/--tls-key (the client certificate)")
+        return self
+
+    @property
+    def tls(self) -> TLSFiles:
+        return TLSFiles(self.tls_cert, self.tls_key, "")  # clients of the scheduler are not mTLS'd
+
+    @property
+    def listen_address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class WorkerSettings(_Settings):
+    """``layerkv worker``."""
+
+    host: str = Field("0.0.0.0", description="listen address")
+    port: int = Field(50061, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_port: int = Field(9091, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")
+    worker_id: str = Field("", description="stable id (StatefulSet pod name); empty: host name + port")
+    model: str = Field("tiny-llama", min_length=1, description="local HF folder or a built-in preset")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto, cpu or cuda")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="KV/model dtype")
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
+    gpu_blocks: int | None = Field(None, ge=0, description="GPU-tier blocks; None: automatic")
+    host_blocks: int | None = Field(None, ge=0, description="host-tier blocks; None: automatic")
+    gpu_kv_gib: float | None = Field(None, gt=0, description="GPU tier size in GiB instead of blocks")
+    host_kv_gib: float | None = Field(None, ge=0, description="host tier size in GiB instead of blocks")
+    scheduler: str = Field("", description="scheduler address to self-register with")
+    advertise_address: str = Field("", description="address the scheduler should dial; empty: host:port")
+    tls_cert: str = Field("", description="server certificate PEM; TLS on when set")
+    tls_key: str = Field("", description="server private key PEM")
+    tls_ca: str = Field("", description="CA whose client certificates are required (mutual TLS)")
+    scheduler_identity: str = Field("", description="only client-certificate common name allowed to dispatch")
+    admin_token: str = Field("", description="token used when self-registering")
+
+    @model_validator(mode="after")
+    def _check(self) -> WorkerSettings:
+        if self.gpu_blocks is not None and self.gpu_kv_gib is not None:
+            raise ValueError(
+                f"give --gpu-blocks ({self.gpu_blocks}) or --gpu-kv-gib ({self.gpu_kv_gib}), not both"
+            )
+        if self.host_blocks is not None and self.host_kv_gib is not None:
+            raise ValueError(
+                f"give --host-blocks ({self.host_blocks}) or --host-kv-gib ({self.host_kv_gib}), not both"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError(
+                f"--tls-cert and --tls-key go together (cert={self.tls_cert!r}, key={self.tls_key!r})"
+            )
+        if self.tls_ca and not self.tls_cert:
+            raise ValueError(f"--tls-ca={self.tls_ca!r} needs --tls-cert/--tls-key")
+        if self.scheduler_identity and not self.tls_ca:
+            raise ValueError(f"--scheduler-identity={self.scheduler_identity!r} needs mutual TLS (--tls-ca)")
+        if self.scheduler:
+            _check_host_port(self.scheduler, "--scheduler")
+        if self.advertise_address:
+            _check_host_port(self.advertise_address, "--advertise-address")
+        return self
+
+    @property
+    def tls(self) -> TLSFiles:
+        return TLSFiles(self.tls_cert, self.tls_key, self.tls_ca)
+
+    def resolved_worker_id(self, bound_port: int) -> str:
+        return self.worker_id or f"{socket.gethostname()}:{bound_port}"
+
+    def resolved_advertise_address(self, bound_port: int) -> str:
+        return self.advertise_address or f"{socket.gethostname()}:{bound_port}"

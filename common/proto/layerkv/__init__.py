@@ -1,0 +1,1 @@
+"""Generated protobuf modules (python -m common.gen_proto)."""

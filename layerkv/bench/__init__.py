@@ -1,0 +1,1 @@
+"""Load generator, report and plots of ``layerkv bench`` (torch-free; matplotlib only for plots)."""

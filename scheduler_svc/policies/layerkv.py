@@ -1,0 +1,274 @@
+"""The ``layerkv`` policy: layer-wise placement plus SLO-aware admission (arXiv 2410.00428 §3).
+
+For each waiting request and each worker it computes a layer placement (the paper's minimum
+resident layers, interleaved, shrunk to the worker's free GPU blocks when they run short as long
+as host blocks suffice) and admits the request only while every request running on that worker
+keeps its TPOT SLO: ``slack_i = SLO_i·(N_past + N_future) − T_past − N_future·t_step`` must cover
+the predicted prefill times admitted to that worker in this round. Among the workers that pass,
+the one with the lowest predicted TTFT wins. The running mean of output lengths is soft state:
+it only sharpens the prediction and the decisions stay valid without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from common.placement import interleaved, min_resident_layers
+from common.types import Placement
+from scheduler_svc.policies.base import (
+    Dispatch,
+    FleetSnapshot,
+    Policy,
+    PolicyParams,
+    RunningRequest,
+    WaitingRequest,
+    WorkerSnapshot,
+)
+
+
+class LayerKVParams(PolicyParams):
+    """Parameters of the ``layerkv`` policy."""
+
+    output_prediction: Literal["max_tokens", "mean"] = Field(
+        default="max_tokens",
+        description="remaining output of a running request: its max_tokens (an upper bound) or the "
+        "running mean of finished requests' output lengths (capped by max_tokens)",
+    )
+    queue_order: Literal["fcfs", "ttft-deadline"] = Field(
+        default="fcfs", description="order of the waiting queue: arrival, or earliest TTFT deadline first"
+    )
+    prefill_safety: float = Field(
+        default=1.2, ge=1.0, le=10.0, description="predicted prefill times are multiplied by this"
+    )
+    slack_reserve_s: float = Field(
+        default=0.0, ge=0.0, description="seconds of every running request's slack never given to prefills"
+    )
+    default_ttft_slo_s: float = Field(default=10.0, gt=0.0, description="TTFT SLO of requests without one")
+    default_tpot_slo_s: float = Field(default=0.5, gt=0.0, description="TPOT SLO of requests without one")
+    max_prefill_tokens_per_round: int = Field(
+        default=16384,
+        ge=1,
+        description="prompt tokens admitted to one worker per round (the first request always may go)",
+    )
+    skip_blocked: bool = Field(
+        default=False,
+        description="let later requests overtake one that fits no worker now (False: strict queue order)",
+    )
+    protect_lost_requests: bool = Field(
+        default=False,
+        description="also protect running requests whose slack is already negative without any "
+        "admission (False: they miss their SLO anyway and do not block admission)",
+    )
+
+
+@dataclass
+class _WorkerRound:
+    """What this round's proposals already took from one worker."""
+
+    gpu_free: int
+    host_free: int
+    prefill_s: float = 0.0  # predicted prefill time admitted this round (before the safety factor)
+    prompt_tokens: int = 0
+    added: int = 0  # requests admitted this round
+    added_context: int = 0
+    added_h2d_bytes: int = 0  # per decode step, for their host-placed layers
+    protected: list[RunningRequest] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A feasible placement of one request on one worker, with its predicted cost."""
+
+    worker: WorkerSnapshot
+    placement: Placement
+    prefill_s: float  # predicted, including any offload the prefill cannot hide
+    ttft_s: float  # predicted from now: this round's earlier prefills on the worker plus this one
+
+
+class LayerKVPolicy(Policy):
+    name: ClassVar[str] = "layerkv"
+    description: ClassVar[str] = (
+        "LayerKV: minimum GPU-resident layers (interleaved), admission while every running "
+        "request keeps its TPOT SLO, worker with the best predicted TTFT"
+    )
+    Params: ClassVar[type[PolicyParams]] = LayerKVParams
+
+    def __init__(self, params: PolicyParams | None = None) -> None:
+        super().__init__(params)
+        assert isinstance(self.params, LayerKVParams), f"layerkv takes LayerKVParams, got {type(self.params)}"
+        self.p: LayerKVParams = self.params
+        # Soft state for output_prediction="mean": last seen tokens of running requests, and the
+        # running mean of the output lengths of those that finished.
+        self._last_seen: dict[str, int] = {}
+        self._finished_outputs = 0
+        self._mean_output = 0.0
+
+    # ---- the round ---------------------------------------------------------------------------
+
+    def schedule(self, fleet: FleetSnapshot) -> Sequence[Dispatch]:
+        self._observe_finished(fleet)
+        rounds = {
+            w.worker_id: _WorkerRound(w.gpu_blocks_free, w.host_blocks_free, protected=self._protected(w))
+            for w in fleet.workers
+            if w.accepting
+        }
+        dispatches: list[Dispatch] = []
+        for req in self._ordered(fleet.waiting):
+            best: _Candidate | None = None
+            for worker in fleet.workers:
+                if worker.worker_id not in rounds:
+                    continue
+                cand = self._candidate(req, worker, rounds[worker.worker_id])
+                if cand is not None and (best is None or _better(cand, best, rounds)):
+                    best = cand
+            if best is None:
+                if self.p.skip_blocked:
+                    continue
+                break  # strict order: nobody overtakes the head of the queue
+            self._take(req, best, rounds[best.worker.worker_id])
+            dispatches.append(Dispatch(req.request_id, best.worker.worker_id, best.placement))
+        return dispatches
+
+    def _ordered(self, waiting: Sequence[WaitingRequest]) -> list[WaitingRequest]:
+        if self.p.queue_order == "fcfs":
+            return sorted(waiting, key=lambda r: r.arrival_time)
+        return sorted(waiting, key=lambda r: (r.arrival_time + self._ttft_slo(r), r.arrival_time))
+
+    # ---- one request on one worker -----------------------------------------------------------
+
+    def _candidate(self, req: WaitingRequest, worker: WorkerSnapshot, rnd: _WorkerRound) -> _Candidate | None:
+        """The request's placement and predicted cost on this worker, or None when it may not go."""
+        if req.num_prompt_tokens + req.max_tokens > worker.max_model_len:
+            return None
+        if rnd.added and rnd.prompt_tokens + req.num_prompt_tokens > self.p.max_prefill_tokens_per_round:
+            return None
+        placement = self.placement_for(req.num_prompt_tokens, worker, rnd.gpu_free, rnd.host_free)
+        if placement is None:
+            return None
+        prefill_s = self.predicted_prefill_s(req.num_prompt_tokens, placement, worker)
+        if not self._slo_keeps(req, placement, prefill_s, worker, rnd):
+            return None
+        return _Candidate(worker, placement, prefill_s, rnd.prefill_s + prefill_s)
+
+    @staticmethod
+    def placement_for(
+        num_tokens: int, worker: WorkerSnapshot, gpu_free: int, host_free: int
+    ) -> Placement | None:
+        """Fewest resident layers whose offload hides under the prefill, fitted to the free blocks.
+
+        More GPU layers than the rule's minimum are used only when host blocks run short; fewer
+        only when GPU blocks run short. None when no split of the layers fits both tiers.
+        """
+        geometry = worker.geometry
+        layers = geometry.num_layers
+        per_layer = max(1, geometry.blocks_for(num_tokens))
+        rule = min_resident_layers(num_tokens, geometry, worker.cost_model)
+        gpu_max = min(layers, gpu_free // per_layer)  # most GPU layers the free budget holds
+        gpu_min = max(0, layers - host_free // per_layer)  # fewest GPU layers the host tier allows
+        resident = min(max(rule, gpu_min), gpu_max)
+        if resident < gpu_min:
+            return None
+        return interleaved(layers, resident)
+
+    @staticmethod
+    def predicted_prefill_s(num_tokens: int, placement: Placement, worker: WorkerSnapshot) -> float:
+        """Prefill time, or the offload time when there are more host layers than the rule hides."""
+        cost = worker.cost_model
+        offload_s = placement.host_layers * worker.geometry.bytes_per_layer(num_tokens) / cost.d2h_bytes_per_s
+        return max(cost.prefill_s(num_tokens), offload_s)
+
+    def _slo_keeps(
+        self,
+        req: WaitingRequest,
+        placement: Placement,
+        prefill_s: float,
+        worker: WorkerSnapshot,
+        rnd: _WorkerRound,
+    ) -> bool:
+        """Whether every protected running request keeps a non-negative slack after admitting ``req``."""
+        if not rnd.protected:
+            return True
+        t_step = self._step_s(worker, rnd, extra=(req.num_prompt_tokens, placement))
+        stall_s = self.p.prefill_safety * (rnd.prefill_s + prefill_s) + self.p.slack_reserve_s
+        return all(self._slack_s(r, t_step) >= stall_s for r in rnd.protected)
+
+    def _protected(self, worker: WorkerSnapshot) -> list[RunningRequest]:
+        """Running requests whose TPOT SLO admission must keep (all, or those not already lost)."""
+        if self.p.protect_lost_requests:
+            return list(worker.running)
+        t_step = self._step_s(worker, _WorkerRound(0, 0))
+        return [r for r in worker.running if self._slack_s(r, t_step) - self.p.slack_reserve_s >= 0.0]
+
+    def _slack_s(self, r: RunningRequest, t_step: float) -> float:
+        """``SLO·(N_past + N_future) − T_past − N_future·t_step``: decode time it can still give away."""
+        slo = r.tpot_slo_s if r.tpot_slo_s is not None else self.p.default_tpot_slo_s
+        future = self._remaining_tokens(r)
+        return slo * (r.tokens_generated + future) - r.decode_time_s - future * t_step
+
+    def _step_s(
+        self, worker: WorkerSnapshot, rnd: _WorkerRound, extra: tuple[int, Placement] | None = None
+    ) -> float:
+        """Predicted decode step on this worker with its running requests, this round's and ``extra``."""
+        geometry = worker.geometry
+        batch = len(worker.running) + rnd.added
+        context = rnd.added_context
+        h2d = rnd.added_h2d_bytes
+        for r in worker.running:
+            ctx = r.num_prompt_tokens + r.tokens_generated
+            context += ctx
+            h2d += r.placement.host_layers * geometry.bytes_per_layer(ctx)
+        if extra is not None:
+            tokens, placement = extra
+            batch += 1
+            context += tokens
+            h2d += placement.host_layers * geometry.bytes_per_layer(tokens)
+        return worker.cost_model.decode_step_s(batch, context, h2d)
+
+    def _take(self, req: WaitingRequest, cand: _Candidate, rnd: _WorkerRound) -> None:
+        gpu, host = cand.worker.geometry.blocks_needed(req.num_prompt_tokens, cand.placement)
+        rnd.gpu_free -= gpu
+        rnd.host_free -= host
+        rnd.prefill_s += cand.prefill_s
+        rnd.prompt_tokens += req.num_prompt_tokens
+        rnd.added += 1
+        rnd.added_context += req.num_prompt_tokens
+        rnd.added_h2d_bytes += cand.placement.host_layers * cand.worker.geometry.bytes_per_layer(
+            req.num_prompt_tokens
+        )
+
+    # ---- predictions -------------------------------------------------------------------------
+
+    def _ttft_slo(self, req: WaitingRequest) -> float:
+        return req.ttft_slo_s if req.ttft_slo_s is not None else self.p.default_ttft_slo_s
+
+    def _remaining_tokens(self, r: RunningRequest) -> int:
+        upper = max(r.max_tokens - r.tokens_generated, 0)
+        if self.p.output_prediction == "max_tokens" or self._finished_outputs == 0:
+            return upper
+        return min(upper, max(1, round(self._mean_output - r.tokens_generated)))
+
+    def _observe_finished(self, fleet: FleetSnapshot) -> None:
+        """Update the running mean of output lengths with the requests that left every worker."""
+        seen = {r.request_id: r.tokens_generated for w in fleet.workers for r in w.running}
+        waiting = {r.request_id for r in fleet.waiting}
+        for request_id, tokens in self._last_seen.items():
+            if request_id not in seen and request_id not in waiting:  # finished (requeued ones wait)
+                self._finished_outputs += 1
+                self._mean_output += (tokens - self._mean_output) / self._finished_outputs
+        self._last_seen = seen
+
+    @property
+    def mean_output_tokens(self) -> float | None:
+        """Running mean of finished requests' output lengths (None before the first one)."""
+        return self._mean_output if self._finished_outputs else None
+
+
+def _better(a: _Candidate, b: _Candidate, rounds: dict[str, _WorkerRound]) -> bool:
+    """Lower predicted TTFT wins; ties go to the worker with more free GPU blocks left."""
+    if a.ttft_s != b.ttft_s:
+        return a.ttft_s < b.ttft_s
+    return rounds[a.worker.worker_id].gpu_free > rounds[b.worker.worker_id].gpu_free

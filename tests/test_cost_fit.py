@@ -1,0 +1,134 @@
+"""The online cost-model fit converges to the timings a worker actually measures."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from common.errors import InvalidArgument
+from common.types import CostModel
+from scheduler_svc.cost_fit import CostFitParams, CostFitter, StepTiming
+
+PROFILE = CostModel(
+    d2h_bytes_per_s=5e9,
+    h2d_bytes_per_s=5e9,
+    prefill_base_s=0.002,
+    prefill_per_token_s=1e-4,
+    prefill_per_token2_s=1e-8,
+    decode_base_s=0.010,
+    decode_per_request_s=0.001,
+    decode_per_context_token_s=1e-6,
+)
+
+
+def _noisy(rng: random.Random, value: float, rel: float = 0.03) -> float:
+    return value * (1.0 + rng.uniform(-rel, rel))
+
+
+@pytest.mark.parametrize("true_factor", [0.4, 1.0, 2.5])
+def test_prefill_correction_converges_to_measured_ratio(true_factor: float) -> None:
+    rng = random.Random(7)
+    fitter = CostFitter(PROFILE)
+    truth = CostModel(**{**PROFILE.__dict__, "correction": true_factor})
+    for _ in range(60):
+        n = rng.randint(16, 4096)
+        fitter.observe(StepTiming("prefill", _noisy(rng, truth.prefill_s(n)), n))
+    fitted = fitter.model()
+    assert fitted.correction == pytest.approx(true_factor, rel=0.03)
+    assert fitted.prefill_s(1000) == pytest.approx(truth.prefill_s(1000), rel=0.03)
+    assert fitter.prefill_samples == 60
+
+
+def test_prefill_outliers_and_empty_steps_are_ignored() -> None:
+    fitter = CostFitter(PROFILE)
+    fitter.observe(StepTiming("prefill", PROFILE.prefill_s(100) * 2.0, 100))
+    assert fitter.model().correction == pytest.approx(2.0)
+    fitter.observe(StepTiming("prefill", PROFILE.prefill_s(100) * 500.0, 100))  # a stall
+    fitter.observe(StepTiming("prefill", 0.0, 100))
+    fitter.observe(StepTiming("prefill", 0.5, 0))
+    assert fitter.model().correction == pytest.approx(2.0)
+    assert fitter.prefill_samples == 1
+
+
+def test_decode_step_fit_recovers_coefficients() -> None:
+    rng = random.Random(11)
+    truth = CostModel(
+        h2d_bytes_per_s=2e9, decode_base_s=0.004, decode_per_request_s=0.002, decode_per_context_token_s=3e-6
+    )
+    fitter = CostFitter(PROFILE)
+    for _ in range(400):
+        batch = rng.randint(1, 32)
+        context = batch * rng.randint(64, 2048)
+        loaded = rng.choice([0, rng.randint(1, 200) * 1_000_000])
+        measured = _noisy(rng, truth.decode_step_s(batch, context, loaded), rel=0.002)
+        fitter.observe(StepTiming("decode", measured, batch, context_tokens=context, bytes_loaded=loaded))
+    fitted = fitter.model()
+    assert fitted.decode_base_s == pytest.approx(truth.decode_base_s, rel=0.1)
+    assert fitted.decode_per_request_s == pytest.approx(truth.decode_per_request_s, rel=0.05)
+    assert fitted.decode_per_context_token_s == pytest.approx(truth.decode_per_context_token_s, rel=0.05)
+    assert fitted.h2d_bytes_per_s == pytest.approx(truth.h2d_bytes_per_s, rel=0.05)
+    for batch, context, loaded in [(1, 100, 0), (16, 16_000, 50_000_000), (32, 60_000, 0)]:
+        assert fitted.decode_step_s(batch, context, loaded) == pytest.approx(
+            truth.decode_step_s(batch, context, loaded), rel=0.03
+        )
+
+
+def test_decode_fit_with_a_constant_batch_predicts_the_observed_point() -> None:
+    # Only one operating point is ever seen: the fit cannot separate the coefficients, but it must
+    # predict that point, and keep every coefficient non-negative.
+    fitter = CostFitter(PROFILE)
+    for _ in range(100):
+        fitter.observe(StepTiming("decode", 0.05, 4, context_tokens=2000))
+    fitted = fitter.model()
+    assert fitted.decode_step_s(4, 2000) == pytest.approx(0.05, rel=0.01)
+    assert min(fitted.decode_base_s, fitted.decode_per_request_s, fitted.decode_per_context_token_s) >= 0.0
+
+
+def test_decode_fit_follows_a_slowdown() -> None:
+    fitter = CostFitter(PROFILE)
+    rng = random.Random(3)
+    for scale in (1.0, 3.0):
+        for _ in range(300):
+            batch = rng.randint(1, 16)
+            context = batch * 500
+            fitter.observe(
+                StepTiming("decode", scale * PROFILE.decode_step_s(batch, context), batch, context)
+            )
+    assert fitter.model().decode_step_s(8, 4000) == pytest.approx(
+        3.0 * PROFILE.decode_step_s(8, 4000), rel=0.05
+    )
+
+
+def test_offload_bandwidth_from_prefills_that_waited_for_copies() -> None:
+    fitter = CostFitter(PROFILE, CostFitParams(bandwidth_alpha=0.5))
+    true_bw = 1e9
+    for n in [1000, 2000, 3000, 4000] * 5:
+        duration = 0.2
+        fitter.observe(
+            StepTiming("prefill", duration, n, bytes_offloaded=int(true_bw * duration), copy_wait_s=0.05)
+        )
+    assert fitter.model().d2h_bytes_per_s == pytest.approx(true_bw, rel=0.01)
+
+
+def test_hidden_offload_only_raises_the_bandwidth_estimate() -> None:
+    fitter = CostFitter(PROFILE)
+    # Copies hid under a 0.1 s prefill: the link is at least 2e9 B/s, below the profile's 5e9.
+    fitter.observe(StepTiming("prefill", 0.1, 1000, bytes_offloaded=200_000_000))
+    assert fitter.model().d2h_bytes_per_s == pytest.approx(5e9)
+    # Hidden 1e9 bytes in 0.1 s: at least 1e10 B/s.
+    fitter.observe(StepTiming("prefill", 0.1, 1000, bytes_offloaded=1_000_000_000))
+    assert fitter.model().d2h_bytes_per_s == pytest.approx(1e10)
+
+
+def test_unknown_step_kind_is_rejected() -> None:
+    with pytest.raises(InvalidArgument, match="step kind"):
+        CostFitter(PROFILE).observe(StepTiming("chunked", 0.1, 10))
+
+
+def test_fresh_fitter_reproduces_the_profile() -> None:
+    fitted = CostFitter(PROFILE).model()
+    assert fitted.prefill_s(777) == pytest.approx(PROFILE.prefill_s(777))
+    assert fitted.decode_step_s(5, 3000, 10_000_000) == pytest.approx(
+        PROFILE.decode_step_s(5, 3000, 10_000_000)
+    )

@@ -1,0 +1,312 @@
+"""Decisions of the ``layerkv`` policy on constructed fleet snapshots (no services involved).
+
+Numbers are chosen to be exact in binary floating point so that the admission boundary (a slack
+that reaches exactly zero) is tested on both sides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from pydantic import ValidationError
+
+from common.types import CostModel, KVGeometry, Placement
+from scheduler_svc.policies.base import FleetSnapshot, RunningRequest, WaitingRequest, WorkerSnapshot
+from scheduler_svc.policies.layerkv import LayerKVParams, LayerKVPolicy
+
+# 8 layers, 1 KV head of 4 floats, 16-token blocks: one layer of n tokens is 32·n bytes.
+GEOMETRY = KVGeometry(num_layers=8, num_kv_heads=1, head_dim=4, block_size=16, dtype_bytes=4)
+# Prefill 2^-10 s per token; decode steps 0.25 s flat; offload far faster than prefill.
+FAST_LINK = CostModel(
+    d2h_bytes_per_s=1e30, h2d_bytes_per_s=1e30, prefill_per_token_s=2.0**-10, decode_base_s=0.25
+)
+
+
+def make_worker(
+    worker_id: str = "w0",
+    *,
+    gpu_free: int = 10_000,
+    host_free: int = 10_000,
+    cost: CostModel = FAST_LINK,
+    running: tuple[RunningRequest, ...] = (),
+    accepting: bool = True,
+    max_model_len: int = 1 << 20,
+) -> WorkerSnapshot:
+    return WorkerSnapshot(
+        worker_id=worker_id,
+        geometry=GEOMETRY,
+        gpu_blocks_total=max(gpu_free, 1),
+        host_blocks_total=max(host_free, 1),
+        gpu_blocks_free=gpu_free,
+        host_blocks_free=host_free,
+        max_model_len=max_model_len,
+        cost_model=cost,
+        running=running,
+        accepting=accepting,
+    )
+
+
+def make_waiting(
+    request_id: str, prompt: int, *, arrival: float = 0.0, max_tokens: int = 8, ttft_slo: float | None = None
+) -> WaitingRequest:
+    return WaitingRequest(request_id, prompt, max_tokens, arrival, ttft_slo, None)
+
+
+def make_running(
+    request_id: str = "r0",
+    *,
+    generated: int = 10,
+    max_tokens: int = 20,
+    decode_time: float = 2.5,
+    tpot_slo: float | None = 0.5,
+    prompt: int = 16,
+) -> RunningRequest:
+    return RunningRequest(
+        request_id,
+        prompt,
+        max_tokens,
+        generated,
+        decode_time,
+        tpot_slo,
+        Placement.all_gpu(GEOMETRY.num_layers),
+    )
+
+
+def fleet(*workers: WorkerSnapshot, waiting: tuple[WaitingRequest, ...]) -> FleetSnapshot:
+    return FleetSnapshot(now=100.0, waiting=waiting, workers=workers)
+
+
+def policy(**params: object) -> LayerKVPolicy:
+    return LayerKVPolicy(LayerKVParams.model_validate(params))
+
+
+# ---- placement: count and pattern ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("offloadable", "letters"),
+    [
+        (8, "HHHHHHHH"),  # link fast enough to hide every layer
+        (6, "HHHGHHHG"),
+        (4, "HGHGHGHG"),  # the paper's example: 1, 3, 5, 7 stay
+        (1, "GGGGGGHG"),
+        (0, "GGGGGGGG"),  # link too slow to hide even one layer
+    ],
+)
+def test_placement_is_the_minimum_resident_layers_interleaved(offloadable: int, letters: str) -> None:
+    # Prefill of n tokens takes n·1e-3 s; a layer is 32·n bytes: a link of 32·k/1e-3 B/s hides k layers.
+    cost = CostModel(d2h_bytes_per_s=32 * offloadable / 1e-3 + 1e-6, prefill_per_token_s=1e-3)
+    got = policy().schedule(fleet(make_worker(cost=cost), waiting=(make_waiting("a", 160),)))
+    assert [d.placement.letters for d in got] == [letters]
+    assert got[0].placement.gpu_layers == 8 - offloadable
+
+
+@pytest.mark.parametrize(
+    ("gpu_free", "host_free", "letters"),
+    [
+        (40, 40, "HGHGHGHG"),  # the rule's 4 GPU layers of 10 blocks fit
+        (25, 60, "HHHGHHHG"),  # GPU short: 2 GPU layers, as long as the 60 host blocks suffice
+        (9, 80, "HHHHHHHH"),  # not even one GPU layer: all host
+        (25, 59, None),  # GPU short and host short: wait
+        (80, 30, "GHGGHGHG"),  # host short: 5 GPU layers, so that 30 host blocks suffice
+        (45, 30, None),  # host needs 5 GPU layers, GPU holds 4: wait
+    ],
+)
+def test_placement_fits_the_free_budget(gpu_free: int, host_free: int, letters: str | None) -> None:
+    cost = CostModel(d2h_bytes_per_s=32 * 4 / 1e-3 + 1e-6, prefill_per_token_s=1e-3)  # rule: 4 resident
+    worker = make_worker(cost=cost, gpu_free=gpu_free, host_free=host_free)
+    got = policy().schedule(fleet(worker, waiting=(make_waiting("a", 160),)))  # 10 blocks per layer
+    assert [d.placement.letters for d in got] == ([] if letters is None else [letters])
+
+
+def test_placements_in_one_round_share_the_budget() -> None:
+    cost = CostModel(d2h_bytes_per_s=32 * 4 / 1e-3 + 1e-6, prefill_per_token_s=1e-3)  # rule: 4 resident
+    worker = make_worker(cost=cost, gpu_free=60, host_free=120)
+    waiting = tuple(make_waiting(f"q{i}", 160, arrival=i) for i in range(4))
+    got = policy().schedule(fleet(worker, waiting=waiting))
+    # 40 GPU + 40 host for the first; 20 GPU left → 2 GPU layers + 60 host; then 20 host left: wait.
+    assert [(d.request_id, d.placement.letters) for d in got] == [("q0", "HGHGHGHG"), ("q1", "HHHGHHHG")]
+
+
+def test_unhidden_offload_is_charged_to_the_prefill() -> None:
+    cost = CostModel(d2h_bytes_per_s=32 * 4 / 1e-3, prefill_per_token_s=1e-3)
+    worker = make_worker(cost=cost)
+    rule = Placement.from_letters("HGHGHGHG", 8)
+    all_host = Placement.from_letters("HHHHHHHH", 8)
+    assert LayerKVPolicy.predicted_prefill_s(160, rule, worker) == pytest.approx(0.16)
+    assert LayerKVPolicy.predicted_prefill_s(160, all_host, worker) == pytest.approx(0.32)
+
+
+# ---- admission: the TPOT slack -------------------------------------------------------------------
+# The running request: SLO 0.5 s, 10 tokens generated, 10 to go (max_tokens 20), 2.5 s of decode
+# used, steps of 0.25 s: slack = 0.5·20 − 2.5 − 10·0.25 = 5.0 s. Prefill is 2^-10 s per token.
+
+
+@pytest.mark.parametrize(
+    ("prompts", "safety", "reserve", "admitted"),
+    [
+        ((5120,), 1.0, 0.0, ["a"]),  # 5.0 s of prefill: slack exactly zero, still kept
+        ((5121,), 1.0, 0.0, []),  # one token more: slack negative, refused
+        ((4096,), 1.25, 0.0, ["a"]),  # 4.0 s x 1.25 = 5.0: exactly on the boundary
+        ((4097,), 1.25, 0.0, []),
+        ((4096,), 1.0, 1.0, ["a"]),  # 4.0 s + 1.0 s reserve = 5.0
+        ((4097,), 1.0, 1.0, []),
+        ((2048, 3072), 1.0, 0.0, ["a", "b"]),  # the round's sum: 2.0 + 3.0 = 5.0
+        ((2048, 3073), 1.0, 0.0, ["a"]),  # 2.0 + 3.0009 > 5.0: the second waits
+    ],
+)
+def test_admission_refused_exactly_when_a_slack_goes_negative(
+    prompts: tuple[int, ...], safety: float, reserve: float, admitted: list[str]
+) -> None:
+    worker = make_worker(running=(make_running(),))
+    waiting = tuple(
+        make_waiting(name, n, arrival=i) for i, (name, n) in enumerate(zip("ab", prompts, strict=False))
+    )
+    got = policy(prefill_safety=safety, slack_reserve_s=reserve).schedule(fleet(worker, waiting=waiting))
+    assert [d.request_id for d in got] == admitted
+
+
+def test_smallest_slack_decides() -> None:
+    roomy = make_running("roomy", decode_time=0.5)  # slack 7.0 s
+    tight = make_running("tight", decode_time=4.5)  # slack 3.0 s
+    worker = make_worker(running=(roomy, tight))
+    ok = policy(prefill_safety=1.0).schedule(fleet(worker, waiting=(make_waiting("a", 3072),)))
+    refused = policy(prefill_safety=1.0).schedule(fleet(worker, waiting=(make_waiting("a", 3073),)))
+    assert [d.request_id for d in ok] == ["a"]
+    assert refused == []
+
+
+def test_admission_accounts_for_the_longer_decode_steps_it_causes() -> None:
+    # Steps of 0.25 s + 0.125 s per request: with the running request alone 0.375 s
+    # (slack 0.5·20 − 1.25 − 10·0.375 = 5.0), with the newcomer 0.5 s (slack 3.75 s).
+    cost = replace(FAST_LINK, decode_per_request_s=0.125)
+    worker = make_worker(cost=cost, running=(make_running(decode_time=1.25),))
+    at_boundary = policy(prefill_safety=1.0).schedule(fleet(worker, waiting=(make_waiting("a", 3840),)))
+    above = policy(prefill_safety=1.0).schedule(fleet(worker, waiting=(make_waiting("a", 3841),)))
+    assert [d.request_id for d in at_boundary] == ["a"]  # 3.75 s of prefill
+    assert above == []
+
+
+def test_request_slo_overrides_the_policy_default() -> None:
+    # Without its own SLO the running request takes the default 0.5 s (slack 5.0 s); with 0.375 s
+    # of its own its slack is 0.375·20 − 2.5 − 2.5 = 2.5 s.
+    worker_default = make_worker(running=(make_running(tpot_slo=None),))
+    worker_own = make_worker(running=(make_running(tpot_slo=0.375),))
+    p = policy(prefill_safety=1.0, default_tpot_slo_s=0.5)
+    assert [d.request_id for d in p.schedule(fleet(worker_default, waiting=(make_waiting("a", 5120),)))] == [
+        "a"
+    ]
+    assert p.schedule(fleet(worker_own, waiting=(make_waiting("a", 2561),))) == []
+    assert [d.request_id for d in p.schedule(fleet(worker_own, waiting=(make_waiting("a", 2560),)))] == ["a"]
+
+
+@pytest.mark.parametrize(("protect", "admitted"), [(False, ["a"]), (True, [])])
+def test_requests_already_lost_block_admission_only_when_protected(
+    protect: bool, admitted: list[str]
+) -> None:
+    lost = make_running("lost", decode_time=8.0)  # slack 0.5·20 − 8 − 2.5 = −0.5 before any admission
+    worker = make_worker(running=(lost,))
+    got = policy(protect_lost_requests=protect).schedule(fleet(worker, waiting=(make_waiting("a", 16),)))
+    assert [d.request_id for d in got] == admitted
+
+
+def test_mean_output_prediction_uses_finished_requests() -> None:
+    p = policy(output_prediction="mean", prefill_safety=1.0)
+    # Round 1: two requests running; then both vanish after 12 tokens: mean output is 12.
+    first = make_worker(running=(make_running("x", generated=12), make_running("y", generated=12)))
+    assert p.schedule(fleet(first, waiting=())) == []
+    assert p.mean_output_tokens is None
+    running = make_running("r", generated=10, max_tokens=100, decode_time=2.5)
+    # With max_tokens the slack is 0.5·100 − 2.5 − 90·0.25 = 25 s; with the mean (2 more tokens)
+    # it is 0.5·12 − 2.5 − 2·0.25 = 3.0 s: a 4 s prefill now waits.
+    second = make_worker(running=(running,))
+    assert p.schedule(fleet(second, waiting=(make_waiting("a", 4096),))) == []
+    assert p.mean_output_tokens == pytest.approx(12.0)
+    upper = policy(output_prediction="max_tokens", prefill_safety=1.0)
+    assert [d.request_id for d in upper.schedule(fleet(second, waiting=(make_waiting("a", 4096),)))] == ["a"]
+
+
+# ---- worker choice ---------------------------------------------------------------------------
+
+
+def test_worker_with_the_best_predicted_ttft_wins() -> None:
+    slow = make_worker("slow", cost=replace(FAST_LINK, correction=2.0))
+    fast = make_worker("fast")
+    got = policy().schedule(fleet(slow, fast, waiting=(make_waiting("a", 1024),)))
+    assert [(d.request_id, d.worker_id) for d in got] == [("a", "fast")]
+
+
+def test_round_prefills_spread_requests_over_workers() -> None:
+    w0, w1 = make_worker("w0"), make_worker("w1")
+    waiting = tuple(make_waiting(f"q{i}", 1024, arrival=i) for i in range(4))
+    got = policy().schedule(fleet(w0, w1, waiting=waiting))
+    # Each prefill queues behind the ones already given to the same worker this round.
+    assert [d.worker_id for d in got] == ["w0", "w1", "w0", "w1"]
+
+
+def test_worker_refusing_on_slack_or_health_is_passed_over() -> None:
+    busy = make_worker("busy", running=(make_running(decode_time=4.5),))  # slack 3.0 s
+    draining = make_worker("draining", accepting=False)
+    idle = make_worker("idle", cost=replace(FAST_LINK, correction=1.5))  # slower, but free
+    got = policy(prefill_safety=1.0).schedule(fleet(busy, draining, idle, waiting=(make_waiting("a", 4096),)))
+    assert [d.worker_id for d in got] == ["idle"]
+
+
+def test_no_worker_fits_the_model_length() -> None:
+    worker = make_worker(max_model_len=100)
+    assert policy().schedule(fleet(worker, waiting=(make_waiting("a", 96, max_tokens=8),))) == []
+
+
+def test_max_prefill_tokens_per_round() -> None:
+    worker = make_worker()
+    waiting = tuple(make_waiting(f"q{i}", 600, arrival=i) for i in range(3))
+    got = policy(max_prefill_tokens_per_round=1200).schedule(fleet(worker, waiting=waiting))
+    assert [d.request_id for d in got] == ["q0", "q1"]
+    # A single prompt longer than the cap still goes when it is the round's first.
+    got = policy(max_prefill_tokens_per_round=100).schedule(fleet(worker, waiting=waiting))
+    assert [d.request_id for d in got] == ["q0"]
+
+
+# ---- queue order -----------------------------------------------------------------------------
+
+
+def test_queue_order_fcfs_and_ttft_deadline() -> None:
+    # Only one fits (host blocks for 10 blocks x 8 layers); 'late' arrived later but is due sooner.
+    worker = make_worker(gpu_free=0, host_free=80)
+    waiting = (
+        make_waiting("early", 160, arrival=1.0, ttft_slo=30.0),
+        make_waiting("late", 160, arrival=2.0, ttft_slo=5.0),
+    )
+    assert [d.request_id for d in policy(queue_order="fcfs").schedule(fleet(worker, waiting=waiting))] == [
+        "early"
+    ]
+    got = policy(queue_order="ttft-deadline").schedule(fleet(worker, waiting=waiting))
+    assert [d.request_id for d in got] == ["late"]
+
+
+def test_blocked_head_stops_the_round_unless_skipping() -> None:
+    worker = make_worker(gpu_free=0, host_free=40)  # 40 host blocks: 160 tokens need 80
+    waiting = (make_waiting("long", 160, arrival=1.0), make_waiting("short", 16, arrival=2.0))
+    assert policy().schedule(fleet(worker, waiting=waiting)) == []
+    got = policy(skip_blocked=True).schedule(fleet(worker, waiting=waiting))
+    assert [d.request_id for d in got] == ["short"]
+
+
+# ---- parameters --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"queue_order": "lifo"},
+        {"output_prediction": "oracle"},
+        {"prefill_safety": 0.5},
+        {"default_tpot_slo_s": 0.0},
+        {"max_prefill_tokens_per_round": 0},
+        {"unknown": 1},
+    ],
+)
+def test_bad_parameters_are_rejected(bad: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        LayerKVParams.model_validate(bad)

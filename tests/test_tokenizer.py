@@ -1,0 +1,46 @@
+"""The shared tokenizers: byte-level round trips, wire transport, incremental text deltas."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.errors import InvalidArgument
+from common.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDetokenizer, tokenizer_from_wire
+
+
+def _word_level_tokenizer() -> HFTokenizer:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2, "</s>": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return HFTokenizer(tok.to_str(), bos_token_id=None, eos_token_id=3)
+
+
+def test_byte_tokenizer_round_trip_with_multibyte_text() -> None:
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo ✓")
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids) == "héllo ✓"
+
+
+def test_incremental_detokenizer_never_splits_a_character() -> None:
+    tok = ByteTokenizer()
+    detok = IncrementalDetokenizer(tok)
+    deltas = [detok.push([b]) for b in "a✓b".encode()]
+    # ✓ is three bytes: nothing is emitted until its last byte arrives
+    assert deltas == ["a", "", "", "✓", "b"]
+    assert detok.text == "a✓b"
+
+
+@pytest.mark.parametrize("tok", [ByteTokenizer(300, 301), _word_level_tokenizer()])
+def test_tokenizer_survives_the_wire(tok) -> None:
+    kind, payload = tok.to_wire()
+    other = tokenizer_from_wire(kind, payload)
+    assert other.kind == tok.kind
+    assert other.eos_token_id == tok.eos_token_id
+    assert other.encode("hello world") == tok.encode("hello world")
+
+
+def test_unknown_wire_kind_is_rejected_with_its_name() -> None:
+    with pytest.raises(InvalidArgument, match="sentencepiece"):
+        tokenizer_from_wire("sentencepiece", b"{}")

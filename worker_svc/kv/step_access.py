@@ -1,0 +1,186 @@
+"""The model's view of the KV cache for one step (``LayerKVAccess``): per-layer metadata, staging,
+and the copies around each layer.
+
+Prefill: a GPU-home layer writes its K/V into its own blocks; a host-home layer writes into staging
+blocks and, right after its attention, those are copied to its host blocks (STORING) while the next
+layers compute. Decode: the host-home layers of layer ``l+1`` are streamed into staging blocks while
+layer ``l`` computes; after attention the block holding the new token is written back to the host.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from common.types import Residency, Tier
+from worker_svc.attention import AttentionMetadata
+from worker_svc.kv.block_table import LayerBlockTable
+from worker_svc.kv.kv_cache import KVCache
+from worker_svc.kv.manager import KVCacheManager
+from worker_svc.kv.offload import CopyEngine, CopyHandle
+
+
+@dataclass
+class CopyStats:
+    bytes_offloaded: int = 0  # device-to-host
+    bytes_loaded: int = 0  # host-to-device
+    wait_s: float = 0.0  # host time spent waiting for copies before compute could go on
+
+
+@dataclass
+class _StagedLayer:
+    """Staging blocks lent to the host-home layers of one layer for this step."""
+
+    ids: dict[str, list[int]] = field(default_factory=dict)  # request id -> staging block ids
+    load: CopyHandle | None = None
+
+
+class _StepAccess:
+    def __init__(self, tables: list[LayerBlockTable], kv: KVCache, manager: KVCacheManager,
+                 copy: CopyEngine, stats: CopyStats) -> None:
+        self.tables = tables
+        self.kv = kv
+        self.manager = manager
+        self.copy = copy
+        self.stats = stats
+        self.bs = kv.geometry.block_size
+        self.device = kv.gpu.device
+        self.block_bytes = kv.geometry.bytes_per_block
+
+    def _wait(self, handle: CopyHandle) -> None:
+        """Order compute after a copy; count host time only when it is not already done."""
+        if not handle.done():
+            start = time.perf_counter()
+            handle.wait()
+            self.stats.wait_s += time.perf_counter() - start
+        handle.order_compute_after()
+
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+
+
+class PrefillAccess(_StepAccess):
+    """Prompts of ``tables`` (same order), each of ``prompt_lens[i]`` tokens starting at slot 0."""
+
+    def __init__(self, tables: list[LayerBlockTable], prompt_lens: list[int], kv: KVCache,
+                 manager: KVCacheManager, copy: CopyEngine, stats: CopyStats) -> None:
+        super().__init__(tables, kv, manager, copy, stats)
+        self.prompt_lens = prompt_lens
+        cu = [0]
+        for n in prompt_lens:
+            cu.append(cu[-1] + n)
+        self.cu_seqlens = torch.tensor(cu, dtype=torch.int32).to(self.device)
+        pos = torch.cat([torch.arange(n) for n in prompt_lens])  # [T] slot of each token
+        self.block_index = pos // self.bs  # [T] which of its request's blocks
+        self.offsets = (pos % self.bs).to(self.device)
+        self._staged: dict[str, list[int]] = {}
+
+    def begin_layer(self, layer: int) -> tuple[torch.Tensor, AttentionMetadata]:
+        per_token_blocks = []
+        self._staged = {}
+        for table, n in zip(self.tables, self.prompt_lens):
+            lb = table.layers[layer]
+            nblocks = -(-n // self.bs)
+            if lb.home is Tier.GPU:
+                ids = lb.gpu_blocks[:nblocks]
+            else:
+                ids = self.manager.staging.allocate(nblocks)
+                self._staged[table.request_id] = ids
+            per_token_blocks.append(torch.tensor(ids, dtype=torch.int64))
+        start, blocks = 0, []
+        for ids, n in zip(per_token_blocks, self.prompt_lens):
+            blocks.append(ids[self.block_index[start:start + n]])
+            start += n
+        meta = AttentionMetadata(is_prefill=True, slot_blocks=torch.cat(blocks).to(self.device),
+                                 slot_offsets=self.offsets, seq_lens=self.prompt_lens,
+                                 cu_seqlens=self.cu_seqlens)
+        return self.kv.gpu, meta
+
+    def end_layer(self, layer: int) -> None:
+        for table in self.tables:
+            ids = self._staged.get(table.request_id)
+            if ids is None:
+                continue
+            lb = table.layers[layer]
+            handle = self.copy.copy_blocks(self.kv.gpu, ids, self.kv.host, lb.host_blocks[:len(ids)])
+            lb.residency, lb.pending = Residency.STORING, handle
+            self.manager.staging.release_after(ids, handle)
+            self.stats.bytes_offloaded += len(ids) * self.block_bytes
+
+
+class DecodeAccess(_StepAccess):
+    """One new token per request at slot ``context_lens[i]`` (the tokens already cached)."""
+
+    def __init__(self, tables: list[LayerBlockTable], context_lens: list[int], kv: KVCache,
+                 manager: KVCacheManager, copy: CopyEngine, stats: CopyStats) -> None:
+        super().__init__(tables, kv, manager, copy, stats)
+        self.context_lens = context_lens
+        self.attend_lens = torch.tensor([c + 1 for c in context_lens], dtype=torch.int32).to(self.device)
+        self.max_blocks = max(-(-(c + 1) // self.bs) for c in context_lens)
+        self.offsets = self._to_device([c % self.bs for c in context_lens])
+        self._staged: dict[int, _StagedLayer] = {}
+
+    def _prefetch(self, layer: int) -> None:
+        """Stream layer ``layer``'s host-home KV into staging blocks (one copy call for all requests)."""
+        staged = _StagedLayer()
+        src: list[int] = []
+        dst: list[int] = []
+        for table, ctx in zip(self.tables, self.context_lens):
+            lb = table.layers[layer]
+            if lb.home is not Tier.HOST or lb.residency is Residency.LOADING:
+                continue
+            ids = self.manager.staging.allocate(-(-(ctx + 1) // self.bs))
+            staged.ids[table.request_id] = ids
+            filled = -(-ctx // self.bs)
+            src += lb.host_blocks[:filled]
+            dst += ids[:filled]
+        if src:
+            staged.load = self.copy.copy_blocks(self.kv.host, src, self.kv.gpu, dst)
+            self.stats.bytes_loaded += len(src) * self.block_bytes
+        self._staged[layer] = staged
+
+    def begin_layer(self, layer: int) -> tuple[torch.Tensor, AttentionMetadata]:
+        if layer == 0:
+            self._prefetch(0)
+        if layer + 1 < len(self.tables[0].layers):
+            self._prefetch(layer + 1)  # overlaps this layer's compute
+        staged = self._staged[layer]
+        if staged.load is not None:
+            self._wait(staged.load)
+        rows, slot_blocks = [], []
+        for table, ctx in zip(self.tables, self.context_lens):
+            lb = table.layers[layer]
+            if lb.residency is Residency.LOADING:  # promotion in flight: wait, then use the GPU blocks
+                assert lb.pending is not None
+                self._wait(lb.pending)
+            ids = staged.ids.get(table.request_id, lb.gpu_blocks)
+            row = ids[:self.max_blocks]
+            rows.append(row + [0] * (self.max_blocks - len(row)))
+            slot_blocks.append(ids[ctx // self.bs])
+        meta = AttentionMetadata(
+            is_prefill=False, slot_blocks=self._to_device(slot_blocks), slot_offsets=self.offsets,
+            seq_lens=[1] * len(self.tables),
+            block_table=torch.tensor(rows, dtype=torch.int32).to(self.device, non_blocking=True),
+            context_lens=self.attend_lens, max_context=max(self.context_lens) + 1)
+        return self.kv.gpu, meta
+
+    def end_layer(self, layer: int) -> None:
+        """Write the block holding each host-home request's new token back to its host block."""
+        staged = self._staged.pop(layer)
+        if not staged.ids:
+            return
+        src, dst = [], []
+        for table, ctx in zip(self.tables, self.context_lens):
+            ids = staged.ids.get(table.request_id)
+            if ids is not None:
+                src.append(ids[ctx // self.bs])
+                dst.append(table.layers[layer].host_blocks[ctx // self.bs])
+        handle = self.copy.copy_blocks(self.kv.gpu, src, self.kv.host, dst)
+        self.stats.bytes_offloaded += len(src) * self.block_bytes
+        for table in self.tables:
+            ids = staged.ids.get(table.request_id)
+            if ids is not None:
+                table.layers[layer].pending = handle  # its host blocks are being written
+                self.manager.staging.release_after(ids, handle)

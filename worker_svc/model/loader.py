@@ -1,0 +1,108 @@
+"""Builds a model on a device: from a local HF folder (``*.safetensors``, sharded through
+``model.safetensors.index.json`` or not) or from a named preset with seeded random weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.errors import InvalidArgument, NotFound
+from common.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from worker_svc.model.config import PRESETS, ModelConfig
+from worker_svc.model.llama import LlamaForCausalLM
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with its config and tokenizer."""
+
+    name: str
+    config: ModelConfig
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise InvalidArgument(f"dtype {name!r} is not supported (choose from {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def load_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LoadedModel:
+    if name in PRESETS:
+        config = PRESETS[name]
+        model = _random_model(config, device, dtype, seed)
+        return LoadedModel(name, config, model, ByteTokenizer(config.bos_token_id or 256,
+                                                                 config.eos_token_id or 257))
+    folder = Path(name)
+    if not folder.is_dir():
+        raise NotFound(f"model {name!r} is neither a preset ({', '.join(PRESETS)}) nor a local folder")
+    config = ModelConfig.from_folder(folder)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()
+    _load_safetensors(model, folder, device)
+    model.model.rotary_emb.reset(device)  # buffers were emptied on the meta device; rebuild them
+    model.eval()
+    tokenizer: Tokenizer
+    try:
+        tokenizer = load_tokenizer(folder, config.bos_token_id, config.eos_token_id)
+    except NotFound:
+        # No tokenizer.json: the model still serves token ids; text decodes as bytes (best effort).
+        tokenizer = ByteTokenizer(max(256, config.vocab_size), max(257, config.vocab_size + 1))
+    return LoadedModel(str(folder), config, model, tokenizer)
+
+
+def _random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int) -> LlamaForCausalLM:
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight") or "layernorm" in pname:
+                p.fill_(1.0)
+            elif pname.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.model.rotary_emb.reset(device)
+    return model.eval()
+
+
+def _load_safetensors(model: LlamaForCausalLM, folder: Path, device: torch.device) -> None:
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise NotFound(f"model folder {str(folder)!r} has no *.safetensors weights")
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for file in files:
+            for key, tensor in load_file(str(folder / file), device="cpu").items():
+                if key not in params:
+                    continue  # e.g. rotary inv_freq saved by old checkpoints
+                if params[key].shape != tensor.shape:
+                    raise InvalidArgument(f"weight {key} has shape {tuple(tensor.shape)}, "
+                                          f"config expects {tuple(params[key].shape)}")
+                params[key].copy_(tensor.to(device))
+                loaded.add(key)
+    missing = set(params) - loaded
+    if model.config.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        raise InvalidArgument(f"model folder {str(folder)!r} lacks weights: {', '.join(sorted(missing)[:5])}")

@@ -1,0 +1,63 @@
+"""What the engine returns from each step (torch-free, importable by the gRPC service without torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.types import FinishReason
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]  # log-prob of each new token under the model's raw distribution
+    finished: bool
+    finish_reason: FinishReason | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RunningState:
+    """A running request after the step (feeds the scheduler's SLO slack)."""
+
+    request_id: str
+    tokens_generated: int  # N_past
+    decode_time_s: float  # T_past: wall time of the decode steps it took part in
+    context_tokens: int
+    placement: str  # current residency letters, G (GPU-resident) or H (host)
+
+
+@dataclass(frozen=True)
+class TierUsage:
+    total_blocks: int
+    free_blocks: int
+    used_per_layer: tuple[int, ...]  # blocks of this tier held per layer (including in-flight copies)
+
+
+@dataclass(frozen=True)
+class KVUsage:
+    gpu: TierUsage
+    host: TierUsage
+
+
+@dataclass(frozen=True)
+class StepStats:
+    step: int
+    kind: str  # "prefill" | "decode" | "idle"
+    duration_s: float
+    num_tokens: int  # prompt tokens (prefill) or requests (decode)
+    bytes_offloaded: int  # device-to-host this step
+    bytes_loaded: int  # host-to-device this step
+    copy_wait_s: float  # time compute waited for copies
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    outputs: tuple[RequestOutput, ...]
+    admitted: tuple[str, ...]  # request ids admitted (blocks taken) in this step
+    running: tuple[RunningState, ...]
+    stats: StepStats
+    usage: KVUsage

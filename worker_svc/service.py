@@ -1,0 +1,227 @@
+"""The WorkerService handlers: the gRPC face of one engine.
+
+Every engine call goes through the ``EngineThread`` (never on the event loop). A dispatch is
+validated, then checked and enqueued in one command on the engine thread, so no step can take the
+blocks between the check and the enqueue: a dispatch that no longer fits is refused with
+RESOURCE_EXHAUSTED ("no room"), never overcommitted. With mutual TLS and a scheduler identity, only
+that client certificate may dispatch, abort or subscribe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc.aio
+
+from common.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from common.grpc_errors import grpc_errors
+from common.proto.layerkv.v1 import worker_pb2, worker_pb2_grpc
+from common.security import peer_common_name
+from common.types import Placement, SamplingParams
+from worker_svc import wire
+from worker_svc.engine_thread import EngineThread
+from worker_svc.events import EventHub
+from worker_svc.metrics import WorkerMetrics
+from worker_svc.outputs import KVUsage
+
+log = logging.getLogger(__name__)
+
+# A StreamEvents subscriber gets the current state at least this often while the engine is idle,
+# so the scheduler can tell a quiet worker from a dead one.
+HEARTBEAT_S = 2.0
+
+MAX_REQUEST_ID_LEN = 256
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """What Describe reports besides the live cost model (fixed for the worker's lifetime)."""
+
+    worker_id: str
+    model: str
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    """Result of a successful dispatch command: blocks taken in each tier."""
+
+    gpu_blocks: int
+    host_blocks: int
+    usage: KVUsage  # after the blocks were taken
+
+
+def _admits_immediately(engine: Any) -> bool:
+    """No request queued inside the engine and a free sequence slot: the next admission is ours."""
+    if hasattr(engine, "admits_immediately"):
+        return bool(engine.admits_immediately())
+    # Fallback until the engine offers it (same thread, read-only): see the engine's _admit loop.
+    holding = sum(r.table is not None for r in engine._requests.values())
+    return not engine._waiting and holding < engine.config.max_num_seqs
+
+
+def _admit_waiting(engine: Any) -> list[str]:
+    """Let the engine admit its queue now (the step would do it first thing anyway)."""
+    if hasattr(engine, "admit_waiting"):
+        return list(engine.admit_waiting())
+    return list(engine._admit())
+
+
+def _admit(
+    engine: Any, request_id: str, prompt: list[int], sampling: SamplingParams, letters: str
+) -> _Admitted | None:
+    """Runs on the engine thread: validate, check room, enqueue and take the blocks now.
+
+    None means "no room". The blocks are taken in this same command (not at the next step), so
+    two dispatches between steps can never both pass the check and overcommit the pool.
+    """
+    num_layers = engine.geometry.num_layers
+    placement = Placement.from_letters(letters, num_layers) if letters else None
+    engine.validate(prompt, sampling, placement)
+    if not engine.can_admit(len(prompt), sampling.max_tokens, placement):
+        return None
+    if not _admits_immediately(engine):
+        return None  # the engine would queue it behind others instead of taking its blocks now
+    before = engine.usage()
+    engine.add_request(request_id, prompt, sampling, placement)
+    admitted = _admit_waiting(engine)
+    assert admitted == [request_id], f"dispatch {request_id!r} passed can_admit but was not admitted"
+    after = engine.usage()
+    gpu_taken = before.gpu.free_blocks - after.gpu.free_blocks
+    return _Admitted(gpu_taken, before.host.free_blocks - after.host.free_blocks, after)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    """Describe, GetTokenizer, Dispatch, StreamEvents and Abort over one engine thread."""
+
+    def __init__(
+        self,
+        identity: WorkerIdentity,
+        engine: Any,
+        thread: EngineThread,
+        hub: EventHub,
+        metrics: WorkerMetrics,
+        scheduler_identity: str = "",
+    ) -> None:
+        self._identity = identity
+        self._engine = engine  # read only for immutable attributes; every call goes through the thread
+        self._thread = thread
+        self._hub = hub
+        self._metrics = metrics
+        self._scheduler_identity = scheduler_identity
+        kind, payload = engine.tokenizer.to_wire()
+        self._tokenizer = worker_pb2.GetTokenizerResponse(kind=kind, tokenizer_json=payload)
+        self._stopping = asyncio.Event()
+
+    def stop_streams(self) -> None:
+        """End every StreamEvents call (graceful shutdown)."""
+        self._stopping.set()
+        self._hub.close()
+
+    def _check_scheduler(self, context: grpc.aio.ServicerContext) -> None:
+        if not self._scheduler_identity:
+            return
+        name = peer_common_name(context)
+        if name != self._scheduler_identity:
+            raise PermissionDenied(
+                f"only the scheduler {self._scheduler_identity!r} may call this worker "
+                f"(peer certificate name {name!r})"
+            )
+
+    @grpc_errors
+    async def Describe(
+        self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.DescribeResponse:
+        cost = await self._thread.call(lambda e: e.cost_model)  # refitted online: read it on its thread
+        e = self._engine
+        return worker_pb2.DescribeResponse(
+            worker_id=self._identity.worker_id,
+            model=self._identity.model,
+            geometry=wire.geometry_to_proto(e.geometry),
+            gpu_blocks=e.capacity.gpu_blocks,
+            host_blocks=e.capacity.host_blocks,
+            cost_model=wire.cost_model_to_proto(cost),
+            max_model_len=e.max_model_len,
+            eos_token_id=e.eos_token_id if e.eos_token_id is not None else 0,
+            device=self._identity.device,
+            dtype=self._identity.dtype,
+        )
+
+    @grpc_errors
+    async def GetTokenizer(
+        self, request: worker_pb2.GetTokenizerRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.GetTokenizerResponse:
+        return self._tokenizer
+
+    @grpc_errors
+    async def Dispatch(
+        self, request: worker_pb2.DispatchRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.DispatchResponse:
+        self._check_scheduler(context)
+        rid = request.request_id
+        if not rid or len(rid) > MAX_REQUEST_ID_LEN:
+            raise InvalidArgument(f"request_id must be 1..{MAX_REQUEST_ID_LEN} characters, got {len(rid)}")
+        if not request.prompt_token_ids:
+            raise InvalidArgument(f"request {rid!r} has an empty prompt")
+        sampling = wire.sampling_from_proto(request.sampling)
+        prompt = list(request.prompt_token_ids)
+        letters = request.placement
+        def command(engine: Any) -> _Admitted | None:
+            result = _admit(engine, rid, prompt, sampling, letters)
+            if result is not None:
+                # The step that would have reported the admission already ran; report it now, on
+                # the loop, ordered before any event of the next step (which may carry its tokens).
+                self._thread.post(self._publish_admission, rid, result.usage)
+            return result
+
+        admitted = await self._thread.call(command)
+        if admitted is None:
+            self._metrics.dispatch_refused()
+            raise ResourceExhausted(
+                f"no room for request {rid!r} on worker {self._identity.worker_id!r}: "
+                f"{len(prompt)} prompt + {sampling.max_tokens} output tokens do not fit the free blocks"
+            )
+        self._metrics.dispatch_accepted()
+        return worker_pb2.DispatchResponse(gpu_blocks=admitted.gpu_blocks, host_blocks=admitted.host_blocks)
+
+    def _publish_admission(self, request_id: str, usage: KVUsage) -> None:
+        state = self._hub.state
+        self._hub.publish(worker_pb2.StreamEventsResponse(
+            running=state.running,
+            gpu=wire.tier_usage_to_proto(usage.gpu),
+            host=wire.tier_usage_to_proto(usage.host),
+            step=worker_pb2.StepReport(kind="idle"),
+            admitted_request_ids=[request_id],
+        ))
+
+    @grpc_errors
+    async def Abort(
+        self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.AbortResponse:
+        self._check_scheduler(context)
+        rid = request.request_id
+        aborted = await self._thread.call(lambda e: bool(e.abort(rid)))
+        return worker_pb2.AbortResponse(aborted=aborted)
+
+    @grpc_errors
+    async def StreamEvents(
+        self, request: worker_pb2.StreamEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.StreamEventsResponse]:
+        self._check_scheduler(context)
+        q = self._hub.subscribe()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    event = await asyncio.wait_for(q.get(), timeout=HEARTBEAT_S)
+                except asyncio.TimeoutError:
+                    event = self._hub.state
+                if event is None:  # the server is stopping
+                    return
+                yield event
+        finally:
+            self._hub.unsubscribe(q)
