@@ -1,7 +1,174 @@
-"""Placeholder until its owner lands it."""
+"""``layerkv bench``: the same Poisson workload against several policies, with the ratios.
+
+The defaults are the CPU acceptance workload of the LayerKV policy (docs/benchmarks.md): the tiny
+preset on one worker whose GPU tier holds only a few whole long prompts, long prompts at a rate
+that saturates ``fcfs-full``. The bench package (grpc, rich, matplotlib) is imported inside the
+command only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+# The CPU acceptance workload (see docs/benchmarks.md, "LayerKV vs fcfs-full").
+DEFAULT_POLICIES = "fcfs-full,layerkv"
+DEFAULT_RATE = "2.0"
+DEFAULT_PROMPT = "1024"
+DEFAULT_OUTPUT = "16:32"
+DEFAULT_REQUESTS = 60
+DEFAULT_GPU_BLOCKS = 512
+DEFAULT_HOST_BLOCKS = 16384
+DEFAULT_TTFT_SLO_S = 5.0
+DEFAULT_TPOT_SLO_S = 0.5
+
+
+def _output_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    try:
+        low, high = int(lo), int(hi or lo)
+    except ValueError as exc:
+        raise typer.BadParameter(f"output length {text!r} must be N or MIN:MAX") from exc
+    if not 1 <= low <= high:
+        raise typer.BadParameter(f"output length {text!r} must satisfy 1 <= MIN <= MAX")
+    return low, high
+
+
+def bench(
+    policies: Annotated[str, typer.Option(help="comma-separated policies; the first is the baseline")] = (
+        DEFAULT_POLICIES
+    ),
+    endpoint: Annotated[
+        str, typer.Option(help="scheduler host:port; empty: start an embedded system per policy")
+    ] = "",
+    rate: Annotated[str, typer.Option(help="arrivals per second (Poisson); comma-separated: a sweep")] = (
+        DEFAULT_RATE
+    ),
+    prompt_len: Annotated[
+        str,
+        typer.Option(help="prompt tokens: N, a sweep N1,N2,…, or lognormal:MEDIAN[:SIGMA[:MIN:MAX]]"),
+    ] = DEFAULT_PROMPT,
+    output_len: Annotated[str, typer.Option(help="output tokens: N or MIN:MAX (uniform)")] = DEFAULT_OUTPUT,
+    num_requests: Annotated[
+        int, typer.Option(min=1, help="requests per point and policy")
+    ] = DEFAULT_REQUESTS,
+    seed: Annotated[int, typer.Option(help="workload seed (arrivals, lengths, token ids)")] = 0,
+    ttft_slo: Annotated[
+        float, typer.Option(min=0.0, help="TTFT SLO in seconds (sent with every request)")
+    ] = (DEFAULT_TTFT_SLO_S),
+    tpot_slo: Annotated[
+        float, typer.Option(min=0.0, help="TPOT SLO in seconds (sent with every request)")
+    ] = (DEFAULT_TPOT_SLO_S),
+    params: Annotated[
+        list[str] | None, typer.Option("--params", help="policy parameters NAME=JSON (repeatable)")
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="embedded: worker processes")] = 1,
+    model: Annotated[str, typer.Option(help="embedded: model of every worker")] = "tiny-llama",
+    device: Annotated[str, typer.Option(help="embedded: worker device (auto, cpu, cuda)")] = "auto",
+    dtype: Annotated[str, typer.Option(help="embedded: worker dtype")] = "auto",
+    block_size: Annotated[int, typer.Option(min=1, help="embedded: tokens per KV block")] = 16,
+    gpu_blocks: Annotated[int | None, typer.Option(help="embedded: GPU-tier blocks per worker")] = (
+        DEFAULT_GPU_BLOCKS
+    ),
+    host_blocks: Annotated[int | None, typer.Option(help="embedded: host-tier blocks per worker")] = (
+        DEFAULT_HOST_BLOCKS
+    ),
+    gpu_kv_gib: Annotated[
+        float | None, typer.Option(help="embedded: GPU tier in GiB (replaces --gpu-blocks)")
+    ] = None,
+    host_kv_gib: Annotated[
+        float | None, typer.Option(help="embedded: host tier in GiB (replaces --host-blocks)")
+    ] = None,
+    vocab_size: Annotated[int, typer.Option(min=1, help="prompt token ids are drawn below this")] = 256,
+    warmup: Annotated[int, typer.Option(min=0, help="unmeasured short requests before each run")] = 2,
+    timeout: Annotated[float, typer.Option(min=1.0, help="deadline of one request, seconds")] = 900.0,
+    api_token: Annotated[str, typer.Option(envvar="LAYERKV_API_TOKEN", help="SchedulerService token")] = "",
+    admin_token: Annotated[str, typer.Option(envvar="LAYERKV_ADMIN_TOKEN", help="AdminService token")] = "",
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="write machine-readable results here")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="write a PNG: TTFT vs prompt length, TTFT CDF")] = None,
+) -> None:
+    """Run a Poisson workload against each policy (fresh state each) and compare them."""
+    from rich.console import Console
+
+    from common.errors import LayerKVError
+    from layerkv.bench.plot import plot_points
+    from layerkv.bench.render import render
+    from layerkv.bench.report import to_jsonable
+    from layerkv.bench.runner import parse_policy_params
+    from layerkv.bench.session import BenchOptions, FleetOptions, run_bench
+    from layerkv.bench.workload import parse_floats, parse_prompt_sweep
+
+    console = Console()
+    try:
+        names = [p.strip() for p in policies.split(",") if p.strip()]
+        if not names:
+            raise typer.BadParameter("--policies needs at least one policy name")
+        out_min, out_max = _output_range(output_len)
+        # Explicit GiB sizes replace the default block counts.
+        gpu = None if gpu_kv_gib is not None else gpu_blocks
+        host = None if host_kv_gib is not None else host_blocks
+        opts = BenchOptions(
+            policies=names,
+            rates=parse_floats(rate, "--rate"),
+            prompts=parse_prompt_sweep(prompt_len),
+            num_requests=num_requests,
+            output_min=out_min,
+            output_max=out_max,
+            seed=seed,
+            ttft_slo_s=ttft_slo,
+            tpot_slo_s=tpot_slo,
+            endpoint=endpoint,
+            fleet=FleetOptions(
+                workers=workers,
+                model=model,
+                device=device,
+                dtype=dtype,
+                block_size=block_size,
+                gpu_blocks=gpu,
+                host_blocks=host,
+                gpu_kv_gib=gpu_kv_gib,
+                host_kv_gib=host_kv_gib,
+            ),
+            policy_params=parse_policy_params(params or []),
+            warmup=warmup,
+            request_timeout_s=timeout,
+            vocab_high=vocab_size,
+            api_token=api_token,
+            admin_token=admin_token,
+        )
+        points = run_bench(opts, console)
+    except (LayerKVError, ValueError, TimeoutError) as exc:
+        console.print(f"[red]error: {exc}[/red]")
+        raise typer.Exit(1) from exc
+    render(points, console)
+    if json_out is not None:
+        payload = {
+            "command": "layerkv bench",
+            "options": _options_json(opts),
+            "points": [to_jsonable(p) for p in points],
+        }
+        json_out.write_text(json.dumps(payload, indent=2))
+        console.print(f"results written to {json_out}")
+    if plot is not None:
+        plot_points(points, plot)
+        console.print(f"plot written to {plot}")
+
+
+def _options_json(opts: object) -> dict[str, object]:
+    from dataclasses import asdict, is_dataclass
+
+    assert is_dataclass(opts) and not isinstance(opts, type)
+    raw = asdict(opts)
+    raw["prompts"] = [p.label() for p in getattr(opts, "prompts", [])]
+    raw.pop("api_token", None)
+    raw.pop("admin_token", None)
+    return raw
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("bench")(bench)

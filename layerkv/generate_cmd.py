@@ -1,7 +1,116 @@
-"""Placeholder until its owner lands it."""
+"""``layerkv generate``: run prompts through the engine in this process, or through a running fleet
+with ``--endpoint HOST:PORT``. Torch is imported only inside the in-process path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 import typer
 
+from common.errors import InvalidArgument, LayerKVError
+from common.types import SamplingParams
+
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos")
+
+
+def _parse_ids(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError as exc:
+        raise InvalidArgument(f"{what} must be comma-separated integers, got {text!r}") from exc
+
+
+def _read_batch(path: Path, defaults: dict[str, Any]) -> list[Any]:
+    from worker_svc.local_generate import PromptSpec
+
+    specs = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"{path}:{lineno}: not valid JSON: {exc}") from exc
+        if not isinstance(obj, dict) or ("prompt" in obj) == ("prompt_ids" in obj):
+            raise InvalidArgument(f"{path}:{lineno}: give exactly one of 'prompt' or 'prompt_ids'")
+        unknown = set(obj) - {"prompt", "prompt_ids", "placement", "stop_ids", *_SAMPLING_FIELDS}
+        if unknown:
+            raise InvalidArgument(f"{path}:{lineno}: unknown fields {sorted(unknown)}")
+        fields = dict(defaults)
+        fields.update({k: obj[k] for k in _SAMPLING_FIELDS if k in obj})
+        if "stop_ids" in obj:
+            fields["stop_token_ids"] = obj["stop_ids"]
+        fields["stop_token_ids"] = tuple(fields.get("stop_token_ids") or ())
+        specs.append(PromptSpec(text=obj.get("prompt"), prompt_ids=obj.get("prompt_ids"),
+                                sampling=SamplingParams(**fields), placement=obj.get("placement")))
+    if not specs:
+        raise InvalidArgument(f"batch file {path} has no prompts")
+    return specs
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command()
+    def generate(
+        texts: list[str] = typer.Argument(None, help="prompt texts (same as --prompt)"),
+        model: str = typer.Option("tiny-llama", help="local HF folder or a preset (tiny-llama)"),
+        prompt: list[str] = typer.Option(None, help="a text prompt (repeatable)"),
+        prompt_ids: str = typer.Option(None, "--prompt-ids", help="one prompt as token ids: 1,2,3"),
+        batch: Path = typer.Option(None, help="JSON Lines: {'prompt_ids': [...]} or {'prompt': '...'} per line"),
+        max_tokens: int = typer.Option(32, help="tokens to generate per prompt"),
+        temperature: float = typer.Option(0.0, help="0 is greedy"),
+        top_p: float = typer.Option(1.0, help="nucleus mass in (0, 1]"),
+        top_k: int = typer.Option(0, help="0 disables"),
+        seed: int = typer.Option(None, help="sampling seed"),
+        stop_ids: str = typer.Option(None, "--stop-ids", help="comma-separated stop token ids"),
+        ignore_eos: bool = typer.Option(False, help="keep generating past end-of-sequence"),
+        device: str = typer.Option("cpu", help="cpu, cuda or auto"),
+        dtype: str = typer.Option("float32", help="float32, float16, bfloat16 or auto"),
+        block_size: int = typer.Option(16, help="tokens per KV block"),
+        gpu_blocks: int = typer.Option(None, help="GPU-tier KV blocks (default: what fits)"),
+        host_blocks: int = typer.Option(None, help="host-tier KV blocks"),
+        placement: str = typer.Option(None, help="per-layer placement letters, G (GPU) or H (host): GHGH"),
+        gpu_layers: int = typer.Option(None, help="GPU-resident layers, spread through the depth"),
+        json_output: bool = typer.Option(False, "--json", help="one JSON object per prompt, input order"),
+        endpoint: str = typer.Option(None, help="HOST:PORT of a running scheduler instead of in-process"),
+    ) -> None:
+        """Generate text for one or more prompts."""
+        try:
+            stop = tuple(_parse_ids(stop_ids, "--stop-ids")) if stop_ids else ()
+            defaults: dict[str, Any] = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                            top_k=top_k, seed=seed, stop_token_ids=stop, ignore_eos=ignore_eos)
+            SamplingParams(**defaults)  # reject bad values before loading anything
+            texts_all = list(texts or []) + list(prompt or [])
+            if endpoint:
+                if prompt_ids or batch:
+                    raise InvalidArgument("--endpoint takes text prompts only (not --prompt-ids or --batch)")
+                if not texts_all:
+                    raise InvalidArgument("give a prompt")
+                from layerkv import remote_generate
+
+                raise typer.Exit(remote_generate.run(
+                    endpoint=endpoint, prompts=texts_all, json_output=json_output, max_tokens=max_tokens,
+                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, ignore_eos=ignore_eos))
+            if placement is not None and gpu_layers is not None:
+                raise InvalidArgument("give --placement or --gpu-layers, not both")
+            from worker_svc.local_generate import PromptSpec, run_local
+
+            specs: list[PromptSpec] = []
+            sampling = SamplingParams(**defaults)
+            specs += [PromptSpec(text=t, sampling=sampling) for t in texts_all]
+            if prompt_ids:
+                specs.append(PromptSpec(prompt_ids=_parse_ids(prompt_ids, "--prompt-ids"), sampling=sampling))
+            if batch:
+                specs += _read_batch(batch, defaults)
+            if not specs:
+                raise InvalidArgument("give a prompt: TEXT, --prompt, --prompt-ids or --batch")
+            from worker_svc.engine_config import EngineConfig
+
+            config = EngineConfig(model=model, device=device, dtype=dtype, block_size=block_size,
+                                  gpu_blocks=gpu_blocks, host_blocks=host_blocks)
+            code = run_local(config, specs, json_output, placement=placement, gpu_layers=gpu_layers)
+        except LayerKVError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        raise typer.Exit(code)

@@ -8,6 +8,7 @@ schemas (strict: unknown fields are errors).
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import Iterator
@@ -245,20 +246,52 @@ def test_dns_discovery_points_the_scheduler_at_the_headless_service(chart: helm.
     assert "LAYERKV_SCHEDULER" not in env_of(container(one(docs, "StatefulSet", "-workers")))
 
 
-@pytest.mark.parametrize("values_name", ["default", "example"])
-def test_env_and_entrypoint_follow_the_cli_contract(chart: helm.Chart, values_name: str) -> None:
-    values = None if values_name == "default" else example_values()
-    docs = render(chart, values)
-    for workload, command in [
-        (one(docs, "Deployment", "-scheduler"), "scheduler"),
-        (one(docs, "StatefulSet", "-workers"), "worker"),
-    ]:
-        c = container(workload)
+# Values that together reach every environment variable the chart can set.
+ENV_VARIANTS: dict[str, dict[str, Any] | None] = {
+    "default": None,
+    "dns+blocks": {"workers": {"discovery": "both"}, "kv": {"gpuBlocks": 64, "hostBlocks": 128}},
+    "tokens": {"auth": {"enabled": True, "adminToken": "a", "requireApiToken": True, "apiToken": "b"}},
+}
+
+
+def chart_env(chart: helm.Chart, command: str) -> set[str]:
+    """Every env name the chart sets on the container running `layerkv <command>`."""
+    suffix, kind = {"scheduler": ("-scheduler", "Deployment"), "worker": ("-workers", "StatefulSet")}[command]
+    names: set[str] = set()
+    for values in [*ENV_VARIANTS.values(), example_values()]:
+        names |= set(env_of(container(one(render(chart, values), kind, suffix))))
+    return names
+
+
+@pytest.mark.parametrize("command", ["scheduler", "worker"])
+def test_env_and_entrypoint_follow_the_cli_contract(chart: helm.Chart, command: str) -> None:
+    for values in [*ENV_VARIANTS.values(), example_values()]:
+        docs = render(chart, values)
+        workload = one(
+            docs, *{"scheduler": ("Deployment", "-scheduler"), "worker": ("StatefulSet", "-workers")}[command]
+        )
         # The image's entrypoint (`layerkv <command>`) runs; the chart never replaces it.
-        assert "command" not in c
-        names = set(env_of(c))
-        unknown = names - contract_env(command) - HEALTHCHECK_ENV
-        assert not unknown, f"{command}: env not in docs/cli-contract.md: {sorted(unknown)}"
+        assert "command" not in container(workload)
+    unknown = chart_env(chart, command) - contract_env(command) - HEALTHCHECK_ENV
+    assert not unknown, f"{command}: env not in docs/cli-contract.md: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("command", ["scheduler", "worker"])
+def test_the_cli_reads_every_env_the_chart_sets(chart: helm.Chart, command: str) -> None:
+    """The real `layerkv <command>` options (typer/click introspection) accept every variable."""
+    import typer.main
+
+    # Imported by name so that type-checking this file does not walk the whole service code.
+    app = importlib.import_module("layerkv.cli").app
+    group = typer.main.get_command(app)
+    cmd = getattr(group, "commands", {}).get(command)  # typer may bring its own click: duck-type
+    assert cmd is not None, f"`layerkv {command}` is not registered in layerkv.cli"
+    accepted: set[str] = set()
+    for param in cmd.params:
+        envvar = getattr(param, "envvar", None)
+        accepted |= {envvar} if isinstance(envvar, str) else set(envvar or ())
+    missing = chart_env(chart, command) - HEALTHCHECK_ENV - accepted
+    assert not missing, f"`layerkv {command}` has no option reading {sorted(missing)}"
 
 
 # --- policy swap -------------------------------------------------------------------------------
@@ -407,3 +440,23 @@ def test_bad_values_fail_with_a_clear_message(
     with pytest.raises(error) as caught:
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
     assert message in str(caught.value)
+
+
+def test_network_policies_admit_only_the_scheduler(chart: helm.Chart) -> None:
+    docs = render(chart)
+    sched_labels = one(docs, "Deployment", "-scheduler")["spec"]["template"]["metadata"]["labels"]
+    for suffix, kind, port in [("-workers", "StatefulSet", "grpc"), ("-redis", "StatefulSet", "redis")]:
+        workload = one(docs, kind, suffix)
+        policy = one(docs, "NetworkPolicy", suffix)
+        pod_labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+        restricted = next(r for r in policy["spec"]["ingress"] if {"port": port} in r["ports"])
+        selector = restricted["from"][0]["podSelector"]["matchLabels"]
+        assert selector.items() <= sched_labels.items()
+        assert not selector.items() <= pod_labels.items()
+        assert port in {p["name"] for p in container(workload)["ports"]}
+    # With an external Redis there is no Redis pod to protect.
+    external = render(chart, example_values())
+    assert [p["metadata"]["name"] for p in by_kind(external, "NetworkPolicy")] == [
+        one(external, "StatefulSet", "-workers")["metadata"]["name"]
+    ]

@@ -21,18 +21,19 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_pool_is_full_again_after_finishes_and_aborts(folder: Path) -> None:
-    engine = make_engine(folder, block_size=4, gpu_blocks=40)
+    engine = make_engine(folder, block_size=4, gpu_blocks=40, default_placement="all-gpu")
     total = engine.usage().gpu.total_blocks
     engine.add_request("a", prompt_of(10, 1), SamplingParams(max_tokens=6))
     engine.add_request("b", prompt_of(7, 2), SamplingParams(max_tokens=3))
-    engine.add_request("c", prompt_of(30, 3), SamplingParams(max_tokens=10))  # waits: no room yet
+    engine.add_request("c", prompt_of(30, 3), SamplingParams(max_tokens=30))  # waits: no room yet
     first = engine.step()
     assert set(first.admitted) == {"a", "b"}
     # a: ceil(16/4)=4 blocks per layer, b: ceil(10/4)=3, two layers each.
     assert first.usage.gpu.free_blocks == total - 2 * (4 + 3)
     assert first.usage.gpu.used_per_layer == (7, 7)
     assert engine.abort("c")  # aborted while waiting
-    engine.step()
+    reasons = {o.request_id: o.finish_reason for o in engine.step().outputs if o.finished}
+    assert reasons == {"c": FinishReason.ABORT}
     assert engine.abort("a")  # aborted while running
     assert not engine.abort("a")
     assert not engine.abort("unknown")
@@ -41,13 +42,13 @@ def test_pool_is_full_again_after_finishes_and_aborts(folder: Path) -> None:
         for out in engine.step().outputs:
             if out.finished:
                 reasons[out.request_id] = out.finish_reason
-    assert reasons == {"a": FinishReason.ABORT, "b": FinishReason.LENGTH, "c": FinishReason.ABORT}
+    assert reasons == {"a": FinishReason.ABORT, "b": FinishReason.LENGTH}
     usage = engine.usage()
     assert usage.gpu.free_blocks == total and usage.gpu.used_per_layer == (0, 0)
 
 
 def test_admission_is_first_come_first_served_as_blocks_free(folder: Path) -> None:
-    engine = make_engine(folder, block_size=4, gpu_blocks=16)
+    engine = make_engine(folder, block_size=4, gpu_blocks=16, default_placement="all-gpu")
     assert engine.can_admit(20, 8)  # 7 blocks x 2 layers = 14
     assert not engine.can_admit(30, 8)
     jobs = {"big": Job(prompt_of(20, 1), 8), "next": Job(prompt_of(20, 2), 4)}
@@ -57,7 +58,7 @@ def test_admission_is_first_come_first_served_as_blocks_free(folder: Path) -> No
 
 
 def test_bad_input_is_rejected_and_others_keep_running(folder: Path) -> None:
-    engine = make_engine(folder, gpu_blocks=64)
+    engine = make_engine(folder, gpu_blocks=20, default_placement="all-gpu")
     engine.add_request("good", prompt_of(5, 1), SamplingParams(max_tokens=4))
     engine.step()
     with pytest.raises(InvalidArgument, match="prompt is empty"):

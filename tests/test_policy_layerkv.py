@@ -97,7 +97,7 @@ def policy(**params: object) -> LayerKVPolicy:
 def test_placement_is_the_minimum_resident_layers_interleaved(offloadable: int, letters: str) -> None:
     # Prefill of n tokens takes n·1e-3 s; a layer is 32·n bytes: a link of 32·k/1e-3 B/s hides k layers.
     cost = CostModel(d2h_bytes_per_s=32 * offloadable / 1e-3 + 1e-6, prefill_per_token_s=1e-3)
-    got = policy().schedule(fleet(make_worker(cost=cost), waiting=(make_waiting("a", 160),)))
+    got = policy().schedule(fleet(make_worker(cost=cost), waiting=(make_waiting("a", 152),)))
     assert [d.placement.letters for d in got] == [letters]
     assert got[0].placement.gpu_layers == 8 - offloadable
 
@@ -116,14 +116,16 @@ def test_placement_is_the_minimum_resident_layers_interleaved(offloadable: int, 
 def test_placement_fits_the_free_budget(gpu_free: int, host_free: int, letters: str | None) -> None:
     cost = CostModel(d2h_bytes_per_s=32 * 4 / 1e-3 + 1e-6, prefill_per_token_s=1e-3)  # rule: 4 resident
     worker = make_worker(cost=cost, gpu_free=gpu_free, host_free=host_free)
-    got = policy().schedule(fleet(worker, waiting=(make_waiting("a", 160),)))  # 10 blocks per layer
+    got = policy().schedule(
+        fleet(worker, waiting=(make_waiting("a", 152),))
+    )  # 152 + 8 tokens: 10 blocks per layer
     assert [d.placement.letters for d in got] == ([] if letters is None else [letters])
 
 
 def test_placements_in_one_round_share_the_budget() -> None:
     cost = CostModel(d2h_bytes_per_s=32 * 4 / 1e-3 + 1e-6, prefill_per_token_s=1e-3)  # rule: 4 resident
     worker = make_worker(cost=cost, gpu_free=60, host_free=120)
-    waiting = tuple(make_waiting(f"q{i}", 160, arrival=i) for i in range(4))
+    waiting = tuple(make_waiting(f"q{i}", 152, arrival=i) for i in range(4))
     got = policy().schedule(fleet(worker, waiting=waiting))
     # 40 GPU + 40 host for the first; 20 GPU left → 2 GPU layers + 60 host; then 20 host left: wait.
     assert [(d.request_id, d.placement.letters) for d in got] == [("q0", "HGHGHGHG"), ("q1", "HHHGHHHG")]
@@ -275,8 +277,8 @@ def test_queue_order_fcfs_and_ttft_deadline() -> None:
     # Only one fits (host blocks for 10 blocks x 8 layers); 'late' arrived later but is due sooner.
     worker = make_worker(gpu_free=0, host_free=80)
     waiting = (
-        make_waiting("early", 160, arrival=1.0, ttft_slo=30.0),
-        make_waiting("late", 160, arrival=2.0, ttft_slo=5.0),
+        make_waiting("early", 152, arrival=1.0, ttft_slo=30.0),
+        make_waiting("late", 152, arrival=2.0, ttft_slo=5.0),
     )
     assert [d.request_id for d in policy(queue_order="fcfs").schedule(fleet(worker, waiting=waiting))] == [
         "early"
@@ -286,8 +288,8 @@ def test_queue_order_fcfs_and_ttft_deadline() -> None:
 
 
 def test_blocked_head_stops_the_round_unless_skipping() -> None:
-    worker = make_worker(gpu_free=0, host_free=40)  # 40 host blocks: 160 tokens need 80
-    waiting = (make_waiting("long", 160, arrival=1.0), make_waiting("short", 16, arrival=2.0))
+    worker = make_worker(gpu_free=0, host_free=40)  # 40 host blocks: 152 + 8 tokens need 80
+    waiting = (make_waiting("long", 152, arrival=1.0), make_waiting("short", 16, arrival=2.0))
     assert policy().schedule(fleet(worker, waiting=waiting)) == []
     got = policy(skip_blocked=True).schedule(fleet(worker, waiting=waiting))
     assert [d.request_id for d in got] == ["short"]
@@ -310,3 +312,11 @@ def test_blocked_head_stops_the_round_unless_skipping() -> None:
 def test_bad_parameters_are_rejected(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         LayerKVParams.model_validate(bad)
+
+
+@pytest.mark.parametrize(("max_tokens", "admitted"), [(8, ["a"]), (9, [])])
+def test_budget_counts_prompt_plus_max_tokens(max_tokens: int, admitted: list[str]) -> None:
+    # 80 host blocks hold 10 blocks x 8 layers: 152 + 8 = 160 tokens fit, 152 + 9 = 161 do not.
+    worker = make_worker(gpu_free=0, host_free=80)
+    got = policy().schedule(fleet(worker, waiting=(make_waiting("a", 152, max_tokens=max_tokens),)))
+    assert [d.request_id for d in got] == admitted

@@ -178,6 +178,7 @@ class Engine:
                 break  # first come, first served: later requests wait behind the head
             self._waiting.popleft()
             req.table, req.state = table, RequestState.ADMITTED
+            req.admitted_placement = table.letters
             admitted.append(req.request_id)
             holding += 1
         return admitted
@@ -233,7 +234,7 @@ class Engine:
             moved = self.kv_manager.start_promotion(table, layer, self.copy_engine, self.kv.gpu, self.kv.host)
             if moved < 0:
                 break  # the GPU tier is full
-            stats.bytes_loaded += moved
+            stats.loaded(table.request_id, moved)
             budget -= 1
 
     def _run(self, batch: list[Request], prefill: bool, stats: CopyStats) -> list[RequestOutput]:
@@ -277,5 +278,8 @@ class Engine:
             if reason is not None:
                 self._finish(r, reason)
                 self._requests.pop(r.request_id, None)
-            outputs.append(RequestOutput(r.request_id, (tok.token_id,), (tok.logprob,), reason is not None, reason))
+            outputs.append(RequestOutput(
+                r.request_id, (tok.token_id,), (tok.logprob,), reason is not None, reason,
+                placement=r.admitted_placement, bytes_offloaded=stats.offloaded_by_request.get(r.request_id, 0),
+                bytes_loaded=stats.loaded_by_request.get(r.request_id, 0)))
         return outputs

@@ -17,6 +17,9 @@ class RequestOutput:
     finished: bool
     finish_reason: FinishReason | None
     error: str | None = None
+    placement: str = ""  # letters of the placement the request was admitted with ("" before admission)
+    bytes_offloaded: int = 0  # this request's device-to-host KV bytes in this step
+    bytes_loaded: int = 0  # this request's host-to-device KV bytes in this step
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ class Request:
     first_token_s: float | None = None
     decode_time_s: float = 0.0
     finish_reason: FinishReason | None = None
+    admitted_placement: str = ""  # placement letters at admission
 
     @property
     def reserved_tokens(self) -> int:

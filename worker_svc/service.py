@@ -118,6 +118,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._tokenizer = worker_pb2.GetTokenizerResponse(kind=kind, tokenizer_json=payload)
         self._stopping = asyncio.Event()
 
+    @property
+    def hub(self) -> EventHub:
+        return self._hub
+
     def stop_streams(self) -> None:
         """End every StreamEvents call (graceful shutdown)."""
         self._stopping.set()

@@ -109,7 +109,9 @@ def stats(values: Sequence[float]) -> Stats:
     return Stats(sum(values) / len(values), percentile(values, 50), percentile(values, 99), len(values))
 
 
-def summarize(policy: str, results: Sequence[RequestResult], ttft_slo_s: float, tpot_slo_s: float) -> PolicySummary:
+def summarize(
+    policy: str, results: Sequence[RequestResult], ttft_slo_s: float, tpot_slo_s: float
+) -> PolicySummary:
     done = [r for r in results if r.ok]
     ttft = [v for r in done if (v := r.ttft_s) is not None]
     tpot = [v for r in done if (v := r.tpot_s) is not None]
@@ -175,8 +177,9 @@ class PointResult:
     results: dict[str, list[RequestResult]]  # per policy, every request
 
 
-def point_result(rate: float, prompt: str, results: dict[str, list[RequestResult]], ttft_slo_s: float,
-                 tpot_slo_s: float) -> PointResult:
+def point_result(
+    rate: float, prompt: str, results: dict[str, list[RequestResult]], ttft_slo_s: float, tpot_slo_s: float
+) -> PointResult:
     summaries = [summarize(name, rs, ttft_slo_s, tpot_slo_s) for name, rs in results.items()]
     comparisons = [compare(summaries[0], s) for s in summaries[1:]]
     return PointResult(rate, prompt, summaries, comparisons, results)

@@ -87,8 +87,8 @@ async def _one(
     req: BenchRequest,
     start: float,
 ) -> RequestResult:
-    delay = start + req.arrival_s - time.monotonic()
-    if delay > 0:
+    # The event loop's timer may fire up to a millisecond early: sleep again until the arrival.
+    while (delay := start + req.arrival_s - time.monotonic()) > 0:
         await asyncio.sleep(delay)
     sent = time.monotonic() - start
     first: float | None = None

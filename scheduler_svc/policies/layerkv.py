@@ -146,7 +146,9 @@ class LayerKVPolicy(Policy):
             return None
         if rnd.added and rnd.prompt_tokens + req.num_prompt_tokens > self.p.max_prefill_tokens_per_round:
             return None
-        placement = self.placement_for(req.num_prompt_tokens, worker, rnd.gpu_free, rnd.host_free)
+        placement = self.placement_for(
+            req.num_prompt_tokens, req.max_tokens, worker, rnd.gpu_free, rnd.host_free
+        )
         if placement is None:
             return None
         prefill_s = self.predicted_prefill_s(req.num_prompt_tokens, placement, worker)
@@ -156,17 +158,19 @@ class LayerKVPolicy(Policy):
 
     @staticmethod
     def placement_for(
-        num_tokens: int, worker: WorkerSnapshot, gpu_free: int, host_free: int
+        num_prompt_tokens: int, max_tokens: int, worker: WorkerSnapshot, gpu_free: int, host_free: int
     ) -> Placement | None:
         """Fewest resident layers whose offload hides under the prefill, fitted to the free blocks.
 
-        More GPU layers than the rule's minimum are used only when host blocks run short; fewer
-        only when GPU blocks run short. None when no split of the layers fits both tiers.
+        The rule looks at the prompt (what the prefill offloads); the budget at the prompt plus
+        ``max_tokens`` per layer (what the engine reserves, as the ledger counts it). More GPU
+        layers than the rule's minimum are used only when host blocks run short; fewer only when
+        GPU blocks run short. None when no split of the layers fits both tiers.
         """
         geometry = worker.geometry
         layers = geometry.num_layers
-        per_layer = max(1, geometry.blocks_for(num_tokens))
-        rule = min_resident_layers(num_tokens, geometry, worker.cost_model)
+        per_layer = max(1, geometry.blocks_for(num_prompt_tokens + max_tokens))
+        rule = min_resident_layers(num_prompt_tokens, geometry, worker.cost_model)
         gpu_max = min(layers, gpu_free // per_layer)  # most GPU layers the free budget holds
         gpu_min = max(0, layers - host_free // per_layer)  # fewest GPU layers the host tier allows
         resident = min(max(rule, gpu_min), gpu_max)
@@ -229,7 +233,7 @@ class LayerKVPolicy(Policy):
         return worker.cost_model.decode_step_s(batch, context, h2d)
 
     def _take(self, req: WaitingRequest, cand: _Candidate, rnd: _WorkerRound) -> None:
-        gpu, host = cand.worker.geometry.blocks_needed(req.num_prompt_tokens, cand.placement)
+        gpu, host = cand.worker.geometry.blocks_needed(req.num_prompt_tokens + req.max_tokens, cand.placement)
         rnd.gpu_free -= gpu
         rnd.host_free -= host
         rnd.prefill_s += cand.prefill_s

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 
-from common.errors import InvalidArgument, NotFound, ResourceExhausted
+from common.errors import InvalidArgument, ResourceExhausted
 from common.grpc_errors import ErrorInterceptor
 from common.proto.layerkv.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from common.security import TLSFiles, add_port
@@ -120,7 +120,9 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
         return self.gpu_blocks - sum(self._used_gpu)
 
     # ---- WorkerService ----
-    async def Describe(self, request, context):  # noqa: N802
+    async def Describe(
+        self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.DescribeResponse:
         g = self.geometry
         return worker_pb2.DescribeResponse(
             worker_id=self.worker_id,
@@ -135,7 +137,10 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
             gpu_blocks=self.gpu_blocks,
             host_blocks=self.host_blocks,
             cost_model=types_pb2.CostModel(
-                d2h_bytes_per_s=1e9, h2d_bytes_per_s=1e9, prefill_per_token_s=1e-5, decode_base_s=self.step_s,
+                d2h_bytes_per_s=1e9,
+                h2d_bytes_per_s=1e9,
+                prefill_per_token_s=1e-5,
+                decode_base_s=self.step_s,
                 correction=1.0,
             ),
             max_model_len=self.max_model_len,
@@ -144,11 +149,15 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
             dtype="float32",
         )
 
-    async def GetTokenizer(self, request, context):  # noqa: N802
+    async def GetTokenizer(
+        self, request: worker_pb2.GetTokenizerRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.GetTokenizerResponse:
         kind, payload = self.tokenizer.to_wire()
         return worker_pb2.GetTokenizerResponse(kind=kind, tokenizer_json=payload)
 
-    async def Dispatch(self, request, context):  # noqa: N802
+    async def Dispatch(
+        self, request: worker_pb2.DispatchRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.DispatchResponse:
         if request.request_id in self._running:
             raise InvalidArgument(f"request {request.request_id!r} is already running here")
         if not request.prompt_token_ids:
@@ -179,7 +188,9 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
         self.dispatched.append(request.request_id)
         return worker_pb2.DispatchResponse(gpu_blocks=need_gpu, host_blocks=need_host)
 
-    async def Abort(self, request, context):  # noqa: N802
+    async def Abort(
+        self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.AbortResponse:
         running = self._running.get(request.request_id)
         if running is None:
             return worker_pb2.AbortResponse(aborted=False)
@@ -192,9 +203,12 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
         )
         return worker_pb2.AbortResponse(aborted=True)
 
-    async def StreamEvents(self, request, context) -> AsyncIterator[worker_pb2.StreamEventsResponse]:  # noqa: N802
+    async def StreamEvents(
+        self, request: worker_pb2.StreamEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.StreamEventsResponse]:
         queue: asyncio.Queue[worker_pb2.StreamEventsResponse | None] = asyncio.Queue()
         self._subscribers.append(queue)
+        queue.put_nowait(self._event([]))  # the current state first, as the real worker does
         try:
             while True:
                 event = await queue.get()
@@ -203,9 +217,6 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
                 yield event
         finally:
             self._subscribers.remove(queue)
-
-    def unknown(self, request_id: str) -> NotFound:
-        return NotFound(f"unknown request {request_id!r}")
 
     # ---- the step loop ----
     def _free(self, running: _Running) -> None:
@@ -231,7 +242,11 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
                 running.generated += 1
                 running.decode_time_s += self.step_s
                 done = running.generated >= running.max_tokens or token in running.stop_ids
-                reason = types_pb2.FINISH_REASON_STOP if token in running.stop_ids else types_pb2.FINISH_REASON_LENGTH
+                reason = (
+                    types_pb2.FINISH_REASON_STOP
+                    if token in running.stop_ids
+                    else types_pb2.FINISH_REASON_LENGTH
+                )
                 updates.append(
                     worker_pb2.TokenUpdate(
                         request_id=running.request_id,
@@ -242,31 +257,34 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
                 )
                 if done:
                     self._free(running)
-            event = worker_pb2.StreamEventsResponse(
-                tokens=updates,
-                running=[
-                    worker_pb2.RunningRequest(
-                        request_id=r.request_id,
-                        tokens_generated=r.generated,
-                        decode_time_s=r.decode_time_s,
-                        context_tokens=len(r.context),
-                        placement=r.placement,
-                    )
-                    for r in self._running.values()
-                ],
-                gpu=types_pb2.TierUsage(
-                    total_blocks=self.gpu_blocks, free_blocks=self.gpu_free, used_blocks_per_layer=self._used_gpu
-                ),
-                host=types_pb2.TierUsage(
-                    total_blocks=self.host_blocks,
-                    free_blocks=self.host_blocks - sum(self._used_host),
-                    used_blocks_per_layer=self._used_host,
-                ),
-                step=worker_pb2.StepReport(
-                    step=self._step, kind="decode", duration_s=self.step_s, num_tokens=len(self._running)
-                ),
-                admitted_request_ids=self._admitted,
-            )
+            event = self._event(updates)
             self._admitted = []
             for queue in self._subscribers:
                 queue.put_nowait(event)
+
+    def _event(self, updates: list[worker_pb2.TokenUpdate]) -> worker_pb2.StreamEventsResponse:
+        return worker_pb2.StreamEventsResponse(
+            tokens=updates,
+            running=[
+                worker_pb2.RunningRequest(
+                    request_id=r.request_id,
+                    tokens_generated=r.generated,
+                    decode_time_s=r.decode_time_s,
+                    context_tokens=len(r.context),
+                    placement=r.placement,
+                )
+                for r in self._running.values()
+            ],
+            gpu=types_pb2.TierUsage(
+                total_blocks=self.gpu_blocks, free_blocks=self.gpu_free, used_blocks_per_layer=self._used_gpu
+            ),
+            host=types_pb2.TierUsage(
+                total_blocks=self.host_blocks,
+                free_blocks=self.host_blocks - sum(self._used_host),
+                used_blocks_per_layer=self._used_host,
+            ),
+            step=worker_pb2.StepReport(
+                step=self._step, kind="decode", duration_s=self.step_s, num_tokens=len(self._running)
+            ),
+            admitted_request_ids=self._admitted,
+        )

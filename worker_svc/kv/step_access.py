@@ -27,6 +27,16 @@ class CopyStats:
     bytes_offloaded: int = 0  # device-to-host
     bytes_loaded: int = 0  # host-to-device
     wait_s: float = 0.0  # host time spent waiting for copies before compute could go on
+    offloaded_by_request: dict[str, int] = field(default_factory=dict)
+    loaded_by_request: dict[str, int] = field(default_factory=dict)
+
+    def offloaded(self, request_id: str, nbytes: int) -> None:
+        self.bytes_offloaded += nbytes
+        self.offloaded_by_request[request_id] = self.offloaded_by_request.get(request_id, 0) + nbytes
+
+    def loaded(self, request_id: str, nbytes: int) -> None:
+        self.bytes_loaded += nbytes
+        self.loaded_by_request[request_id] = self.loaded_by_request.get(request_id, 0) + nbytes
 
 
 @dataclass
@@ -107,7 +117,7 @@ class PrefillAccess(_StepAccess):
             handle = self.copy.copy_blocks(self.kv.gpu, ids, self.kv.host, lb.host_blocks[:len(ids)])
             lb.residency, lb.pending = Residency.STORING, handle
             self.manager.staging.release_after(ids, handle)
-            self.stats.bytes_offloaded += len(ids) * self.block_bytes
+            self.stats.offloaded(table.request_id, len(ids) * self.block_bytes)
 
 
 class DecodeAccess(_StepAccess):
@@ -136,9 +146,9 @@ class DecodeAccess(_StepAccess):
             filled = -(-ctx // self.bs)
             src += lb.host_blocks[:filled]
             dst += ids[:filled]
+            self.stats.loaded(table.request_id, filled * self.block_bytes)
         if src:
             staged.load = self.copy.copy_blocks(self.kv.host, src, self.kv.gpu, dst)
-            self.stats.bytes_loaded += len(src) * self.block_bytes
         self._staged[layer] = staged
 
     def begin_layer(self, layer: int) -> tuple[torch.Tensor, AttentionMetadata]:
@@ -177,8 +187,8 @@ class DecodeAccess(_StepAccess):
             if ids is not None:
                 src.append(ids[ctx // self.bs])
                 dst.append(table.layers[layer].host_blocks[ctx // self.bs])
+                self.stats.offloaded(table.request_id, self.block_bytes)
         handle = self.copy.copy_blocks(self.kv.gpu, src, self.kv.host, dst)
-        self.stats.bytes_offloaded += len(src) * self.block_bytes
         for table in self.tables:
             ids = staged.ids.get(table.request_id)
             if ids is not None:

@@ -1,0 +1,1 @@
+"""Test doubles shared by the scheduler tests and the overhead benchmark (torch-free)."""

@@ -1,0 +1,262 @@
+"""The worker registry and its clients: who the workers are, how to reach them, whether they live.
+
+Workers come from configured addresses, from self-registration (``AdminService.RegisterWorker``)
+or from a ``name:port`` DNS name re-resolved periodically (a Kubernetes headless Service lists one
+address per pod). Each address gets one connection task: Describe + GetTokenizer, then the
+StreamEvents stream, whose events go to the listener. The worker is *up* from its first event (the
+subscription is live, so no event of a later dispatch can be missed) until the stream breaks;
+then it is *down*, the listener requeues its requests, and the task redials after a pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+import grpc.aio
+
+from common.errors import LayerKVError, Unavailable
+from common.grpc_errors import error_from_rpc
+from common.proto.layerkv.v1 import worker_pb2, worker_pb2_grpc
+from common.security import open_channel
+from common.tokenizer import Tokenizer, tokenizer_from_wire
+from common.types import CostModel, KVGeometry, TierCapacity
+from scheduler_svc.cost_fit import CostFitter
+
+log = logging.getLogger(__name__)
+
+# Keepalive pings find a worker whose host vanished without closing the TCP connection.
+CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),  # tokenizer.json of large models
+)
+
+
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How the scheduler dials workers (mutual TLS when ``ca`` is set)."""
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    server_name: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerDescription:
+    """What a worker said about itself on connect."""
+
+    worker_id: str
+    model: str
+    geometry: KVGeometry
+    capacity: TierCapacity
+    cost_model: CostModel
+    max_model_len: int
+    eos_token_id: int
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    """One worker address and, once connected, its description, stub and health."""
+
+    address: str
+    registered: bool = False
+    description: WorkerDescription | None = None
+    tokenizer: Tokenizer | None = None
+    stub: worker_pb2_grpc.WorkerServiceStub | None = None
+    healthy: bool = False
+    draining: bool = False
+    removed: bool = False
+    fitter: CostFitter | None = None
+    last_running: tuple[worker_pb2.RunningRequest, ...] = ()  # from the latest event
+    up: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def worker_id(self) -> str:
+        return self.description.worker_id if self.description else ""
+
+    @property
+    def accepting(self) -> bool:
+        return self.healthy and not self.draining and not self.removed
+
+
+class WorkerListener(Protocol):
+    """What the scheduler core does with worker lifecycle and events."""
+
+    async def worker_up(self, worker: WorkerHandle) -> None: ...
+
+    async def worker_event(self, worker: WorkerHandle, event: worker_pb2.StreamEventsResponse) -> None: ...
+
+    async def worker_down(self, worker: WorkerHandle) -> None: ...
+
+
+def describe_from_proto(d: worker_pb2.DescribeResponse) -> WorkerDescription:
+    g = d.geometry
+    c = d.cost_model
+    return WorkerDescription(
+        worker_id=d.worker_id,
+        model=d.model,
+        geometry=KVGeometry(g.num_layers, g.num_kv_heads, g.head_dim, g.block_size, g.dtype_bytes),
+        capacity=TierCapacity(d.gpu_blocks, d.host_blocks),
+        cost_model=CostModel(
+            d2h_bytes_per_s=c.d2h_bytes_per_s or 10e9,
+            h2d_bytes_per_s=c.h2d_bytes_per_s or 10e9,
+            prefill_base_s=c.prefill_base_s,
+            prefill_per_token_s=c.prefill_per_token_s,
+            prefill_per_token2_s=c.prefill_per_token2_s,
+            decode_base_s=c.decode_base_s,
+            decode_per_request_s=c.decode_per_request_s,
+            decode_per_context_token_s=c.decode_per_context_token_s,
+            correction=c.correction or 1.0,
+        ),
+        max_model_len=d.max_model_len,
+        eos_token_id=d.eos_token_id,
+    )
+
+
+class WorkerPool:
+    """All worker connections of one scheduler."""
+
+    def __init__(
+        self,
+        listener: WorkerListener,
+        security: ChannelSecurity,
+        retry_s: float = 1.0,
+    ) -> None:
+        self._listener = listener
+        self._security = security
+        self._retry_s = retry_s
+        self._by_address: dict[str, WorkerHandle] = {}
+        self._dns_task: asyncio.Task[None] | None = None
+
+    def handles(self) -> list[WorkerHandle]:
+        return list(self._by_address.values())
+
+    def by_id(self, worker_id: str) -> WorkerHandle | None:
+        for handle in self._by_address.values():
+            if handle.worker_id == worker_id and not handle.removed:
+                return handle
+        return None
+
+    def add(self, address: str, registered: bool = False) -> WorkerHandle:
+        """Start dialing ``address`` (idempotent)."""
+        handle = self._by_address.get(address)
+        if handle is None:
+            handle = WorkerHandle(address, registered=registered)
+            self._by_address[address] = handle
+            handle.task = asyncio.create_task(self._run(handle), name=f"worker {address}")
+        return handle
+
+    async def add_and_wait(
+        self, address: str, timeout_s: float = 10.0, registered: bool = False
+    ) -> WorkerHandle:
+        """``add`` and wait until the worker is up; ``Unavailable`` if it is not in time."""
+        handle = self.add(address, registered)
+        try:
+            await asyncio.wait_for(handle.up.wait(), timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise Unavailable(f"worker at {address} did not come up within {timeout_s:.0f} s") from exc
+        return handle
+
+    async def remove(self, address: str) -> None:
+        handle = self._by_address.pop(address, None)
+        if handle is None:
+            return
+        handle.removed = True
+        if handle.task is not None:
+            handle.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await handle.task
+
+    def start_dns(self, name_port: str, interval_s: float) -> None:
+        self._dns_task = asyncio.create_task(self._resolve_loop(name_port, interval_s), name="workers-dns")
+
+    async def close(self) -> None:
+        if self._dns_task is not None:
+            self._dns_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dns_task
+        for address in list(self._by_address):
+            await self.remove(address)
+
+    # ---- internals ----
+    async def _resolve_loop(self, name_port: str, interval_s: float) -> None:
+        name, _, port = name_port.rpartition(":")
+        loop = asyncio.get_running_loop()
+        dns_owned: set[str] = set()
+        while True:
+            try:
+                infos = await loop.getaddrinfo(name, int(port), type=socket.SOCK_STREAM)
+                found = {
+                    f"[{i[4][0]}]:{port}" if i[0] == socket.AF_INET6 else f"{i[4][0]}:{port}" for i in infos
+                }
+                for address in found - dns_owned:
+                    log.info("workers-dns %s: new worker address %s", name_port, address)
+                    self.add(address)
+                for address in dns_owned - found:
+                    log.info("workers-dns %s: address %s is gone", name_port, address)
+                    await self.remove(address)
+                dns_owned = found
+            except OSError as exc:
+                log.warning("workers-dns %s does not resolve: %s", name_port, exc)
+            await asyncio.sleep(interval_s)
+
+    async def _run(self, handle: WorkerHandle) -> None:
+        while not handle.removed:
+            channel = open_channel(
+                handle.address,
+                ca=self._security.ca,
+                cert=self._security.cert,
+                key=self._security.key,
+                server_name=self._security.server_name,
+                options=CHANNEL_OPTIONS,
+            )
+            try:
+                await self._session(handle, channel)
+            except grpc.aio.AioRpcError as err:
+                log.warning("worker %s: %s", handle.address, error_from_rpc(err))
+            except LayerKVError as exc:
+                log.warning("worker %s: %s", handle.address, exc)
+            except Exception:  # a bug must not end the reconnect loop
+                log.exception("worker %s: unexpected error", handle.address)
+            finally:
+                await self._mark_down(handle)
+                await channel.close(None)
+            if not handle.removed:
+                await asyncio.sleep(self._retry_s)
+
+    async def _session(self, handle: WorkerHandle, channel: grpc.aio.Channel) -> None:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        description = describe_from_proto(await stub.Describe(worker_pb2.DescribeRequest(), timeout=10))
+        if not description.worker_id:
+            raise Unavailable(f"worker at {handle.address} describes itself without a worker_id")
+        wire = await stub.GetTokenizer(worker_pb2.GetTokenizerRequest(), timeout=30)
+        handle.tokenizer = tokenizer_from_wire(wire.kind, wire.tokenizer_json)
+        handle.description = description
+        handle.stub = stub
+        if handle.fitter is None or handle.fitter.profile != description.cost_model:
+            handle.fitter = CostFitter(description.cost_model)
+        stream = stub.StreamEvents(worker_pb2.StreamEventsRequest())
+        first = True
+        async for event in stream:
+            if first:  # the subscription is live: dispatches from now on cannot lose an event
+                first = False
+                handle.healthy = True
+                await self._listener.worker_up(handle)
+                handle.up.set()
+            await self._listener.worker_event(handle, event)
+        raise Unavailable(f"worker {description.worker_id} at {handle.address} closed its event stream")
+
+    async def _mark_down(self, handle: WorkerHandle) -> None:
+        handle.up.clear()
+        if handle.healthy:
+            handle.healthy = False
+            await self._listener.worker_down(handle)
