@@ -272,11 +272,12 @@ def run_embedded(opts: EmbeddedOptions) -> int:
     ok = False
     try:
         start(opts, system)
+        _print_endpoints(system)
         if opts.prompt:
+            print(f"\nPrompt: {opts.prompt}\nAnswer: ", end="", flush=True)
             code = remote_generate.run(system.scheduler_address, [opts.prompt], max_tokens=opts.max_tokens)
             ok = code == 0
             return code
-        _print_endpoints(system)
         print("Ctrl-C stops everything.", flush=True)
         while True:
             system.check_alive()

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
 from common.errors import InvalidArgument, LayerKVError
 from common.types import SamplingParams
 
+Opt, Arg = typer.Option, typer.Argument
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos")
 
 
@@ -53,33 +54,34 @@ def _read_batch(path: Path, defaults: dict[str, Any]) -> list[Any]:
 def register(app: typer.Typer) -> None:
     @app.command()
     def generate(
-        texts: list[str] = typer.Argument(None, help="prompt texts (same as --prompt)"),
-        model: str = typer.Option("tiny-llama", help="local HF folder or a preset (tiny-llama)"),
-        prompt: list[str] = typer.Option(None, help="a text prompt (repeatable)"),
-        prompt_ids: str = typer.Option(None, "--prompt-ids", help="one prompt as token ids: 1,2,3"),
-        batch: Path = typer.Option(None, help="JSON Lines: {'prompt_ids': [...]} or {'prompt': '...'} per line"),
-        max_tokens: int = typer.Option(32, help="tokens to generate per prompt"),
-        temperature: float = typer.Option(0.0, help="0 is greedy"),
-        top_p: float = typer.Option(1.0, help="nucleus mass in (0, 1]"),
-        top_k: int = typer.Option(0, help="0 disables"),
-        seed: int = typer.Option(None, help="sampling seed"),
-        stop_ids: str = typer.Option(None, "--stop-ids", help="comma-separated stop token ids"),
-        ignore_eos: bool = typer.Option(False, help="keep generating past end-of-sequence"),
-        device: str = typer.Option("cpu", help="cpu, cuda or auto"),
-        dtype: str = typer.Option("float32", help="float32, float16, bfloat16 or auto"),
-        block_size: int = typer.Option(16, help="tokens per KV block"),
-        gpu_blocks: int = typer.Option(None, help="GPU-tier KV blocks (default: what fits)"),
-        host_blocks: int = typer.Option(None, help="host-tier KV blocks"),
-        placement: str = typer.Option(None, help="per-layer placement letters, G (GPU) or H (host): GHGH"),
-        gpu_layers: int = typer.Option(None, help="GPU-resident layers, spread through the depth"),
-        json_output: bool = typer.Option(False, "--json", help="one JSON object per prompt, input order"),
-        endpoint: str = typer.Option(None, help="HOST:PORT of a running scheduler instead of in-process"),
+        texts: Annotated[list[str] | None, Arg(help="prompt texts (same as --prompt)")] = None,
+        model: Annotated[str, Opt(help="local HF folder or a preset (tiny-llama)")] = "tiny-llama",
+        prompt: Annotated[list[str] | None, Opt(help="a text prompt (repeatable)")] = None,
+        prompt_ids: Annotated[str | None, Opt("--prompt-ids", help="one prompt as ids: 1,2,3")] = None,
+        batch: Annotated[Path | None, Opt(help="JSON Lines file, one prompt object per line")] = None,
+        max_tokens: Annotated[int, Opt(help="tokens to generate per prompt")] = 32,
+        temperature: Annotated[float, Opt(help="0 is greedy")] = 0.0,
+        top_p: Annotated[float, Opt(help="nucleus mass in (0, 1]")] = 1.0,
+        top_k: Annotated[int, Opt(help="0 disables")] = 0,
+        seed: Annotated[int | None, Opt(help="sampling seed")] = None,
+        stop_ids: Annotated[str | None, Opt("--stop-ids", help="comma-separated stop token ids")] = None,
+        ignore_eos: Annotated[bool, Opt(help="keep generating past end-of-sequence")] = False,
+        device: Annotated[str, Opt(help="cpu, cuda or auto")] = "cpu",
+        dtype: Annotated[str, Opt(help="float32, float16, bfloat16 or auto")] = "float32",
+        block_size: Annotated[int, Opt(help="tokens per KV block")] = 16,
+        gpu_blocks: Annotated[int | None, Opt(help="GPU-tier KV blocks (default: what fits)")] = None,
+        host_blocks: Annotated[int | None, Opt(help="host-tier KV blocks")] = None,
+        placement: Annotated[str | None, Opt(help="letters per layer, G (GPU) or H (host): GHGH")] = None,
+        gpu_layers: Annotated[int | None, Opt(help="GPU-resident layers, spread through the depth")] = None,
+        json_output: Annotated[bool, Opt("--json", help="JSON Lines, one per prompt")] = False,
+        endpoint: Annotated[str | None, Opt(help="HOST:PORT of a running scheduler")] = None,
     ) -> None:
         """Generate text for one or more prompts."""
         try:
             stop = tuple(_parse_ids(stop_ids, "--stop-ids")) if stop_ids else ()
-            defaults: dict[str, Any] = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                            top_k=top_k, seed=seed, stop_token_ids=stop, ignore_eos=ignore_eos)
+            defaults: dict[str, Any] = dict(
+                max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                stop_token_ids=stop, ignore_eos=ignore_eos)
             SamplingParams(**defaults)  # reject bad values before loading anything
             texts_all = list(texts or []) + list(prompt or [])
             if endpoint:

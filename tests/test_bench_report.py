@@ -79,6 +79,7 @@ def test_summary_attainment_counts_failures_as_misses() -> None:
     assert s.e2e.p50 == pytest.approx(3.0)
     assert s.ttft_attainment == pytest.approx(2 / 4)  # requests 0 and 2
     assert s.tpot_attainment == pytest.approx(2 / 4)  # requests 0 and 1
+    assert s.queue_share_of_ttft == pytest.approx(((0.1 + 1.5 + 0.0) / 3) / ((0.5 + 2.0 + 0.25) / 3))
     assert s.duration_s == pytest.approx(6.25)  # first send 0.0 to last finish 6.25
     assert s.throughput_tokens_s == pytest.approx(13 / 6.25)
     assert s.throughput_requests_s == pytest.approx(3 / 6.25)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,22 +19,28 @@ VOCAB = 300
 
 
 def build_hf_model(arch: str = "llama", layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                   tie: bool = False, seed: int = 0, rope_llama3: bool = False) -> torch.nn.Module:
+                   tie: bool = False, seed: int = 0, rope_llama3: bool = False) -> Any:
     """A tiny random HF causal LM in float32 (weights large enough that greedy choices are clear)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-                  tie_word_embeddings=tie, initializer_range=0.08, bos_token_id=None, eos_token_id=None,
-                  pad_token_id=0)
+    common: dict[str, Any] = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        tie_word_embeddings=tie, initializer_range=0.08, bos_token_id=None, eos_token_id=None,
+        pad_token_id=0)
     torch.manual_seed(seed)
     if arch == "llama":
         rope = ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 32, "rope_theta": 10000.0} if rope_llama3 else None)
-        cfg = LlamaConfig(**common, rope_scaling=rope) if rope else LlamaConfig(**common)
-        model = LlamaForCausalLM(cfg)
+        if rope:
+            common["rope_scaling"] = rope
+        model: Any = LlamaForCausalLM(LlamaConfig(**common))
     elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif arch == "mistral":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
     else:
         raise ValueError(arch)
     if arch == "qwen2":  # random q/k/v biases, so the bias path is exercised
@@ -44,7 +51,7 @@ def build_hf_model(arch: str = "llama", layers: int = 2, heads: int = 4, kv_head
     return model.float().eval()
 
 
-def save_model(model: torch.nn.Module, folder: Path, shard: str | None = None) -> Path:
+def save_model(model: Any, folder: Path, shard: str | None = None) -> Path:
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(folder, **kwargs)
     return folder
@@ -56,7 +63,7 @@ class Reference:
     logprobs: list[float]
 
 
-def hf_generate(model: torch.nn.Module, prompt: list[int], max_new: int) -> Reference:
+def hf_generate(model: Any, prompt: list[int], max_new: int) -> Reference:
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, min_new_tokens=max_new,
                              do_sample=False, output_logits=True, return_dict_in_generate=True,
@@ -108,8 +115,8 @@ def run_engine(engine: Engine, jobs: dict[str, Job], max_steps: int = 500) -> di
 
 
 def make_engine(folder: Path, block_size: int = 16, copy_engine: CopyEngine | None = None,
-                **kwargs: object) -> Engine:
-    config = EngineConfig(model=str(folder), block_size=block_size, **kwargs)  # type: ignore[arg-type]
+                **kwargs: Any) -> Engine:
+    config = EngineConfig(model=str(folder), block_size=block_size, **kwargs)
     return Engine.from_config(config, copy_engine=copy_engine)
 
 

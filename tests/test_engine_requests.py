@@ -116,7 +116,7 @@ def test_stop_tokens_and_running_state(folder: Path) -> None:
     assert reason is FinishReason.STOP
 
 
-def test_seeded_sampling_is_reproducible_and_respects_top_k(folder: Path) -> None:
+def test_seeded_sampling_in_the_engine_is_reproducible(folder: Path) -> None:
     def sample_run(seed: int) -> list[int]:
         engine = make_engine(folder, gpu_blocks=64)
         params = SamplingParams(max_tokens=8, temperature=1.0, top_k=3, top_p=0.9, seed=seed)
@@ -125,3 +125,28 @@ def test_seeded_sampling_is_reproducible_and_respects_top_k(folder: Path) -> Non
 
     assert sample_run(1) == sample_run(1)
     assert sample_run(1) != sample_run(2) or sample_run(1) != sample_run(3)
+
+
+def test_tokenizer_json_in_folder_is_used(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    build_hf_model("llama", layers=2).save_pretrained(tmp_path)
+    tok = Tokenizer(WordLevel({"[UNK]": 0, "hello": 5, "world": 9}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    engine = Engine.from_config(EngineConfig(model=str(tmp_path)))
+    assert engine.tokenizer.kind == "hf"
+    assert engine.tokenizer.encode("hello world") == [5, 9]
+
+
+def test_admit_waiting_takes_blocks_now(folder: Path) -> None:
+    engine = make_engine(folder, block_size=4, gpu_blocks=40, default_placement="all-gpu")
+    assert engine.admits_immediately()
+    engine.add_request("a", prompt_of(6, 1), SamplingParams(max_tokens=2))
+    assert not engine.admits_immediately()  # "a" is queued
+    assert engine.admit_waiting() == ["a"]
+    assert engine.usage().gpu.free_blocks == 40 - 2 * 2
+    out = engine.step()
+    assert out.admitted == () and out.stats.kind == "prefill"  # reported once, by admit_waiting

@@ -26,6 +26,7 @@ from tests.test_engine_reference import (
         ("llama", 3, 4, 4, True, 1, 9),  # MHA, tied embeddings, one token per block
         ("qwen2", 4, 4, 1, False, 5, 13),  # q/k/v biases, block size that does not divide the prompt
         ("qwen2", 2, 4, 2, True, 16, 16),  # prompt fills exactly one block
+        ("mistral", 2, 4, 2, False, 8, 20),
     ],
 )
 def test_single_prompt_matches(tmp_path: Path, arch: str, layers: int, heads: int, kv_heads: int,

@@ -19,8 +19,8 @@ def _lines(output: str) -> list[dict]:
 
 
 def test_tiny_preset_text_prompt_json() -> None:
-    result = runner.invoke(app, ["generate", "--model", "tiny-llama", "--prompt", "Hello", "--max-tokens", "4",
-                                 "--json"])
+    args = ["generate", "--model", "tiny-llama", "--prompt", "Hello", "--max-tokens", "4", "--json"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     [record] = _lines(result.output)
     assert record["index"] == 0 and len(record["token_ids"]) <= 4

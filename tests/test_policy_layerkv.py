@@ -32,6 +32,8 @@ def make_worker(
     running: tuple[RunningRequest, ...] = (),
     accepting: bool = True,
     max_model_len: int = 1 << 20,
+    staging: int = 0,
+    host_used: tuple[int, ...] = (),
 ) -> WorkerSnapshot:
     return WorkerSnapshot(
         worker_id=worker_id,
@@ -44,6 +46,8 @@ def make_worker(
         cost_model=cost,
         running=running,
         accepting=accepting,
+        staging_blocks_total=staging,
+        host_used_per_layer=host_used,
     )
 
 
@@ -320,3 +324,35 @@ def test_budget_counts_prompt_plus_max_tokens(max_tokens: int, admitted: list[st
     worker = make_worker(gpu_free=0, host_free=80)
     got = policy().schedule(fleet(worker, waiting=(make_waiting("a", 152, max_tokens=max_tokens),)))
     assert [d.request_id for d in got] == admitted
+
+
+# ---- staging: host layers stream through GPU staging blocks, two adjacent layers at a time ------
+
+
+@pytest.mark.parametrize(
+    ("staging", "host_used", "gpu_free", "letters"),
+    [
+        (0, (), 0, "HHHHHHHH"),  # staging not reported: not checked
+        (20, (), 0, "HHHHHHHH"),  # two adjacent host layers of 10 blocks: exactly 20
+        (19, (), 100, "HGHGHGHG"),  # 20 > 19: keep every other layer on the GPU, pairs need 10
+        (19, (), 39, None),  # ... but the GPU holds only 3 layers of 10 blocks: wait
+        (30, (10,) * 8, 100, "HGHGHGHG"),  # 10 + 10 already there, + 10 new in one layer of each pair
+        (29, (10,) * 8, 100, "GGGGGGGG"),  # any new host layer overflows a pair: all on the GPU
+        (29, (10,) * 8, 79, None),  # ... which needs 80 GPU blocks: wait
+    ],
+)
+def test_placement_respects_the_staging_blocks(
+    staging: int, host_used: tuple[int, ...], gpu_free: int, letters: str | None
+) -> None:
+    worker = make_worker(gpu_free=gpu_free, host_free=1000, staging=staging, host_used=host_used)
+    got = policy().schedule(fleet(worker, waiting=(make_waiting("a", 152),)))  # 10 blocks per layer
+    assert [d.placement.letters for d in got] == ([] if letters is None else [letters])
+
+
+def test_staging_demand_accumulates_within_a_round() -> None:
+    worker = make_worker(gpu_free=40, host_free=1000, staging=30)
+    waiting = tuple(make_waiting(f"q{i}", 152, arrival=i) for i in range(3))
+    got = policy().schedule(fleet(worker, waiting=waiting))
+    # q0 all host (pairs 20); q1 must keep every other layer on the GPU (pairs 30); q2 finds no
+    # GPU blocks left for the layers staging cannot take.
+    assert [(d.request_id, d.placement.letters) for d in got] == [("q0", "HHHHHHHH"), ("q1", "HGHGHGHG")]

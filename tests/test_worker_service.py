@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -28,7 +29,7 @@ class Worker:
     server: WorkerServer
     stub: worker_pb2_grpc.WorkerServiceStub
     channel: grpc.aio.Channel
-    engine: object
+    engine: Any
 
 
 async def _start(gpu_blocks: int = 300, host_blocks: int = 64, **settings: object) -> Worker:
@@ -45,11 +46,21 @@ async def _start(gpu_blocks: int = 300, host_blocks: int = 64, **settings: objec
 async def worker() -> AsyncIterator[Worker]:
     w = await _start()
     yield w
-    await w.channel.close()
+    await w.channel.close(None)
     await w.server.stop(0)
 
 
-async def _collect(events: AsyncIterator[worker_pb2.StreamEventsResponse], ids: set[str]) -> dict[str, object]:
+@dataclass
+class Collected:
+    """What a StreamEvents subscriber saw until the given requests finished."""
+
+    tokens: dict[str, list[int]]
+    reasons: dict[str, int]
+    admitted: list[str]
+    last: worker_pb2.StreamEventsResponse
+
+
+async def _collect(events: AsyncIterator[worker_pb2.StreamEventsResponse], ids: set[str]) -> Collected:
     """Read events until every request in ``ids`` finished: tokens, finish reasons, admissions, last state."""
     tokens: dict[str, list[int]] = {i: [] for i in ids}
     reasons: dict[str, int] = {}
@@ -71,35 +82,50 @@ async def _collect(events: AsyncIterator[worker_pb2.StreamEventsResponse], ids: 
                 return
 
     await asyncio.wait_for(run(), TIMEOUT_S)
-    return {"tokens": tokens, "reasons": reasons, "admitted": admitted, "last": last}
+    assert last is not None
+    return Collected(tokens, reasons, admitted, last)
 
 
 async def test_describe_and_tokenizer_match_the_engine(worker: Worker) -> None:
     d = await worker.stub.Describe(worker_pb2.DescribeRequest())
     e = worker.engine
     assert d.worker_id == "w-test"
-    assert d.model == e.model_name  # type: ignore[attr-defined]
+    assert d.model == e.model_name
     assert (d.geometry.num_layers, d.geometry.num_kv_heads, d.geometry.head_dim, d.geometry.block_size) == (
-        4, 2, 32, 16)
+        4,
+        2,
+        32,
+        16,
+    )
     assert (d.gpu_blocks, d.host_blocks) == (300, 64)
-    assert d.max_model_len == e.max_model_len  # type: ignore[attr-defined]
-    assert d.eos_token_id == e.eos_token_id  # type: ignore[attr-defined]
+    assert d.max_model_len == e.max_model_len
+    assert d.eos_token_id == e.eos_token_id
     assert d.cost_model.d2h_bytes_per_s > 0
     tok = await worker.stub.GetTokenizer(worker_pb2.GetTokenizerRequest())
     remote = tokenizer_from_wire(tok.kind, tok.tokenizer_json)
-    assert remote.encode("héllo") == e.tokenizer.encode("héllo")  # type: ignore[attr-defined]
+    assert remote.encode("héllo") == e.tokenizer.encode("héllo")
 
 
 async def test_dispatched_requests_stream_the_engines_tokens_and_free_their_blocks(worker: Worker) -> None:
-    prompts = [[256, 72, 105], [256, *b"layer-wise"], [256, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
+    prompts = [
+        [256, 72, 105],
+        [256, *b"layer-wise"],
+        [256, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],
+    ]
     events = worker.stub.StreamEvents(worker_pb2.StreamEventsRequest())
     first = await anext(events.__aiter__())
     assert first.gpu.total_blocks == 300 and first.gpu.free_blocks == 300  # the current state comes first
     ids = {f"r{i}" for i in range(len(prompts))}
     placements = ["GGGG", "GHGH", ""]  # explicit all-GPU, host layers, and the engine's default rule
     for i, prompt in enumerate(prompts):
-        reply = await worker.stub.Dispatch(worker_pb2.DispatchRequest(
-            request_id=f"r{i}", prompt_token_ids=prompt, sampling=proto_sampling(12), placement=placements[i]))
+        reply = await worker.stub.Dispatch(
+            worker_pb2.DispatchRequest(
+                request_id=f"r{i}",
+                prompt_token_ids=prompt,
+                sampling=proto_sampling(12),
+                placement=placements[i],
+            )
+        )
         per_layer = -(-(len(prompt) + 12) // 16)
         assert reply.gpu_blocks + reply.host_blocks == 4 * per_layer  # every layer holds prompt + output
         if placements[i]:
@@ -107,20 +133,24 @@ async def test_dispatched_requests_stream_the_engines_tokens_and_free_their_bloc
     got = await _collect(events, ids)
     events.cancel()
     want = reference_outputs(make_engine(), prompts, SamplingParams(max_tokens=12, ignore_eos=True))
-    assert [got["tokens"][f"r{i}"] for i in range(3)] == want  # type: ignore[index]
-    assert set(got["reasons"].values()) == {types_pb2.FINISH_REASON_LENGTH}  # type: ignore[attr-defined]
-    assert sorted(got["admitted"]) == sorted(ids)  # type: ignore[arg-type]
-    last = got["last"]
-    assert last.gpu.free_blocks == 300 and last.host.free_blocks == 64  # type: ignore[attr-defined]
-    assert list(last.gpu.used_blocks_per_layer) == [0, 0, 0, 0]  # type: ignore[attr-defined]
+    assert [got.tokens[f"r{i}"] for i in range(3)] == want
+    assert set(got.reasons.values()) == {types_pb2.FINISH_REASON_LENGTH}
+    assert sorted(got.admitted) == sorted(ids)
+    last = got.last
+    assert last.gpu.free_blocks == 300 and last.host.free_blocks == 64
+    assert list(last.gpu.used_blocks_per_layer) == [0, 0, 0, 0]
 
 
 async def test_a_full_worker_refuses_and_abort_frees_the_blocks(worker: Worker) -> None:
     events = worker.stub.StreamEvents(worker_pb2.StreamEventsRequest())
     it = events.__aiter__()
     await anext(it)
-    big = worker_pb2.DispatchRequest(request_id="big", prompt_token_ids=[256, 1, 2, 3, 4, 5, 6, 7],
-                                     sampling=proto_sampling(1000), placement="GGGG")
+    big = worker_pb2.DispatchRequest(
+        request_id="big",
+        prompt_token_ids=[256, 1, 2, 3, 4, 5, 6, 7],
+        sampling=proto_sampling(1000),
+        placement="GGGG",
+    )
     reply = await worker.stub.Dispatch(big)
     assert (reply.gpu_blocks, reply.host_blocks) == (4 * 63, 0)
     # Wait until it is running (decoding 1000 tokens takes far longer than the next two calls).
@@ -129,8 +159,12 @@ async def test_a_full_worker_refuses_and_abort_frees_the_blocks(worker: Worker) 
         if any(t.request_id == "big" for t in ev.tokens):
             assert ev.gpu.free_blocks == 300 - 252
             break
-    second = worker_pb2.DispatchRequest(request_id="second", prompt_token_ids=[256, 1, 2, 3, 4, 5, 6, 7],
-                                        sampling=proto_sampling(1000), placement="GGGG")
+    second = worker_pb2.DispatchRequest(
+        request_id="second",
+        prompt_token_ids=[256, 1, 2, 3, 4, 5, 6, 7],
+        sampling=proto_sampling(1000),
+        placement="GGGG",
+    )
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await worker.stub.Dispatch(second)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -151,7 +185,8 @@ async def test_a_full_worker_refuses_and_abort_frees_the_blocks(worker: Worker) 
     assert reply.gpu_blocks == 252
     assert (await worker.stub.Abort(worker_pb2.AbortRequest(request_id="second"))).aborted
     refused_metric = worker.server.metrics.registry.get_sample_value(
-        "layerkv_dispatches_refused_total", {"worker": "w-test"})
+        "layerkv_dispatches_refused_total", {"worker": "w-test"}
+    )
     assert refused_metric == 1.0
     events.cancel()
 
@@ -168,9 +203,15 @@ async def test_bad_input_gets_invalid_argument_and_disturbs_nothing(worker: Work
         worker_pb2.DispatchRequest(request_id="a", prompt_token_ids=[], sampling=proto_sampling(4)),
         worker_pb2.DispatchRequest(request_id="", prompt_token_ids=ok, sampling=proto_sampling(4)),
         worker_pb2.DispatchRequest(request_id="a", prompt_token_ids=[999], sampling=proto_sampling(4)),
-        worker_pb2.DispatchRequest(request_id="a", prompt_token_ids=ok, sampling=proto_sampling(4, temperature=-1)),
-        worker_pb2.DispatchRequest(request_id="a", prompt_token_ids=ok, sampling=proto_sampling(4, top_p=1.5)),
-        worker_pb2.DispatchRequest(request_id="a", prompt_token_ids=ok, sampling=proto_sampling(4), placement="GX"),
+        worker_pb2.DispatchRequest(
+            request_id="a", prompt_token_ids=ok, sampling=proto_sampling(4, temperature=-1)
+        ),
+        worker_pb2.DispatchRequest(
+            request_id="a", prompt_token_ids=ok, sampling=proto_sampling(4, top_p=1.5)
+        ),
+        worker_pb2.DispatchRequest(
+            request_id="a", prompt_token_ids=ok, sampling=proto_sampling(4), placement="GX"
+        ),
         worker_pb2.DispatchRequest(request_id="a", prompt_token_ids=ok, sampling=proto_sampling(4000)),
         worker_pb2.DispatchRequest(request_id="a", prompt_token_ids=ok * 800, sampling=proto_sampling(4)),
     ]
@@ -179,11 +220,15 @@ async def test_bad_input_gets_invalid_argument_and_disturbs_nothing(worker: Work
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (req, code, details)
         assert details, "a status carries a message"
     # Nothing was taken, and the worker still serves.
-    reply = await worker.stub.Dispatch(worker_pb2.DispatchRequest(
-        request_id="a", prompt_token_ids=ok, sampling=proto_sampling(4), placement="GGGG"))
+    reply = await worker.stub.Dispatch(
+        worker_pb2.DispatchRequest(
+            request_id="a", prompt_token_ids=ok, sampling=proto_sampling(4), placement="GGGG"
+        )
+    )
     assert reply.gpu_blocks == 4
-    code, _ = await status(worker_pb2.DispatchRequest(request_id="a", prompt_token_ids=ok,
-                                                      sampling=proto_sampling(4)))
+    code, _ = await status(
+        worker_pb2.DispatchRequest(request_id="a", prompt_token_ids=ok, sampling=proto_sampling(4))
+    )
     assert code in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert not (await worker.stub.Abort(worker_pb2.AbortRequest(request_id="never-seen"))).aborted
 
@@ -194,18 +239,24 @@ async def test_several_subscribers_see_the_same_tokens(worker: Worker) -> None:
     await anext(a.__aiter__())
     await anext(b.__aiter__())
     await asyncio.sleep(0.1)  # both subscriptions are registered on the server
-    await worker.stub.Dispatch(worker_pb2.DispatchRequest(
-        request_id="x", prompt_token_ids=[256, 5, 6], sampling=proto_sampling(8), placement="GGGG"))
+    await worker.stub.Dispatch(
+        worker_pb2.DispatchRequest(
+            request_id="x", prompt_token_ids=[256, 5, 6], sampling=proto_sampling(8), placement="GGGG"
+        )
+    )
     got_a, got_b = await asyncio.gather(_collect(a, {"x"}), _collect(b, {"x"}))
-    assert got_a["tokens"] == got_b["tokens"]
-    assert len(got_a["tokens"]["x"]) == 8  # type: ignore[index]
+    assert got_a.tokens == got_b.tokens
+    assert len(got_a.tokens["x"]) == 8
     a.cancel()
     b.cancel()
 
 
 async def test_events_without_a_subscriber_reach_the_next_one(worker: Worker) -> None:
-    await worker.stub.Dispatch(worker_pb2.DispatchRequest(
-        request_id="y", prompt_token_ids=[256, 9, 9, 9], sampling=proto_sampling(6), placement="GGGG"))
+    await worker.stub.Dispatch(
+        worker_pb2.DispatchRequest(
+            request_id="y", prompt_token_ids=[256, 9, 9, 9], sampling=proto_sampling(6), placement="GGGG"
+        )
+    )
     # Let it finish while nobody listens (a scheduler restarting).
     for _ in range(600):
         state = worker.server.servicer.hub.state
@@ -216,8 +267,8 @@ async def test_events_without_a_subscriber_reach_the_next_one(worker: Worker) ->
     got = await _collect(events, {"y"})
     events.cancel()
     want = reference_outputs(make_engine(), [[256, 9, 9, 9]], SamplingParams(max_tokens=6, ignore_eos=True))
-    assert got["tokens"]["y"] == want[0]  # type: ignore[index]
-    assert got["admitted"] == ["y"]
+    assert got.tokens["y"] == want[0]
+    assert got.admitted == ["y"]
 
 
 async def test_health_and_reflection(worker: Worker) -> None:
@@ -238,12 +289,14 @@ async def test_health_and_reflection(worker: Worker) -> None:
 
 async def test_mutual_tls_admits_only_the_scheduler(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
-    w = await _start(tls_cert=pki.worker.cert, tls_key=pki.worker.key, tls_ca=pki.ca,
-                     scheduler_identity="scheduler")
-    await w.channel.close()
+    w = await _start(
+        tls_cert=pki.worker.cert, tls_key=pki.worker.key, tls_ca=pki.ca, scheduler_identity="scheduler"
+    )
+    await w.channel.close(None)
     address = f"127.0.0.1:{w.server.port}"
-    req = worker_pb2.DispatchRequest(request_id="m", prompt_token_ids=[256, 1], sampling=proto_sampling(2),
-                                     placement="GGGG")
+    req = worker_pb2.DispatchRequest(
+        request_id="m", prompt_token_ids=[256, 1], sampling=proto_sampling(2), placement="GGGG"
+    )
     try:
         async with grpc.aio.secure_channel(address, tls_credentials(pki.ca, pki.scheduler)) as ch:
             stub = worker_pb2_grpc.WorkerServiceStub(ch)
@@ -257,7 +310,9 @@ async def test_mutual_tls_admits_only_the_scheduler(tmp_path: Path) -> None:
         for creds in (tls_credentials(pki.ca, pki.rogue), tls_credentials(pki.ca)):
             async with grpc.aio.secure_channel(address, creds) as ch:
                 with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await worker_pb2_grpc.WorkerServiceStub(ch).Describe(worker_pb2.DescribeRequest(), timeout=5)
+                    await worker_pb2_grpc.WorkerServiceStub(ch).Describe(
+                        worker_pb2.DescribeRequest(), timeout=5
+                    )
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         async with grpc.aio.insecure_channel(address) as ch:  # plaintext
             with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -55,16 +55,20 @@ class Engine:
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.eos_token_id = loaded.config.eos_token_id
         mc = loaded.config
-        self.max_model_len = min(mc.max_position_embeddings, config.max_model_len or mc.max_position_embeddings)
+        limit = mc.max_position_embeddings
+        self.max_model_len = min(limit, config.max_model_len or limit)
         self.geometry = KVGeometry(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size,
                                    torch.tensor([], dtype=dtype).element_size())
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         activation = config.max_prefill_tokens * (4 * mc.hidden_size + 3 * mc.intermediate_size) * 4
-        sizes = size_tiers(config, self.geometry.bytes_per_block, self.geometry.blocks_for(self.max_model_len),
-                           mc.num_layers, free, activation + mc.vocab_size * config.max_num_seqs * 8)
+        sizes = size_tiers(config, self.geometry.bytes_per_block,
+                           self.geometry.blocks_for(self.max_model_len), mc.num_layers, free,
+                           activation + mc.vocab_size * config.max_num_seqs * 8)
         self.capacity = TierCapacity(sizes.gpu_blocks, sizes.host_blocks)
-        self.kv = KVCache(self.geometry, sizes.gpu_blocks, sizes.staging_blocks, sizes.host_blocks, device, dtype)
-        self.kv_manager = KVCacheManager(self.geometry, sizes.gpu_blocks, sizes.host_blocks, sizes.staging_blocks)
+        self.kv = KVCache(self.geometry, sizes.gpu_blocks, sizes.staging_blocks, sizes.host_blocks,
+                          device, dtype)
+        self.kv_manager = KVCacheManager(self.geometry, sizes.gpu_blocks, sizes.host_blocks,
+                                         sizes.staging_blocks)
         self.copy_engine = copy_engine or make_copy_engine(device)
         self.backend = select_backend(device, dtype, config.attention_backend)
         self.cost_model = CostModel()
@@ -111,7 +115,8 @@ class Engine:
         if why is not None:
             raise InvalidArgument(f"request can never be admitted: it {why}")
 
-    def placement_for(self, num_prompt_tokens: int, max_tokens: int, placement: Placement | None) -> Placement | None:
+    def placement_for(self, num_prompt_tokens: int, max_tokens: int,
+                      placement: Placement | None) -> Placement | None:
         """The placement to admit with now, or ``None`` when the default rule finds no room."""
         if placement is not None:
             return placement
@@ -166,9 +171,19 @@ class Engine:
             self.kv_manager.release(req.request_id)
             req.table = None
 
+    def admits_immediately(self) -> bool:
+        """Nothing queued and a free request slot: an ``add_request`` that fits is admitted at once."""
+        holding = sum(r.table is not None for r in self._requests.values())
+        return not self._waiting and holding < self.config.max_num_seqs
+
+    def admit_waiting(self) -> list[str]:
+        """Admit queued requests now (FCFS, as blocks allow) instead of at the next step; the ids
+        returned here are not repeated in the next ``StepOutput.admitted``."""
+        return self._admit()
+
     def _admit(self) -> list[str]:
-        admitted = []
-        holding = sum(r.state in (RequestState.ADMITTED, RequestState.RUNNING) for r in self._requests.values())
+        admitted: list[str] = []
+        holding = sum(r.table is not None for r in self._requests.values())
         while self._waiting and holding < self.config.max_num_seqs:
             req = self._waiting[0]
             placement = self.placement_for(len(req.prompt_ids), req.sampling.max_tokens, req.placement)
@@ -192,14 +207,15 @@ class Engine:
         for r in self._aborted:
             self._requests.pop(r.request_id, None)
         self._aborted = []
-        admitted = self._admit()
+        admitted = self._admit()  # requests admitted by admit_waiting() were reported to its caller
         stats = CopyStats()
         self.kv_manager.staging.wait_s = 0.0
         prefill = [r for r in self._requests.values() if r.state is RequestState.ADMITTED]
         running = [r for r in self._requests.values() if r.state is RequestState.RUNNING]
         kind, num_tokens = "idle", 0
         if prefill:
-            batch, budget = [], self.config.max_prefill_tokens
+            batch: list[Request] = []
+            budget = self.config.max_prefill_tokens
             for r in prefill:
                 if batch and len(r.prompt_ids) > budget:
                     break
@@ -222,9 +238,10 @@ class Engine:
             RunningState(r.request_id, len(r.output_ids), r.decode_time_s, r.context_tokens + 1,
                          r.table.letters)  # type: ignore[union-attr]
             for r in live)
-        step_stats = StepStats(self._step, kind, duration, num_tokens, stats.bytes_offloaded, stats.bytes_loaded,
-                               stats.wait_s + self.kv_manager.staging.wait_s)
-        return StepOutput(tuple(outputs), tuple(admitted), running_states, step_stats, self.kv_manager.usage())
+        step_stats = StepStats(self._step, kind, duration, num_tokens, stats.bytes_offloaded,
+                               stats.bytes_loaded, stats.wait_s + self.kv_manager.staging.wait_s)
+        return StepOutput(tuple(outputs), tuple(admitted), running_states, step_stats,
+                          self.kv_manager.usage())
 
     def _promote(self, stats: CopyStats) -> None:
         budget = self.config.max_promotions_per_step
@@ -269,7 +286,7 @@ class Engine:
             return outputs
         now = time.perf_counter()
         outputs = []
-        for r, tok in zip(batch, tokens):
+        for r, tok in zip(batch, tokens, strict=True):
             assert r.table is not None
             r.table.num_tokens = len(r.prompt_ids) if prefill else r.table.num_tokens + 1
             if prefill:
@@ -280,6 +297,14 @@ class Engine:
                 self._requests.pop(r.request_id, None)
             outputs.append(RequestOutput(
                 r.request_id, (tok.token_id,), (tok.logprob,), reason is not None, reason,
-                placement=r.admitted_placement, bytes_offloaded=stats.offloaded_by_request.get(r.request_id, 0),
+                placement=r.admitted_placement,
+                bytes_offloaded=stats.offloaded_by_request.get(r.request_id, 0),
                 bytes_loaded=stats.loaded_by_request.get(r.request_id, 0)))
         return outputs
+
+    def profile(self) -> CostModel:
+        """Re-measure the cost model (only while idle) and use it from now on."""
+        from worker_svc.profiler import profile_cost_model
+
+        self.cost_model = profile_cost_model(self)
+        return self.cost_model

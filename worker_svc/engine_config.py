@@ -50,9 +50,11 @@ class EngineConfig:
             raise InvalidArgument(f"default_placement {self.default_placement!r} must be one of "
                                   f"{', '.join(PLACEMENT_DEFAULTS)}")
         if self.attention_backend not in ("auto", "sdpa", "flash-attn"):
-            raise InvalidArgument(f"attention_backend {self.attention_backend!r} must be auto, sdpa or flash-attn")
+            raise InvalidArgument(
+                f"attention_backend {self.attention_backend!r} must be auto, sdpa or flash-attn")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise InvalidArgument(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise InvalidArgument(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ T = TypeVar("T")
 # How long the idle thread sleeps on the queue before re-checking ``has_work`` (a safety net only:
 # every command wakes it up).
 _IDLE_POLL_S = 0.5
+# Between idle steps (the engine only waits for copies to finish): a short nap instead of a spin.
+_SPIN_WAIT_S = 0.001
 
 
 @dataclass
@@ -66,6 +68,7 @@ class EngineThread:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.failed: BaseException | None = None
+        self._last_usage: Any = None  # usage of the last published step (skip repeats of idle steps)
 
     def start(self) -> None:
         self._thread.start()
@@ -91,13 +94,21 @@ class EngineThread:
 
     def _run(self) -> None:
         try:
+            idle_steps = 0
             while not self._stopping.is_set():
-                self._run_commands(block=not self._engine.has_work())
+                has_work = self._engine.has_work()
+                # Nothing to do, or only copies in flight (idle steps): wait on the queue instead of spinning.
+                timeout = _IDLE_POLL_S if not has_work else (_SPIN_WAIT_S if idle_steps else 0.0)
+                self._run_commands(timeout)
                 if self._stopping.is_set():
                     break
                 if self._engine.has_work():
                     out = self._engine.step()
-                    self._post(self._on_step, out)
+                    quiet = out.stats.kind == "idle" and not out.outputs and not out.admitted
+                    idle_steps = idle_steps + 1 if quiet else 0
+                    if not quiet or out.usage != self._last_usage:
+                        self._last_usage = out.usage
+                        self._post(self._on_step, out)
         except BaseException as exc:  # the engine is in an unknown state: report and stop
             log.exception("engine thread failed")
             self.failed = exc
@@ -106,10 +117,10 @@ class EngineThread:
         finally:
             self._drain_commands()
 
-    def _run_commands(self, block: bool) -> None:
-        """Run every queued command; when ``block``, wait (a while) for the first one."""
+    def _run_commands(self, timeout: float) -> None:
+        """Run every queued command, waiting up to ``timeout`` seconds for the first one."""
         try:
-            first = self._commands.get(timeout=_IDLE_POLL_S) if block else self._commands.get_nowait()
+            first = self._commands.get(timeout=timeout) if timeout > 0 else self._commands.get_nowait()
         except queue.Empty:
             return
         pending: list[_Command[Any] | None] = [first]

@@ -75,8 +75,9 @@ def run_local(config: EngineConfig, specs: list[PromptSpec], json_output: bool, 
         text = engine.tokenizer.decode(a.token_ids)
         failed = failed or a.error is not None
         if json_output:
-            record = {"index": a.index, "token_ids": a.token_ids, "text": text, "finish_reason": a.finish_reason,
-                      "ttft_s": a.ttft_s, "latency_s": a.latency_s, "placement": a.placement,
+            record = {"index": a.index, "token_ids": a.token_ids, "text": text,
+                      "finish_reason": a.finish_reason, "ttft_s": a.ttft_s, "latency_s": a.latency_s,
+                      "placement": a.placement,
                       "bytes_offloaded": a.bytes_offloaded, "bytes_loaded": a.bytes_loaded}
             if a.error:
                 record["error"] = a.error

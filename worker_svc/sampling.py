@@ -23,7 +23,8 @@ def make_generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[SampledToken]:
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator]) -> list[SampledToken]:
     """logits [B, V] float32 (any device); one ``SamplingParams`` and generator per row."""
     logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
     greedy_ids = logits.argmax(dim=-1)  # [B]
@@ -33,7 +34,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             picked[row] = _sample_row(logits[row].cpu(), p, generators[row])
     chosen = torch.tensor(picked, device=logits.device)
     lp = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
-    return [SampledToken(t, float(v)) for t, v in zip(picked, lp)]
+    return [SampledToken(t, float(v)) for t, v in zip(picked, lp, strict=True)]
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:

@@ -71,6 +71,7 @@ class PolicySummary:
     tpot_slo_s: float
     ttft_attainment: float  # share of all requests with a TTFT within the SLO (failures count as misses)
     tpot_attainment: float  # share of all requests with a TPOT within the SLO
+    queue_share_of_ttft: float  # mean queueing time / mean TTFT (the paper's motivation figure)
     duration_s: float  # first send to last finish
     throughput_tokens_s: float  # output tokens per second over the run
     throughput_requests_s: float
@@ -109,6 +110,10 @@ def stats(values: Sequence[float]) -> Stats:
     return Stats(sum(values) / len(values), percentile(values, 50), percentile(values, 99), len(values))
 
 
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 and math.isfinite(num) and math.isfinite(den) else math.nan
+
+
 def summarize(
     policy: str, results: Sequence[RequestResult], ttft_slo_s: float, tpot_slo_s: float
 ) -> PolicySummary:
@@ -141,15 +146,12 @@ def summarize(
         tpot_slo_s=tpot_slo_s,
         ttft_attainment=ttft_ok / total if total else math.nan,
         tpot_attainment=tpot_ok / total if total else math.nan,
+        queue_share_of_ttft=_ratio(stats(queue).mean, stats(ttft).mean),
         duration_s=duration,
         throughput_tokens_s=out_tokens / duration if done else 0.0,
         throughput_requests_s=len(done) / duration if done else 0.0,
         errors=sorted({r.error for r in results if r.error})[:5],
     )
-
-
-def _ratio(num: float, den: float) -> float:
-    return num / den if den > 0 and math.isfinite(num) and math.isfinite(den) else math.nan
 
 
 def compare(baseline: PolicySummary, other: PolicySummary) -> Comparison:

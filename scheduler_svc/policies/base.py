@@ -63,6 +63,12 @@ class WorkerSnapshot:
     cost_model: CostModel
     running: tuple[RunningRequest, ...]
     accepting: bool  # healthy and not draining
+    # GPU staging blocks that host-placed layers stream through (Describe.staging_blocks); the
+    # worker admits a request only while, for every two adjacent layers, the host blocks of all its
+    # requests fit in it. 0: unknown, not checked.
+    staging_blocks_total: int = 0
+    # Host blocks held or reserved per layer (the staging demand of host-placed layers); empty: unknown.
+    host_used_per_layer: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ it only sharpens the prediction and the decisions stay valid without it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -71,6 +72,7 @@ class _WorkerRound:
 
     gpu_free: int
     host_free: int
+    host_demand: list[int]  # host-placed blocks per layer: the staging blocks they stream through
     prefill_s: float = 0.0  # predicted prefill time admitted this round (before the safety factor)
     prompt_tokens: int = 0
     added: int = 0  # requests admitted this round
@@ -112,7 +114,12 @@ class LayerKVPolicy(Policy):
     def schedule(self, fleet: FleetSnapshot) -> Sequence[Dispatch]:
         self._observe_finished(fleet)
         rounds = {
-            w.worker_id: _WorkerRound(w.gpu_blocks_free, w.host_blocks_free, protected=self._protected(w))
+            w.worker_id: _WorkerRound(
+                w.gpu_blocks_free,
+                w.host_blocks_free,
+                list(w.host_used_per_layer) or [0] * w.geometry.num_layers,
+                protected=self._protected(w),
+            )
             for w in fleet.workers
             if w.accepting
         }
@@ -147,7 +154,7 @@ class LayerKVPolicy(Policy):
         if rnd.added and rnd.prompt_tokens + req.num_prompt_tokens > self.p.max_prefill_tokens_per_round:
             return None
         placement = self.placement_for(
-            req.num_prompt_tokens, req.max_tokens, worker, rnd.gpu_free, rnd.host_free
+            req.num_prompt_tokens, req.max_tokens, worker, rnd.gpu_free, rnd.host_free, rnd.host_demand
         )
         if placement is None:
             return None
@@ -158,14 +165,20 @@ class LayerKVPolicy(Policy):
 
     @staticmethod
     def placement_for(
-        num_prompt_tokens: int, max_tokens: int, worker: WorkerSnapshot, gpu_free: int, host_free: int
+        num_prompt_tokens: int,
+        max_tokens: int,
+        worker: WorkerSnapshot,
+        gpu_free: int,
+        host_free: int,
+        host_demand: Sequence[int] = (),
     ) -> Placement | None:
         """Fewest resident layers whose offload hides under the prefill, fitted to the free blocks.
 
         The rule looks at the prompt (what the prefill offloads); the budget at the prompt plus
         ``max_tokens`` per layer (what the engine reserves, as the ledger counts it). More GPU
-        layers than the rule's minimum are used only when host blocks run short; fewer only when
-        GPU blocks run short. None when no split of the layers fits both tiers.
+        layers than the rule's minimum are used only when host or staging blocks run short; fewer
+        only when GPU blocks run short. None when no split of the layers fits every limit.
+        ``host_demand``: host-placed blocks per layer already on the worker (staging demand).
         """
         geometry = worker.geometry
         layers = geometry.num_layers
@@ -176,7 +189,13 @@ class LayerKVPolicy(Policy):
         resident = min(max(rule, gpu_min), gpu_max)
         if resident < gpu_min:
             return None
-        return interleaved(layers, resident)
+        # Host layers stream through the staging blocks: while they do not fit, keep more layers on
+        # the GPU (interleaved, so each adjacent pair has fewer host layers) as far as it holds them.
+        for gpu_layers in range(resident, gpu_max + 1):
+            placement = interleaved(layers, gpu_layers)
+            if _staging_fits(placement, per_layer, host_demand, worker.staging_blocks_total):
+                return placement
+        return None
 
     @staticmethod
     def predicted_prefill_s(num_tokens: int, placement: Placement, worker: WorkerSnapshot) -> float:
@@ -204,7 +223,7 @@ class LayerKVPolicy(Policy):
         """Running requests whose TPOT SLO admission must keep (all, or those not already lost)."""
         if self.p.protect_lost_requests:
             return list(worker.running)
-        t_step = self._step_s(worker, _WorkerRound(0, 0))
+        t_step = self._step_s(worker, _WorkerRound(0, 0, []))
         return [r for r in worker.running if self._slack_s(r, t_step) - self.p.slack_reserve_s >= 0.0]
 
     def _slack_s(self, r: RunningRequest, t_step: float) -> float:
@@ -236,6 +255,10 @@ class LayerKVPolicy(Policy):
         gpu, host = cand.worker.geometry.blocks_needed(req.num_prompt_tokens + req.max_tokens, cand.placement)
         rnd.gpu_free -= gpu
         rnd.host_free -= host
+        per_layer = cand.worker.geometry.blocks_for(req.num_prompt_tokens + req.max_tokens)
+        for layer, letter in enumerate(cand.placement.letters):
+            if letter == "H":
+                rnd.host_demand[layer] += per_layer
         rnd.prefill_s += cand.prefill_s
         rnd.prompt_tokens += req.num_prompt_tokens
         rnd.added += 1
@@ -276,3 +299,16 @@ def _better(a: _Candidate, b: _Candidate, rounds: dict[str, _WorkerRound]) -> bo
     if a.ttft_s != b.ttft_s:
         return a.ttft_s < b.ttft_s
     return rounds[a.worker.worker_id].gpu_free > rounds[b.worker.worker_id].gpu_free
+
+
+def _staging_fits(placement: Placement, per_layer: int, host_demand: Sequence[int], staging: int) -> bool:
+    """The worker's staging rule: every two adjacent layers' host-placed blocks fit in staging."""
+    if staging <= 0 or placement.host_layers == 0:
+        return True  # not reported, or nothing streams through it
+    demand = list(host_demand) or [0] * placement.num_layers
+    for layer, letter in enumerate(placement.letters):
+        if letter == "H":
+            demand[layer] += per_layer
+    if len(demand) == 1:
+        return demand[0] <= staging
+    return max(a + b for a, b in itertools.pairwise(demand)) <= staging

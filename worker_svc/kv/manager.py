@@ -60,9 +60,11 @@ class KVCacheManager:
         gpu, host = self.geometry.blocks_needed(num_tokens, placement)
         per_layer = self.geometry.blocks_for(num_tokens)
         if gpu > self.gpu.num_blocks:
-            return f"needs {gpu} GPU blocks under placement {placement}, the worker has {self.gpu.num_blocks}"
+            return (f"needs {gpu} GPU blocks under placement {placement}, "
+                    f"the worker has {self.gpu.num_blocks}")
         if host > self.host.num_blocks:
-            return f"needs {host} host blocks under placement {placement}, the worker has {self.host.num_blocks}"
+            return (f"needs {host} host blocks under placement {placement}, "
+                    f"the worker has {self.host.num_blocks}")
         adjacent = 2 if self.num_layers > 1 and "HH" in placement.letters else 1
         if placement.host_layers and adjacent * per_layer > self.staging.num_blocks:
             return (f"needs {adjacent * per_layer} staging blocks for its host layers, "

@@ -86,26 +86,37 @@ class PrefillAccess(_StepAccess):
         self.block_index = pos // self.bs  # [T] which of its request's blocks
         self.offsets = (pos % self.bs).to(self.device)
         self._staged: dict[str, list[int]] = {}
+        # Slot blocks of every layer as if all were GPU-home, built once: [L, T] on the device.
+        num_layers = len(tables[0].layers)
+        per_request = []
+        start = 0
+        for table, n in zip(tables, prompt_lens, strict=True):
+            nblocks = -(-n // self.bs)
+            ids = torch.tensor([lb.gpu_blocks[:nblocks] if lb.home is Tier.GPU else [0] * nblocks
+                                for lb in table.layers], dtype=torch.int64)  # [L, nblocks]
+            per_request.append(ids[:, self.block_index[start:start + n]])  # [L, n]
+            start += n
+        self._gpu_slots = torch.cat(per_request, dim=1).to(self.device)  # [L, T]
+        self._host_layers = [any(t.layers[i].home is Tier.HOST for t in tables) for i in range(num_layers)]
 
     def begin_layer(self, layer: int) -> tuple[torch.Tensor, AttentionMetadata]:
-        per_token_blocks = []
         self._staged = {}
-        for table, n in zip(self.tables, self.prompt_lens):
-            lb = table.layers[layer]
-            nblocks = -(-n // self.bs)
-            if lb.home is Tier.GPU:
-                ids = lb.gpu_blocks[:nblocks]
-            else:
-                ids = self.manager.staging.allocate(nblocks)
-                self._staged[table.request_id] = ids
-            per_token_blocks.append(torch.tensor(ids, dtype=torch.int64))
-        start, blocks = 0, []
-        for ids, n in zip(per_token_blocks, self.prompt_lens):
-            blocks.append(ids[self.block_index[start:start + n]])
-            start += n
-        meta = AttentionMetadata(is_prefill=True, slot_blocks=torch.cat(blocks).to(self.device),
-                                 slot_offsets=self.offsets, seq_lens=self.prompt_lens,
-                                 cu_seqlens=self.cu_seqlens)
+        slot_blocks = self._gpu_slots[layer]
+        if self._host_layers[layer]:  # host-home requests write into staging blocks instead
+            blocks, start = [], 0
+            for table, n in zip(self.tables, self.prompt_lens, strict=True):
+                lb = table.layers[layer]
+                nblocks = -(-n // self.bs)
+                if lb.home is Tier.GPU:
+                    ids = lb.gpu_blocks[:nblocks]
+                else:
+                    ids = self.manager.staging.allocate(nblocks)
+                    self._staged[table.request_id] = ids
+                blocks.append(torch.tensor(ids, dtype=torch.int64)[self.block_index[start:start + n]])
+                start += n
+            slot_blocks = torch.cat(blocks).to(self.device)
+        meta = AttentionMetadata(is_prefill=True, slot_blocks=slot_blocks, slot_offsets=self.offsets,
+                                 seq_lens=self.prompt_lens, cu_seqlens=self.cu_seqlens)
         return self.kv.gpu, meta
 
     def end_layer(self, layer: int) -> None:
@@ -131,13 +142,15 @@ class DecodeAccess(_StepAccess):
         self.max_blocks = max(-(-(c + 1) // self.bs) for c in context_lens)
         self.offsets = self._to_device([c % self.bs for c in context_lens])
         self._staged: dict[int, _StagedLayer] = {}
+        self._tables_by_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prebuild()
 
     def _prefetch(self, layer: int) -> None:
         """Stream layer ``layer``'s host-home KV into staging blocks (one copy call for all requests)."""
         staged = _StagedLayer()
         src: list[int] = []
         dst: list[int] = []
-        for table, ctx in zip(self.tables, self.context_lens):
+        for table, ctx in zip(self.tables, self.context_lens, strict=True):
             lb = table.layers[layer]
             if lb.home is not Tier.HOST or lb.residency is Residency.LOADING:
                 continue
@@ -159,22 +172,44 @@ class DecodeAccess(_StepAccess):
         staged = self._staged[layer]
         if staged.load is not None:
             self._wait(staged.load)
-        rows, slot_blocks = [], []
-        for table, ctx in zip(self.tables, self.context_lens):
+        for table in self.tables:
             lb = table.layers[layer]
             if lb.residency is Residency.LOADING:  # promotion in flight: wait, then use the GPU blocks
                 assert lb.pending is not None
                 self._wait(lb.pending)
-            ids = staged.ids.get(table.request_id, lb.gpu_blocks)
+        if staged.ids or layer not in self._tables_by_layer:
+            block_table, slot_blocks = self._build_tables(layer, staged)
+        else:
+            block_table, slot_blocks = self._tables_by_layer[layer]
+        meta = AttentionMetadata(
+            is_prefill=False, slot_blocks=slot_blocks, slot_offsets=self.offsets,
+            seq_lens=[1] * len(self.tables), block_table=block_table,
+            context_lens=self.attend_lens, max_context=max(self.context_lens) + 1)
+        return self.kv.gpu, meta
+
+    def _build_tables(self, layer: int, staged: _StagedLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's block table [B, M] int32 and new-token slot blocks [B], on the device."""
+        rows, slot_blocks = [], []
+        for table, ctx in zip(self.tables, self.context_lens, strict=True):
+            ids = staged.ids.get(table.request_id, table.layers[layer].gpu_blocks)
             row = ids[:self.max_blocks]
             rows.append(row + [0] * (self.max_blocks - len(row)))
             slot_blocks.append(ids[ctx // self.bs])
-        meta = AttentionMetadata(
-            is_prefill=False, slot_blocks=self._to_device(slot_blocks), slot_offsets=self.offsets,
-            seq_lens=[1] * len(self.tables),
-            block_table=torch.tensor(rows, dtype=torch.int32).to(self.device, non_blocking=True),
-            context_lens=self.attend_lens, max_context=max(self.context_lens) + 1)
-        return self.kv.gpu, meta
+        return (torch.tensor(rows, dtype=torch.int32).to(self.device, non_blocking=True),
+                self._to_device(slot_blocks))
+
+    def _prebuild(self) -> None:
+        """Tables of all layers where every request reads GPU blocks, in one transfer: [L, B, M]."""
+        layers = [i for i in range(len(self.tables[0].layers))
+                  if all(t.layers[i].gpu_blocks for t in self.tables)]
+        if not layers:
+            return
+        rows = [[(t.layers[i].gpu_blocks[:self.max_blocks] + [0] * self.max_blocks)[:self.max_blocks]
+                 for t in self.tables] for i in layers]
+        tables = torch.tensor(rows, dtype=torch.int32).to(self.device)  # [L', B, M]
+        pos = torch.tensor([c // self.bs for c in self.context_lens], device=self.device)
+        slots = tables.gather(2, pos[None, :, None].expand(len(layers), -1, 1))[..., 0].long()  # [L', B]
+        self._tables_by_layer = {layer: (tables[j], slots[j]) for j, layer in enumerate(layers)}
 
     def end_layer(self, layer: int) -> None:
         """Write the block holding each host-home request's new token back to its host block."""
@@ -182,7 +217,7 @@ class DecodeAccess(_StepAccess):
         if not staged.ids:
             return
         src, dst = [], []
-        for table, ctx in zip(self.tables, self.context_lens):
+        for table, ctx in zip(self.tables, self.context_lens, strict=True):
             ids = staged.ids.get(table.request_id)
             if ids is not None:
                 src.append(ids[ctx // self.bs])

@@ -100,7 +100,8 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
         h = config.hidden_size
         self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
@@ -116,10 +117,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         cache, meta = kv.begin_layer(self.layer)  # may wait for this layer's stream-in
         backend.write_kv(cache, k, v, meta)
-        if meta.is_prefill:
-            out = backend.prefill(q, k, v, meta)  # [T, H, D]
-        else:
-            out = backend.decode(q, cache, meta)  # [B, H, D] with T == B
+        # prefill: [T, H, D]; decode: [B, H, D] with T == B
+        out = backend.prefill(q, k, v, meta) if meta.is_prefill else backend.decode(q, cache, meta)
         kv.end_layer(self.layer)  # may start this layer's offload
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 

@@ -60,7 +60,8 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = 
     return LoadedModel(str(folder), config, model, tokenizer)
 
 
-def _random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int) -> LlamaForCausalLM:
+def _random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                  seed: int) -> LlamaForCausalLM:
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device=device).to(dtype)

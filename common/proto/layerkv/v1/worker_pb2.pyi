@@ -11,7 +11,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("worker_id", "model", "geometry", "gpu_blocks", "host_blocks", "cost_model", "max_model_len", "eos_token_id", "device", "dtype")
+    __slots__ = ("worker_id", "model", "geometry", "gpu_blocks", "host_blocks", "cost_model", "max_model_len", "eos_token_id", "device", "dtype", "staging_blocks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class DescribeResponse(_message.Message):
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    STAGING_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     geometry: _types_pb2.KvGeometry
@@ -32,7 +33,8 @@ class DescribeResponse(_message.Message):
     eos_token_id: int
     device: str
     dtype: str
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., geometry: _Optional[_Union[_types_pb2.KvGeometry, _Mapping]] = ..., gpu_blocks: _Optional[int] = ..., host_blocks: _Optional[int] = ..., cost_model: _Optional[_Union[_types_pb2.CostModel, _Mapping]] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    staging_blocks: int
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., geometry: _Optional[_Union[_types_pb2.KvGeometry, _Mapping]] = ..., gpu_blocks: _Optional[int] = ..., host_blocks: _Optional[int] = ..., cost_model: _Optional[_Union[_types_pb2.CostModel, _Mapping]] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., staging_blocks: _Optional[int] = ...) -> None: ...
 
 class GetTokenizerRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,129 @@
+"""Admission of a client request: validation, tokenization, idempotent ids, the queue limit.
+
+Text prompts are tokenized with a worker's own tokenizer (fetched over gRPC on connect). A request
+must fit some healthy worker: prompt plus ``max_tokens`` within its ``max_model_len`` and within its
+total KV blocks (GPU plus host). A client-chosen id that already exists attaches to the first run.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+from common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from common.proto.layerkv.v1 import scheduler_pb2
+from common.store import RequestRecord
+from common.types import KVGeometry, TierCapacity
+from scheduler_svc.core import SchedulerCore
+from scheduler_svc.requests import WAITING, RequestState, sampling_from_dict, sampling_to_dict
+from scheduler_svc.wire import sampling_from_proto
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """The request a Generate call streams, and whether this call created it."""
+
+    state: RequestState
+    created: bool
+
+
+async def lookup(core: SchedulerCore, request_id: str) -> RequestState | None:
+    """The live state of a request, or a finished one rebuilt from Redis (None when unknown)."""
+    state = core.requests.get(request_id)
+    if state is not None:
+        return state
+    record = await core.store.get_request(request_id)
+    if record is None:
+        return None
+    tokens = await core.store.get_tokens(request_id)
+    return RequestState(record, sampling_from_dict(record.sampling), tokens)
+
+
+async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) -> Admitted:
+    request_id = request.request_id
+    if request_id:
+        if not REQUEST_ID_RE.match(request_id):
+            raise InvalidArgument(
+                f"request_id {request_id[:40]!r} must be 1-128 characters of letters, digits, '_.:-'"
+            )
+        existing = await lookup(core, request_id)
+        if existing is not None:
+            return Admitted(existing, created=False)
+    else:
+        request_id = uuid.uuid4().hex
+    workers = [h for h in core.pool.handles() if h.accepting and h.description is not None]
+    if not workers:
+        raise Unavailable("no healthy worker is available; retry later")
+    sampling = sampling_from_proto(request.sampling, core.settings.default_max_tokens)
+    kind = request.WhichOneof("prompt")
+    if kind == "text":
+        tokenizer = next((h.tokenizer for h in workers if h.tokenizer is not None), None)
+        if tokenizer is None:
+            raise Unavailable("no worker tokenizer is loaded yet; retry later")
+        if not request.text:
+            raise InvalidArgument("the prompt is empty")
+        prompt = tokenizer.encode(request.text)
+    elif kind == "token_ids":
+        prompt = list(request.token_ids.ids)
+    else:
+        raise InvalidArgument("the request has no prompt (set text or token_ids)")
+    if not prompt:
+        raise InvalidArgument("the prompt is empty")
+    total = len(prompt) + sampling.max_tokens
+    longest = max(h.description.max_model_len for h in workers if h.description is not None)
+    if total > longest:
+        raise InvalidArgument(
+            f"prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) is {total} tokens, "
+            f"more than the longest the workers accept ({longest})"
+        )
+    if not any(
+        _fits_worker(h.description.geometry, h.description.capacity, total)
+        for h in workers
+        if h.description is not None
+    ):
+        raise InvalidArgument(
+            f"a request of {total} tokens needs more KV blocks than any worker has (GPU plus host)"
+        )
+    slo = request.slo
+    for name, has, value in (
+        ("ttft_s", slo.HasField("ttft_s"), slo.ttft_s),
+        ("tpot_s", slo.HasField("tpot_s"), slo.tpot_s),
+    ):
+        if has and not value > 0:
+            raise InvalidArgument(f"slo.{name} must be > 0 seconds, got {value}")
+    now = time.time()
+    record = RequestRecord(
+        request_id=request_id,
+        status=WAITING,
+        prompt_ids=prompt,
+        sampling=sampling_to_dict(sampling),
+        ttft_slo_s=slo.ttft_s if slo.HasField("ttft_s") else None,
+        tpot_slo_s=slo.tpot_s if slo.HasField("tpot_s") else None,
+        text_prompt=kind == "text",
+        arrival_time=now,
+    )
+    if len(core.queue) >= core.queue.limit:
+        raise ResourceExhausted(
+            f"waiting queue is full ({core.queue.limit} requests, --queue-limit); retry later"
+        )
+    created = await core.store.create_request(record, now)
+    if not created:  # a concurrent retry with the same id won the race
+        existing = await lookup(core, request_id)
+        if existing is None:
+            raise NotFound(f"request {request_id!r} vanished while being created")
+        return Admitted(existing, created=False)
+    state = RequestState(record, sampling)
+    core.requests[request_id] = state
+    core.queue.push(request_id, now, requeue=True)  # the limit was checked above
+    core.wake()
+    core.metrics.queue_length.set(len(core.queue))
+    return Admitted(state, created=True)
+
+
+def _fits_worker(geometry: KVGeometry, capacity: TierCapacity, total: int) -> bool:
+    need = geometry.blocks_for(total) * geometry.num_layers
+    return need <= capacity.gpu_blocks + capacity.host_blocks

@@ -1,0 +1,260 @@
+"""The scheduler's gRPC server: SchedulerService and AdminService over ``SchedulerCore``, plus
+standard health checking and server reflection, bearer tokens and TLS from the settings.
+
+``create_server(settings)`` builds and starts everything and returns ``(server, port)``;
+``server.stop(grace)`` stops it in reverse order (RPCs, scheduling, workers, Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf import json_format, struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_reflection.v1alpha import reflection
+
+from common.config import SchedulerSettings
+from common.errors import InvalidArgument, NotFound
+from common.grpc_errors import ErrorInterceptor
+from common.metrics import ServiceMetrics, start_metrics_server
+from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from common.security import TokenAuthInterceptor, add_port, warn_if_insecure
+from common.store import Store, WorkerEntry
+from scheduler_svc.admission import lookup, submit
+from scheduler_svc.core import SchedulerCore
+from scheduler_svc.policies.base import Policy
+from scheduler_svc.policies.registry import describe_policies, policy_params
+from scheduler_svc.policy_file import PolicyFileWatcher
+from scheduler_svc.requests import StreamChunk, StreamFinal, stored_stream, stream_from
+from scheduler_svc.wire import final_from_record, request_info, worker_info
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
+    def __init__(self, core: SchedulerCore) -> None:
+        self.core = core
+
+    async def Generate(
+        self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.GenerateResponse]:
+        admitted = await submit(self.core, request)
+        async for item in self._events(admitted.state.request_id, 0):
+            yield scheduler_pb2.GenerateResponse(request_id=admitted.state.request_id, **item)
+
+    async def Attach(
+        self, request: scheduler_pb2.AttachRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.AttachResponse]:
+        async for item in self._events(request.request_id, request.offset):
+            yield scheduler_pb2.AttachResponse(request_id=request.request_id, **item)
+
+    async def _events(self, request_id: str, offset: int) -> AsyncIterator[dict[str, Any]]:
+        state = await lookup(self.core, request_id)
+        if state is None:
+            raise NotFound(f"unknown request id {request_id!r}")
+        tokenizer = self._tokenizer()
+        if offset > state.sampling.max_tokens:
+            raise InvalidArgument(f"offset {offset} is past max_tokens ({state.sampling.max_tokens})")
+        live = self.core.requests.get(request_id) is state
+        items = (
+            stream_from(state, offset, tokenizer)
+            if live
+            else _iterate(stored_stream(state.record, state.tokens, offset, tokenizer))
+        )
+        async for item in items:
+            if isinstance(item, StreamChunk):
+                chunk = scheduler_pb2.TokenChunk(
+                    offset=item.offset, token_ids=list(item.token_ids), text_delta=item.text_delta
+                )
+                yield {"chunk": chunk}
+            else:
+                assert isinstance(item, StreamFinal)
+                yield {"final": final_from_record(item.record)}
+
+    def _tokenizer(self) -> Any:
+        return next((h.tokenizer for h in self.core.pool.handles() if h.tokenizer is not None), None)
+
+    async def Cancel(
+        self, request: scheduler_pb2.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.CancelResponse:
+        return scheduler_pb2.CancelResponse(cancelled=await self.core.cancel(request.request_id))
+
+    async def GetRequest(
+        self, request: scheduler_pb2.GetRequestRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.GetRequestResponse:
+        state = await lookup(self.core, request.request_id)
+        if state is None:
+            raise NotFound(f"unknown request id {request.request_id!r}")
+        return scheduler_pb2.GetRequestResponse(request=request_info(state.record, len(state.tokens)))
+
+
+async def _iterate(items: list[StreamChunk | StreamFinal]) -> AsyncIterator[StreamChunk | StreamFinal]:
+    for item in items:
+        yield item
+
+
+def policy_spec(policy: Policy) -> admin_pb2.PolicySpec:
+    spec = admin_pb2.PolicySpec(name=policy.name)
+    spec.params.update(policy_params(policy))
+    return spec
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, core: SchedulerCore) -> None:
+        self.core = core
+
+    async def ListPolicies(
+        self, request: admin_pb2.ListPoliciesRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListPoliciesResponse:
+        out = admin_pb2.ListPoliciesResponse()
+        for d in describe_policies():
+            info = out.policies.add(
+                name=d.name, description=d.description, params_schema_json=d.params_schema_json
+            )
+            info.defaults.update(d.defaults)
+        return out
+
+    async def GetPolicy(
+        self, request: admin_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetPolicyResponse:
+        return admin_pb2.GetPolicyResponse(policy=policy_spec(self.core.policy))
+
+    async def SetPolicy(
+        self, request: admin_pb2.SetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.SetPolicyResponse:
+        if not request.policy.name:
+            raise InvalidArgument("SetPolicy needs a policy name")
+        params = json_format.MessageToDict(request.policy.params) if request.policy.HasField("params") else {}
+        previous, current = await self.core.set_policy(request.policy.name, _integral(params))
+        return admin_pb2.SetPolicyResponse(previous=policy_spec(previous), current=policy_spec(current))
+
+    async def ListWorkers(
+        self, request: admin_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListWorkersResponse:
+        return admin_pb2.ListWorkersResponse(workers=[self._info(h) for h in self.core.pool.handles()])
+
+    def _info(self, handle: Any) -> admin_pb2.WorkerInfo:
+        running = sorted(
+            s.request_id
+            for s in self.core.requests.values()
+            if s.record.status == "running" and s.record.worker_id == handle.worker_id and handle.worker_id
+        )
+        return worker_info(handle, self.core.ledger.get(handle.worker_id), running)
+
+    async def DrainWorker(
+        self, request: admin_pb2.DrainWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.DrainWorkerResponse:
+        handle = self.core.pool.by_id(request.worker_id)
+        if handle is None:
+            raise NotFound(f"unknown worker id {request.worker_id!r}")
+        handle.draining = True
+        log.info("worker %s is draining", request.worker_id)
+        return admin_pb2.DrainWorkerResponse(worker=self._info(handle))
+
+    async def RegisterWorker(
+        self, request: admin_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RegisterWorkerResponse:
+        address = request.address
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise InvalidArgument(f"worker address {address!r} must be host:port")
+        handle = await self.core.pool.add_and_wait(address, registered=True)
+        await self.core.store.put_worker(WorkerEntry(handle.worker_id, address, registered=True))
+        return admin_pb2.RegisterWorkerResponse(worker_id=handle.worker_id)
+
+
+def _integral(params: dict[str, Any]) -> dict[str, Any]:
+    """Struct numbers are doubles: give integral values back their int type for pydantic."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        out[key] = int(value) if isinstance(value, float) and value.is_integer() else value
+    return out
+
+
+class SchedulerServer:
+    """A running scheduler: gRPC server, core, policy-file watcher, metrics endpoint."""
+
+    def __init__(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self.metrics = ServiceMetrics("scheduler")
+        self.store = Store(settings.redis_url, settings.redis_prefix, settings.retention_s)
+        self.core = SchedulerCore(settings, self.store, self.metrics)
+        self.health = health_aio.HealthServicer()
+        tokens = {ADMIN_SERVICE: settings.admin_token, SCHEDULER_SERVICE: settings.api_token}
+        self.server = grpc.aio.server(interceptors=[TokenAuthInterceptor(tokens), ErrorInterceptor()])
+        scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(SchedulerServicer(self.core), self.server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.core), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (
+                SCHEDULER_SERVICE,
+                ADMIN_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        self.watcher = PolicyFileWatcher(self.core, settings.policy_file, settings.policy_file_interval_s)
+        self.port = 0
+        self.metrics_port = 0
+
+    async def start(self) -> int:
+        s = self.settings
+        warn_if_insecure("scheduler", s.tls, {ADMIN_SERVICE: s.admin_token}, mutual_expected=False)
+        if not s.tls_ca:
+            log.warning("SECURITY: scheduler dials workers WITHOUT mutual TLS (no --tls-ca)")
+        await self.core.start()
+        self.watcher.start()
+        self.port = add_port(self.server, s.listen_address, s.tls)
+        await self.server.start()
+        for service in ("", SCHEDULER_SERVICE, ADMIN_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics_port = start_metrics_server(s.metrics_port, self.metrics.registry)
+        log.info("scheduler listening on %s:%d (policy %s)", s.host, self.port, self.core.policy.name)
+        return self.port
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.watcher.stop()
+        await self.core.stop()
+        await self.store.close()
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def create_server(settings: SchedulerSettings) -> tuple[SchedulerServer, int]:
+    """Build and start a scheduler; the port is the bound one (settings.port 0 → a free port)."""
+    server = SchedulerServer(settings)
+    port = await server.start()
+    return server, port
+
+
+def struct_of(params: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(params)
+    return out
+
+
+async def serve(settings: SchedulerSettings) -> None:
+    """Run until SIGINT/SIGTERM, then stop gracefully (the ``layerkv scheduler`` command)."""
+    import signal
+
+    server, _ = await create_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("scheduler stopping")
+    await server.stop(5.0)

@@ -1,0 +1,88 @@
+"""Block pools, copy coalescing, staging reuse and two-tier admission accounting, without a model."""
+
+from __future__ import annotations
+
+import torch
+
+from common.types import KVGeometry, Placement, Residency, Tier
+from worker_svc.kv.block_pool import BlockPool
+from worker_svc.kv.manager import KVCacheManager
+from worker_svc.kv.offload import CopyEngine, CopyRun, StagingPool, coalesce
+
+
+def test_block_pool_no_room_is_none_and_ids_come_out_contiguous() -> None:
+    pool = BlockPool(10, first_id=5)
+    a = pool.allocate(4)
+    assert a == [5, 6, 7, 8]
+    assert pool.allocate(7) is None and pool.num_free == 6  # nothing taken on failure
+    b = pool.allocate(6)
+    assert b == [9, 10, 11, 12, 13, 14] and pool.num_free == 0
+    pool.free(a)
+    assert pool.allocate(4) == [5, 6, 7, 8]  # freed runs come back in ascending order
+
+
+def test_coalesce_makes_one_copy_per_contiguous_run() -> None:
+    assert coalesce([3, 4, 5, 9], [10, 11, 12, 0]) == [CopyRun(3, 10, 3), CopyRun(9, 0, 1)]
+    src = torch.arange(6 * 2.0).view(6, 2)
+    dst = torch.zeros(4, 2)
+    CopyEngine().copy_blocks(src, [1, 2, 5], dst, [0, 1, 3])
+    assert torch.equal(dst[0], src[1]) and torch.equal(dst[1], src[2]) and torch.equal(dst[3], src[5])
+    assert torch.equal(dst[2], torch.zeros(2))
+
+
+class ManualHandle:
+    def __init__(self) -> None:
+        self.finished = False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def wait(self) -> None:
+        self.finished = True
+
+    def order_compute_after(self) -> None:
+        assert self.finished
+
+
+def test_staging_reuses_a_block_only_after_its_copy() -> None:
+    staging = StagingPool(4, first_id=100)
+    first = staging.allocate(3)
+    handle = ManualHandle()
+    staging.release_after(first, handle)
+    assert staging.pool.num_free == 1  # held while the copy runs
+    second = staging.allocate(1)
+    assert set(second).isdisjoint(first)
+    assert not handle.finished
+    third = staging.allocate(2)  # must wait for the copy, then reuse its blocks
+    assert handle.finished and set(third) <= set(first)
+
+
+def test_two_tier_admission_and_promotion_accounting() -> None:
+    geo = KVGeometry(num_layers=4, num_kv_heads=2, head_dim=8, block_size=4, dtype_bytes=4)
+    mgr = KVCacheManager(geo, gpu_blocks=12, host_blocks=20, staging_blocks=7)
+    placement = Placement.from_letters("HGHG", 4)
+    assert mgr.can_allocate(16, placement)  # 4 blocks per layer: 8 GPU + 8 host, staging 4 per layer
+    assert not mgr.can_allocate(16, Placement.from_letters("GGGG", 4))  # 16 GPU blocks > 12
+    assert not mgr.can_allocate(16, Placement.from_letters("HHHG", 4))  # adjacent host layers: 4 + 4 > 7
+    table = mgr.allocate("a", 16, placement)
+    assert table is not None and table.letters == "HGHG"
+    usage = mgr.usage()
+    assert usage.gpu.used_per_layer == (0, 4, 0, 4) and usage.host.used_per_layer == (4, 0, 4, 0)
+    assert mgr.allocate("b", 16, placement) is None  # GPU tier has 4 left: no room is a value
+    table.num_tokens = 6
+    gpu = torch.zeros(12 + 7, 2, 4, 2, 8)
+    host = torch.randn(20, 2, 4, 2, 8)
+    moved = mgr.start_promotion(table, 0, CopyEngine(), gpu, host)
+    assert moved == 2 * geo.bytes_per_block  # only the two filled blocks travel
+    assert table.layers[0].residency is Residency.LOADING
+    mgr.poll()
+    layer0 = table.layers[0]
+    assert layer0.home is Tier.GPU and layer0.residency is Residency.GPU and table.letters == "GGHG"
+    assert torch.equal(gpu[layer0.gpu_blocks[:2]], host[[0, 1]])
+    assert mgr.usage().host.used_per_layer == (0, 0, 4, 0)
+    assert mgr.start_promotion(table, 2, CopyEngine(), gpu, host) == -1  # GPU tier full now
+    mgr.release("a")
+    mgr.poll()
+    usage = mgr.usage()
+    assert usage.gpu.free_blocks == 12 and usage.host.free_blocks == 20
+    assert usage.gpu.used_per_layer == (0,) * 4 == usage.host.used_per_layer

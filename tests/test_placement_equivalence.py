@@ -1,0 +1,147 @@
+"""Layer-wise placement on CPU: every placement (all GPU, all host, interleaved, random, the paper's
+rule) gives the same greedy tokens as transformers, alone and in staggered mixed batches; partial
+placement admits a request the GPU tier cannot hold whole; promotion mid-decode; exact block
+accounting in both tiers."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.placement import interleaved, rule_placement
+from common.types import CostModel, Placement, SamplingParams
+from tests.test_engine_reference import (
+    Job,
+    assert_matches,
+    build_hf_model,
+    hf_generate,
+    make_engine,
+    prompt_of,
+    run_engine,
+)
+from worker_svc.engine import Engine
+
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def hf_and_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    model = build_hf_model("llama", layers=LAYERS, heads=4, kv_heads=2)
+    path = tmp_path_factory.mktemp("model")
+    model.save_pretrained(path)
+    return model, path
+
+
+def rule_letters(engine: Engine, prompt_len: int) -> str:
+    # A slow copy link: only some layers' copies hide under the predicted prefill.
+    cost = CostModel(d2h_bytes_per_s=engine.geometry.bytes_per_layer(prompt_len) * 1000.0,
+                     prefill_per_token_s=2.5e-3 / prompt_len)  # time to copy 2.5 layers
+    letters = rule_placement(prompt_len, engine.geometry, cost).letters
+    assert "G" in letters and "H" in letters, letters  # the rule really mixes tiers here
+    return letters
+
+
+def all_placements(engine: Engine, prompt_len: int) -> list[str]:
+    rnd = random.Random(5)
+    return ["GGGG", "HHHH", interleaved(LAYERS, 2).letters,
+            "".join(rnd.choice("GH") for _ in range(LAYERS)), rule_letters(engine, prompt_len)]
+
+
+def assert_pools_full(engine: Engine) -> None:
+    usage = engine.usage()
+    assert usage.gpu.free_blocks == usage.gpu.total_blocks
+    assert usage.host.free_blocks == usage.host.total_blocks
+    assert usage.gpu.used_per_layer == (0,) * LAYERS == usage.host.used_per_layer
+
+
+@pytest.mark.parametrize("block_size", [16, 3])
+def test_every_placement_matches_single_prompt(hf_and_folder: tuple[Any, Path],
+                                               block_size: int) -> None:
+    model, folder = hf_and_folder
+    prompt = prompt_of(21, 2)
+    ref = hf_generate(model, prompt, 6)
+    engine = make_engine(folder, block_size=block_size, gpu_blocks=64, host_blocks=64)
+    for letters in all_placements(engine, len(prompt)):
+        got = run_engine(engine, {letters: Job(prompt, 6, placement=letters)})
+        assert_matches(got[letters], ref)
+        assert_pools_full(engine)
+
+
+def test_staggered_mixed_placements_decode_together(hf_and_folder: tuple[Any, Path]) -> None:
+    model, folder = hf_and_folder
+    engine = make_engine(folder, block_size=4, gpu_blocks=200, host_blocks=200)
+    placements = all_placements(engine, 20)
+    lengths, news, arrivals = [7, 20, 13, 3, 26], [8, 5, 7, 9, 4], [0, 0, 1, 3, 6]
+    prompts = [prompt_of(n, 30 + i) for i, n in enumerate(lengths)]
+    jobs = {f"r{i}": Job(prompts[i], news[i], arrive_step=arrivals[i], placement=placements[i])
+            for i in range(5)}
+    got = run_engine(engine, jobs)
+    for i in range(5):
+        assert_matches(got[f"r{i}"], hf_generate(model, prompts[i], news[i]))
+    assert_pools_full(engine)
+
+
+def test_partial_placement_admits_instead_of_waiting(hf_and_folder: tuple[Any, Path]) -> None:
+    _, folder = hf_and_folder
+    for mode in ("auto", "all-gpu"):
+        engine = make_engine(folder, block_size=4, gpu_blocks=40, host_blocks=64, default_placement=mode)
+        # A running request holds 4 layers x 5 blocks = 20 of the 40 GPU blocks.
+        engine.add_request("f", prompt_of(16, 3), SamplingParams(max_tokens=4))
+        engine.step()
+        # 30 tokens in blocks of 4: 8 blocks per layer, 32 for the whole request; 20 are free.
+        engine.add_request("p", prompt_of(20, 1), SamplingParams(max_tokens=10))
+        out = engine.step()
+        if mode == "all-gpu":
+            assert out.admitted == ()  # whole-request admission keeps it waiting
+            continue
+        assert out.admitted == ("p",)
+        letters = next(s.placement for s in out.running if s.request_id == "p")
+        assert letters == interleaved(LAYERS, 2).letters  # 20 // 8 = 2 layers fit on the GPU
+        assert out.usage.gpu.free_blocks == 40 - 20 - 16 and out.usage.host.free_blocks == 64 - 16
+        assert out.stats.bytes_offloaded == 2 * 5 * engine.geometry.bytes_per_block  # 20 tokens = 5 blocks
+
+
+def test_promotion_mid_decode(hf_and_folder: tuple[Any, Path]) -> None:
+    model, folder = hf_and_folder
+    engine = make_engine(folder, block_size=4, gpu_blocks=24, host_blocks=64, max_promotions_per_step=1)
+    first, second = prompt_of(10, 1), prompt_of(14, 2)
+    # "a" takes 4 layers x 4 blocks = 16 of 24 GPU blocks; "b" (24 tokens: 6 blocks
+    # per layer) gets 1 GPU layer at first, all 4 once "a" has finished.
+    jobs = {"a": Job(first, 6), "b": Job(second, 10, arrive_step=1)}
+    seen: list[str] = []
+    original_step = engine.step
+
+    def recording_step():  # type: ignore[no-untyped-def]
+        out = original_step()
+        seen.extend(s.placement for s in out.running if s.request_id == "b")
+        return out
+
+    engine.step = recording_step  # type: ignore[method-assign]
+    got = run_engine(engine, jobs)
+    assert_matches(got["a"], hf_generate(model, first, 6))
+    assert_matches(got["b"], hf_generate(model, second, 10))
+    assert seen[0].count("G") == 1
+    # After "a" finishes, b's host layers come back one per step until it is fully GPU-resident.
+    gpu_counts = [s.count("G") for s in seen]
+    assert gpu_counts == sorted(gpu_counts) and gpu_counts[-1] == LAYERS
+    assert any(1 < c < LAYERS for c in gpu_counts)
+    assert_pools_full(engine)
+
+
+def test_abort_with_host_layers_frees_both_tiers(hf_and_folder: tuple[Any, Path]) -> None:
+    _, folder = hf_and_folder
+    engine = make_engine(folder, block_size=4, gpu_blocks=64, host_blocks=64, max_promotions_per_step=0)
+    engine.add_request("a", prompt_of(9, 1), SamplingParams(max_tokens=8), Placement.from_letters("HGHH", 4))
+    engine.add_request("b", prompt_of(5, 2), SamplingParams(max_tokens=8), Placement.from_letters("GHGH", 4))
+    engine.step()
+    engine.step()
+    used = engine.usage()
+    # a: 17 tokens = 5 blocks per layer, b: 13 tokens = 4 blocks per layer.
+    assert used.host.used_per_layer == (5, 4, 5, 9) and used.gpu.used_per_layer == (4, 5, 4, 0)
+    engine.abort("a")
+    while engine.has_work():
+        engine.step()
+    assert_pools_full(engine)
