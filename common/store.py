@@ -18,6 +18,14 @@ from redis.exceptions import RedisError
 
 from common.errors import Unavailable
 
+# KEYS: request hash, waiting zset; ARGV: score, request id, then the hash's field/value pairs.
+_CREATE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
 
 @dataclass
 class RequestRecord:
@@ -144,17 +152,15 @@ class Store:
     async def create_request(self, record: RequestRecord, score: float) -> bool:
         """Persist a new waiting request; False (nothing written) when the id already exists."""
         key = self.k_request(record.request_id)
+        fields = [item for pair in record.to_hash().items() for item in pair]
         try:
-            created = await self._redis.hsetnx(key, "request_id", json.dumps(record.request_id))
-            if not created:
-                return False
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.hset(key, mapping=record.to_hash())  # type: ignore[arg-type]
-            pipe.zadd(self.k_waiting, {record.request_id: score})
-            await pipe.execute()
+            # One script, so a scheduler killed mid-create never leaves a partial record behind.
+            created = await self._redis.eval(  # type: ignore[misc]
+                _CREATE_SCRIPT, 2, key, self.k_waiting, score, record.request_id, *fields
+            )
         except (RedisError, OSError) as exc:
             raise Unavailable(f"Redis write failed: {exc}") from exc
-        return True
+        return bool(created)
 
     async def get_request(self, request_id: str) -> RequestRecord | None:
         data = await self._call(self._redis.hgetall(self.k_request(request_id)))

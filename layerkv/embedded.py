@@ -29,6 +29,7 @@ from common.errors import Unavailable
 from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc
 
 _STOP_GRACE_S = 10.0
+_RANDOM_PRESETS = ("tiny-llama", "llama3-8b-random")  # presets without trained weights
 
 
 @dataclass(frozen=True)
@@ -254,8 +255,7 @@ def _print_endpoints(system: EmbeddedSystem) -> None:
     for i, (address, metrics) in enumerate(system.workers):
         print(f"  worker-{i}           {address}  metrics {metrics}")
     print(f"  redis              {system.redis_url}")
-    print(f"  logs               {system.run_dir}")
-    print(f"Try: layerkv generate --endpoint {system.scheduler_address} 'Hello'", flush=True)
+    print(f"  logs               {system.run_dir}", flush=True)
 
 
 def run_embedded(opts: EmbeddedOptions) -> int:
@@ -274,10 +274,13 @@ def run_embedded(opts: EmbeddedOptions) -> int:
         start(opts, system)
         _print_endpoints(system)
         if opts.prompt:
+            if opts.model in _RANDOM_PRESETS:
+                print(f"(the {opts.model} preset has random weights: its answer is noise)")
             print(f"\nPrompt: {opts.prompt}\nAnswer: ", end="", flush=True)
             code = remote_generate.run(system.scheduler_address, [opts.prompt], max_tokens=opts.max_tokens)
             ok = code == 0
             return code
+        print(f"Try: layerkv generate --endpoint {system.scheduler_address} 'Hello'")
         print("Ctrl-C stops everything.", flush=True)
         while True:
             system.check_alive()

@@ -75,6 +75,8 @@ def register(app: typer.Typer) -> None:
         gpu_layers: Annotated[int | None, Opt(help="GPU-resident layers, spread through the depth")] = None,
         json_output: Annotated[bool, Opt("--json", help="JSON Lines, one per prompt")] = False,
         endpoint: Annotated[str | None, Opt(help="HOST:PORT of a running scheduler")] = None,
+        api_token: Annotated[str, Opt(envvar="LAYERKV_API_TOKEN", help="bearer token (--endpoint)")] = "",
+        tls_ca: Annotated[str, Opt(envvar="LAYERKV_TLS_CA", help="CA of the scheduler's TLS cert")] = "",
     ) -> None:
         """Generate text for one or more prompts."""
         try:
@@ -93,7 +95,8 @@ def register(app: typer.Typer) -> None:
 
                 raise typer.Exit(remote_generate.run(
                     endpoint=endpoint, prompts=texts_all, json_output=json_output, max_tokens=max_tokens,
-                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, ignore_eos=ignore_eos))
+                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, ignore_eos=ignore_eos,
+                    api_token=api_token, tls_ca=tls_ca))
             if placement is not None and gpu_layers is not None:
                 raise InvalidArgument("give --placement or --gpu-layers, not both")
             from worker_svc.local_generate import PromptSpec, run_local

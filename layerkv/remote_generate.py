@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -171,9 +170,6 @@ def run(
     """Entry point of ``layerkv generate --endpoint``; returns the process exit code."""
     import uvloop
 
-    # The client side of the contract's env vars, for callers that do not pass them explicitly.
-    api_token = api_token or os.environ.get("LAYERKV_API_TOKEN", "")
-    tls_ca = tls_ca or os.environ.get("LAYERKV_TLS_CA", "")
     opts = RemoteOptions(
         max_tokens, temperature, top_p, top_k, seed, ignore_eos, api_token, tls_ca, server_name
     )

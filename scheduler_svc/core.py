@@ -27,7 +27,7 @@ from common.grpc_errors import error_from_rpc
 from common.metrics import ServiceMetrics
 from common.proto.layerkv.v1 import types_pb2, worker_pb2
 from common.store import RequestRecord, Store, StoreBatch, batch_tokens
-from common.types import FinishReason, Placement, SamplingParams
+from common.types import FinishReason, Placement, SamplingParams, Tier
 from scheduler_svc.cost_fit import StepTiming
 from scheduler_svc.ledger import Ledger, TierReport
 from scheduler_svc.policies.base import (
@@ -243,6 +243,8 @@ class SchedulerCore:
                     cost_model=h.fitter.model() if h.fitter is not None else h.description.cost_model,
                     running=self._running_of(h),
                     accepting=h.accepting,
+                    staging_blocks_total=h.description.staging_blocks,
+                    host_used_per_layer=budget.committed_per_layer(Tier.HOST),
                 )
             )
         return FleetSnapshot(time.time(), tuple(waiting), tuple(workers))

@@ -60,6 +60,7 @@ class WorkerDescription:
     cost_model: CostModel
     max_model_len: int
     eos_token_id: int
+    staging_blocks: int = 0  # GPU staging blocks for host-placed layers (0: not reported)
 
 
 @dataclass(eq=False)
@@ -119,6 +120,7 @@ def describe_from_proto(d: worker_pb2.DescribeResponse) -> WorkerDescription:
         ),
         max_model_len=d.max_model_len,
         eos_token_id=d.eos_token_id,
+        staging_blocks=d.staging_blocks,
     )
 
 

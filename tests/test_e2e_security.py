@@ -7,6 +7,11 @@ scheduler itself (its certificate's name is the worker's ``--scheduler-identity`
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +24,7 @@ from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2_grp
 from common.security import bearer_metadata
 from common.types import SamplingParams
 from tests.fleet import (
+    REPO_ROOT,
     Pki,
     RedisProcess,
     ServiceProcess,
@@ -155,3 +161,47 @@ async def test_only_the_scheduler_reaches_the_worker(secure: SecureFleet) -> Non
             async for _ in stub.StreamEvents(worker_pb2.StreamEventsRequest(), timeout=5):
                 pass
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_generate_cli_over_tls_needs_the_api_token(secure: SecureFleet) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERKV_")}
+    base = [
+        sys.executable,
+        "-m",
+        "layerkv",
+        "generate",
+        "--endpoint",
+        secure.scheduler.address,
+        "--tls-ca",
+        secure.pki.ca,
+        "--json",
+        "--max-tokens",
+        "4",
+        "--ignore-eos",
+        "over TLS",
+    ]
+    ok = subprocess.run(
+        [*base, "--api-token", API_TOKEN], capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    record = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert len(record["token_ids"]) == 4 and record["finish_reason"] == "length"
+    denied = subprocess.run(base, capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT)
+    assert denied.returncode == 1
+    assert "Unauthenticated" in denied.stdout + denied.stderr
+
+
+async def test_the_worker_stops_gracefully_on_sigterm(secure: SecureFleet) -> None:
+    """Last in the module: SIGTERM ends the worker with exit code 0, and the scheduler notices."""
+    assert secure.worker.stop() == 0, secure.worker.log_tail()
+    async with grpc.aio.secure_channel(secure.scheduler.address, tls_credentials(secure.pki.ca)) as ch:
+        admin = admin_pb2_grpc.AdminServiceStub(ch)
+        for _ in range(200):
+            reply = await admin.ListWorkers(
+                admin_pb2.ListWorkersRequest(), metadata=bearer_metadata(ADMIN_TOKEN)
+            )
+            if not any(w.healthy for w in reply.workers):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the scheduler still lists the stopped worker as healthy")

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -122,6 +123,20 @@ def test_up_serves_until_interrupted_and_generate_endpoint_streams() -> None:
         assert [r["index"] for r in records] == [0, 1]
         assert all(len(r["token_ids"]) == 5 and r["finish_reason"] == "length" for r in records)
         assert all(0 < r["ttft_s"] <= r["latency_s"] for r in records)
+        # The worker's Prometheus endpoint shows per-layer block usage per tier and step times.
+        metrics_urls = re.findall(r"worker-\d+\s+\S+\s+metrics (http://\S+)", output)
+        assert len(metrics_urls) == 2, output
+        decode_steps = 0.0
+        for i, url in enumerate(metrics_urls):
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                metrics = reply.read().decode()
+            assert f'layerkv_kv_blocks_used{{layer="3",tier="gpu",worker="worker-{i}"}}' in metrics
+            assert f'layerkv_kv_blocks_free{{tier="host",worker="worker-{i}"}}' in metrics
+            found = re.search(
+                r'layerkv_worker_step_seconds_count\{kind="decode",worker="worker-\d"\} (\S+)', metrics
+            )
+            decode_steps += float(found.group(1)) if found else 0.0
+        assert decode_steps >= 4  # two requests of 5 tokens: at least 4 decode steps somewhere
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert proc.wait(60) == 0
         assert not any(_listening(a) for a in endpoints), "a service outlived Ctrl-C"

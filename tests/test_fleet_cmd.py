@@ -21,21 +21,55 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list[WorkerSettings]:
 
 
 def test_worker_flags_reach_the_settings(captured: list[WorkerSettings]) -> None:
-    result = CliRunner().invoke(app, [
-        "worker", "--host", "127.0.0.1", "--port", "6001", "--metrics-port", "0", "--worker-id", "w-7",
-        "--model", "tiny-llama", "--device", "cpu", "--dtype", "float32", "--block-size", "8",
-        "--gpu-blocks", "64", "--host-kv-gib", "0.5", "--scheduler", "sched:50051",
-        "--advertise-address", "w-7.workers:6001", "--admin-token", "t0k",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "worker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "6001",
+            "--metrics-port",
+            "0",
+            "--worker-id",
+            "w-7",
+            "--model",
+            "tiny-llama",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--block-size",
+            "8",
+            "--gpu-blocks",
+            "64",
+            "--host-kv-gib",
+            "0.5",
+            "--scheduler",
+            "sched:50051",
+            "--advertise-address",
+            "w-7.workers:6001",
+            "--admin-token",
+            "t0k",
+        ],
+    )
     assert result.exit_code == 0, result.output
     (s,) = captured
     assert (s.host, s.port, s.metrics_port, s.worker_id) == ("127.0.0.1", 6001, 0, "w-7")
     assert (s.device, s.dtype, s.block_size, s.gpu_blocks, s.host_blocks, s.host_kv_gib) == (
-        "cpu", "float32", 8, 64, None, 0.5)
+        "cpu",
+        "float32",
+        8,
+        64,
+        None,
+        0.5,
+    )
     assert (s.scheduler, s.advertise_address, s.admin_token) == ("sched:50051", "w-7.workers:6001", "t0k")
 
 
-def test_worker_reads_layerkv_env_vars(captured: list[WorkerSettings], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_reads_layerkv_env_vars(
+    captured: list[WorkerSettings], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("LAYERKV_PORT", "6123")
     monkeypatch.setenv("LAYERKV_GPU_BLOCKS", "99")
     monkeypatch.setenv("LAYERKV_SCHEDULER", "scheduler.ns.svc:50051")

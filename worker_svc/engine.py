@@ -229,9 +229,10 @@ class Engine:
             kind, num_tokens = "decode", len(running)
             outputs += self._run(running, prefill=False, stats=stats)
         duration = time.perf_counter() - start
-        if kind == "decode":
-            for r in running:
-                r.decode_time_s += duration
+        # T_past is wall time since the first token: a prefill step stalls every running request
+        # too, and the scheduler's TPOT slack must see that stall.
+        for r in running:
+            r.decode_time_s += duration
         self.kv_manager.poll()
         live = [r for r in self._requests.values() if r.state is RequestState.RUNNING and r.table is not None]
         running_states = tuple(

@@ -28,7 +28,7 @@ class RunningState:
 
     request_id: str
     tokens_generated: int  # N_past
-    decode_time_s: float  # T_past: wall time of the decode steps it took part in
+    decode_time_s: float  # T_past: wall time of every step since its first token (prefill stalls too)
     context_tokens: int
     placement: str  # current residency letters, G (GPU-resident) or H (host)
 

@@ -56,22 +56,6 @@ class _Admitted:
     usage: KVUsage  # after the blocks were taken
 
 
-def _admits_immediately(engine: Any) -> bool:
-    """No request queued inside the engine and a free sequence slot: the next admission is ours."""
-    if hasattr(engine, "admits_immediately"):
-        return bool(engine.admits_immediately())
-    # Fallback until the engine offers it (same thread, read-only): see the engine's _admit loop.
-    holding = sum(r.table is not None for r in engine._requests.values())
-    return not engine._waiting and holding < engine.config.max_num_seqs
-
-
-def _admit_waiting(engine: Any) -> list[str]:
-    """Let the engine admit its queue now (the step would do it first thing anyway)."""
-    if hasattr(engine, "admit_waiting"):
-        return list(engine.admit_waiting())
-    return list(engine._admit())
-
-
 def _admit(
     engine: Any, request_id: str, prompt: list[int], sampling: SamplingParams, letters: str
 ) -> _Admitted | None:
@@ -85,11 +69,11 @@ def _admit(
     engine.validate(prompt, sampling, placement)
     if not engine.can_admit(len(prompt), sampling.max_tokens, placement):
         return None
-    if not _admits_immediately(engine):
+    if not engine.admits_immediately():
         return None  # the engine would queue it behind others instead of taking its blocks now
     before = engine.usage()
     engine.add_request(request_id, prompt, sampling, placement)
-    admitted = _admit_waiting(engine)
+    admitted = engine.admit_waiting()  # the step would do it first thing; do it in this command
     assert admitted == [request_id], f"dispatch {request_id!r} passed can_admit but was not admitted"
     after = engine.usage()
     gpu_taken = before.gpu.free_blocks - after.gpu.free_blocks
@@ -154,6 +138,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             eos_token_id=e.eos_token_id if e.eos_token_id is not None else 0,
             device=self._identity.device,
             dtype=self._identity.dtype,
+            staging_blocks=e.kv_manager.staging.num_blocks,
         )
 
     @grpc_errors
