@@ -86,3 +86,31 @@ def test_two_tier_admission_and_promotion_accounting() -> None:
     usage = mgr.usage()
     assert usage.gpu.free_blocks == 12 and usage.host.free_blocks == 20
     assert usage.gpu.used_per_layer == (0,) * 4 == usage.host.used_per_layer
+
+
+def test_finishing_during_a_promotion_does_not_free_staging_demand_twice() -> None:
+    # Regression: a request released while one of its host layers was LOADING used to subtract that
+    # layer's staging demand twice, letting admission overcommit the staging pool.
+    geo = KVGeometry(num_layers=2, num_kv_heads=1, head_dim=2, block_size=4, dtype_bytes=4)
+    mgr = KVCacheManager(geo, gpu_blocks=16, host_blocks=16, staging_blocks=4)
+    host_first = Placement((Tier.HOST, Tier.GPU))
+    gpu = torch.zeros(16 + 4, 2, 4, 1, 2)
+    host = torch.zeros(16, 2, 4, 1, 2)
+    a = mgr.allocate("a", 16, host_first)  # 4 blocks per layer: the whole staging pool at layer 0
+    assert a is not None
+    a.num_tokens = 16  # prefilled
+    assert mgr.start_promotion(a, 0, ManualCopyEngine(), gpu, host) > 0
+    assert a.layers[0].residency is Residency.LOADING
+    mgr.release("a")  # finishes while its promotion is in flight
+    assert mgr.allocate("b", 16, host_first) is not None
+    # b's layer 0 needs the whole staging pool: a third request host-placed at layer 0 must not fit
+    assert not mgr.can_allocate(4, host_first)
+    assert mgr.allocate("c", 4, host_first) is None
+
+
+class ManualCopyEngine(CopyEngine):
+    """Copies at once but reports them as in flight until waited for."""
+
+    def copy_blocks(self, src, src_ids, dst, dst_ids):  # type: ignore[no-untyped-def]
+        super().copy_blocks(src, src_ids, dst, dst_ids)
+        return ManualHandle()

@@ -145,3 +145,37 @@ def test_abort_with_host_layers_frees_both_tiers(hf_and_folder: tuple[Any, Path]
     while engine.has_work():
         engine.step()
     assert_pools_full(engine)
+
+
+@pytest.mark.parametrize("failing_step", ["prefill", "decode"])
+def test_a_forward_that_fails_midway_returns_its_staging_blocks(
+        hf_and_folder: tuple[Any, Path], monkeypatch: pytest.MonkeyPatch, failing_step: str) -> None:
+    _, folder = hf_and_folder
+    engine = make_engine(folder, block_size=4, max_promotions_per_step=0)  # keep the host layers
+    sampling = SamplingParams(max_tokens=4, ignore_eos=True)
+    engine.add_request("doomed", prompt_of(10, seed=1), sampling, Placement.from_letters("HHGH", LAYERS))
+    if failing_step == "decode":
+        engine.step()  # the prefill succeeds; the first decode fails
+    backend = engine.backend
+
+    def explode(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected attention failure")
+
+    # Attention fails after layer 0's staging blocks were taken (and layer 1's streamed in, in decode).
+    monkeypatch.setattr(backend, failing_step, explode)
+    out = engine.step()
+    assert [(o.request_id, o.finish_reason.value if o.finish_reason else None) for o in out.outputs] == [
+        ("doomed", "error")]
+    assert "injected attention failure" in (out.outputs[0].error or "")
+    staging = engine.kv_manager.staging
+    assert staging.idle and staging.pool.num_free == staging.num_blocks
+    assert_pools_full(engine)
+    monkeypatch.undo()
+    engine.add_request("next", prompt_of(10, seed=2), sampling, Placement.from_letters("HHGH", LAYERS))
+    tokens: list[int] = []
+    while engine.has_work():
+        for o in engine.step().outputs:
+            tokens += o.new_token_ids
+            assert o.error is None
+    assert len(tokens) == 4  # the engine keeps serving
+    assert_pools_full(engine)

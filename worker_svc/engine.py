@@ -258,13 +258,14 @@ class Engine:
     def _run(self, batch: list[Request], prefill: bool, stats: CopyStats) -> list[RequestOutput]:
         tables = [r.table for r in batch]
         assert all(t is not None for t in tables)
+        access: PrefillAccess | DecodeAccess | None = None
         try:
             if prefill:
                 ids = [t for r in batch for t in r.prompt_ids]
                 positions = [p for r in batch for p in range(len(r.prompt_ids))]
                 ends = list(itertools.accumulate(len(r.prompt_ids) for r in batch))
                 logits_index = [e - 1 for e in ends]
-                access: PrefillAccess | DecodeAccess = PrefillAccess(
+                access = PrefillAccess(
                     tables, [len(r.prompt_ids) for r in batch], self.kv,  # type: ignore[arg-type]
                     self.kv_manager, self.copy_engine, stats)
             else:
@@ -278,6 +279,8 @@ class Engine:
                                 torch.tensor(logits_index, device=dev), access, self.backend)
             tokens = sample(logits, [r.sampling for r in batch], [r.generator for r in batch])
         except Exception as exc:  # a failed forward fails its batch, never the engine
+            if access is not None:
+                access.abandon()
             outputs = []
             for r in batch:
                 self._finish(r, FinishReason.ERROR)

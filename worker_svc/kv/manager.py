@@ -35,12 +35,24 @@ class KVCacheManager:
         self.staging = StagingPool(staging_blocks, first_id=gpu_blocks)
         self.tables: dict[str, LayerBlockTable] = {}
         self._used = {Tier.GPU: [0] * self.num_layers, Tier.HOST: [0] * self.num_layers}
-        self._staging_demand = [0] * self.num_layers  # staging blocks host-home layers may need
         self._deferred: list[_DeferredFree] = []
 
     # ---- admission -------------------------------------------------------------------------
+    def _staging_demand(self) -> list[int]:
+        """Staging blocks each layer may need: host-home layers that are not being promoted.
+
+        Derived from the tables on every check rather than tracked, so that finishing a request
+        while one of its layers is being promoted cannot count the same blocks twice.
+        """
+        demand = [0] * self.num_layers
+        for table in self.tables.values():
+            for layer, lb in enumerate(table.layers):
+                if lb.home is Tier.HOST and lb.residency is not Residency.LOADING:
+                    demand[layer] += table.blocks_per_layer
+        return demand
+
     def staging_fits(self, blocks_per_layer: int, placement: Placement) -> bool:
-        demand = list(self._staging_demand)
+        demand = self._staging_demand()
         for layer, tier in enumerate(placement.tiers):
             if tier is Tier.HOST:
                 demand[layer] += blocks_per_layer
@@ -87,7 +99,6 @@ class KVCacheManager:
                 ids = self.host.allocate(per_layer)
                 assert ids is not None
                 layers.append(LayerBlocks(Tier.HOST, Residency.HOST, host_blocks=ids))
-                self._staging_demand[layer] += per_layer
             self._used[tier][layer] += per_layer
         table = LayerBlockTable(request_id, num_tokens, per_layer, layers)
         self.tables[request_id] = table
@@ -98,8 +109,6 @@ class KVCacheManager:
         """Return all blocks of a finished or aborted request (later, for blocks a copy still uses)."""
         table = self.tables.pop(request_id)
         for layer, lb in enumerate(table.layers):
-            if lb.home is Tier.HOST:
-                self._staging_demand[layer] -= table.blocks_per_layer
             pending = lb.pending if lb.pending is not None and not lb.pending.done() else None
             for tier, ids in ((Tier.GPU, lb.gpu_blocks), (Tier.HOST, lb.host_blocks)):
                 if not ids:
@@ -127,7 +136,6 @@ class KVCacheManager:
         if ids is None:
             return -1
         self._used[Tier.GPU][layer] += len(ids)
-        self._staging_demand[layer] -= table.blocks_per_layer
         filled = self.geometry.blocks_for(table.num_tokens)
         lb.gpu_blocks = ids
         lb.residency = Residency.LOADING

@@ -67,6 +67,9 @@ class _StepAccess:
             self.stats.wait_s += time.perf_counter() - start
         handle.order_compute_after()
 
+    def abandon(self) -> None:
+        """Return the staging blocks this step still holds (the forward failed midway)."""
+
     def _to_device(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
 
@@ -119,6 +122,11 @@ class PrefillAccess(_StepAccess):
                                  seq_lens=self.prompt_lens, cu_seqlens=self.cu_seqlens)
         return self.kv.gpu, meta
 
+    def abandon(self) -> None:
+        for ids in self._staged.values():
+            self.manager.staging.release(ids)
+        self._staged = {}
+
     def end_layer(self, layer: int) -> None:
         for table in self.tables:
             ids = self._staged.get(table.request_id)
@@ -129,6 +137,7 @@ class PrefillAccess(_StepAccess):
             lb.residency, lb.pending = Residency.STORING, handle
             self.manager.staging.release_after(ids, handle)
             self.stats.offloaded(table.request_id, len(ids) * self.block_bytes)
+        self._staged = {}
 
 
 class DecodeAccess(_StepAccess):
@@ -210,6 +219,14 @@ class DecodeAccess(_StepAccess):
         pos = torch.tensor([c // self.bs for c in self.context_lens], device=self.device)
         slots = tables.gather(2, pos[None, :, None].expand(len(layers), -1, 1))[..., 0].long()  # [L', B]
         self._tables_by_layer = {layer: (tables[j], slots[j]) for j, layer in enumerate(layers)}
+
+    def abandon(self) -> None:
+        for staged in self._staged.values():
+            if staged.load is not None:
+                staged.load.wait()  # a load may still be writing into these blocks
+            for ids in staged.ids.values():
+                self.manager.staging.release(ids)
+        self._staged = {}
 
     def end_layer(self, layer: int) -> None:
         """Write the block holding each host-home request's new token back to its host block."""
