@@ -50,10 +50,8 @@ class RequestRecord:
     output_tokens: int = 0  # length of the token log
 
     def to_hash(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for key, value in asdict(self).items():
-            out[key] = json.dumps(value)
-        return out
+        # getattr, not dataclasses.asdict: asdict deep-copies the prompt on every call
+        return {name: json.dumps(getattr(self, name)) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> RequestRecord:
@@ -92,9 +90,8 @@ class StoreBatch:
 
     def update(self, record: RequestRecord, *names: str) -> None:
         fields = self.updates.setdefault(record.request_id, {})
-        data = asdict(record)
-        for name in names or tuple(data):
-            fields[name] = json.dumps(data[name])
+        for name in names or tuple(record.__dataclass_fields__):
+            fields[name] = json.dumps(getattr(record, name))
 
     def __bool__(self) -> bool:
         return bool(

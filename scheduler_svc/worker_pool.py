@@ -138,6 +138,7 @@ class WorkerPool:
         self._retry_s = retry_s
         self._by_address: dict[str, WorkerHandle] = {}
         self._dns_task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def handles(self) -> list[WorkerHandle]:
         return list(self._by_address.values())
@@ -182,6 +183,9 @@ class WorkerPool:
         self._dns_task = asyncio.create_task(self._resolve_loop(name_port, interval_s), name="workers-dns")
 
     async def close(self) -> None:
+        """Stop dialing. Workers are not reported down: their requests stay "running" in Redis, and
+        the next scheduler recovers them (a shutdown is not a worker failure)."""
+        self._closing = True
         if self._dns_task is not None:
             self._dns_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -261,4 +265,5 @@ class WorkerPool:
         handle.up.clear()
         if handle.healthy:
             handle.healthy = False
-            await self._listener.worker_down(handle)
+            if not self._closing:
+                await self._listener.worker_down(handle)

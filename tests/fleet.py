@@ -1,4 +1,4 @@
-"""Test helpers for the services: in-process engines and workers, real scheduler/worker processes, PKI.
+"""Test helpers for the services: in-process engines, real scheduler/worker/redis processes, fleets.
 
 Process start-ups are the slow part (torch import), so the e2e modules share fleets per module.
 Every helper talks to the services only through their real gRPC APIs and generated stubs.
@@ -6,7 +6,6 @@ Every helper talks to the services only through their real gRPC APIs and generat
 
 from __future__ import annotations
 
-import datetime
 import os
 import signal
 import socket
@@ -255,125 +254,6 @@ def wait_workers_healthy(
     )
 
 
-# --- PKI -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CertPair:
-    cert: str
-    key: str
-
-
-@dataclass(frozen=True)
-class Pki:
-    """A CA, certificates it signed (scheduler, worker, client) and a rogue CA's certificate."""
-
-    ca: str
-    scheduler: CertPair  # CN "scheduler"
-    worker: CertPair  # CN "worker"
-    intruder: CertPair  # CN "intruder", signed by the same CA
-    rogue_ca: str
-    rogue: CertPair  # CN "scheduler", but signed by another CA
-
-
-def make_pki(folder: Path) -> Pki:
-    """Self-signed CA and leaf certificates for localhost/127.0.0.1, written as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> str:
-        path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        return str(path)
-
-    def write_cert(cert: x509.Certificate, path: Path) -> str:
-        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return str(path)
-
-    def make_ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, str]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(key, hashes.SHA256())
-        )
-        return cert, key, write_cert(cert, folder / f"{name}.pem")
-
-    def leaf(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, cn: str, file: str) -> CertPair:
-        import ipaddress
-
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        return CertPair(write_cert(cert, folder / f"{file}.crt"), write_key(key, folder / f"{file}.key"))
-
-    ca, ca_key, ca_path = make_ca("test-ca")
-    rogue_ca, rogue_key, rogue_path = make_ca("rogue-ca")
-    return Pki(
-        ca=ca_path,
-        scheduler=leaf(ca, ca_key, "scheduler", "scheduler"),
-        worker=leaf(ca, ca_key, "worker", "worker"),
-        intruder=leaf(ca, ca_key, "intruder", "intruder"),
-        rogue_ca=rogue_path,
-        rogue=leaf(rogue_ca, rogue_key, "scheduler", "rogue"),
-    )
-
-
-def tls_credentials(ca: str, pair: CertPair | None = None) -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials(
-        root_certificates=Path(ca).read_bytes(),
-        private_key=Path(pair.key).read_bytes() if pair else None,
-        certificate_chain=Path(pair.cert).read_bytes() if pair else None,
-    )
-
-
 # --- a whole fleet ---------------------------------------------------------------------------------
 
 
@@ -471,60 +351,3 @@ def start_fleet(
         fleet.stop()
         raise
     return fleet
-
-
-# --- clients ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Streamed:
-    """What a client saw of one request's stream."""
-
-    request_id: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)  # offset of each chunk (checks nothing was skipped)
-    text: str = ""
-    final: Any = None  # scheduler_pb2.GenerateFinal, once it came
-
-    def take(self, msg: Any) -> None:
-        """Fold one GenerateResponse/AttachResponse into the result, checking offsets are contiguous."""
-        self.request_id = msg.request_id or self.request_id
-        if msg.HasField("chunk"):
-            chunk = msg.chunk
-            assert chunk.offset == len(self.token_ids), (
-                f"{self.request_id}: chunk at offset {chunk.offset}, expected {len(self.token_ids)}"
-            )
-            self.offsets.append(chunk.offset)
-            self.token_ids.extend(chunk.token_ids)
-            self.text += chunk.text_delta
-        elif msg.HasField("final"):
-            self.final = msg.final
-
-
-def token_request(prompt: Sequence[int], max_tokens: int, request_id: str = "", **sampling: Any) -> Any:
-    from common.proto.layerkv.v1 import scheduler_pb2
-
-    return scheduler_pb2.GenerateRequest(
-        request_id=request_id,
-        token_ids=scheduler_pb2.TokenIds(ids=list(prompt)),
-        sampling=proto_sampling(max_tokens, **sampling),
-    )
-
-
-async def stream_generate(
-    stub: Any, request: Any, metadata: Sequence[tuple[str, str]] = (), timeout_s: float = 120.0
-) -> Streamed:
-    out = Streamed(request_id=request.request_id)
-    async for msg in stub.Generate(request, metadata=tuple(metadata), timeout=timeout_s):
-        out.take(msg)
-    return out
-
-
-async def stream_attach(stub: Any, request_id: str, into: Streamed, timeout_s: float = 120.0) -> Streamed:
-    """Re-attach from the tokens already in ``into`` and fold the rest of the stream into it."""
-    from common.proto.layerkv.v1 import scheduler_pb2
-
-    req = scheduler_pb2.AttachRequest(request_id=request_id, offset=len(into.token_ids))
-    async for msg in stub.Attach(req, timeout=timeout_s):
-        into.take(msg)
-    return into

@@ -7,6 +7,8 @@ order and the only one that breaks the fleet (killing a worker) comes last.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import random
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
@@ -27,18 +29,9 @@ from common.proto.layerkv.v1 import (
     worker_pb2_grpc,
 )
 from common.types import SamplingParams
-from tests.fleet import (
-    Fleet,
-    RedisProcess,
-    Streamed,
-    make_engine,
-    reference_outputs,
-    start_fleet,
-    stream_attach,
-    stream_generate,
-    token_request,
-    wait_workers_healthy,
-)
+from layerkv.remote_generate import RemoteOptions, generate_remote
+from tests.fleet import Fleet, RedisProcess, make_engine, reference_outputs, start_fleet, wait_workers_healthy
+from tests.streams import Streamed, stream_attach, stream_generate, token_request
 
 pytestmark = pytest.mark.slow
 
@@ -245,6 +238,28 @@ async def test_bad_input_gets_the_right_status_and_disturbs_nothing(fleet: Fleet
         got.token_ids
         == reference_outputs(engine, [[256, 3, 4]], SamplingParams(max_tokens=5, ignore_eos=True))[0]
     )
+
+
+async def test_remote_generate_prints_streams_in_input_order(fleet: Fleet, engine: Any) -> None:
+    prompts = ["first prompt", "a second, longer prompt"]
+    opts = RemoteOptions(max_tokens=7, ignore_eos=True)
+    text_out, json_out = io.StringIO(), io.StringIO()
+    results = await generate_remote(fleet.scheduler.address, prompts, opts, False, text_out)
+    await generate_remote(fleet.scheduler.address, prompts, opts, True, json_out)
+    want = reference_outputs(
+        engine, [engine.tokenizer.encode(p) for p in prompts], SamplingParams(max_tokens=7, ignore_eos=True)
+    )
+    assert [r.token_ids for r in results] == want
+    # The printed text is exactly the streamed text deltas, in input order. (The scheduler may hold
+    # back a trailing incomplete UTF-8 sequence, so the deltas are a prefix of the full decode.)
+    texts = [r.text for r in results]
+    assert all(engine.tokenizer.decode(w).startswith(t) for w, t in zip(want, texts, strict=True))
+    assert text_out.getvalue() == "".join(t + "\n" for t in texts)
+    records = [json.loads(line) for line in json_out.getvalue().splitlines()]
+    assert [(r["index"], r["token_ids"], r["text"], r["finish_reason"]) for r in records] == [
+        (0, want[0], texts[0], "length"),
+        (1, want[1], texts[1], "length"),
+    ]
 
 
 async def test_killing_a_worker_mid_stream_finishes_its_requests_elsewhere(fleet: Fleet, engine: Any) -> None:

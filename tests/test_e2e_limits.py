@@ -15,7 +15,8 @@ import grpc.aio
 import pytest
 
 from common.proto.layerkv.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
-from tests.fleet import RedisProcess, Streamed, start_fleet, token_request, wait_workers_healthy
+from tests.fleet import RedisProcess, start_fleet, wait_workers_healthy
+from tests.streams import Streamed, token_request
 
 pytestmark = pytest.mark.slow
 

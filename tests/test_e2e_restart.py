@@ -17,15 +17,8 @@ import pytest
 
 from common.proto.layerkv.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 from common.types import SamplingParams
-from tests.fleet import (
-    RedisProcess,
-    Streamed,
-    make_engine,
-    reference_outputs,
-    start_fleet,
-    stream_attach,
-    token_request,
-)
+from tests.fleet import RedisProcess, make_engine, reference_outputs, start_fleet
+from tests.streams import Streamed, stream_attach, token_request
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +26,11 @@ MAX_TOKENS = 300
 
 
 async def _until_done(address: str, request: scheduler_pb2.GenerateRequest, deadline: float) -> Streamed:
-    """Generate, and on a broken stream re-attach (retrying while the scheduler is away)."""
+    """What a careful client does: Generate; on a broken stream re-attach from its offset (retrying
+    while the scheduler is away); when the scheduler never stored the request (NOT_FOUND on Attach:
+    it died before the create), send the same Generate again (same id: it cannot run twice)."""
     seen = Streamed(request_id=request.request_id)
-    first = True
+    submit = True
     while seen.final is None:
         if time.monotonic() > deadline:
             raise AssertionError(
@@ -44,21 +39,23 @@ async def _until_done(address: str, request: scheduler_pb2.GenerateRequest, dead
         try:
             async with grpc.aio.insecure_channel(address) as ch:
                 stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
-                if first:
+                if submit:
                     async for msg in stub.Generate(request, timeout=120):
                         seen.take(msg)
                 else:
                     await stream_attach(stub, request.request_id, seen)
         except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND and not submit and not seen.token_ids:
+                submit = True
+                continue
             if err.code() not in (
                 grpc.StatusCode.UNAVAILABLE,
                 grpc.StatusCode.CANCELLED,
                 grpc.StatusCode.UNKNOWN,
-                grpc.StatusCode.INTERNAL,
             ):
                 raise
             await asyncio.sleep(0.2)
-        first = False
+            submit = False
     return seen
 
 

@@ -1,5 +1,7 @@
 """End to end with TLS and tokens: a scheduler and a worker with mutual TLS between them.
 
+The worker registers itself with the scheduler over TLS, with the admin token.
+
 The CA and certificates are made in the test (``cryptography``). A client without the admin
 token cannot call Admin; a plaintext or wrongly-certified peer cannot reach the worker; the
 scheduler itself (its certificate's name is the worker's ``--scheduler-identity``) can.
@@ -25,20 +27,18 @@ from common.security import bearer_metadata
 from common.types import SamplingParams
 from tests.fleet import (
     REPO_ROOT,
-    Pki,
     RedisProcess,
     ServiceProcess,
+    free_port,
     make_engine,
-    make_pki,
     proto_sampling,
     reference_outputs,
     scheduler_process,
-    stream_generate,
-    tls_credentials,
-    token_request,
     wait_workers_healthy,
     worker_process,
 )
+from tests.pki import Pki, make_pki, tls_credentials
+from tests.streams import stream_generate, token_request
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +58,8 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFleet]:
     tmp: Path = tmp_path_factory.mktemp("secure")
     pki = make_pki(tmp / "pki")
     redis = RedisProcess(tmp)
+    sched_port = free_port()
+    # The worker registers itself over TLS with the admin token (RegisterWorker is an Admin call).
     worker = worker_process(
         tmp,
         "worker-tls",
@@ -69,6 +71,9 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFleet]:
         pki.ca,
         "--scheduler-identity",
         "scheduler",
+        "--admin-token",
+        ADMIN_TOKEN,
+        scheduler=f"127.0.0.1:{sched_port}",
     )
     scheduler = scheduler_process(
         tmp,
@@ -83,7 +88,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFleet]:
         ADMIN_TOKEN,
         "--api-token",
         API_TOKEN,
-        workers=[worker.address],
+        port=sched_port,
     )
     worker.start()
     scheduler.start()

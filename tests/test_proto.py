@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_buf_lint_is_clean() -> None:
     buf = Path(sys.executable).parent / "buf"
-    result = subprocess.run([str(buf), "lint"], cwd=REPO / "proto", capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(buf), "lint"], cwd=REPO / "proto", capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, f"buf lint failed:\n{result.stdout}\n{result.stderr}"
 
 
@@ -41,7 +43,7 @@ def test_stale_check_detects_a_changed_descriptor(monkeypatch) -> None:
     original.message_type[0].field.pop()
 
     class Fake:
-        class DESCRIPTOR:  # noqa: N801 - mimics a module attribute
+        class DESCRIPTOR:
             serialized_pb = original.SerializeToString()
 
     real_import = gen_proto.importlib.import_module
@@ -88,10 +90,10 @@ def test_messages_round_trip() -> None:
 
 
 class _Worker(worker_pb2_grpc.WorkerServiceServicer):
-    async def Describe(self, request, context):  # noqa: N802
+    async def Describe(self, request, context):
         return worker_pb2.DescribeResponse(worker_id="w", geometry=types_pb2.KvGeometry(num_layers=4))
 
-    async def StreamEvents(self, request, context):  # noqa: N802
+    async def StreamEvents(self, request, context):
         for i in range(3):
             yield worker_pb2.StreamEventsResponse(admitted_request_ids=[f"r{i}"])
 

@@ -159,7 +159,9 @@ async def test_bad_input_is_invalid_argument_and_disturbs_nothing(fleet: Fleet) 
     bad_slo = generate_request([1], 2)
     bad_slo.slo.tpot_s = -1
     await expect_status(lambda: gen(bad_slo), grpc.StatusCode.INVALID_ARGUMENT)
-    await expect_status(lambda: gen(generate_request([1], 2, request_id="no spaces")), grpc.StatusCode.INVALID_ARGUMENT)
+    await expect_status(
+        lambda: gen(generate_request([1], 2, request_id="no spaces")), grpc.StatusCode.INVALID_ARGUMENT
+    )
     # nothing else was disturbed: a good request still runs
     tokens, _ = await collect(gen(generate_request([2, 2], 3)))
     assert tokens == expected_tokens([2, 2], 3)
@@ -167,9 +169,15 @@ async def test_bad_input_is_invalid_argument_and_disturbs_nothing(fleet: Fleet) 
 
 async def test_unknown_ids_and_policies_are_not_found(fleet: Fleet) -> None:
     c = fleet.client
-    await expect_status(lambda: c.GetRequest(scheduler_pb2.GetRequestRequest(request_id="nope")), grpc.StatusCode.NOT_FOUND)
-    await expect_status(lambda: c.Cancel(scheduler_pb2.CancelRequest(request_id="nope")), grpc.StatusCode.NOT_FOUND)
-    await expect_status(lambda: c.Attach(scheduler_pb2.AttachRequest(request_id="nope")), grpc.StatusCode.NOT_FOUND)
+    await expect_status(
+        lambda: c.GetRequest(scheduler_pb2.GetRequestRequest(request_id="nope")), grpc.StatusCode.NOT_FOUND
+    )
+    await expect_status(
+        lambda: c.Cancel(scheduler_pb2.CancelRequest(request_id="nope")), grpc.StatusCode.NOT_FOUND
+    )
+    await expect_status(
+        lambda: c.Attach(scheduler_pb2.AttachRequest(request_id="nope")), grpc.StatusCode.NOT_FOUND
+    )
     spec = admin_pb2.PolicySpec(name="no-such-policy")
     details = await expect_status(
         lambda: fleet.admin.SetPolicy(admin_pb2.SetPolicyRequest(policy=spec)), grpc.StatusCode.NOT_FOUND
@@ -178,12 +186,14 @@ async def test_unknown_ids_and_policies_are_not_found(fleet: Fleet) -> None:
     bad = admin_pb2.PolicySpec(name="least-loaded")
     bad.params.update({"no_such_param": 1})
     await expect_status(
-        lambda: fleet.admin.SetPolicy(admin_pb2.SetPolicyRequest(policy=bad)), grpc.StatusCode.INVALID_ARGUMENT
+        lambda: fleet.admin.SetPolicy(admin_pb2.SetPolicyRequest(policy=bad)),
+        grpc.StatusCode.INVALID_ARGUMENT,
     )
     current = await fleet.admin.GetPolicy(admin_pb2.GetPolicyRequest())
     assert current.policy.name == "fcfs-full"  # the failed swaps changed nothing
     await expect_status(
-        lambda: fleet.admin.DrainWorker(admin_pb2.DrainWorkerRequest(worker_id="ghost")), grpc.StatusCode.NOT_FOUND
+        lambda: fleet.admin.DrainWorker(admin_pb2.DrainWorkerRequest(worker_id="ghost")),
+        grpc.StatusCode.NOT_FOUND,
     )
 
 
@@ -195,8 +205,10 @@ async def test_queue_limit_is_resource_exhausted(redis_url: str) -> None:
         first = asyncio.ensure_future(collect(fleet.client.Generate(generate_request([1] * 4, 12))))
         while not worker.running_ids:
             await asyncio.sleep(0.005)
-        waiting = [asyncio.ensure_future(collect(fleet.client.Generate(generate_request([2] * 4, 12))))
-                   for _ in range(2)]
+        waiting = [
+            asyncio.ensure_future(collect(fleet.client.Generate(generate_request([2] * 4, 12))))
+            for _ in range(2)
+        ]
         while len(fleet.server.core.queue) < 2:
             await asyncio.sleep(0.005)
         assert worker.running_ids == [worker.dispatched[0]]  # the others wait: no room
@@ -219,7 +231,9 @@ async def test_no_healthy_worker_is_unavailable(redis_url: str) -> None:
             if not any(h.healthy for h in fleet.server.core.pool.handles()):
                 break
             await asyncio.sleep(0.01)
-        await expect_status(lambda: fleet.client.Generate(generate_request([1], 2)), grpc.StatusCode.UNAVAILABLE)
+        await expect_status(
+            lambda: fleet.client.Generate(generate_request([1], 2)), grpc.StatusCode.UNAVAILABLE
+        )
     finally:
         await fleet.close()
 

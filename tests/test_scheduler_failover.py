@@ -42,7 +42,9 @@ async def test_worker_dying_mid_stream_requests_finish_on_the_other(redis_url: s
     fleet = await start_fleet(redis_url, [victim, survivor], policy="least-loaded")
     try:
         prompts = {f"r{i}": [i + 1] * (4 + i % 5) for i in range(16)}
-        tasks = {rid: asyncio.ensure_future(resilient_generate(fleet, p, 30, rid)) for rid, p in prompts.items()}
+        tasks = {
+            rid: asyncio.ensure_future(resilient_generate(fleet, p, 30, rid)) for rid, p in prompts.items()
+        }
         while len(victim.running_ids) < 3:
             await asyncio.sleep(0.002)
         moved = {rid.split("@")[0] for rid in victim.running_ids}
@@ -66,7 +68,9 @@ async def test_scheduler_restart_mid_load_completes_every_request(redis_url: str
     fleet = await start_fleet(redis_url, workers)
     try:
         prompts = {f"q{i}": [i + 3] * 6 for i in range(12)}
-        tasks = {rid: asyncio.ensure_future(resilient_generate(fleet, p, 40, rid)) for rid, p in prompts.items()}
+        tasks = {
+            rid: asyncio.ensure_future(resilient_generate(fleet, p, 40, rid)) for rid, p in prompts.items()
+        }
         while sum(len(w.running_ids) for w in workers) < 6 or len(fleet.server.core.queue) == 0:
             await asyncio.sleep(0.002)
         await fleet.restart_scheduler()
@@ -87,12 +91,18 @@ async def test_set_policy_under_load_loses_nothing_and_touches_no_worker(redis_u
     try:
         ports = [w.port for w in workers]
         prompts = {f"s{i}": [i + 1] * 5 for i in range(40)}
-        tasks = {rid: asyncio.ensure_future(collect(fleet.client.Generate(generate_request(p, 20, request_id=rid))))
-                 for rid, p in prompts.items()}
+        tasks = {
+            rid: asyncio.ensure_future(
+                collect(fleet.client.Generate(generate_request(p, 20, request_id=rid)))
+            )
+            for rid, p in prompts.items()
+        }
         await asyncio.sleep(0.02)
         names = ["least-loaded", "layerkv", "fcfs-full", "least-loaded"]
         for name in names:
-            resp = await fleet.admin.SetPolicy(admin_pb2.SetPolicyRequest(policy=admin_pb2.PolicySpec(name=name)))
+            resp = await fleet.admin.SetPolicy(
+                admin_pb2.SetPolicyRequest(policy=admin_pb2.PolicySpec(name=name))
+            )
             assert resp.current.name == name
             await asyncio.sleep(0.01)
         for rid, prompt in prompts.items():

@@ -18,7 +18,8 @@ from common.config import WorkerSettings
 from common.proto.layerkv.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from common.tokenizer import tokenizer_from_wire
 from common.types import SamplingParams
-from tests.fleet import make_engine, make_pki, proto_sampling, reference_outputs, tls_credentials
+from tests.fleet import make_engine, proto_sampling, reference_outputs
+from tests.pki import make_pki, tls_credentials
 from worker_svc.server import WorkerServer, create_server
 
 TIMEOUT_S = 60.0
@@ -219,17 +220,18 @@ async def test_bad_input_gets_invalid_argument_and_disturbs_nothing(worker: Work
         code, details = await status(req)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (req, code, details)
         assert details, "a status carries a message"
-    # Nothing was taken, and the worker still serves.
+    # Nothing was taken, and the worker still serves (a long request: it is still there below).
     reply = await worker.stub.Dispatch(
         worker_pb2.DispatchRequest(
-            request_id="a", prompt_token_ids=ok, sampling=proto_sampling(4), placement="GGGG"
+            request_id="a", prompt_token_ids=ok, sampling=proto_sampling(1000), placement="GGGG"
         )
     )
-    assert reply.gpu_blocks == 4
+    assert reply.gpu_blocks == 4 * 63
     code, _ = await status(
         worker_pb2.DispatchRequest(request_id="a", prompt_token_ids=ok, sampling=proto_sampling(4))
     )
-    assert code in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert code == grpc.StatusCode.ALREADY_EXISTS  # an id the engine still holds
+    assert (await worker.stub.Abort(worker_pb2.AbortRequest(request_id="a"))).aborted
     assert not (await worker.stub.Abort(worker_pb2.AbortRequest(request_id="never-seen"))).aborted
 
 
@@ -238,7 +240,7 @@ async def test_several_subscribers_see_the_same_tokens(worker: Worker) -> None:
     b = worker.stub.StreamEvents(worker_pb2.StreamEventsRequest())
     await anext(a.__aiter__())
     await anext(b.__aiter__())
-    await asyncio.sleep(0.1)  # both subscriptions are registered on the server
+    # Both got their first (state) event: both are subscribed on the server.
     await worker.stub.Dispatch(
         worker_pb2.DispatchRequest(
             request_id="x", prompt_token_ids=[256, 5, 6], sampling=proto_sampling(8), placement="GGGG"
@@ -320,3 +322,39 @@ async def test_mutual_tls_admits_only_the_scheduler(tmp_path: Path) -> None:
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await w.server.stop(0)
+
+
+async def test_an_engine_failure_makes_the_worker_unhealthy_and_unavailable(worker: Worker) -> None:
+    def broken_step() -> None:
+        raise RuntimeError("simulated device fault")
+
+    events = worker.stub.StreamEvents(worker_pb2.StreamEventsRequest())
+    await anext(events.__aiter__())
+
+    worker.engine.step = broken_step  # fault injection: the next step raises
+    await worker.stub.Dispatch(
+        worker_pb2.DispatchRequest(
+            request_id="doomed", prompt_token_ids=[256, 1], sampling=proto_sampling(4), placement="GGGG"
+        )
+    )
+    health = health_pb2_grpc.HealthStub(worker.channel)
+    for _ in range(200):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service="layerkv.v1.WorkerService"))
+        if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        await asyncio.sleep(0.02)
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await worker.stub.Dispatch(
+            worker_pb2.DispatchRequest(
+                request_id="next", prompt_token_ids=[256, 1], sampling=proto_sampling(4)
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "simulated device fault" in (err.value.details() or "")
+    # The event stream ended (the scheduler's cue to requeue), and a new one is refused.
+    assert [ev async for ev in events if ev.tokens] == []
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in worker.stub.StreamEvents(worker_pb2.StreamEventsRequest()):
+            pass
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from common.errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -76,9 +78,9 @@ class EngineThread:
     async def call(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(engine)`` on the engine thread between two steps and return its result."""
         if self.failed is not None:
-            raise RuntimeError(f"the engine thread stopped after an error: {self.failed}")
+            raise Unavailable(f"the engine failed and stopped: {type(self.failed).__name__}: {self.failed}")
         if self._stopping.is_set():
-            raise RuntimeError("the engine thread is stopping")
+            raise Unavailable("the worker is stopping")
         future: asyncio.Future[T] = self._loop.create_future()
         self._commands.put(_Command(fn, future))
         return await future
@@ -141,7 +143,7 @@ class EngineThread:
 
     def _drain_commands(self) -> None:
         """Fail the commands nobody will run any more, so no RPC waits forever."""
-        error = RuntimeError("the engine thread stopped")
+        error = Unavailable("the engine stopped before running this command")
         while True:
             try:
                 cmd = self._commands.get_nowait()

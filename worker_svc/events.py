@@ -16,8 +16,9 @@ from common.proto.layerkv.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
 
-# Events kept while nobody subscribes; at one event per step this covers minutes of decoding.
-BACKLOG_LIMIT = 100_000
+# Events kept while nobody subscribes; at one event per step this covers minutes of decoding
+# (each event carries the running list, so the bound also caps the memory it can take).
+BACKLOG_LIMIT = 20_000
 
 
 class EventHub:

@@ -106,6 +106,7 @@ async def create_server(settings: WorkerSettings, engine: Any = None) -> tuple[W
 
     def on_error(exc: BaseException) -> None:
         log.error("engine failed, worker %s is no longer serving: %s", worker_id, exc)
+        servicer.stop_streams()  # the scheduler sees the worker down and requeues its requests
         for name in ("", SERVICE_NAME):
             background.add(asyncio.ensure_future(
                 health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

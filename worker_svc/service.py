@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc.aio
 
-from common.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from common.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from common.grpc_errors import grpc_errors
 from common.proto.layerkv.v1 import worker_pb2, worker_pb2_grpc
 from common.security import peer_common_name
@@ -202,6 +202,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.StreamEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.StreamEventsResponse]:
         self._check_scheduler(context)
+        if self._thread.failed is not None:  # a scheduler must see this worker as down, not idle
+            raise Unavailable(f"worker {self._identity.worker_id!r} failed: {self._thread.failed}")
         q = self._hub.subscribe()
         try:
             while not self._stopping.is_set():

@@ -41,18 +41,15 @@ class Fleet:
             await asyncio.sleep(0.01)
 
     async def restart_scheduler(self) -> None:
-        """Stop the scheduler and start a new one on the same port and Redis (a restart)."""
-        await self.channel.close()
+        """Stop the scheduler and start a new one on the same port and Redis (a restart).
+
+        The client channel stays open, as a real client's would: its calls fail with UNAVAILABLE
+        and new calls reach the new scheduler.
+        """
         await self.server.stop(0)
         settings = self.settings.model_copy(update={"port": self.port})
         self.server, self.port = await create_server(settings)
-        self._connect()
         await self.wait_workers_up(sum(1 for w in self.workers if w.port and w._server is not None))
-
-    def _connect(self) -> None:
-        self.channel = grpc.aio.insecure_channel(self.address)
-        self.client = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
-        self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -288,3 +288,42 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
             ),
             admitted_request_ids=self._admitted,
         )
+
+
+async def _serve(ports: list[int], step_s: float, gpu_blocks: int, host_blocks: int) -> None:
+    import signal
+
+    workers = [
+        StubWorker(f"stub-{i}", gpu_blocks=gpu_blocks, host_blocks=host_blocks, step_s=step_s)
+        for i in range(len(ports))
+    ]
+    for worker, port in zip(workers, ports, strict=True):
+        await worker.start(port)
+    print(" ".join(w.address for w in workers), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for worker in workers:
+        await worker.stop()
+
+
+def main() -> None:
+    """``python -m scheduler_svc.testing.stub_worker --ports 50061,50062``: stub workers in one process."""
+    import argparse
+
+    import uvloop
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--ports", required=True, help="comma-separated ports, one stub worker each")
+    parser.add_argument("--step-s", type=float, default=0.002, help="pause between steps")
+    parser.add_argument("--gpu-blocks", type=int, default=1 << 20)
+    parser.add_argument("--host-blocks", type=int, default=1 << 20)
+    args = parser.parse_args()
+    ports = [int(p) for p in args.ports.split(",")]
+    uvloop.run(_serve(ports, args.step_s, args.gpu_blocks, args.host_blocks))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The scheduler's own overhead, measured in one run with stub workers (no model, no torch).
+
+Processes: a redis-server, one process with the stub workers, the real ``layerkv scheduler``
+command, and this client. Two measurements, side by side:
+
+* **added latency per request**: the same request (``--prompt-tokens``, ``--max-tokens``) sent one at
+  a time (a) straight to a stub worker (Dispatch + its StreamEvents) and (b) through the scheduler
+  (``Generate``); the difference of the medians is what the scheduler adds (admission, Redis
+  writes, the scheduling round, the extra gRPC hop and re-streaming).
+* **dispatches per second**: a burst of ``--burst`` one-token requests, ``--concurrency`` in flight;
+  the rate at which the scheduler dispatched them (first arrival to last dispatch, from the
+  requests' own timestamps) and the completed requests per second.
+
+Usage: ``python benchmarks/scheduler_overhead.py [--workers 2 --burst 2000 --json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc.aio
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from common.proto.layerkv.v1 import (  # noqa: E402
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    types_pb2,
+    worker_pb2,
+    worker_pb2_grpc,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout_s} s")
+
+
+def request(prompt_tokens: int, max_tokens: int, request_id: str = "") -> scheduler_pb2.GenerateRequest:
+    return scheduler_pb2.GenerateRequest(
+        request_id=request_id,
+        token_ids=scheduler_pb2.TokenIds(ids=[7] * prompt_tokens),
+        sampling=types_pb2.SamplingParams(max_tokens=max_tokens),
+    )
+
+
+async def direct_latencies(address: str, n: int, prompt_tokens: int, max_tokens: int) -> list[float]:
+    """Dispatch straight to a worker and wait for its finished update, one request at a time."""
+    out = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        events = stub.StreamEvents(worker_pb2.StreamEventsRequest())
+        iterator = events.__aiter__()
+        await iterator.__anext__()  # the initial state: the subscription is live
+        for i in range(n):
+            rid = f"direct-{i}"
+            start = time.perf_counter()
+            await stub.Dispatch(
+                worker_pb2.DispatchRequest(
+                    request_id=rid,
+                    prompt_token_ids=[7] * prompt_tokens,
+                    sampling=types_pb2.SamplingParams(max_tokens=max_tokens),
+                    placement="GGGG",
+                )
+            )
+            done = False
+            while not done:
+                event = await iterator.__anext__()
+                done = any(u.request_id == rid and u.finished for u in event.tokens)
+            out.append(time.perf_counter() - start)
+        events.cancel()
+    return out
+
+
+async def scheduler_latencies(
+    client: scheduler_pb2_grpc.SchedulerServiceStub, n: int, prompt_tokens: int, max_tokens: int
+) -> list[float]:
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        async for response in client.Generate(request(prompt_tokens, max_tokens)):
+            if response.HasField("final"):
+                assert response.final.output_tokens == max_tokens, response.final
+        out.append(time.perf_counter() - start)
+    return out
+
+
+async def burst(
+    client: scheduler_pb2_grpc.SchedulerServiceStub, n: int, concurrency: int
+) -> dict[str, float]:
+    semaphore = asyncio.Semaphore(concurrency)
+    ids = [f"burst-{i}" for i in range(n)]
+
+    async def one(rid: str) -> None:
+        async with semaphore:
+            async for _ in client.Generate(request(8, 1, rid)):
+                pass
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(rid) for rid in ids))
+    elapsed = time.perf_counter() - start
+    infos = [
+        (await client.GetRequest(scheduler_pb2.GetRequestRequest(request_id=rid))).request for rid in ids
+    ]
+    first_arrival = min(i.arrival_time for i in infos)
+    last_dispatch = max(i.dispatch_time for i in infos)
+    return {
+        "requests": n,
+        "concurrency": concurrency,
+        "wall_s": elapsed,
+        "dispatches_per_s": n / (last_dispatch - first_arrival),
+        "completed_per_s": n / elapsed,
+        "mean_queue_ms": 1000 * statistics.fmean(i.dispatch_time - i.arrival_time for i in infos),
+    }
+
+
+def ms(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "p50_ms": 1000 * statistics.median(ordered),
+        "p90_ms": 1000 * ordered[int(0.9 * (len(ordered) - 1))],
+        "mean_ms": 1000 * statistics.fmean(ordered),
+    }
+
+
+async def measure(args: argparse.Namespace, scheduler: str, workers: list[str]) -> dict[str, object]:
+    async with grpc.aio.insecure_channel(scheduler) as channel:
+        client = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        for _ in range(200):  # wait until the scheduler sees a worker
+            try:
+                await scheduler_latencies(client, 1, 4, 1)
+                break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.1)
+        await scheduler_latencies(client, 20, args.prompt_tokens, args.max_tokens)  # warm-up
+        await direct_latencies(workers[0], 20, args.prompt_tokens, args.max_tokens)
+        # Interleave the two measurements in blocks so drift affects both alike.
+        direct: list[float] = []
+        via: list[float] = []
+        for _ in range(5):
+            direct += await direct_latencies(
+                workers[0], args.requests // 5, args.prompt_tokens, args.max_tokens
+            )
+            via += await scheduler_latencies(client, args.requests // 5, args.prompt_tokens, args.max_tokens)
+        throughput = await burst(client, args.burst, args.concurrency)
+    d, v = ms(direct), ms(via)
+    return {
+        "direct_worker": d,
+        "through_scheduler": v,
+        "added_latency_p50_ms": v["p50_ms"] - d["p50_ms"],
+        "added_latency_mean_ms": v["mean_ms"] - d["mean_ms"],
+        "burst": throughput,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--step-s", type=float, default=0.001, help="stub worker step time")
+    parser.add_argument("--requests", type=int, default=200, help="sequential requests per latency side")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--burst", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    args = parser.parse_args()
+
+    redis_bin = shutil.which("redis-server")
+    if redis_bin is None:
+        raise SystemExit("needs redis-server on PATH")
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            redis_port = free_port()
+            procs.append(subprocess.Popen(
+                [redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL,
+            ))  # fmt: skip
+            wait_port(redis_port)
+            worker_ports = [free_port() for _ in range(args.workers)]
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "scheduler_svc.testing.stub_worker", "--ports",
+                 ",".join(map(str, worker_ports)), "--step-s", str(args.step_s)], cwd=REPO,
+                stdout=subprocess.DEVNULL,
+            ))  # fmt: skip
+            for port in worker_ports:
+                wait_port(port)
+            workers = [f"127.0.0.1:{p}" for p in worker_ports]
+            sched_port = free_port()
+            env = {**os.environ, "LAYERKV_LOG_LEVEL": "WARNING"}
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "layerkv", "scheduler", "--host", "127.0.0.1",
+                 "--port", str(sched_port), "--metrics-port", "0", "--redis-url", f"redis://127.0.0.1:{redis_port}/0",
+                 "--workers", ",".join(workers), "--policy", "fcfs-full", "--queue-limit", "100000"],
+                cwd=REPO, env=env, stderr=subprocess.DEVNULL,
+            ))  # fmt: skip
+            wait_port(sched_port)
+            import uvloop
+
+            results = uvloop.run(measure(args, f"127.0.0.1:{sched_port}", workers))
+        finally:
+            for proc in reversed(procs):
+                proc.terminate()
+                proc.wait(timeout=10)
+    report = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "command": " ".join(["python", "benchmarks/scheduler_overhead.py", *sys.argv[1:]]),
+        "settings": vars(args) | {"json": str(args.json) if args.json else None},
+        **results,
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

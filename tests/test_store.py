@@ -1,0 +1,126 @@
+"""The Redis store against a real redis-server: key schema, batched writes, retention TTL,
+recovery listing, workers and policy, namespace isolation."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from common.errors import Unavailable
+from common.store import RequestRecord, Store, StoreBatch, WorkerEntry, batch_tokens
+
+
+def record(request_id: str, status: str = "waiting") -> RequestRecord:
+    return RequestRecord(
+        request_id=request_id,
+        status=status,
+        prompt_ids=[1, 2, 3],
+        sampling={
+            "max_tokens": 8,
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "seed": None,
+            "stop_token_ids": [],
+            "ignore_eos": False,
+        },
+        tpot_slo_s=0.05,
+        arrival_time=100.0,
+    )
+
+
+@pytest.fixture
+async def store(redis_url: str):
+    store = Store(redis_url, prefix="t1", retention_s=60)
+    yield store
+    await store.close()
+
+
+async def test_create_is_idempotent_and_round_trips(store: Store) -> None:
+    assert await store.create_request(record("a"), 1.0)
+    assert not await store.create_request(record("a", status="running"), 2.0)  # the first one stays
+    got = await store.get_request("a")
+    assert got == record("a")
+    assert await store.get_request("missing") is None
+
+
+async def test_batch_commits_tokens_updates_and_queue_in_one_go(store: Store, redis_url: str) -> None:
+    await store.create_request(record("a"), 1.0)
+    await store.create_request(record("b"), 2.0)
+    r = record("a")
+    r.status, r.worker_id, r.placement = "running", "w0", "GHGH"
+    batch = StoreBatch()
+    batch.update(r, "status", "worker_id", "placement")
+    batch.dequeued.add("a")
+    batch.running.add("a")
+    batch_tokens(batch, "a", [5, 6])
+    batch_tokens(batch, "a", [7])
+    await store.commit(batch)
+    got = await store.get_request("a")
+    assert got is not None and (got.status, got.worker_id, got.placement) == ("running", "w0", "GHGH")
+    assert await store.get_tokens("a") == [5, 6, 7]
+    assert await store.get_tokens("a", offset=2) == [7]
+    active = await store.active_requests()
+    assert [x.request_id for x in active] == ["b", "a"]  # waiting in queue order, then running
+    raw = aioredis.from_url(redis_url, decode_responses=True)
+    try:
+        assert await raw.ttl(store.k_request("a")) == -1  # no TTL while unfinished
+    finally:
+        await raw.aclose()
+
+
+async def test_finished_requests_expire_after_retention(store: Store, redis_url: str) -> None:
+    await store.create_request(record("a"), 1.0)
+    r = record("a", status="finished")
+    batch = StoreBatch()
+    batch.update(r, "status")
+    batch_tokens(batch, "a", [1])
+    batch.finished.add("a")
+    await store.commit(batch)
+    raw = aioredis.from_url(redis_url, decode_responses=True)
+    try:
+        assert 0 < await raw.ttl(store.k_request("a")) <= 60
+        assert 0 < await raw.ttl(store.k_tokens("a")) <= 60
+        assert await raw.zcard(store.k_waiting) == 0
+    finally:
+        await raw.aclose()
+    assert await store.active_requests() == []
+
+
+async def test_prefix_isolates_two_deployments(store: Store, redis_url: str) -> None:
+    other = Store(redis_url, prefix="t2")
+    try:
+        await store.create_request(record("a"), 1.0)
+        assert await other.get_request("a") is None
+        assert await other.create_request(record("a"), 1.0)  # same id, other namespace
+        raw = aioredis.from_url(redis_url, decode_responses=True)
+        keys = sorted(await raw.keys("*"))
+        await raw.aclose()
+        assert all(k.startswith(("t1:", "t2:")) for k in keys), keys
+    finally:
+        await other.close()
+
+
+async def test_workers_and_policy(store: Store) -> None:
+    assert await store.get_policy() is None
+    await store.set_policy("least-loaded", {"skip_blocked": True})
+    stored = await store.get_policy()
+    assert stored is not None and (stored.name, stored.params) == ("least-loaded", {"skip_blocked": True})
+    await store.put_worker(WorkerEntry("w1", "10.0.0.2:50061", registered=True))
+    await store.put_worker(WorkerEntry("w0", "10.0.0.1:50061"))
+    assert [w.worker_id for w in await store.workers()] == ["w0", "w1"]
+    await store.remove_worker("10.0.0.1:50061")
+    assert await store.workers() == [WorkerEntry("w1", "10.0.0.2:50061", registered=True)]
+
+
+async def test_unreachable_redis_is_unavailable() -> None:
+    from tests.conftest import free_port
+
+    store = Store(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        with pytest.raises(Unavailable, match="Redis"):
+            await store.ping()
+        with pytest.raises(Unavailable):
+            await store.get_request("x")
+    finally:
+        await store.close()
