@@ -131,6 +131,13 @@ class IncrementalDetokenizer:
         self._emitted = text
         return delta
 
+    def flush(self) -> str:
+        """The text still held back (an incomplete or invalid UTF-8 tail); call when the output ends."""
+        text = self._tokenizer.decode(self._ids)
+        delta = text[len(self._emitted):] if text.startswith(self._emitted) else ""
+        self._emitted = text
+        return delta
+
     @property
     def text(self) -> str:
         return self._emitted

@@ -30,13 +30,15 @@ from scheduler_svc.cost_fit import CostFitter
 
 log = logging.getLogger(__name__)
 
-# Keepalive pings find a worker whose host vanished without closing the TCP connection.
 CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),  # tokenizer.json of large models
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 )
+# A worker sends its state at least every few seconds even when idle (a heartbeat); a stream
+# silent for longer is a worker whose host vanished without closing the TCP connection. (HTTP/2
+# keepalive pings would need every worker server to allow them: "too many pings" otherwise.)
+EVENT_SILENCE_LIMIT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,9 @@ class WorkerPool:
         listener: WorkerListener,
         security: ChannelSecurity,
         retry_s: float = 1.0,
+        silence_limit_s: float = EVENT_SILENCE_LIMIT_S,
     ) -> None:
+        self._silence_limit_s = silence_limit_s
         self._listener = listener
         self._security = security
         self._retry_s = retry_s
@@ -251,8 +255,18 @@ class WorkerPool:
         if handle.fitter is None or handle.fitter.profile != description.cost_model:
             handle.fitter = CostFitter(description.cost_model)
         stream = stub.StreamEvents(worker_pb2.StreamEventsRequest())
+        events = stream.__aiter__()
         first = True
-        async for event in stream:
+        while True:
+            try:
+                event = await asyncio.wait_for(events.__anext__(), self._silence_limit_s)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError as exc:
+                stream.cancel()
+                raise Unavailable(
+                    f"worker at {handle.address} sent no event for {self._silence_limit_s:.0f} s"
+                ) from exc
             if first:  # the subscription is live: dispatches from now on cannot lose an event
                 first = False
                 handle.healthy = True

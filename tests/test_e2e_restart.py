@@ -25,6 +25,12 @@ pytestmark = pytest.mark.slow
 MAX_TOKENS = 300
 
 
+def _first_diff(got: list[int], want: list[int]) -> int:
+    return next(
+        (j for j, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want))
+    )
+
+
 async def _until_done(address: str, request: scheduler_pb2.GenerateRequest, deadline: float) -> Streamed:
     """What a careful client does: Generate; on a broken stream re-attach from its offset (retrying
     while the scheduler is away); when the scheduler never stored the request (NOT_FOUND on Attach:
@@ -91,11 +97,17 @@ async def test_restarting_the_scheduler_mid_load_completes_every_request(tmp_pat
         fleet.scheduler.start()
         assert fleet.scheduler.pid != old_pid
         await asyncio.to_thread(fleet.scheduler.wait_serving, 120)
-        results = await asyncio.gather(*tasks)
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException as exc:  # keep the scheduler's side of the story in the report
+            raise AssertionError(f"{exc!r}\nscheduler log:\n{fleet.scheduler.log_tail(60)}") from exc
         want = reference_outputs(
             make_engine(), prompts, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
         )
-        assert [r.token_ids for r in results] == want
+        for i, (r, w) in enumerate(zip(results, want, strict=True)):
+            assert r.token_ids == w, (
+                f"rs-{i}: {len(r.token_ids)} tokens, first wrong at {_first_diff(r.token_ids, w)}"
+            )
         assert all(r.final.finish_reason == types_pb2.FINISH_REASON_LENGTH for r in results)
     finally:
         fleet.stop()

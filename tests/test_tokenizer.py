@@ -32,6 +32,15 @@ def test_incremental_detokenizer_never_splits_a_character() -> None:
     assert detok.text == "a✓b"
 
 
+def test_flush_returns_the_held_back_tail_when_the_output_ends() -> None:
+    tok = ByteTokenizer()
+    detok = IncrementalDetokenizer(tok)
+    ids = [*b"ok", 0xE2, 0x9C]  # "ok" and two of the three bytes of ✓
+    text = detok.push(ids) + detok.flush()
+    assert text == tok.decode(ids) == "ok\ufffd"
+    assert detok.flush() == ""
+
+
 @pytest.mark.parametrize("tok", [ByteTokenizer(300, 301), _word_level_tokenizer()])
 def test_tokenizer_survives_the_wire(tok) -> None:
     kind, payload = tok.to_wire()

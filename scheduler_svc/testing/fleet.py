@@ -15,6 +15,8 @@ from common.security import bearer_metadata
 from scheduler_svc.server import SchedulerServer, create_server
 from scheduler_svc.testing.stub_worker import StubWorker
 
+CLIENT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500))
+
 
 @dataclass
 class Fleet:
@@ -52,7 +54,7 @@ class Fleet:
         await self.wait_workers_up(sum(1 for w in self.workers if w.port and w._server is not None))
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.channel.close(None)
         await self.server.stop(0)
         for worker in self.workers:
             await worker.stop()
@@ -73,7 +75,8 @@ async def start_fleet(redis_url: str, workers: list[StubWorker], **settings: Any
     values.update(settings)
     config = SchedulerSettings.build(**values)
     server, port = await create_server(config)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    # Quick reconnects: a test restarts the scheduler and expects clients back within a second.
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CLIENT_OPTIONS)
     fleet = Fleet(
         config,
         workers,

@@ -25,6 +25,7 @@ from common.security import TLSFiles, add_port
 from common.tokenizer import ByteTokenizer
 from common.types import KVGeometry, Placement, Tier
 
+HEARTBEAT_S = 1.0  # an idle stub sends its state this often
 STUB_GEOMETRY = KVGeometry(num_layers=4, num_kv_heads=1, head_dim=8, block_size=4, dtype_bytes=4)
 
 
@@ -229,10 +230,17 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
                 self._used_host[layer] -= running.host_per_layer
 
     async def _step_loop(self) -> None:
+        idle_steps = 0
         while True:
             await asyncio.sleep(self.step_s)
             if not (self._running or self._admitted or self._finished):
+                idle_steps += 1
+                if idle_steps * self.step_s >= HEARTBEAT_S:  # state-only heartbeat, as the real worker
+                    idle_steps = 0
+                    for queue in self._subscribers:
+                        queue.put_nowait(self._event([]))
                 continue
+            idle_steps = 0
             self._step += 1
             updates = list(self._finished)
             self._finished.clear()
