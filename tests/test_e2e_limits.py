@@ -12,13 +12,10 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
-import pytest
 
 from common.proto.layerkv.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 from tests.fleet import RedisProcess, start_fleet, wait_workers_healthy
 from tests.streams import Streamed, token_request
-
-pytestmark = pytest.mark.slow
 
 LONG = 1000  # output tokens: 8 + 1000 tokens = 63 blocks per layer
 

@@ -40,8 +40,6 @@ from tests.fleet import (
 from tests.pki import Pki, make_pki, tls_credentials
 from tests.streams import stream_generate, token_request
 
-pytestmark = pytest.mark.slow
-
 ADMIN_TOKEN = "admin-secret"
 API_TOKEN = "api-secret"
 

@@ -14,11 +14,7 @@ import sys
 import time
 import urllib.request
 
-import pytest
-
 from tests.fleet import REPO_ROOT
-
-pytestmark = pytest.mark.slow
 
 
 def _env() -> dict[str, str]:
