@@ -292,7 +292,8 @@ def test_queue_order_fcfs_and_ttft_deadline() -> None:
 
 
 def test_blocked_head_stops_the_round_unless_skipping() -> None:
-    worker = make_worker(gpu_free=0, host_free=40)  # 40 host blocks: 152 + 8 tokens need 80
+    # 40 host blocks free of 1000: 152 + 8 tokens need 80, so "long" must wait for them.
+    worker = replace(make_worker(gpu_free=0, host_free=40), host_blocks_total=1000)
     waiting = (make_waiting("long", 152, arrival=1.0), make_waiting("short", 16, arrival=2.0))
     assert policy().schedule(fleet(worker, waiting=waiting)) == []
     got = policy(skip_blocked=True).schedule(fleet(worker, waiting=waiting))
@@ -356,3 +357,16 @@ def test_staging_demand_accumulates_within_a_round() -> None:
     # q0 all host (pairs 20); q1 must keep every other layer on the GPU (pairs 30); q2 finds no
     # GPU blocks left for the layers staging cannot take.
     assert [(d.request_id, d.placement.letters) for d in got] == [("q0", "HHHHHHHH"), ("q1", "HGHGHGHG")]
+
+
+def test_a_request_no_empty_worker_could_hold_does_not_block_the_queue() -> None:
+    # 80 host blocks in total: 152 + 8 tokens (80 blocks) fit an empty worker, 312 + 8 never do.
+    worker = replace(make_worker(gpu_free=0, host_free=80), host_blocks_total=80, gpu_blocks_total=0)
+    waiting = (make_waiting("huge", 312, arrival=1.0), make_waiting("ok", 152, arrival=2.0))
+    assert [d.request_id for d in policy().schedule(fleet(worker, waiting=waiting))] == ["ok"]
+    # One that fits an empty worker but not now still blocks (strict order).
+    busy = replace(worker, host_blocks_free=40)
+    assert (
+        policy().schedule(fleet(busy, waiting=(make_waiting("ok", 152), make_waiting("s", 16, arrival=3.0))))
+        == []
+    )

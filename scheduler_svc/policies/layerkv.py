@@ -133,12 +133,24 @@ class LayerKVPolicy(Policy):
                 if cand is not None and (best is None or _better(cand, best, rounds)):
                     best = cand
             if best is None:
-                if self.p.skip_blocked:
-                    continue
+                if self.p.skip_blocked or not self._ever_fits(req, fleet):
+                    continue  # a request no empty worker could hold must not block the queue forever
                 break  # strict order: nobody overtakes the head of the queue
             self._take(req, best, rounds[best.worker.worker_id])
             dispatches.append(Dispatch(req.request_id, best.worker.worker_id, best.placement))
         return dispatches
+
+    def _ever_fits(self, req: WaitingRequest, fleet: FleetSnapshot) -> bool:
+        """Whether some accepting worker could take ``req`` once it is empty."""
+        return any(
+            req.num_prompt_tokens + req.max_tokens <= w.max_model_len
+            and self.placement_for(
+                req.num_prompt_tokens, req.max_tokens, w, w.gpu_blocks_total, w.host_blocks_total
+            )
+            is not None
+            for w in fleet.workers
+            if w.accepting
+        )
 
     def _ordered(self, waiting: Sequence[WaitingRequest]) -> list[WaitingRequest]:
         if self.p.queue_order == "fcfs":
