@@ -14,6 +14,14 @@ from scheduler_svc.testing.fleet import Fleet, collect, generate_request, start_
 from scheduler_svc.testing.stub_worker import StubWorker, expected_tokens
 
 
+async def until(condition, describe, timeout_s: float = 10.0) -> None:
+    """Wait for ``condition()``; fail with ``describe()`` instead of hanging."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting: {describe()}"
+        await asyncio.sleep(0.002)
+
+
 async def resilient_generate(fleet: Fleet, prompt: list[int], max_tokens: int, request_id: str) -> list[int]:
     """Generate, and on a broken stream re-attach from the last offset (what a careful client does)."""
     tokens: list[int] = []
@@ -45,8 +53,7 @@ async def test_worker_dying_mid_stream_requests_finish_on_the_other(redis_url: s
         tasks = {
             rid: asyncio.ensure_future(resilient_generate(fleet, p, 30, rid)) for rid, p in prompts.items()
         }
-        while len(victim.running_ids) < 3:
-            await asyncio.sleep(0.002)
+        await until(lambda: len(victim.running_ids) >= 3, lambda: f"victim runs {victim.running_ids}")
         moved = {rid.split("@")[0] for rid in victim.running_ids}
         await victim.stop()
         results = {rid: await asyncio.wait_for(task, 30) for rid, task in tasks.items()}
@@ -71,9 +78,11 @@ async def test_scheduler_restart_mid_load_completes_every_request(redis_url: str
         tasks = {
             rid: asyncio.ensure_future(resilient_generate(fleet, p, 40, rid)) for rid, p in prompts.items()
         }
-        while sum(len(w.running_ids) for w in workers) < 6 or len(fleet.server.core.queue) == 0:
-            await asyncio.sleep(0.002)
-        await fleet.restart_scheduler()
+        await until(
+            lambda: sum(len(w.running_ids) for w in workers) == 6 and len(fleet.server.core.queue) > 0,
+            lambda: f"running {[w.running_ids for w in workers]}, queue {list(fleet.server.core.queue)}",
+        )
+        await asyncio.wait_for(fleet.restart_scheduler(), 20)
         results = {rid: await asyncio.wait_for(task, 30) for rid, task in tasks.items()}
         for rid, prompt in prompts.items():
             assert results[rid] == expected_tokens(prompt, 40), rid
