@@ -82,6 +82,7 @@ class SchedulerCore:
         self._loop_task: asyncio.Task[None] | None = None
         self._dispatches: set[asyncio.Task[None]] = set()
         self.rounds = 0
+        self.stopped = False
 
     # ---- lifecycle ----
     async def start(self) -> None:
@@ -104,6 +105,9 @@ class SchedulerCore:
         self._loop_task = asyncio.create_task(self._schedule_loop(), name="scheduling-loop")
 
     async def stop(self) -> None:
+        # Frozen from here on: whatever a cancelled task still delivers changes nothing, so Redis
+        # holds exactly what the next scheduler recovers.
+        self.stopped = True
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -277,7 +281,7 @@ class SchedulerCore:
     async def schedule_round(self) -> int:
         """One round; returns the number of dispatches sent."""
         self.rounds += 1
-        if not len(self.queue):
+        if self.stopped or not len(self.queue):
             return 0
         snapshot = self.snapshot()
         if not snapshot.workers:
@@ -403,6 +407,8 @@ class SchedulerCore:
         self.wake()
 
     async def worker_down(self, worker: WorkerHandle) -> None:
+        if self.stopped:
+            return
         worker_id = worker.worker_id
         log.warning("worker %s at %s is down; requeueing its requests", worker_id, worker.address)
         self.ledger.remove_worker(worker_id)
@@ -414,6 +420,8 @@ class SchedulerCore:
         self.wake()
 
     async def worker_event(self, worker: WorkerHandle, event: worker_pb2.StreamEventsResponse) -> None:
+        if self.stopped:
+            return
         worker_id = worker.worker_id
         worker.last_running = tuple(event.running)
         gpu = _tier(event.gpu) if event.HasField("gpu") else None

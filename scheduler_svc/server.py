@@ -223,10 +223,12 @@ class SchedulerServer:
         return self.port
 
     async def stop(self, grace: float | None = 5.0) -> None:
+        """Freeze the state first (no more rounds, no more worker events), then end the RPCs: what
+        Redis holds at that moment is exactly what the next scheduler recovers."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
         await self.watcher.stop()
         await self.core.stop()
+        await self.server.stop(grace)
         await self.store.close()
 
     async def wait_for_termination(self) -> None:

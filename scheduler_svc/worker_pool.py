@@ -180,8 +180,8 @@ class WorkerPool:
         handle.removed = True
         if handle.task is not None:
             handle.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await handle.task
+            # bounded: a channel that is slow to close must not hold up a shutdown
+            await asyncio.wait({handle.task}, timeout=2.0)
 
     def start_dns(self, name_port: str, interval_s: float) -> None:
         self._dns_task = asyncio.create_task(self._resolve_loop(name_port, interval_s), name="workers-dns")
@@ -267,6 +267,8 @@ class WorkerPool:
                 raise Unavailable(
                     f"worker at {handle.address} sent no event for {self._silence_limit_s:.0f} s"
                 ) from exc
+            if self._closing:
+                return
             if first:  # the subscription is live: dispatches from now on cannot lose an event
                 first = False
                 handle.healthy = True
