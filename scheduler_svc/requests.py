@@ -137,6 +137,9 @@ async def stream_from(
             position += len(new)
             continue
         if state.finished:
+            tail = detokenizer.flush() if detokenizer is not None else ""
+            if tail:  # text held back as an incomplete character: the output ends here
+                yield StreamChunk(position, (), tail)
             yield StreamFinal(state.record)
             return
         await changed.wait()
@@ -153,7 +156,7 @@ def stored_stream(
         if tokenizer is not None:
             detokenizer = IncrementalDetokenizer(tokenizer)
             detokenizer.push(all_tokens[:offset])
-            text = detokenizer.push(rest)
+            text = detokenizer.push(rest) + detokenizer.flush()
         out.append(StreamChunk(offset, tuple(rest), text))
     out.append(StreamFinal(record))
     return out

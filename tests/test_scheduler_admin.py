@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -28,18 +29,12 @@ async def fleet(redis_url: str):
 
 
 async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "layerkv",
-        *args,
-        cwd=REPO,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode(), err.decode()
+    # subprocess.run in a thread, not asyncio's subprocess: uvloop spawns with fork(), whose child
+    # runs gRPC's and torch's fork handlers and can crash before exec; subprocess uses vfork.
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "layerkv", *args], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout, done.stderr
 
 
 async def test_policies_list_get_set_and_persist(fleet: Fleet) -> None:
