@@ -304,8 +304,6 @@ class SchedulerCore:
             batch.update(record, "status", "worker_id", "placement", "dispatch_time")
             batch.dequeued.add(record.request_id)
             batch.running.add(record.request_id)
-            if record.requeues == 0:
-                self.metrics.queue_time.observe(now - record.arrival_time)
             sends.append(state)
         self.metrics.queue_length.set(len(self.queue))
         if not sends:
@@ -351,6 +349,8 @@ class SchedulerCore:
                 raise ConnectionError(f"worker {worker_id} is gone")
             await handle.stub.Dispatch(request, timeout=30)
             self.metrics.dispatches.labels(worker_id).inc()
+            if state.record.requeues == 0:  # queueing ends when a worker takes the request
+                self.metrics.queue_time.observe(state.record.dispatch_time - state.record.arrival_time)
         except (grpc.aio.AioRpcError, ConnectionError) as err:
             self.ledger.release(worker_id, worker_rid)
             if state.finished or state.worker_request_id != worker_rid:
@@ -375,7 +375,9 @@ class SchedulerCore:
         """A refused dispatch: the same attempt waits again (the worker never took it)."""
         record = state.record
         record.status, record.worker_id, record.placement = WAITING, "", ""
-        batch.update(record, "status", "worker_id", "placement")
+        if record.requeues == 0:  # no worker ever took it: it is still queueing
+            record.dispatch_time = 0.0
+        batch.update(record, "status", "worker_id", "placement", "dispatch_time")
         batch.running.discard(record.request_id)
         self.queue.push(record.request_id, record.arrival_time, requeue=True)
         batch.enqueued[record.request_id] = record.arrival_time

@@ -252,3 +252,18 @@ async def test_health_and_reflection_are_served(fleet: Fleet) -> None:
     async for resp in call:
         names |= {s.name for s in resp.list_services_response.service}
     assert {"layerkv.v1.SchedulerService", "layerkv.v1.AdminService", "grpc.health.v1.Health"} <= names
+
+
+async def test_a_refused_dispatch_keeps_the_request_queueing(redis_url: str) -> None:
+    # The worker refuses the first dispatch after 0.5 s (its books were fuller than the ledger
+    # thought): the request is requeued, runs on the next try, and its queueing time runs until a
+    # worker actually took it, not until the refused attempt.
+    worker = StubWorker("w0", refuse_next=1, refuse_delay_s=0.5)
+    fleet = await start_fleet(redis_url, [worker])
+    try:
+        tokens, final = await collect(fleet.client.Generate(generate_request([1, 2, 3], 4)))
+        assert tokens == expected_tokens([1, 2, 3], 4)
+        assert worker.refused == 1 and len(worker.dispatched) == 1
+        assert final.queue_s >= 0.5
+    finally:
+        await fleet.close()

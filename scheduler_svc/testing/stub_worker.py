@@ -73,6 +73,8 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
     dispatched: list[str] = field(default_factory=list)  # worker-side ids, in order
     refused: int = 0
     aborted: list[str] = field(default_factory=list)
+    refuse_next: int = 0  # refuse this many dispatches as if full (a stale ledger), each after...
+    refuse_delay_s: float = 0.0  # ...this long
 
     def __post_init__(self) -> None:
         self._running: dict[str, _Running] = {}
@@ -159,6 +161,11 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
     async def Dispatch(
         self, request: worker_pb2.DispatchRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.DispatchResponse:
+        if self.refuse_next > 0:
+            self.refuse_next -= 1
+            self.refused += 1
+            await asyncio.sleep(self.refuse_delay_s)
+            raise ResourceExhausted(f"no room for {request.request_id} (told to refuse it)")
         if request.request_id in self._running:
             raise InvalidArgument(f"request {request.request_id!r} is already running here")
         if not request.prompt_token_ids:
