@@ -16,9 +16,9 @@ from common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavaila
 from common.proto.layerkv.v1 import scheduler_pb2
 from common.store import RequestRecord
 from common.types import KVGeometry, TierCapacity
+from common.wire import sampling_from_proto
 from scheduler_svc.core import SchedulerCore
 from scheduler_svc.requests import WAITING, RequestState, sampling_from_dict, sampling_to_dict
-from scheduler_svc.wire import sampling_from_proto
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 

@@ -28,6 +28,7 @@ from common.metrics import ServiceMetrics
 from common.proto.layerkv.v1 import types_pb2, worker_pb2
 from common.store import RequestRecord, Store, StoreBatch, batch_tokens
 from common.types import FinishReason, Placement, SamplingParams, Tier
+from common.wire import sampling_to_proto
 from scheduler_svc.cost_fit import StepTiming
 from scheduler_svc.ledger import Ledger, TierReport
 from scheduler_svc.policies.base import (
@@ -41,7 +42,6 @@ from scheduler_svc.policies.base import (
 from scheduler_svc.policies.registry import make_policy, policy_params
 from scheduler_svc.requests import RUNNING, WAITING, RequestState, sampling_from_dict, split_worker_request_id
 from scheduler_svc.waiting_queue import WaitingQueue
-from scheduler_svc.wire import sampling_to_proto
 from scheduler_svc.worker_pool import ChannelSecurity, WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)

@@ -2,57 +2,21 @@
 
 from __future__ import annotations
 
-import math
-
-from common.errors import InvalidArgument
+from common import wire
 from common.proto.layerkv.v1 import admin_pb2, scheduler_pb2, types_pb2
 from common.store import RequestRecord
-from common.types import FinishReason, SamplingParams
+from common.wire import cost_model_to_proto, geometry_to_proto, sampling_to_proto
 from scheduler_svc.ledger import WorkerBudget
 from scheduler_svc.requests import FINISHED, RUNNING, WAITING, sampling_from_dict
 from scheduler_svc.worker_pool import WorkerHandle
 
-FINISH_TO_PROTO = {
-    FinishReason.STOP.value: types_pb2.FINISH_REASON_STOP,
-    FinishReason.LENGTH.value: types_pb2.FINISH_REASON_LENGTH,
-    FinishReason.ABORT.value: types_pb2.FINISH_REASON_ABORT,
-    FinishReason.ERROR.value: types_pb2.FINISH_REASON_ERROR,
-}
+# Records store the finish reason as its string value ("" while unfinished).
+FINISH_TO_PROTO = {reason.value: proto for reason, proto in wire.FINISH_TO_PROTO.items()}
 STATUS_TO_PROTO = {
     WAITING: scheduler_pb2.REQUEST_STATUS_WAITING,
     RUNNING: scheduler_pb2.REQUEST_STATUS_RUNNING,
     FINISHED: scheduler_pb2.REQUEST_STATUS_FINISHED,
 }
-
-
-def sampling_from_proto(p: types_pb2.SamplingParams, default_max_tokens: int) -> SamplingParams:
-    """Wire sampling values → ``SamplingParams`` (0 means default); bad values → InvalidArgument."""
-    for name, value in (("temperature", p.temperature), ("top_p", p.top_p)):
-        if not math.isfinite(value):
-            raise InvalidArgument(f"{name} must be a finite number, got {value}")
-    return SamplingParams(
-        max_tokens=p.max_tokens or default_max_tokens,
-        temperature=float(p.temperature),
-        top_p=float(p.top_p) if p.top_p else 1.0,
-        top_k=int(p.top_k),
-        seed=int(p.seed) if p.HasField("seed") else None,
-        stop_token_ids=tuple(p.stop_token_ids),
-        ignore_eos=p.ignore_eos,
-    )
-
-
-def sampling_to_proto(s: SamplingParams, max_tokens: int | None = None) -> types_pb2.SamplingParams:
-    out = types_pb2.SamplingParams(
-        max_tokens=s.max_tokens if max_tokens is None else max_tokens,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        stop_token_ids=list(s.stop_token_ids),
-        ignore_eos=s.ignore_eos,
-    )
-    if s.seed is not None:
-        out.seed = s.seed
-    return out
 
 
 def slo_to_proto(record: RequestRecord) -> types_pb2.Slo:
@@ -113,31 +77,11 @@ def worker_info(
         running_request_ids=running_ids,
     )
     if d is not None:
-        g, c = d.geometry, d.cost_model
         info.model = d.model
-        info.geometry.CopyFrom(
-            types_pb2.KvGeometry(
-                num_layers=g.num_layers,
-                num_kv_heads=g.num_kv_heads,
-                head_dim=g.head_dim,
-                block_size=g.block_size,
-                dtype_bytes=g.dtype_bytes,
-            )
-        )
-        model = handle.fitter.model() if handle.fitter is not None else c
-        info.cost_model.CopyFrom(
-            types_pb2.CostModel(
-                d2h_bytes_per_s=model.d2h_bytes_per_s,
-                h2d_bytes_per_s=model.h2d_bytes_per_s,
-                prefill_base_s=model.prefill_base_s,
-                prefill_per_token_s=model.prefill_per_token_s,
-                prefill_per_token2_s=model.prefill_per_token2_s,
-                decode_base_s=model.decode_base_s,
-                decode_per_request_s=model.decode_per_request_s,
-                decode_per_context_token_s=model.decode_per_context_token_s,
-                correction=model.correction,
-            )
-        )
+        info.geometry.CopyFrom(geometry_to_proto(d.geometry))
+        # the cost model as refitted from this worker's step timings, else as it described itself
+        model = handle.fitter.model() if handle.fitter is not None else d.cost_model
+        info.cost_model.CopyFrom(cost_model_to_proto(model))
     if budget is not None:
         for report, target in ((budget.gpu, info.gpu), (budget.host, info.host)):
             target.CopyFrom(

@@ -26,6 +26,7 @@ from common.proto.layerkv.v1 import worker_pb2, worker_pb2_grpc
 from common.security import open_channel
 from common.tokenizer import Tokenizer, tokenizer_from_wire
 from common.types import CostModel, KVGeometry, TierCapacity
+from common.wire import cost_model_from_proto, geometry_from_proto
 from scheduler_svc.cost_fit import CostFitter
 
 log = logging.getLogger(__name__)
@@ -102,24 +103,12 @@ class WorkerListener(Protocol):
 
 
 def describe_from_proto(d: worker_pb2.DescribeResponse) -> WorkerDescription:
-    g = d.geometry
-    c = d.cost_model
     return WorkerDescription(
         worker_id=d.worker_id,
         model=d.model,
-        geometry=KVGeometry(g.num_layers, g.num_kv_heads, g.head_dim, g.block_size, g.dtype_bytes),
+        geometry=geometry_from_proto(d.geometry),
         capacity=TierCapacity(d.gpu_blocks, d.host_blocks),
-        cost_model=CostModel(
-            d2h_bytes_per_s=c.d2h_bytes_per_s or 10e9,
-            h2d_bytes_per_s=c.h2d_bytes_per_s or 10e9,
-            prefill_base_s=c.prefill_base_s,
-            prefill_per_token_s=c.prefill_per_token_s,
-            prefill_per_token2_s=c.prefill_per_token2_s,
-            decode_base_s=c.decode_base_s,
-            decode_per_request_s=c.decode_per_request_s,
-            decode_per_context_token_s=c.decode_per_context_token_s,
-            correction=c.correction or 1.0,
-        ),
+        cost_model=cost_model_from_proto(d.cost_model),
         max_model_len=d.max_model_len,
         eos_token_id=d.eos_token_id,
         staging_blocks=d.staging_blocks,

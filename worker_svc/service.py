@@ -22,6 +22,7 @@ from common.grpc_errors import grpc_errors
 from common.proto.layerkv.v1 import worker_pb2, worker_pb2_grpc
 from common.security import peer_common_name
 from common.types import Placement, SamplingParams
+from common.wire import cost_model_to_proto, geometry_to_proto
 from worker_svc import wire
 from worker_svc.engine_thread import EngineThread
 from worker_svc.events import EventHub
@@ -130,10 +131,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return worker_pb2.DescribeResponse(
             worker_id=self._identity.worker_id,
             model=self._identity.model,
-            geometry=wire.geometry_to_proto(e.geometry),
+            geometry=geometry_to_proto(e.geometry),
             gpu_blocks=e.capacity.gpu_blocks,
             host_blocks=e.capacity.host_blocks,
-            cost_model=wire.cost_model_to_proto(cost),
+            cost_model=cost_model_to_proto(cost),
             max_model_len=e.max_model_len,
             eos_token_id=e.eos_token_id if e.eos_token_id is not None else 0,
             device=self._identity.device,

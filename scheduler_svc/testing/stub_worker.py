@@ -24,6 +24,7 @@ from common.proto.layerkv.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from common.security import TLSFiles, add_port
 from common.tokenizer import ByteTokenizer
 from common.types import KVGeometry, Placement, Tier
+from common.wire import geometry_to_proto
 
 HEARTBEAT_S = 1.0  # an idle stub sends its state this often
 STUB_GEOMETRY = KVGeometry(num_layers=4, num_kv_heads=1, head_dim=8, block_size=4, dtype_bytes=4)
@@ -126,17 +127,10 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
     async def Describe(
         self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.DescribeResponse:
-        g = self.geometry
         return worker_pb2.DescribeResponse(
             worker_id=self.worker_id,
             model="stub",
-            geometry=types_pb2.KvGeometry(
-                num_layers=g.num_layers,
-                num_kv_heads=g.num_kv_heads,
-                head_dim=g.head_dim,
-                block_size=g.block_size,
-                dtype_bytes=g.dtype_bytes,
-            ),
+            geometry=geometry_to_proto(self.geometry),
             gpu_blocks=self.gpu_blocks,
             host_blocks=self.host_blocks,
             cost_model=types_pb2.CostModel(
