@@ -149,6 +149,8 @@ class WorkerSettings(_Settings):
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
     gpu_blocks: int | None = Field(None, ge=0, description="GPU-tier blocks; None: automatic")
     host_blocks: int | None = Field(None, ge=0, description="host-tier blocks; None: automatic")
+    staging_blocks: int | None = Field(
+        None, ge=0, description="GPU staging blocks that host-placed layers are computed in; None: automatic")
     gpu_kv_gib: float | None = Field(None, gt=0, description="GPU tier size in GiB instead of blocks")
     host_kv_gib: float | None = Field(None, ge=0, description="host tier size in GiB instead of blocks")
     scheduler: str = Field("", description="scheduler address to self-register with")

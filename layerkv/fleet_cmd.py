@@ -43,6 +43,10 @@ def worker(
     host_blocks: Annotated[
         int | None, typer.Option(envvar=_env("host_blocks"), help="host-tier blocks (default: auto)")
     ] = None,
+    staging_blocks: Annotated[
+        int | None, typer.Option(envvar=_env("staging_blocks"),
+                                 help="GPU staging blocks host-placed layers compute in (default: auto)")
+    ] = None,
     gpu_kv_gib: Annotated[
         float | None, typer.Option(envvar=_env("gpu_kv_gib"), help="GPU tier size in GiB")
     ] = None,
@@ -78,8 +82,9 @@ def worker(
         settings = WorkerSettings.build(
             host=host, port=port, metrics_port=metrics_port, worker_id=worker_id, model=model,
             device=device, dtype=dtype, block_size=block_size, gpu_blocks=gpu_blocks,
-            host_blocks=host_blocks, gpu_kv_gib=gpu_kv_gib, host_kv_gib=host_kv_gib,
-            scheduler=scheduler, advertise_address=advertise_address, tls_cert=tls_cert,
+            host_blocks=host_blocks, staging_blocks=staging_blocks, gpu_kv_gib=gpu_kv_gib,
+            host_kv_gib=host_kv_gib, scheduler=scheduler, advertise_address=advertise_address,
+            tls_cert=tls_cert,
             tls_key=tls_key, tls_ca=tls_ca, scheduler_identity=scheduler_identity,
             admin_token=admin_token,
         )

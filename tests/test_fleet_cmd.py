@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 import worker_svc.server
 from common.config import WorkerSettings
 from layerkv.cli import app
+from worker_svc.engine_factory import engine_config_from_settings
 
 
 @pytest.fixture
@@ -45,6 +46,8 @@ def test_worker_flags_reach_the_settings(captured: list[WorkerSettings]) -> None
             "64",
             "--host-kv-gib",
             "0.5",
+            "--staging-blocks",
+            "48",
             "--scheduler",
             "sched:50051",
             "--advertise-address",
@@ -65,6 +68,8 @@ def test_worker_flags_reach_the_settings(captured: list[WorkerSettings]) -> None
         0.5,
     )
     assert (s.scheduler, s.advertise_address, s.admin_token) == ("sched:50051", "w-7.workers:6001", "t0k")
+    assert s.staging_blocks == 48
+    assert engine_config_from_settings(s).staging_blocks == 48  # and on into the engine
 
 
 def test_worker_reads_layerkv_env_vars(

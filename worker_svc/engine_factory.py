@@ -21,6 +21,7 @@ def engine_config_from_settings(settings: WorkerSettings) -> Any:
         block_size=settings.block_size,
         gpu_blocks=settings.gpu_blocks,
         host_blocks=settings.host_blocks,
+        staging_blocks=settings.staging_blocks,
         gpu_kv_gib=settings.gpu_kv_gib,
         host_kv_gib=settings.host_kv_gib,
     )
