@@ -102,8 +102,9 @@ def bench(
     from layerkv.bench.render import render
     from layerkv.bench.report import to_jsonable
     from layerkv.bench.runner import parse_policy_params
-    from layerkv.bench.session import BenchOptions, FleetOptions, run_bench
+    from layerkv.bench.session import BenchOptions, run_bench
     from layerkv.bench.workload import parse_floats, parse_prompt_sweep
+    from layerkv.embedded import EmbeddedOptions
 
     console = Console()
     try:
@@ -125,7 +126,7 @@ def bench(
             ttft_slo_s=ttft_slo,
             tpot_slo_s=tpot_slo,
             endpoint=endpoint,
-            fleet=FleetOptions(
+            fleet=EmbeddedOptions(
                 workers=workers,
                 model=model,
                 device=device,
@@ -135,6 +136,9 @@ def bench(
                 host_blocks=host,
                 gpu_kv_gib=gpu_kv_gib,
                 host_kv_gib=host_kv_gib,
+                port=0,
+                metrics_port=0,
+                startup_timeout_s=300.0,
             ),
             policy_params=parse_policy_params(params or []),
             warmup=warmup,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -23,22 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from layerkv.bench.report import PointResult, RequestResult, point_result
 from layerkv.bench.runner import ClientConfig, run_workload, set_policy, wait_ready
 from layerkv.bench.workload import BenchRequest, PromptLengths, WorkloadSpec, generate
-
-
-@dataclass(frozen=True)
-class FleetOptions:
-    """The embedded system a policy runs on when no ``--endpoint`` is given."""
-
-    workers: int = 1
-    model: str = "tiny-llama"
-    device: str = "auto"
-    dtype: str = "auto"
-    block_size: int = 16
-    gpu_blocks: int | None = None
-    host_blocks: int | None = None
-    gpu_kv_gib: float | None = None
-    host_kv_gib: float | None = None
-    startup_timeout_s: float = 300.0
+from layerkv.embedded import EmbeddedOptions
 
 
 @dataclass(frozen=True)
@@ -55,7 +41,9 @@ class BenchOptions:
     ttft_slo_s: float
     tpot_slo_s: float
     endpoint: str = ""  # empty: an embedded system per policy
-    fleet: FleetOptions = field(default_factory=FleetOptions)
+    # the embedded system each policy runs on when no endpoint is given (its policy is set per run)
+    fleet: EmbeddedOptions = field(
+        default_factory=lambda: EmbeddedOptions(workers=1, port=0, metrics_port=0, startup_timeout_s=300.0))
     policy_params: dict[str, dict[str, object]] = field(default_factory=dict)
     warmup: int = 2  # short requests sent (unmeasured) before each policy's run
     request_timeout_s: float = 900.0
@@ -93,7 +81,7 @@ def _system_for(opts: BenchOptions, policy: str, console: Console) -> Iterator[s
     if opts.endpoint:
         yield opts.endpoint
         return
-    from layerkv.embedded import EmbeddedOptions, EmbeddedSystem, start
+    from layerkv.embedded import EmbeddedSystem, start
 
     f = opts.fleet
     run_dir = Path(tempfile.mkdtemp(prefix="layerkv-bench-"))
@@ -102,21 +90,7 @@ def _system_for(opts: BenchOptions, policy: str, console: Console) -> Iterator[s
     console.print(f"[dim]starting an embedded system for {policy} ({f.workers} worker(s), {f.model})…[/dim]")
     try:
         start(
-            EmbeddedOptions(
-                workers=f.workers,
-                model=f.model,
-                device=f.device,
-                dtype=f.dtype,
-                block_size=f.block_size,
-                gpu_blocks=f.gpu_blocks,
-                host_blocks=f.host_blocks,
-                gpu_kv_gib=f.gpu_kv_gib,
-                host_kv_gib=f.host_kv_gib,
-                port=0,
-                metrics_port=0,
-                policy=policy,
-                startup_timeout_s=f.startup_timeout_s,
-            ),
+            dataclasses.replace(f, policy=policy),
             system,
         )
         yield system.scheduler_address
