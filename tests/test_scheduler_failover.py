@@ -23,10 +23,15 @@ async def until(condition, describe, timeout_s: float = 10.0) -> None:
 
 
 async def resilient_generate(fleet: Fleet, prompt: list[int], max_tokens: int, request_id: str) -> list[int]:
-    """Generate, and on a broken stream re-attach from the last offset (what a careful client does)."""
+    """Generate, and on a broken stream re-attach from the last offset (what a careful client does).
+
+    A stream that broke before any token may have broken before the scheduler stored the request,
+    so that case retries Generate with the same id: idempotent, it attaches if the request exists.
+    """
     tokens: list[int] = []
     final = None
-    call = fleet.client.Generate(generate_request(prompt, max_tokens, request_id=request_id))
+    request = generate_request(prompt, max_tokens, request_id=request_id)
+    call = fleet.client.Generate(request)
     while final is None:
         try:
             async for response in call:
@@ -38,7 +43,9 @@ async def resilient_generate(fleet: Fleet, prompt: list[int], max_tokens: int, r
         except grpc.aio.AioRpcError as err:
             assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), err
             await asyncio.sleep(0.05)
-        if final is None:
+        if final is None and not tokens:
+            call = fleet.client.Generate(request)
+        elif final is None:
             call = fleet.client.Attach(scheduler_pb2.AttachRequest(request_id=request_id, offset=len(tokens)))
     assert final.finish_reason == types_pb2.FINISH_REASON_LENGTH
     assert final.output_tokens == len(tokens)
