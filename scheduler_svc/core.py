@@ -110,8 +110,8 @@ class SchedulerCore:
         self.stopped = True
         if self._loop_task is not None:
             self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            self._wake.set()
+            await asyncio.wait({self._loop_task}, timeout=2.0)
         for task in list(self._dispatches):
             task.cancel()
         await self.pool.close()
@@ -206,7 +206,9 @@ class SchedulerCore:
 
     # ---- rounds ----
     async def _schedule_loop(self) -> None:
-        while True:
+        # Checks ``stopped`` too: Python 3.11's wait_for can swallow a cancellation that lands as its
+        # timeout fires, and a loop that only relied on cancel() would then run (and hang stop()) forever.
+        while not self.stopped:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
             self._wake.clear()
