@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -59,3 +60,14 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def hf_and_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    """A tiny random 4-layer GQA Llama from transformers, and the folder it was saved to."""
+    from tests.test_engine_reference import build_hf_model
+
+    model = build_hf_model("llama", layers=4, heads=4, kv_heads=2)
+    path = tmp_path_factory.mktemp("model")
+    model.save_pretrained(path)
+    return model, path

@@ -16,7 +16,6 @@ import torch
 from common.types import Placement, SamplingParams
 from tests.test_engine_reference import (
     assert_matches,
-    build_hf_model,
     hf_generate,
     make_engine,
     prompt_of,
@@ -79,14 +78,6 @@ class DelayedCopyEngine:
                 if dst is gpu:
                     ids.update(range(r.dst, r.dst + r.length))
         return ids
-
-
-@pytest.fixture(scope="module")
-def hf_and_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
-    model = build_hf_model("llama", layers=LAYERS, heads=4, kv_heads=2)
-    path = tmp_path_factory.mktemp("model")
-    model.save_pretrained(path)
-    return model, path
 
 
 @pytest.mark.parametrize("delay", [1, 3])

@@ -16,7 +16,6 @@ from common.types import CostModel, Placement, SamplingParams
 from tests.test_engine_reference import (
     Job,
     assert_matches,
-    build_hf_model,
     hf_generate,
     make_engine,
     prompt_of,
@@ -25,14 +24,6 @@ from tests.test_engine_reference import (
 from worker_svc.engine import Engine
 
 LAYERS = 4
-
-
-@pytest.fixture(scope="module")
-def hf_and_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
-    model = build_hf_model("llama", layers=LAYERS, heads=4, kv_heads=2)
-    path = tmp_path_factory.mktemp("model")
-    model.save_pretrained(path)
-    return model, path
 
 
 def rule_letters(engine: Engine, prompt_len: int) -> str:
