@@ -40,7 +40,9 @@ def test_demands_add_per_layer():
     assert BlockDemand.zero(4) + a == a
 
 
-@pytest.mark.parametrize(("start", "end", "grow"), [(16, 16, 0), (16, 17, 1), (15, 16, 0), (1, 48, 2), (20, 10, 0)])
+@pytest.mark.parametrize(
+    ("start", "end", "grow"), [(16, 16, 0), (16, 17, 1), (15, 16, 0), (1, 48, 2), (20, 10, 0)]
+)
 def test_growth_counts_block_boundaries_crossed(start, end, grow):
     assert growth_per_layer(GEOMETRY, start, end) == grow
 
