@@ -11,7 +11,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("worker_id", "model", "geometry", "gpu_blocks", "host_blocks", "cost_model", "max_model_len", "eos_token_id", "device", "dtype", "staging_blocks")
+    __slots__ = ("worker_id", "model", "geometry", "gpu_blocks", "host_blocks", "cost_model", "max_model_len", "eos_token_id", "device", "dtype", "staging_blocks", "preemption_mode", "max_num_batched_tokens")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,8 @@ class DescribeResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     STAGING_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTION_MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     geometry: _types_pb2.KvGeometry
@@ -34,7 +36,9 @@ class DescribeResponse(_message.Message):
     device: str
     dtype: str
     staging_blocks: int
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., geometry: _Optional[_Union[_types_pb2.KvGeometry, _Mapping]] = ..., gpu_blocks: _Optional[int] = ..., host_blocks: _Optional[int] = ..., cost_model: _Optional[_Union[_types_pb2.CostModel, _Mapping]] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., staging_blocks: _Optional[int] = ...) -> None: ...
+    preemption_mode: str
+    max_num_batched_tokens: int
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., geometry: _Optional[_Union[_types_pb2.KvGeometry, _Mapping]] = ..., gpu_blocks: _Optional[int] = ..., host_blocks: _Optional[int] = ..., cost_model: _Optional[_Union[_types_pb2.CostModel, _Mapping]] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., staging_blocks: _Optional[int] = ..., preemption_mode: _Optional[str] = ..., max_num_batched_tokens: _Optional[int] = ...) -> None: ...
 
 class GetTokenizerRequest(_message.Message):
     __slots__ = ()
@@ -101,7 +105,7 @@ class RunningRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., tokens_generated: _Optional[int] = ..., decode_time_s: _Optional[float] = ..., context_tokens: _Optional[int] = ..., placement: _Optional[str] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step", "kind", "duration_s", "num_tokens", "bytes_offloaded", "bytes_loaded", "copy_wait_s")
+    __slots__ = ("step", "kind", "duration_s", "num_tokens", "bytes_offloaded", "bytes_loaded", "copy_wait_s", "num_prefill_tokens", "num_decode_requests", "num_preemptions", "num_swapped_layers")
     STEP_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +113,10 @@ class StepReport(_message.Message):
     BYTES_OFFLOADED_FIELD_NUMBER: _ClassVar[int]
     BYTES_LOADED_FIELD_NUMBER: _ClassVar[int]
     COPY_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SWAPPED_LAYERS_FIELD_NUMBER: _ClassVar[int]
     step: int
     kind: str
     duration_s: float
@@ -116,23 +124,31 @@ class StepReport(_message.Message):
     bytes_offloaded: int
     bytes_loaded: int
     copy_wait_s: float
-    def __init__(self, step: _Optional[int] = ..., kind: _Optional[str] = ..., duration_s: _Optional[float] = ..., num_tokens: _Optional[int] = ..., bytes_offloaded: _Optional[int] = ..., bytes_loaded: _Optional[int] = ..., copy_wait_s: _Optional[float] = ...) -> None: ...
+    num_prefill_tokens: int
+    num_decode_requests: int
+    num_preemptions: int
+    num_swapped_layers: int
+    def __init__(self, step: _Optional[int] = ..., kind: _Optional[str] = ..., duration_s: _Optional[float] = ..., num_tokens: _Optional[int] = ..., bytes_offloaded: _Optional[int] = ..., bytes_loaded: _Optional[int] = ..., copy_wait_s: _Optional[float] = ..., num_prefill_tokens: _Optional[int] = ..., num_decode_requests: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_swapped_layers: _Optional[int] = ...) -> None: ...
 
 class StreamEventsResponse(_message.Message):
-    __slots__ = ("tokens", "running", "gpu", "host", "step", "admitted_request_ids")
+    __slots__ = ("tokens", "running", "gpu", "host", "step", "admitted_request_ids", "waiting_request_ids", "preempted_request_ids")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     GPU_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ADMITTED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedCompositeFieldContainer[TokenUpdate]
     running: _containers.RepeatedCompositeFieldContainer[RunningRequest]
     gpu: _types_pb2.TierUsage
     host: _types_pb2.TierUsage
     step: StepReport
     admitted_request_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenUpdate, _Mapping]]] = ..., running: _Optional[_Iterable[_Union[RunningRequest, _Mapping]]] = ..., gpu: _Optional[_Union[_types_pb2.TierUsage, _Mapping]] = ..., host: _Optional[_Union[_types_pb2.TierUsage, _Mapping]] = ..., step: _Optional[_Union[StepReport, _Mapping]] = ..., admitted_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    waiting_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    preempted_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenUpdate, _Mapping]]] = ..., running: _Optional[_Iterable[_Union[RunningRequest, _Mapping]]] = ..., gpu: _Optional[_Union[_types_pb2.TierUsage, _Mapping]] = ..., host: _Optional[_Union[_types_pb2.TierUsage, _Mapping]] = ..., step: _Optional[_Union[StepReport, _Mapping]] = ..., admitted_request_ids: _Optional[_Iterable[str]] = ..., waiting_request_ids: _Optional[_Iterable[str]] = ..., preempted_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
