@@ -153,6 +153,10 @@ class WorkerSettings(_Settings):
         None, ge=0, description="GPU staging blocks that host-placed layers are computed in; None: automatic")
     gpu_kv_gib: float | None = Field(None, gt=0, description="GPU tier size in GiB instead of blocks")
     host_kv_gib: float | None = Field(None, ge=0, description="host tier size in GiB instead of blocks")
+    preemption_mode: Literal["recompute", "swap-layers"] = Field(
+        "recompute", description="how a request is preempted when KV growth finds no room (dispatch default)")
+    max_num_batched_tokens: int = Field(
+        2048, ge=1, le=1 << 20, description="tokens per engine step: decodes first, then prefill chunks")
     scheduler: str = Field("", description="scheduler address to self-register with")
     advertise_address: str = Field("", description="address the scheduler should dial; empty: host:port")
     tls_cert: str = Field("", description="server certificate PEM; TLS on when set")

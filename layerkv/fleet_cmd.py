@@ -53,6 +53,14 @@ def worker(
     host_kv_gib: Annotated[
         float | None, typer.Option(envvar=_env("host_kv_gib"), help="host tier size in GiB")
     ] = None,
+    preemption_mode: Annotated[
+        str, typer.Option(envvar=_env("preemption_mode"),
+                          help="when KV growth finds no room: recompute or swap-layers (dispatch default)")
+    ] = "recompute",
+    max_num_batched_tokens: Annotated[
+        int, typer.Option(envvar=_env("max_num_batched_tokens"),
+                          help="tokens per engine step: decodes first, then prefill chunks")
+    ] = 2048,
     scheduler: Annotated[
         str, typer.Option(envvar=_env("scheduler"), help="scheduler host:port to self-register with")
     ] = "",
@@ -83,7 +91,9 @@ def worker(
             host=host, port=port, metrics_port=metrics_port, worker_id=worker_id, model=model,
             device=device, dtype=dtype, block_size=block_size, gpu_blocks=gpu_blocks,
             host_blocks=host_blocks, staging_blocks=staging_blocks, gpu_kv_gib=gpu_kv_gib,
-            host_kv_gib=host_kv_gib, scheduler=scheduler, advertise_address=advertise_address,
+            host_kv_gib=host_kv_gib, preemption_mode=preemption_mode,
+            max_num_batched_tokens=max_num_batched_tokens, scheduler=scheduler,
+            advertise_address=advertise_address,
             tls_cert=tls_cert,
             tls_key=tls_key, tls_ca=tls_ca, scheduler_identity=scheduler_identity,
             admin_token=admin_token,

@@ -73,6 +73,9 @@ def register(app: typer.Typer) -> None:
         host_blocks: Annotated[int | None, Opt(help="host-tier KV blocks")] = None,
         placement: Annotated[str | None, Opt(help="letters per layer, G (GPU) or H (host): GHGH")] = None,
         gpu_layers: Annotated[int | None, Opt(help="GPU-resident layers, spread through the depth")] = None,
+        preemption: Annotated[str, Opt(help="when KV growth finds no room: recompute or swap-layers")] = (
+            "recompute"),
+        max_num_batched_tokens: Annotated[int, Opt(help="tokens per engine step (prefill chunks)")] = 2048,
         json_output: Annotated[bool, Opt("--json", help="JSON Lines, one per prompt")] = False,
         endpoint: Annotated[str | None, Opt(help="HOST:PORT of a running scheduler")] = None,
         api_token: Annotated[str, Opt(envvar="LAYERKV_API_TOKEN", help="bearer token (--endpoint)")] = "",
@@ -113,7 +116,8 @@ def register(app: typer.Typer) -> None:
             from worker_svc.engine_config import EngineConfig
 
             config = EngineConfig(model=model, device=device, dtype=dtype, block_size=block_size,
-                                  gpu_blocks=gpu_blocks, host_blocks=host_blocks)
+                                  gpu_blocks=gpu_blocks, host_blocks=host_blocks, preemption_mode=preemption,
+                                  max_num_batched_tokens=max_num_batched_tokens)
             code = run_local(config, specs, json_output, placement=placement, gpu_layers=gpu_layers)
         except LayerKVError as exc:
             typer.echo(f"error: {exc}", err=True)

@@ -25,12 +25,13 @@ def test_pool_is_full_again_after_finishes_and_aborts(folder: Path) -> None:
     total = engine.usage().gpu.total_blocks
     engine.add_request("a", prompt_of(10, 1), SamplingParams(max_tokens=6))
     engine.add_request("b", prompt_of(7, 2), SamplingParams(max_tokens=3))
-    engine.add_request("c", prompt_of(30, 3), SamplingParams(max_tokens=30))  # waits: no room yet
+    engine.add_request("c", prompt_of(64, 3), SamplingParams(max_tokens=30))  # waits: no room yet
     first = engine.step()
     assert set(first.admitted) == {"a", "b"}
-    # a: ceil(16/4)=4 blocks per layer, b: ceil(10/4)=3, two layers each.
-    assert first.usage.gpu.free_blocks == total - 2 * (4 + 3)
-    assert first.usage.gpu.used_per_layer == (7, 7)
+    # Prompts only: a ceil(10/4)=3 blocks per layer, b ceil(7/4)=2, two layers each; c's 16 per
+    # layer do not fit the 30 left.
+    assert first.usage.gpu.free_blocks == total - 2 * (3 + 2)
+    assert first.usage.gpu.used_per_layer == (5, 5)
     assert engine.abort("c")  # aborted while waiting
     reasons = {o.request_id: o.finish_reason for o in engine.step().outputs if o.finished}
     assert reasons == {"c": FinishReason.ABORT}
@@ -49,8 +50,9 @@ def test_pool_is_full_again_after_finishes_and_aborts(folder: Path) -> None:
 
 def test_admission_is_first_come_first_served_as_blocks_free(folder: Path) -> None:
     engine = make_engine(folder, block_size=4, gpu_blocks=16, default_placement="all-gpu")
-    assert engine.can_admit(20, 8)  # 7 blocks x 2 layers = 14
-    assert not engine.can_admit(30, 8)
+    assert engine.can_admit(20, 8)  # the prompt's 5 blocks x 2 layers = 10
+    assert engine.can_admit(32, 200)  # 8 x 2 = 16: max_tokens reserves nothing
+    assert not engine.can_admit(36, 8)  # 9 x 2 = 18
     jobs = {"big": Job(prompt_of(20, 1), 8), "next": Job(prompt_of(20, 2), 4)}
     got = run_engine(engine, jobs)
     assert len(got["big"].token_ids) == 8 and len(got["next"].token_ids) == 4

@@ -79,29 +79,31 @@ def test_partial_placement_admits_instead_of_waiting(hf_and_folder: tuple[Any, P
     _, folder = hf_and_folder
     for mode in ("auto", "all-gpu"):
         engine = make_engine(folder, block_size=4, gpu_blocks=40, host_blocks=64, default_placement=mode)
-        # A running request holds 4 layers x 5 blocks = 20 of the 40 GPU blocks.
+        # A running request holds 4 layers x 4 blocks after its prefill, 4 x 5 once it decodes.
         engine.add_request("f", prompt_of(16, 3), SamplingParams(max_tokens=4))
         engine.step()
-        # 30 tokens in blocks of 4: 8 blocks per layer, 32 for the whole request; 20 are free.
-        engine.add_request("p", prompt_of(20, 1), SamplingParams(max_tokens=10))
+        # 32 prompt tokens in blocks of 4: 8 blocks per layer (9 with the first token's growth),
+        # 32 for the whole prompt; 20 are free while "f" decodes. max_tokens reserves nothing.
+        engine.add_request("p", prompt_of(32, 1), SamplingParams(max_tokens=10))
         out = engine.step()
         if mode == "all-gpu":
-            assert out.admitted == ()  # whole-request admission keeps it waiting
+            assert out.admitted == ()  # a whole-GPU placement of the prompt does not fit: it waits
             continue
         assert out.admitted == ("p",)
+        assert out.stats.kind == "mixed" and out.stats.num_decode_requests == 1
         letters = next(s.placement for s in out.running if s.request_id == "p")
-        assert letters == interleaved(LAYERS, 2).letters  # 20 // 8 = 2 layers fit on the GPU
+        assert letters == interleaved(LAYERS, 2).letters  # 20 // 9 = 2 layers fit on the GPU
         assert out.usage.gpu.free_blocks == 40 - 20 - 16 and out.usage.host.free_blocks == 64 - 16
-        assert out.stats.bytes_offloaded == 2 * 5 * engine.geometry.bytes_per_block  # 20 tokens = 5 blocks
+        assert out.stats.bytes_offloaded == 2 * 8 * engine.geometry.bytes_per_block  # 32 tokens = 8 blocks
 
 
 def test_promotion_mid_decode(hf_and_folder: tuple[Any, Path]) -> None:
     model, folder = hf_and_folder
-    engine = make_engine(folder, block_size=4, gpu_blocks=24, host_blocks=64, max_promotions_per_step=1)
-    first, second = prompt_of(10, 1), prompt_of(14, 2)
-    # "a" takes 4 layers x 4 blocks = 16 of 24 GPU blocks; "b" (24 tokens: 6 blocks
-    # per layer) gets 1 GPU layer at first, all 4 once "a" has finished.
-    jobs = {"a": Job(first, 6), "b": Job(second, 10, arrive_step=1)}
+    engine = make_engine(folder, block_size=4, gpu_blocks=32, host_blocks=64, max_promotions_per_step=1)
+    first, second = prompt_of(10, 1), prompt_of(24, 2)
+    # "a" holds 4 layers x 3 blocks (4 once it grows) of 32 GPU blocks; "b" (a 24-token prompt,
+    # 8 blocks per layer at its longest) gets 2 GPU layers at first, all 4 once "a" has finished.
+    jobs = {"a": Job(first, 6), "b": Job(second, 9, arrive_step=1)}
     seen: list[str] = []
     original_step = engine.step
 
@@ -113,8 +115,8 @@ def test_promotion_mid_decode(hf_and_folder: tuple[Any, Path]) -> None:
     engine.step = recording_step  # type: ignore[method-assign]
     got = run_engine(engine, jobs)
     assert_matches(got["a"], hf_generate(model, first, 6))
-    assert_matches(got["b"], hf_generate(model, second, 10))
-    assert seen[0].count("G") == 1
+    assert_matches(got["b"], hf_generate(model, second, 9))
+    assert seen[0].count("G") == 2
     # After "a" finishes, b's host layers come back one per step until it is fully GPU-resident.
     gpu_counts = [s.count("G") for s in seen]
     assert gpu_counts == sorted(gpu_counts) and gpu_counts[-1] == LAYERS
@@ -130,8 +132,8 @@ def test_abort_with_host_layers_frees_both_tiers(hf_and_folder: tuple[Any, Path]
     engine.step()
     engine.step()
     used = engine.usage()
-    # a: 17 tokens = 5 blocks per layer, b: 13 tokens = 4 blocks per layer.
-    assert used.host.used_per_layer == (5, 4, 5, 9) and used.gpu.used_per_layer == (4, 5, 4, 0)
+    # Only the blocks in use: a holds 10 tokens = 3 blocks per layer, b 6 tokens = 2 blocks.
+    assert used.host.used_per_layer == (3, 2, 3, 5) and used.gpu.used_per_layer == (2, 3, 2, 0)
     engine.abort("a")
     while engine.has_work():
         engine.step()

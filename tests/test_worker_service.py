@@ -127,8 +127,8 @@ async def test_dispatched_requests_stream_the_engines_tokens_and_free_their_bloc
                 placement=placements[i],
             )
         )
-        per_layer = -(-(len(prompt) + 12) // 16)
-        assert reply.gpu_blocks + reply.host_blocks == 4 * per_layer  # every layer holds prompt + output
+        per_layer = -(-len(prompt) // 16)
+        assert reply.gpu_blocks + reply.host_blocks == 4 * per_layer  # the prompt only: output grows
         if placements[i]:
             assert reply.host_blocks == per_layer * placements[i].count("H")
     got = await _collect(events, ids)
@@ -146,23 +146,24 @@ async def test_a_full_worker_refuses_and_abort_frees_the_blocks(worker: Worker) 
     events = worker.stub.StreamEvents(worker_pb2.StreamEventsRequest())
     it = events.__aiter__()
     await anext(it)
+    long_prompt = [256] + [1 + i % 200 for i in range(599)]  # 600 tokens: 38 blocks per layer
     big = worker_pb2.DispatchRequest(
         request_id="big",
-        prompt_token_ids=[256, 1, 2, 3, 4, 5, 6, 7],
+        prompt_token_ids=long_prompt,
         sampling=proto_sampling(1000),
         placement="GGGG",
     )
     reply = await worker.stub.Dispatch(big)
-    assert (reply.gpu_blocks, reply.host_blocks) == (4 * 63, 0)
+    assert (reply.gpu_blocks, reply.host_blocks) == (4 * 38, 0)
     # Wait until it is running (decoding 1000 tokens takes far longer than the next two calls).
     while True:
         ev = await asyncio.wait_for(anext(it), TIMEOUT_S)
         if any(t.request_id == "big" for t in ev.tokens):
-            assert ev.gpu.free_blocks == 300 - 252
+            assert ev.gpu.free_blocks == 300 - 152
             break
     second = worker_pb2.DispatchRequest(
         request_id="second",
-        prompt_token_ids=[256, 1, 2, 3, 4, 5, 6, 7],
+        prompt_token_ids=long_prompt,
         sampling=proto_sampling(1000),
         placement="GGGG",
     )
@@ -183,7 +184,7 @@ async def test_a_full_worker_refuses_and_abort_frees_the_blocks(worker: Worker) 
             break
     # The refused request fits now, and was never half-admitted.
     reply = await worker.stub.Dispatch(second)
-    assert reply.gpu_blocks == 252
+    assert reply.gpu_blocks == 152
     assert (await worker.stub.Abort(worker_pb2.AbortRequest(request_id="second"))).aborted
     refused_metric = worker.server.metrics.registry.get_sample_value(
         "layerkv_dispatches_refused_total", {"worker": "w-test"}
@@ -226,7 +227,7 @@ async def test_bad_input_gets_invalid_argument_and_disturbs_nothing(worker: Work
             request_id="a", prompt_token_ids=ok, sampling=proto_sampling(1000), placement="GGGG"
         )
     )
-    assert reply.gpu_blocks == 4 * 63
+    assert reply.gpu_blocks == 4 * 1  # the prompt's block per layer: max_tokens reserves nothing
     code, _ = await status(
         worker_pb2.DispatchRequest(request_id="a", prompt_token_ids=ok, sampling=proto_sampling(4))
     )

@@ -1,8 +1,9 @@
 """Attention over the paged KV cache: the metadata of one layer in one step, and two backends.
 
 The KV tensor of the GPU tier is [N, 2, block_size, Hkv, D] (one block = one layer's K and V for
-``block_size`` tokens, K at index 0 and V at 1, so a run of blocks is one contiguous copy). Prefill
-attends only to the prompt's own fresh K/V (no prefix cache); decode attends through a block table.
+``block_size`` tokens, K at index 0 and V at 1, so a run of blocks is one contiguous copy). A step
+of whole prompts attends only to their own fresh K/V (no prefix cache); any other step (decodes,
+later prefill chunks, or both mixed) attends through a block table to the cached context.
 ``SdpaBackend`` uses torch ``scaled_dot_product_attention`` (CPU and GPU); ``FlashAttnBackend`` uses
 flash-attn's varlen kernel for prefill and its paged kernel for decode when it is importable on CUDA.
 """
@@ -22,11 +23,12 @@ class AttentionMetadata:
     is_prefill: bool
     slot_blocks: torch.Tensor  # [T] int64: block id (GPU-tier tensor) receiving each new token's K/V
     slot_offsets: torch.Tensor  # [T] int64: position inside that block
-    seq_lens: list[int]  # tokens of each request in this step (prefill), or 1 each (decode)
-    cu_seqlens: torch.Tensor | None = None  # [B+1] int32 prefix sums of seq_lens (prefill)
-    block_table: torch.Tensor | None = None  # [B, M] int32 block ids, padded with 0 (decode)
-    context_lens: torch.Tensor | None = None  # [B] int32 tokens each request attends to (decode)
+    seq_lens: list[int]  # new tokens of each request in this step (1 for a decode)
+    cu_seqlens: torch.Tensor | None = None  # [B+1] int32 prefix sums of seq_lens
+    block_table: torch.Tensor | None = None  # [B, M] int32 block ids, padded with 0 (not is_prefill)
+    context_lens: torch.Tensor | None = None  # [B] int32 tokens each request attends to, new ones included
     max_context: int = 0
+    context_list: list[int] | None = None  # context_lens on the host (chunks longer than one token)
 
 
 class AttentionBackend:
@@ -62,15 +64,49 @@ class AttentionBackend:
         return torch.cat(outs, dim=0)
 
     def decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """One new token per request over its cached context. q [B, H, D] -> [B, H, D]."""
+        """Each request's new tokens over its cached context, causally. q [T, H, D] -> [T, H, D].
+
+        One-token segments (decodes) go through one batched call; each longer segment (a prefill
+        chunk after earlier chunks) attends to its blocks with a causal mask offset by its start.
+        """
         assert meta.block_table is not None and meta.context_lens is not None
-        b, m = meta.block_table.shape
+        if all(n == 1 for n in meta.seq_lens):
+            return self._decode_rows(q, cache, meta.block_table, meta.context_lens)
+        assert meta.context_list is not None
+        out = torch.empty_like(q)
+        starts = [0]
+        for n in meta.seq_lens:
+            starts.append(starts[-1] + n)
+        singles = [i for i, n in enumerate(meta.seq_lens) if n == 1]
+        if singles:
+            rows = torch.tensor(singles, device=q.device)
+            toks = torch.tensor([starts[i] for i in singles], device=q.device)
+            out[toks] = self._decode_rows(q[toks], cache, meta.block_table[rows], meta.context_lens[rows])
         bs = cache.shape[2]
-        gathered = cache[meta.block_table.long()]  # [B, M, 2, bs, Hkv, D]
+        for i, n in enumerate(meta.seq_lens):
+            if n == 1:
+                continue
+            ctx = meta.context_list[i]
+            blocks = meta.block_table[i, :-(-ctx // bs)].long()
+            k = cache[blocks, 0].reshape(-1, *cache.shape[3:])[:ctx].transpose(0, 1)  # [Hkv, S, D]
+            v = cache[blocks, 1].reshape(-1, *cache.shape[3:])[:ctx].transpose(0, 1)
+            qs = q[starts[i]:starts[i + 1]].transpose(0, 1)  # [H, n, D]
+            query_pos = torch.arange(ctx - n, ctx, device=q.device)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= query_pos[:, None]  # [n, S]
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, enable_gqa=True)
+            out[starts[i]:starts[i + 1]] = o.transpose(0, 1)
+        return out
+
+    def _decode_rows(self, q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
+                     context_lens: torch.Tensor) -> torch.Tensor:
+        """One new token per row over its cached context. q [B, H, D], block_table [B, M] -> [B, H, D]."""
+        b, m = block_table.shape
+        bs = cache.shape[2]
+        gathered = cache[block_table.long()]  # [B, M, 2, bs, Hkv, D]
         k = gathered[:, :, 0].reshape(b, m * bs, *cache.shape[3:]).transpose(1, 2)  # [B, Hkv, S, D]
         v = gathered[:, :, 1].reshape(b, m * bs, *cache.shape[3:]).transpose(1, 2)
         pos = torch.arange(m * bs, device=cache.device)
-        mask = (pos[None, :] < meta.context_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
+        mask = (pos[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
         o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, enable_gqa=True)
         return o[:, :, 0, :]  # [B, H, D]
 
@@ -94,8 +130,8 @@ class FlashAttnBackend(AttentionBackend):
         return self._varlen(q, k, v, meta.cu_seqlens, meta.cu_seqlens, n, n, causal=True)
 
     def decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if cache.shape[2] % 256 != 0:
-            return super().decode(q, cache, meta)
+        if cache.shape[2] % 256 != 0 or any(n != 1 for n in meta.seq_lens):
+            return super().decode(q, cache, meta)  # chunks after earlier chunks: the SDPA path
         assert meta.block_table is not None and meta.context_lens is not None
         out = self._kvcache(q[:, None], cache[:, 0], cache[:, 1], cache_seqlens=meta.context_lens,
                             block_table=meta.block_table, causal=True)

@@ -1,11 +1,14 @@
 """The LayerKV engine: continuous batching of requests over a per-layer paged KV cache.
 
-``add_request`` queues a request; each ``step`` admits waiting requests first-come first-served as
-blocks allow (reserving every layer's blocks for prompt + max_tokens, in the tier its placement
-names), then runs either one prefill of the admitted prompts packed together or one decode of all
-running requests, samples, and frees the blocks of finished requests. In decode steps host layers
-are promoted back to GPU blocks when the GPU tier has room and nothing waits. Synchronous; owned by
-one thread.
+``add_request`` queues a request. Each ``step`` (vLLM v1's scheduling) first gives every request
+holding blocks its tokens in admission order, within a token budget: one per decode, whose block
+tables grow on demand, and a chunk of any unfinished prefill; when growth finds no room the most
+recently admitted request is preempted (``worker_svc.preemption``). Then, if nothing was
+preempted, waiting requests are admitted first-come first-served (blocks for the tokens to
+prefill only, in the tiers their placement names) and get prefill chunks from what is left of the
+budget. Everything scheduled runs as one packed forward; finished requests free their blocks.
+Host layers are promoted back to GPU blocks when the GPU tier has room and nothing waits.
+Synchronous; owned by one thread.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from common import kv_budget
 from common.errors import AlreadyExists, InvalidArgument
 from common.placement import interleaved, min_resident_layers, rule_placement
 from common.tokenizer import Tokenizer
@@ -26,9 +30,10 @@ from worker_svc.engine_config import EngineConfig, size_tiers
 from worker_svc.kv.kv_cache import KVCache
 from worker_svc.kv.manager import KVCacheManager
 from worker_svc.kv.offload import CopyEngine, make_copy_engine
-from worker_svc.kv.step_access import CopyStats, DecodeAccess, PrefillAccess
+from worker_svc.kv.step_access import CopyStats, StepAccess
 from worker_svc.model.loader import LoadedModel, load_model, parse_dtype
 from worker_svc.outputs import KVUsage, RequestOutput, RunningState, StepOutput, StepStats
+from worker_svc.preemption import Preemptor, StepCounts
 from worker_svc.request import Request, RequestState
 from worker_svc.sampling import make_generator, sample
 
@@ -60,7 +65,8 @@ class Engine:
         self.geometry = KVGeometry(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size,
                                    torch.tensor([], dtype=dtype).element_size())
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-        activation = config.max_prefill_tokens * (4 * mc.hidden_size + 3 * mc.intermediate_size) * 4
+        step_tokens = min(config.max_prefill_tokens, config.max_num_batched_tokens) + config.max_num_seqs
+        activation = step_tokens * (4 * mc.hidden_size + 3 * mc.intermediate_size) * 4
         sizes = size_tiers(config, self.geometry.bytes_per_block,
                            self.geometry.blocks_for(self.max_model_len), mc.num_layers, free,
                            activation + mc.vocab_size * config.max_num_seqs * 8)
@@ -72,7 +78,10 @@ class Engine:
         self.copy_engine = copy_engine or make_copy_engine(device)
         self.backend = select_backend(device, dtype, config.attention_backend)
         self.cost_model = CostModel()
-        self._waiting: deque[Request] = deque()
+        self._waiting: deque[Request] = deque()  # no blocks; recompute-preempted ones at the front
+        self._running: list[Request] = []  # holding blocks, in admission order
+        self._admissions = itertools.count(1)
+        self._preemptor = Preemptor(self)
         self._requests: dict[str, Request] = {}  # every request not yet reported finished
         self._aborted: list[Request] = []
         self._step = 0
@@ -111,13 +120,17 @@ class Engine:
         if placement is None and self.config.default_placement != "all-gpu":
             check = interleaved(self.geometry.num_layers,
                                 min_resident_layers(len(prompt_ids), self.geometry, self.cost_model))
-        why = self.kv_manager.could_ever_fit(total, check)
+        # The prompt and one block of growth: max_tokens bounds the output, it reserves nothing.
+        why = self.kv_manager.could_ever_fit(
+            len(prompt_ids) + min(sampling.max_tokens, self.geometry.block_size), check)
         if why is not None:
             raise InvalidArgument(f"request can never be admitted: it {why}")
 
     def placement_for(self, num_prompt_tokens: int, max_tokens: int,
                       placement: Placement | None) -> Placement | None:
-        """The placement to admit with now, or ``None`` when the default rule finds no room."""
+        """The placement to admit with now, or ``None`` when the default rule finds no room.
+
+        ``max_tokens`` is accepted for the callers' sake; nothing is reserved for the output."""
         if placement is not None:
             return placement
         layers = self.geometry.num_layers
@@ -126,8 +139,9 @@ class Engine:
             return Placement.all_gpu(layers)
         if mode == "rule":
             return rule_placement(num_prompt_tokens, self.geometry, self.cost_model)
-        # auto: as many GPU layers as the GPU tier holds now, but never fewer than the rule's minimum.
-        per_layer = self.geometry.blocks_for(num_prompt_tokens + max_tokens)
+        # auto: as many GPU layers as the GPU tier holds now (with the first token's growth), but
+        # never fewer than the rule's minimum.
+        per_layer = kv_budget.blocks_per_layer(self.geometry, num_prompt_tokens + 1)
         fit = min(layers, self.kv_manager.gpu.num_free // max(1, per_layer))
         if fit < min_resident_layers(num_prompt_tokens, self.geometry, self.cost_model):
             return None
@@ -135,16 +149,19 @@ class Engine:
 
     def can_admit(self, num_prompt_tokens: int, max_tokens: int, placement: Placement | None = None) -> bool:
         chosen = self.placement_for(num_prompt_tokens, max_tokens, placement)
-        return chosen is not None and self.kv_manager.can_allocate(num_prompt_tokens + max_tokens, chosen)
+        return chosen is not None and self.kv_manager.can_allocate(num_prompt_tokens, chosen)
 
     def add_request(self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingParams,
-                    placement: Placement | None = None) -> None:
+                    placement: Placement | None = None, preemption: str = "") -> None:
+        """Queue a request. ``preemption``: "recompute", "swap-layers" or "" (the engine's default)."""
         if request_id in self._requests:
             raise AlreadyExists(f"request id {request_id!r} is already in the engine")
+        if preemption not in ("", "recompute", "swap-layers"):
+            raise InvalidArgument(f"preemption {preemption!r} must be recompute, swap-layers or empty")
         self.validate(prompt_ids, sampling, placement)
         seed = sampling.seed if sampling.seed is not None else next(self._seeds)
         req = Request(request_id, [int(t) for t in prompt_ids], sampling, placement, make_generator(seed),
-                      time.perf_counter(), self.eos_token_id)
+                      time.perf_counter(), self.eos_token_id, preemption or self.config.preemption_mode)
         self._requests[request_id] = req
         self._waiting.append(req)
 
@@ -152,8 +169,6 @@ class Engine:
         req = self._requests.get(request_id)
         if req is None or req.state is RequestState.FINISHED:
             return False
-        if req.state is RequestState.WAITING:
-            self._waiting.remove(req)
         self._finish(req, FinishReason.ABORT)
         self._aborted.append(req)
         return True
@@ -166,36 +181,38 @@ class Engine:
         return self.kv_manager.usage()
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
+        if req.state is RequestState.WAITING:
+            self._waiting.remove(req)
         req.state, req.finish_reason = RequestState.FINISHED, reason
         if req.table is not None:
             self.kv_manager.release(req.request_id)
             req.table = None
+            self._running.remove(req)
 
     def admits_immediately(self) -> bool:
         """Nothing queued and a free request slot: an ``add_request`` that fits is admitted at once."""
-        holding = sum(r.table is not None for r in self._requests.values())
-        return not self._waiting and holding < self.config.max_num_seqs
+        return not self._waiting and len(self._running) < self.config.max_num_seqs
 
     def admit_waiting(self) -> list[str]:
         """Admit queued requests now (FCFS, as blocks allow) instead of at the next step; the ids
         returned here are not repeated in the next ``StepOutput.admitted``."""
-        return self._admit()
+        return [r.request_id for r in self._admit()]
 
-    def _admit(self) -> list[str]:
-        admitted: list[str] = []
-        holding = sum(r.table is not None for r in self._requests.values())
-        while self._waiting and holding < self.config.max_num_seqs:
+    def _admit(self) -> list[Request]:
+        admitted: list[Request] = []
+        while self._waiting and len(self._running) < self.config.max_num_seqs:
             req = self._waiting[0]
             placement = self.placement_for(len(req.prompt_ids), req.sampling.max_tokens, req.placement)
             table = None if placement is None else self.kv_manager.allocate(
-                req.request_id, req.reserved_tokens, placement)
+                req.request_id, req.num_tokens, placement)  # the prompt (+ output after a preemption)
             if table is None:
                 break  # first come, first served: later requests wait behind the head
             self._waiting.popleft()
-            req.table, req.state = table, RequestState.ADMITTED
+            req.table, req.state, req.num_computed = table, RequestState.ADMITTED, 0
+            req.admit_seq = next(self._admissions)
             req.admitted_placement = table.letters
-            admitted.append(req.request_id)
-            holding += 1
+            self._running.append(req)
+            admitted.append(req)
         return admitted
 
     # ---- the step ----------------------------------------------------------------------------
@@ -207,77 +224,116 @@ class Engine:
         for r in self._aborted:
             self._requests.pop(r.request_id, None)
         self._aborted = []
-        admitted = self._admit()  # requests admitted by admit_waiting() were reported to its caller
         stats = CopyStats()
+        counts = StepCounts()
         self.kv_manager.staging.wait_s = 0.0
-        prefill = [r for r in self._requests.values() if r.state is RequestState.ADMITTED]
-        running = [r for r in self._requests.values() if r.state is RequestState.RUNNING]
-        kind, num_tokens = "idle", 0
-        if prefill:
-            batch: list[Request] = []
-            budget = self.config.max_prefill_tokens
-            for r in prefill:
-                if batch and len(r.prompt_ids) > budget:
-                    break
-                batch.append(r)
-                budget -= len(r.prompt_ids)
-            kind, num_tokens = "prefill", sum(len(r.prompt_ids) for r in batch)
-            outputs += self._run(batch, prefill=True, stats=stats)
-        elif running:
+        started = [r for r in self._requests.values() if r.output_ids]  # T_past runs for these
+        plan, admitted, failed = self._schedule(stats, counts)
+        outputs += failed
+        decodes = sum(r.state is RequestState.RUNNING for r, _ in plan)
+        prefill_tokens = sum(n for r, n in plan if r.state is not RequestState.RUNNING)
+        kind = ("idle" if not plan else "decode" if not prefill_tokens
+                else "prefill" if not decodes else "mixed")
+        if plan:
             if not self._waiting:
                 self._promote(stats)
-            kind, num_tokens = "decode", len(running)
-            outputs += self._run(running, prefill=False, stats=stats)
+            outputs += self._run(plan, stats)
         duration = time.perf_counter() - start
-        # T_past is wall time since the first token: a prefill step stalls every running request
-        # too, and the scheduler's TPOT slack must see that stall.
-        for r in running:
+        # T_past is wall time since the first token: a prefill chunk stalls every running request
+        # too (and a preempted one waits), and the scheduler's TPOT slack must see that.
+        for r in started:
             r.decode_time_s += duration
         self.kv_manager.poll()
-        live = [r for r in self._requests.values() if r.state is RequestState.RUNNING and r.table is not None]
         running_states = tuple(
             RunningState(r.request_id, len(r.output_ids), r.decode_time_s, r.context_tokens + 1,
                          r.table.letters)  # type: ignore[union-attr]
-            for r in live)
-        step_stats = StepStats(self._step, kind, duration, num_tokens, stats.bytes_offloaded,
-                               stats.bytes_loaded, stats.wait_s + self.kv_manager.staging.wait_s)
-        return StepOutput(tuple(outputs), tuple(admitted), running_states, step_stats,
-                          self.kv_manager.usage())
+            for r in self._running if r.state is RequestState.RUNNING)
+        step_stats = StepStats(self._step, kind, duration, prefill_tokens + decodes, stats.bytes_offloaded,
+                               stats.bytes_loaded, stats.wait_s + self.kv_manager.staging.wait_s,
+                               prefill_tokens, decodes, counts.preemptions, counts.swapped_layers)
+        return StepOutput(tuple(outputs), tuple(r.request_id for r in admitted), running_states,
+                          step_stats, self.kv_manager.usage(), tuple(counts.preempted),
+                          tuple(r.request_id for r in self._waiting))
+
+    def _schedule(self, stats: CopyStats,
+                  counts: StepCounts) -> tuple[list[tuple[Request, int]], list[Request], list[RequestOutput]]:
+        """(request, tokens to compute) of this step, the requests admitted, and failures."""
+        budget = self.config.max_num_batched_tokens
+        prefill_left = self.config.max_prefill_tokens
+        plan: list[tuple[Request, int]] = []
+        failed: list[RequestOutput] = []
+        admitted: list[Request] = []
+        i = 0
+        while budget > 0:
+            if i == len(self._running):
+                if counts.preemptions or admitted or not self._waiting:
+                    break  # vLLM's rule: nothing is admitted in a step that had to preempt
+                admitted = self._admit()
+                if not admitted:
+                    break
+                continue
+            r = self._running[i]
+            n = min(r.num_tokens - r.num_computed, budget)
+            if r.state is RequestState.ADMITTED:
+                n = min(n, prefill_left)
+            if n <= 0:
+                i += 1
+                continue
+            assert r.table is not None
+            outcome = self._preemptor.make_room(r, r.num_computed + n, stats, counts)
+            if outcome is not None:  # r itself was preempted, or can never grow
+                if outcome.error:
+                    self._requests.pop(r.request_id, None)
+                    failed.append(outcome.error)
+                break
+            plan.append((r, n))
+            budget -= n
+            if r.state is RequestState.ADMITTED:
+                prefill_left -= n
+            i += 1
+        return plan, admitted, failed
 
     def _promote(self, stats: CopyStats) -> None:
+        # Keep a block of growth per GPU-read layer of every request that will still grow, so a
+        # promotion does not take the room the next decode grows into (and preempt to get it back).
+        growing = {r.request_id for r in self._running if r.table is not None and r.table.blocks_per_layer
+                   < self.geometry.blocks_for(len(r.prompt_ids) + r.sampling.max_tokens - 1)}
+        keep = sum(lb.reads_gpu_blocks for r in self._running if r.request_id in growing
+                   for lb in r.table.layers)  # type: ignore[union-attr]
         budget = self.config.max_promotions_per_step
-        for table, layer in self.kv_manager.promotable():
+        decoding = {r.request_id for r in self._running if r.state is RequestState.RUNNING}
+        for table, layer in self.kv_manager.promotable(decoding):
             if budget <= 0:
                 break
-            moved = self.kv_manager.start_promotion(table, layer, self.copy_engine, self.kv.gpu, self.kv.host)
+            moved = self.kv_manager.start_promotion(table, layer, self.copy_engine, self.kv.gpu, self.kv.host,
+                                                    keep_free=keep + (table.request_id in growing))
             if moved < 0:
                 break  # the GPU tier is full
             stats.loaded(table.request_id, moved)
             budget -= 1
 
-    def _run(self, batch: list[Request], prefill: bool, stats: CopyStats) -> list[RequestOutput]:
+    def _run(self, plan: list[tuple[Request, int]], stats: CopyStats) -> list[RequestOutput]:
+        batch = [r for r, _ in plan]
         tables = [r.table for r in batch]
         assert all(t is not None for t in tables)
-        access: PrefillAccess | DecodeAccess | None = None
+        starts = [r.num_computed for r in batch]
+        lens = [n for _, n in plan]
+        ids = [t for r, s, n in zip(batch, starts, lens, strict=True) for t in r.token_at(s, s + n)]
+        positions = [p for s, n in zip(starts, lens, strict=True) for p in range(s, s + n)]
+        ends = list(itertools.accumulate(lens))
+        # Requests whose sequence is computed after this step sample their next token.
+        sampled = [i for i, (r, s, n) in enumerate(zip(batch, starts, lens, strict=True))
+                   if s + n == r.num_tokens]
+        access: StepAccess | None = None
         try:
-            if prefill:
-                ids = [t for r in batch for t in r.prompt_ids]
-                positions = [p for r in batch for p in range(len(r.prompt_ids))]
-                ends = list(itertools.accumulate(len(r.prompt_ids) for r in batch))
-                logits_index = [e - 1 for e in ends]
-                access = PrefillAccess(
-                    tables, [len(r.prompt_ids) for r in batch], self.kv,  # type: ignore[arg-type]
-                    self.kv_manager, self.copy_engine, stats)
-            else:
-                ids = [r.output_ids[-1] for r in batch]
-                positions = [r.context_tokens for r in batch]
-                logits_index = list(range(len(batch)))
-                access = DecodeAccess(tables, positions, self.kv, self.kv_manager,  # type: ignore[arg-type]
-                                      self.copy_engine, stats)
+            access = StepAccess(tables, starts, lens, self.kv, self.kv_manager,  # type: ignore[arg-type]
+                                self.copy_engine, stats)
             dev = self.device
             logits = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
-                                torch.tensor(logits_index, device=dev), access, self.backend)
-            tokens = sample(logits, [r.sampling for r in batch], [r.generator for r in batch])
+                                torch.tensor([ends[i] - 1 for i in sampled], dtype=torch.int64, device=dev),
+                                access, self.backend)
+            tokens = sample(logits, [batch[i].sampling for i in sampled],
+                            [batch[i].generator for i in sampled]) if sampled else []
         except Exception as exc:  # a failed forward fails its batch, never the engine
             if access is not None:
                 access.abandon()
@@ -289,21 +345,26 @@ class Engine:
                                              error=f"{type(exc).__name__}: {exc}"))
             return outputs
         now = time.perf_counter()
+        for r, n in plan:
+            r.num_computed += n
+            r.table.num_tokens = r.num_computed  # type: ignore[union-attr]
+            r.bytes_offloaded += stats.offloaded_by_request.get(r.request_id, 0)
+            r.bytes_loaded += stats.loaded_by_request.get(r.request_id, 0)
         outputs = []
-        for r, tok in zip(batch, tokens, strict=True):
-            assert r.table is not None
-            r.table.num_tokens = len(r.prompt_ids) if prefill else r.table.num_tokens + 1
-            if prefill:
-                r.state, r.first_token_s = RequestState.RUNNING, now
+        for i, tok in zip(sampled, tokens, strict=True):
+            r = batch[i]
+            if r.first_token_s is None:
+                r.first_token_s = now
+            r.state = RequestState.RUNNING
             reason = r.append(tok.token_id, tok.logprob)
             if reason is not None:
                 self._finish(r, reason)
                 self._requests.pop(r.request_id, None)
             outputs.append(RequestOutput(
                 r.request_id, (tok.token_id,), (tok.logprob,), reason is not None, reason,
-                placement=r.admitted_placement,
-                bytes_offloaded=stats.offloaded_by_request.get(r.request_id, 0),
-                bytes_loaded=stats.loaded_by_request.get(r.request_id, 0)))
+                placement=r.admitted_placement, bytes_offloaded=r.bytes_offloaded,
+                bytes_loaded=r.bytes_loaded))
+            r.bytes_offloaded = r.bytes_loaded = 0
         return outputs
 
     def profile(self) -> CostModel:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from common.errors import InvalidArgument
 
 PLACEMENT_DEFAULTS = ("auto", "all-gpu", "rule")
+PREEMPTION_MODES = ("recompute", "swap-layers")
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,9 @@ class EngineConfig:
     seed: int = 0  # random weights of presets and default sampling seeds
     max_model_len: int | None = None  # cap on prompt + max_tokens; None: the model's limit
     max_num_seqs: int = 256  # most requests holding blocks at once
-    max_prefill_tokens: int = 8192  # prompt tokens packed into one prefill step (one prompt always fits)
+    max_prefill_tokens: int = 8192  # prefill tokens in one step, within max_num_batched_tokens
+    max_num_batched_tokens: int = 2048  # tokens per step: decodes first, then prefill chunks (vLLM's)
+    preemption_mode: str = "recompute"  # default for requests that name none: recompute | swap-layers
     max_promotions_per_step: int = 2  # host layers promoted back to GPU per decode step
     attention_backend: str = "auto"  # auto | sdpa | flash-attn
     default_placement: str = "auto"  # for requests without a placement: auto | all-gpu | rule
@@ -46,6 +49,11 @@ class EngineConfig:
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1 or self.max_promotions_per_step < 0:
             raise InvalidArgument("max_num_seqs and max_prefill_tokens must be >= 1, "
                                   "max_promotions_per_step >= 0")
+        if self.max_num_batched_tokens < 1:
+            raise InvalidArgument(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise InvalidArgument(f"preemption_mode {self.preemption_mode!r} must be one of "
+                                  f"{', '.join(PREEMPTION_MODES)}")
         if self.default_placement not in PLACEMENT_DEFAULTS:
             raise InvalidArgument(f"default_placement {self.default_placement!r} must be one of "
                                   f"{', '.join(PLACEMENT_DEFAULTS)}")

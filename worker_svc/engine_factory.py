@@ -24,6 +24,8 @@ def engine_config_from_settings(settings: WorkerSettings) -> Any:
         staging_blocks=settings.staging_blocks,
         gpu_kv_gib=settings.gpu_kv_gib,
         host_kv_gib=settings.host_kv_gib,
+        preemption_mode=settings.preemption_mode,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
     )
 
 

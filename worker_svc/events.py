@@ -41,10 +41,11 @@ class EventHub:
 
     def publish(self, event: worker_pb2.StreamEventsResponse) -> None:
         self.state = worker_pb2.StreamEventsResponse(
-            running=event.running, gpu=event.gpu, host=event.host, step=worker_pb2.StepReport(kind="idle")
+            running=event.running, gpu=event.gpu, host=event.host, step=worker_pb2.StepReport(kind="idle"),
+            waiting_request_ids=event.waiting_request_ids,
         )
         if not self._subscribers:
-            if event.tokens or event.admitted_request_ids:
+            if event.tokens or event.admitted_request_ids or event.preempted_request_ids:
                 if len(self._backlog) >= self._backlog_limit:
                     self._backlog.popleft()
                     self._dropped += 1

@@ -49,18 +49,24 @@ class KVUsage:
 @dataclass(frozen=True)
 class StepStats:
     step: int
-    kind: str  # "prefill" | "decode" | "idle"
+    kind: str  # "prefill" | "decode" | "mixed" (prefill chunks and decodes in one forward) | "idle"
     duration_s: float
-    num_tokens: int  # prompt tokens (prefill) or requests (decode)
+    num_tokens: int  # tokens computed: prefill-chunk tokens plus one per decode
     bytes_offloaded: int  # device-to-host this step
     bytes_loaded: int  # host-to-device this step
     copy_wait_s: float  # time compute waited for copies
+    num_prefill_tokens: int = 0
+    num_decode_requests: int = 0
+    num_preemptions: int = 0  # requests preempted (recompute: requeued; swap-layers: layers moved)
+    num_swapped_layers: int = 0  # layers moved GPU -> host by swap-layers preemption
 
 
 @dataclass(frozen=True)
 class StepOutput:
     outputs: tuple[RequestOutput, ...]
-    admitted: tuple[str, ...]  # request ids admitted (blocks taken) in this step
+    admitted: tuple[str, ...]  # request ids admitted (blocks taken) in this step, re-admissions too
     running: tuple[RunningState, ...]
     stats: StepStats
     usage: KVUsage
+    preempted: tuple[str, ...] = ()  # preempted by recompute in this step (they are in ``waiting``)
+    waiting: tuple[str, ...] = ()  # requests the engine holds without blocks, in admission order

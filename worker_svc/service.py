@@ -58,7 +58,8 @@ class _Admitted:
 
 
 def _admit(
-    engine: Any, request_id: str, prompt: list[int], sampling: SamplingParams, letters: str
+    engine: Any, request_id: str, prompt: list[int], sampling: SamplingParams, letters: str,
+    preemption: str = "",
 ) -> _Admitted | None:
     """Runs on the engine thread: validate, check room, enqueue and take the blocks now.
 
@@ -73,7 +74,7 @@ def _admit(
     if not engine.admits_immediately():
         return None  # the engine would queue it behind others instead of taking its blocks now
     before = engine.usage()
-    engine.add_request(request_id, prompt, sampling, placement)
+    engine.add_request(request_id, prompt, sampling, placement, preemption)
     admitted = engine.admit_waiting()  # the step would do it first thing; do it in this command
     assert admitted == [request_id], f"dispatch {request_id!r} passed can_admit but was not admitted"
     after = engine.usage()
@@ -140,6 +141,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             device=self._identity.device,
             dtype=self._identity.dtype,
             staging_blocks=e.kv_manager.staging.num_blocks,
+            preemption_mode=e.config.preemption_mode,
+            max_num_batched_tokens=e.config.max_num_batched_tokens,
         )
 
     @grpc_errors
@@ -161,8 +164,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         sampling = wire.sampling_from_proto(request.sampling)
         prompt = list(request.prompt_token_ids)
         letters = request.placement
+        preemption = request.preemption
+        if preemption not in ("", "recompute", "swap-layers"):
+            raise InvalidArgument(f"preemption {preemption!r} must be recompute, swap-layers or empty")
+
         def command(engine: Any) -> _Admitted | None:
-            result = _admit(engine, rid, prompt, sampling, letters)
+            result = _admit(engine, rid, prompt, sampling, letters, preemption)
             if result is not None:
                 # The step that would have reported the admission already ran; report it now, on
                 # the loop, ordered before any event of the next step (which may carry its tokens).
@@ -174,7 +181,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._metrics.dispatch_refused()
             raise ResourceExhausted(
                 f"no room for request {rid!r} on worker {self._identity.worker_id!r}: "
-                f"{len(prompt)} prompt + {sampling.max_tokens} output tokens do not fit the free blocks"
+                f"its {len(prompt)} prompt tokens do not fit the free blocks"
             )
         self._metrics.dispatch_accepted()
         return worker_pb2.DispatchResponse(gpu_blocks=admitted.gpu_blocks, host_blocks=admitted.host_blocks)

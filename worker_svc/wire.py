@@ -63,8 +63,14 @@ def step_to_proto(out: StepOutput) -> worker_pb2.StreamEventsResponse:
             bytes_offloaded=s.bytes_offloaded,
             bytes_loaded=s.bytes_loaded,
             copy_wait_s=s.copy_wait_s,
+            num_prefill_tokens=s.num_prefill_tokens,
+            num_decode_requests=s.num_decode_requests,
+            num_preemptions=s.num_preemptions,
+            num_swapped_layers=s.num_swapped_layers,
         ),
         admitted_request_ids=list(out.admitted),
+        waiting_request_ids=list(out.waiting),
+        preempted_request_ids=list(out.preempted),
     )
 
 

@@ -1,8 +1,10 @@
 """The layer block table of one request: for each layer, its block ids in each tier and its residency.
 
-A layer's home tier is where its reserved blocks live (GPU or host). The transient residencies say a
-copy is in flight: STORING (prefill KV on its way from GPU staging blocks to host blocks) and LOADING
-(a promotion: host KV on its way into freshly reserved GPU blocks).
+A layer's home tier is where its blocks live (GPU or host). Every layer holds the same number of
+blocks, enough for the tokens cached so far; decode adds one block per layer each time the request
+crosses a block boundary. The transient residencies say a copy is in flight: STORING (KV on its
+way from GPU staging blocks to host blocks) and LOADING (a promotion: host KV on its way into
+freshly taken GPU blocks).
 """
 
 from __future__ import annotations
@@ -17,20 +19,24 @@ from worker_svc.kv.offload import CopyHandle
 class LayerBlocks:
     """One layer of one request."""
 
-    home: Tier  # tier whose blocks hold this layer for the request's lifetime (changes on promotion)
+    home: Tier  # tier whose blocks hold this layer (changes on promotion and on a swap-out)
     residency: Residency
     gpu_blocks: list[int] = field(default_factory=list)  # GPU-tier ids (home GPU, or promotion target)
     host_blocks: list[int] = field(default_factory=list)  # host-tier ids (home HOST)
     pending: CopyHandle | None = None  # the copy that ends the transient residency
 
+    @property
+    def reads_gpu_blocks(self) -> bool:
+        """Attention reads this layer from its own GPU blocks (GPU home, or a promotion in flight)."""
+        return self.home is Tier.GPU or self.residency is Residency.LOADING
+
 
 @dataclass
 class LayerBlockTable:
-    """Per-layer blocks of one request; every layer reserves ``blocks_per_layer`` blocks."""
+    """Per-layer blocks of one request; every layer holds ``blocks_per_layer`` blocks."""
 
     request_id: str
-    reserved_tokens: int  # prompt + max_tokens: admission reserves them all, so no preemption
-    blocks_per_layer: int
+    blocks_per_layer: int  # grows on demand as the request's context crosses block boundaries
     layers: list[LayerBlocks]
     num_tokens: int = 0  # slots already holding K/V
 

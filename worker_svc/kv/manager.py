@@ -1,17 +1,22 @@
-"""Block accounting of both tiers: admission (check-then-mutate), release, promotion, usage.
+"""Block accounting of both tiers: admission and growth (check-then-mutate), swap-out, release,
+promotion, usage.
 
-Admission reserves, in every layer, blocks for prompt + max_tokens tokens in the tier the placement
-names, so a running request never needs more and nothing is ever preempted. Host-placed layers
-also need GPU staging blocks while they are computed: decode streams layer ``l+1`` in while layer
-``l`` computes, so admission keeps the staging demand of any two adjacent layers within the staging
-pool. Blocks whose copy is still in flight are freed only when it completes (``poll``).
+Admission takes, in every layer, blocks for the tokens to prefill (the prompt, or prompt + output
+after a recompute preemption) in the tier the placement names; decode grows each layer by one
+block whenever the request crosses a block boundary. Host-placed layers also need GPU staging
+blocks while they are computed: a step streams layer ``l+1`` in while layer ``l`` computes, so
+admission and growth keep the staging demand of any two adjacent layers within the staging pool.
+Every count goes through ``common.kv_budget``, the arithmetic the scheduler uses too. Blocks whose
+copy is still in flight are freed only when it completes (``poll``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.types import KVGeometry, Placement, Residency, Tier
+from common import kv_budget
+from common.kv_budget import BlockDemand
+from common.types import KVGeometry, Placement, Residency, Tier, TierCapacity
 from worker_svc.kv.block_pool import BlockPool
 from worker_svc.kv.block_table import LayerBlocks, LayerBlockTable
 from worker_svc.kv.offload import CopyEngine, CopyHandle, StagingPool
@@ -37,9 +42,9 @@ class KVCacheManager:
         self._used = {Tier.GPU: [0] * self.num_layers, Tier.HOST: [0] * self.num_layers}
         self._deferred: list[_DeferredFree] = []
 
-    # ---- admission -------------------------------------------------------------------------
+    # ---- checks ----------------------------------------------------------------------------
     def _staging_demand(self) -> list[int]:
-        """Staging blocks each layer may need: host-home layers that are not being promoted.
+        """Host-placed blocks per layer that may need staging: host-home layers not being promoted.
 
         Derived from the tables on every check rather than tracked, so that finishing a request
         while one of its layers is being promoted cannot count the same blocks twice.
@@ -47,66 +52,119 @@ class KVCacheManager:
         demand = [0] * self.num_layers
         for table in self.tables.values():
             for layer, lb in enumerate(table.layers):
-                if lb.home is Tier.HOST and lb.residency is not Residency.LOADING:
+                if not lb.reads_gpu_blocks:
                     demand[layer] += table.blocks_per_layer
         return demand
 
-    def staging_fits(self, blocks_per_layer: int, placement: Placement) -> bool:
-        demand = self._staging_demand()
-        for layer, tier in enumerate(placement.tiers):
-            if tier is Tier.HOST:
-                demand[layer] += blocks_per_layer
-        if self.num_layers == 1:
-            return demand[0] <= self.staging.num_blocks
-        pairs = (demand[i] + demand[i + 1] for i in range(self.num_layers - 1))
-        return max(pairs) <= self.staging.num_blocks
+    def fits(self, need: BlockDemand) -> bool:
+        """Whether ``need`` more blocks fit the free blocks of both tiers and the staging rule."""
+        host_per_layer = [a + b for a, b in zip(self._staging_demand(), need.host_per_layer, strict=True)]
+        return (self.gpu.can_allocate(need.gpu_blocks) and self.host.can_allocate(need.host_blocks)
+                and kv_budget.staging_fits(host_per_layer, self.staging.num_blocks))
 
     def can_allocate(self, num_tokens: int, placement: Placement) -> bool:
-        gpu, host = self.geometry.blocks_needed(num_tokens, placement)
-        per_layer = self.geometry.blocks_for(num_tokens)
-        return (self.gpu.can_allocate(gpu) and self.host.can_allocate(host)
-                and self.staging_fits(per_layer, placement))
+        return self.fits(kv_budget.demand(self.geometry, num_tokens, placement))
 
     def could_ever_fit(self, num_tokens: int, placement: Placement) -> str | None:
-        """Why the request cannot be admitted even into empty tiers, or ``None``."""
-        gpu, host = self.geometry.blocks_needed(num_tokens, placement)
-        per_layer = self.geometry.blocks_for(num_tokens)
-        if gpu > self.gpu.num_blocks:
-            return (f"needs {gpu} GPU blocks under placement {placement}, "
-                    f"the worker has {self.gpu.num_blocks}")
-        if host > self.host.num_blocks:
-            return (f"needs {host} host blocks under placement {placement}, "
-                    f"the worker has {self.host.num_blocks}")
-        adjacent = 2 if self.num_layers > 1 and "HH" in placement.letters else 1
-        if placement.host_layers and adjacent * per_layer > self.staging.num_blocks:
-            return (f"needs {adjacent * per_layer} staging blocks for its host layers, "
-                    f"the worker has {self.staging.num_blocks}")
-        return None
+        """Why ``num_tokens`` tokens under ``placement`` cannot be held even by empty tiers, or ``None``."""
+        capacity = TierCapacity(self.gpu.num_blocks, self.host.num_blocks)
+        return kv_budget.never_fits(self.geometry, num_tokens, placement, capacity, self.staging.num_blocks)
 
+    # ---- admission and growth -----------------------------------------------------------------
     def allocate(self, request_id: str, num_tokens: int, placement: Placement) -> LayerBlockTable | None:
-        """Reserve every layer's blocks, or return ``None`` and take nothing."""
+        """Take every layer's blocks for ``num_tokens`` tokens, or return ``None`` and take nothing."""
         assert request_id not in self.tables, f"request {request_id} already holds blocks"
         if not self.can_allocate(num_tokens, placement):
             return None
-        per_layer = self.geometry.blocks_for(num_tokens)
+        per_layer = kv_budget.blocks_per_layer(self.geometry, num_tokens)
         layers = []
         for layer, tier in enumerate(placement.tiers):
+            ids = self._take(tier, per_layer, layer)
             if tier is Tier.GPU:
-                ids = self.gpu.allocate(per_layer)
-                assert ids is not None
                 layers.append(LayerBlocks(Tier.GPU, Residency.GPU, gpu_blocks=ids))
             else:
-                ids = self.host.allocate(per_layer)
-                assert ids is not None
                 layers.append(LayerBlocks(Tier.HOST, Residency.HOST, host_blocks=ids))
-            self._used[tier][layer] += per_layer
-        table = LayerBlockTable(request_id, num_tokens, per_layer, layers)
+        table = LayerBlockTable(request_id, per_layer, layers)
         self.tables[request_id] = table
         return table
 
+    def growth_demand(self, table: LayerBlockTable, to_tokens: int) -> BlockDemand:
+        """More blocks per layer and tier ``table`` needs to hold ``to_tokens`` tokens."""
+        held_tokens = table.blocks_per_layer * self.geometry.block_size
+        g = kv_budget.growth_per_layer(self.geometry, held_tokens, to_tokens)
+        return BlockDemand(tuple(g if lb.reads_gpu_blocks else 0 for lb in table.layers),
+                           tuple(0 if lb.reads_gpu_blocks else g for lb in table.layers))
+
+    def growth_shortfall(self, table: LayerBlockTable, to_tokens: int) -> Tier | str | None:
+        """What stops ``table`` growing to ``to_tokens``: a tier, "staging", or ``None`` (it fits)."""
+        need = self.growth_demand(table, to_tokens)
+        if not self.gpu.can_allocate(need.gpu_blocks):
+            return Tier.GPU
+        if not self.host.can_allocate(need.host_blocks):
+            return Tier.HOST
+        return None if self.fits(need) else "staging"
+
+    def grow(self, table: LayerBlockTable, to_tokens: int) -> bool:
+        """Add blocks so every layer holds ``to_tokens`` tokens; ``False`` (nothing taken) if no room."""
+        need = self.growth_demand(table, to_tokens)
+        if need.gpu_blocks == need.host_blocks == 0:
+            return True
+        if not self.fits(need):
+            return False
+        for layer, lb in enumerate(table.layers):
+            if lb.reads_gpu_blocks:  # a layer being promoted grows its GPU target only
+                lb.gpu_blocks += self._take(Tier.GPU, need.gpu_per_layer[layer], layer)
+            else:
+                lb.host_blocks += self._take(Tier.HOST, need.host_per_layer[layer], layer)
+        table.blocks_per_layer += max(need.gpu_per_layer + need.host_per_layer)
+        return True
+
+    def _take(self, tier: Tier, n: int, layer: int) -> list[int]:
+        ids = (self.gpu if tier is Tier.GPU else self.host).allocate(n)
+        assert ids is not None, f"{tier.value} pool has fewer than {n} free blocks after the check"
+        self._used[tier][layer] += n
+        return ids
+
+    # ---- swap-out (swap-layers preemption) ----------------------------------------------------
+    def swap_candidates(self, table: LayerBlockTable) -> list[int]:
+        """GPU-resident layers of ``table`` that could move to the host tier now, best first.
+
+        A layer qualifies when the host tier has its blocks and the staging rule still holds with
+        it host-placed; those adding the least to the busiest adjacent pair come first.
+        """
+        n = table.blocks_per_layer
+        if not self.host.can_allocate(n):
+            return []
+        base = self._staging_demand()
+        scored = []
+        for layer, lb in enumerate(table.layers):
+            if lb.home is not Tier.GPU or lb.residency is not Residency.GPU:
+                continue
+            after = list(base)
+            after[layer] += n
+            need = kv_budget.staging_needed(after)
+            if need <= self.staging.num_blocks:
+                scored.append((need, layer))
+        return [layer for _, layer in sorted(scored)]
+
+    def swap_out(self, table: LayerBlockTable, layer: int, copy: CopyEngine,
+                 gpu_tensor: object, host_tensor: object) -> int:
+        """Move one GPU-home layer to host blocks; bytes copied. Waits for the copy so its GPU
+        blocks are free on return (a swap is rare, and the growth that asked for it needs them now)."""
+        lb = table.layers[layer]
+        assert lb.home is Tier.GPU and lb.residency is Residency.GPU, f"layer {layer} is not GPU-resident"
+        ids = self._take(Tier.HOST, len(lb.gpu_blocks), layer)
+        filled = self.geometry.blocks_for(table.num_tokens)
+        copy.copy_blocks(gpu_tensor, lb.gpu_blocks[:filled], host_tensor, ids[:filled]).wait()  # type: ignore[arg-type]
+        self._free(Tier.GPU, lb.gpu_blocks, layer)
+        lb.gpu_blocks, lb.host_blocks = [], ids
+        lb.home, lb.residency = Tier.HOST, Residency.HOST
+        return filled * self.geometry.bytes_per_block
+
     # ---- release ---------------------------------------------------------------------------
     def release(self, request_id: str) -> None:
-        """Return all blocks of a finished or aborted request (later, for blocks a copy still uses)."""
+        """Return all blocks of a finished, aborted or preempted request (later, for blocks a copy
+        still uses)."""
         table = self.tables.pop(request_id)
         for layer, lb in enumerate(table.layers):
             pending = lb.pending if lb.pending is not None and not lb.pending.done() else None
@@ -123,19 +181,20 @@ class KVCacheManager:
         self._used[tier][layer] -= len(ids)
 
     # ---- promotion -------------------------------------------------------------------------
-    def promotable(self) -> list[tuple[LayerBlockTable, int]]:
-        """Host layers with no copy in flight, oldest request first (tables keep admission order)."""
+    def promotable(self, request_ids: set[str] | None = None) -> list[tuple[LayerBlockTable, int]]:
+        """Host layers (of ``request_ids``, or all) with no copy in flight, oldest request first."""
         return [(t, layer) for t in self.tables.values() for layer, lb in enumerate(t.layers)
-                if lb.home is Tier.HOST and lb.residency is Residency.HOST]
+                if lb.home is Tier.HOST and lb.residency is Residency.HOST
+                and (request_ids is None or t.request_id in request_ids)]
 
     def start_promotion(self, table: LayerBlockTable, layer: int, copy: CopyEngine,
-                        gpu_tensor: object, host_tensor: object) -> int:
-        """Reserve GPU blocks for a host layer and start loading it; bytes copied, or -1 if no room."""
+                        gpu_tensor: object, host_tensor: object, keep_free: int = 0) -> int:
+        """Take GPU blocks for a host layer and start loading it; bytes copied, or -1 when that
+        would leave fewer than ``keep_free`` GPU blocks free."""
         lb = table.layers[layer]
-        ids = self.gpu.allocate(table.blocks_per_layer)
-        if ids is None:
+        if self.gpu.num_free - table.blocks_per_layer < keep_free:
             return -1
-        self._used[Tier.GPU][layer] += len(ids)
+        ids = self._take(Tier.GPU, table.blocks_per_layer, layer)
         filled = self.geometry.blocks_for(table.num_tokens)
         lb.gpu_blocks = ids
         lb.residency = Residency.LOADING

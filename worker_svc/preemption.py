@@ -1,0 +1,106 @@
+"""Preemption when a request's KV growth finds no room, in the victim's own mode.
+
+The victim is always the most recently admitted request holding blocks (vLLM v1's rule), which is
+never one already scheduled in this step. ``recompute`` frees all its blocks and puts it at the
+front of the waiting queue; it keeps its output and its sampling generator, and is re-prefilled
+from prompt + output later. ``swap-layers`` (LayerKV's own) moves its GPU layers to the host tier
+one at a time, as few as the growth needs, and it keeps decoding with those layers streamed in
+through staging; when that cannot help (no host blocks, the staging rule, or the shortfall is not
+GPU blocks) it falls back to recompute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from common.types import FinishReason, Tier
+from worker_svc.kv.step_access import CopyStats
+from worker_svc.outputs import RequestOutput
+from worker_svc.request import Request, RequestState
+
+if TYPE_CHECKING:
+    from worker_svc.engine import Engine
+
+
+@dataclass
+class StepCounts:
+    """Preemptions of one step."""
+
+    preemptions: int = 0  # requests preempted, each counted once per step whatever its mode
+    swapped_layers: int = 0
+    preempted: list[str] = field(default_factory=list)  # by recompute, in order
+    _victims: set[str] = field(default_factory=set)
+
+    def count(self, request_id: str) -> None:
+        if request_id not in self._victims:
+            self._victims.add(request_id)
+            self.preemptions += 1
+
+
+@dataclass(frozen=True)
+class Unscheduled:
+    """The request that asked for room is not scheduled: preempted itself, or failed (``error``)."""
+
+    error: RequestOutput | None = None
+
+
+class Preemptor:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def make_room(self, req: Request, to_tokens: int, stats: CopyStats,
+                  counts: StepCounts) -> Unscheduled | None:
+        """Grow ``req`` to hold ``to_tokens`` tokens, preempting newer requests as needed.
+
+        ``None`` when it grew; otherwise why ``req`` is not scheduled in this step.
+        """
+        engine, mgr = self.engine, self.engine.kv_manager
+        assert req.table is not None
+        while not mgr.grow(req.table, to_tokens):
+            victim = engine._running[-1]
+            short = mgr.growth_shortfall(req.table, to_tokens)
+            if victim.preemption == "swap-layers" and short is Tier.GPU and self._swap(
+                    victim, req, to_tokens, stats, counts):
+                continue
+            if len(engine._running) == 1:  # alone and still no room: no preemption can ever help
+                held = req.table.blocks_per_layer
+                engine._finish(req, FinishReason.ERROR)
+                return Unscheduled(RequestOutput(
+                    req.request_id, (), (), True, FinishReason.ERROR,
+                    error=(f"the KV cache cannot hold {to_tokens} tokens of request {req.request_id!r} even "
+                           f"with no other request (it holds {held} blocks per layer; short of "
+                           f"{short.value if isinstance(short, Tier) else short} blocks)")))
+            self._recompute(victim, counts)
+            if victim is req:
+                return Unscheduled()
+        return None
+
+    def _swap(self, victim: Request, req: Request, to_tokens: int, stats: CopyStats,
+              counts: StepCounts) -> bool:
+        """Move one GPU layer of ``victim`` to the host tier; ``False`` when that cannot help."""
+        engine, mgr = self.engine, self.engine.kv_manager
+        assert victim.table is not None and req.table is not None
+        candidates = mgr.swap_candidates(victim.table)
+        if not candidates:
+            return False
+        if victim is not req:  # swap only if swapping all it can would free enough
+            short = mgr.growth_demand(req.table, to_tokens).gpu_blocks - mgr.gpu.num_free
+            if len(candidates) * victim.table.blocks_per_layer < short:
+                return False
+        moved = mgr.swap_out(victim.table, candidates[0], engine.copy_engine, engine.kv.gpu, engine.kv.host)
+        stats.offloaded(victim.request_id, moved)
+        counts.count(victim.request_id)
+        counts.swapped_layers += 1
+        return True
+
+    def _recompute(self, victim: Request, counts: StepCounts) -> None:
+        """Drop ``victim``'s blocks and requeue it first; its output and generator stay."""
+        engine = self.engine
+        engine.kv_manager.release(victim.request_id)
+        engine._running.remove(victim)
+        victim.table, victim.state, victim.num_computed = None, RequestState.WAITING, 0
+        victim.num_preemptions += 1
+        engine._waiting.appendleft(victim)
+        counts.count(victim.request_id)
+        counts.preempted.append(victim.request_id)
