@@ -14,6 +14,7 @@ import torch
 from common.types import FinishReason, Placement, SamplingParams
 from worker_svc.engine import Engine, EngineConfig
 from worker_svc.kv.offload import CopyEngine
+from worker_svc.outputs import StepOutput
 
 VOCAB = 300
 
@@ -80,6 +81,7 @@ class Job:
     arrive_step: int = 0  # submit before this engine step (0: before the first)
     placement: str | None = None
     sampling: SamplingParams | None = None
+    preemption: str = ""  # "": the engine's default
 
 
 @dataclass
@@ -89,7 +91,11 @@ class Result:
     finish_reason: FinishReason | None = None
 
 
-def run_engine(engine: Engine, jobs: dict[str, Job], max_steps: int = 500) -> dict[str, Result]:
+def run_engine(engine: Engine, jobs: dict[str, Job], max_steps: int = 500,
+               steps: list[StepOutput] | None = None,
+               aborts: dict[int, str] | None = None) -> dict[str, Result]:
+    """Run ``jobs`` to the end; every ``StepOutput`` goes to ``steps`` when given, and ``aborts``
+    maps a step number to a request to abort before it."""
     results = {rid: Result() for rid in jobs}
     step = 0
     while step < max_steps:
@@ -98,11 +104,15 @@ def run_engine(engine: Engine, jobs: dict[str, Job], max_steps: int = 500) -> di
                 sampling = job.sampling or SamplingParams(max_tokens=job.max_tokens)
                 placement = (Placement.from_letters(job.placement, engine.geometry.num_layers)
                              if job.placement else None)
-                engine.add_request(rid, job.prompt, sampling, placement)
+                engine.add_request(rid, job.prompt, sampling, placement, job.preemption)
+        if aborts and step in aborts:
+            engine.abort(aborts[step])
         pending_arrivals = any(j.arrive_step > step for j in jobs.values())
         if not engine.has_work() and not pending_arrivals:
             break
         out = engine.step()
+        if steps is not None:
+            steps.append(out)
         for o in out.outputs:
             r = results[o.request_id]
             r.token_ids += o.new_token_ids
@@ -123,6 +133,17 @@ def make_engine(folder: Path, block_size: int = 16, copy_engine: CopyEngine | No
 def prompt_of(length: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, VOCAB, (length,), generator=g).tolist()
+
+
+def assert_all_free(engine: Engine) -> None:
+    """Both tiers and the staging pool are back to full, and no request holds a table."""
+    usage = engine.usage()
+    layers = engine.geometry.num_layers
+    assert usage.gpu.free_blocks == usage.gpu.total_blocks and usage.gpu.used_per_layer == (0,) * layers
+    assert usage.host.free_blocks == usage.host.total_blocks and usage.host.used_per_layer == (0,) * layers
+    staging = engine.kv_manager.staging
+    assert staging.idle and staging.pool.num_free == staging.num_blocks
+    assert not engine.kv_manager.tables
 
 
 def assert_matches(result: Result, ref: Reference) -> None:
