@@ -1,12 +1,13 @@
 """Preemption when a request's KV growth finds no room, in the victim's own mode.
 
-The victim is always the most recently admitted request holding blocks (vLLM v1's rule), which is
-never one already scheduled in this step. ``recompute`` frees all its blocks and puts it at the
-front of the waiting queue; it keeps its output and its sampling generator, and is re-prefilled
-from prompt + output later. ``swap-layers`` (LayerKV's own) moves its GPU layers to the host tier
-one at a time, as few as the growth needs, and it keeps decoding with those layers streamed in
-through staging; when that cannot help (no host blocks, the staging rule, or the shortfall is not
-GPU blocks) it falls back to recompute.
+Victims are taken among the requests not yet scheduled in this step (the one asking included),
+newest admission first (vLLM v1's rule). ``swap-layers`` (LayerKV's own) moves GPU layers of the
+newest such request in that mode that still has any to the host tier, one at a time, as few as the
+growth needs; the request keeps decoding with those layers streamed in through staging. When
+swapping cannot help (no host blocks, the staging rule, or the shortfall is not GPU blocks) the
+newest request is preempted by ``recompute``: all its blocks are freed and it goes to the front of
+the waiting queue, keeping its output and its sampling generator, to be re-prefilled from
+prompt + output later.
 """
 
 from __future__ import annotations
@@ -58,11 +59,10 @@ class Preemptor:
         engine, mgr = self.engine, self.engine.kv_manager
         assert req.table is not None
         while not mgr.grow(req.table, to_tokens):
-            victim = engine._running[-1]
             short = mgr.growth_shortfall(req.table, to_tokens)
-            if victim.preemption == "swap-layers" and short is Tier.GPU and self._swap(
-                    victim, req, to_tokens, stats, counts):
+            if short is Tier.GPU and self._swap(req, to_tokens, stats, counts):
                 continue
+            victim = engine._running[-1]
             if len(engine._running) == 1:  # alone and still no room: no preemption can ever help
                 held = req.table.blocks_per_layer
                 engine._finish(req, FinishReason.ERROR)
@@ -76,19 +76,27 @@ class Preemptor:
                 return Unscheduled()
         return None
 
-    def _swap(self, victim: Request, req: Request, to_tokens: int, stats: CopyStats,
-              counts: StepCounts) -> bool:
-        """Move one GPU layer of ``victim`` to the host tier; ``False`` when that cannot help."""
+    def _swap(self, req: Request, to_tokens: int, stats: CopyStats, counts: StepCounts) -> bool:
+        """Move one GPU layer of the newest unscheduled swap-layers request to the host tier;
+        ``False`` when swapping every layer it could would still not make room."""
         engine, mgr = self.engine, self.engine.kv_manager
-        assert victim.table is not None and req.table is not None
-        candidates = mgr.swap_candidates(victim.table)
-        if not candidates:
+        assert req.table is not None
+        unscheduled = engine._running[engine._running.index(req):]
+        options = []  # (victim, its table, layers it could swap), newest first
+        for v in reversed(unscheduled):
+            if v.preemption == "swap-layers" and v.table is not None:
+                layers = mgr.swap_candidates(v.table)
+                if layers:
+                    options.append((v, v.table, layers))
+        if not options:
             return False
-        if victim is not req:  # swap only if swapping all it can would free enough
-            short = mgr.growth_demand(req.table, to_tokens).gpu_blocks - mgr.gpu.num_free
-            if len(candidates) * victim.table.blocks_per_layer < short:
-                return False
-        moved = mgr.swap_out(victim.table, candidates[0], engine.copy_engine, engine.kv.gpu, engine.kv.host)
+        short = mgr.growth_demand(req.table, to_tokens).gpu_blocks - mgr.gpu.num_free
+        # Swapping a layer of ``req`` itself also moves its growth there off the GPU tier.
+        freed = sum(len(layers) * table.blocks_per_layer for _, table, layers in options)
+        if freed < short and all(v is not req for v, _, _ in options):
+            return False
+        victim, table, layers = options[0]
+        moved = mgr.swap_out(table, layers[0], engine.copy_engine, engine.kv.gpu, engine.kv.host)
         stats.offloaded(victim.request_id, moved)
         counts.count(victim.request_id)
         counts.swapped_layers += 1
