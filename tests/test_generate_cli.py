@@ -61,3 +61,25 @@ def test_bad_input_errors() -> None:
     assert result.exit_code == 2 and "neither a preset" in result.output
     result = runner.invoke(app, ["generate", "--prompt-ids", "1,2", "--placement", "GH"])
     assert result.exit_code != 0 and "4 letters" in result.output
+
+
+def test_preemption_and_token_budget_flags(tmp_path: Path) -> None:
+    model = build_hf_model("llama", layers=2)
+    model.save_pretrained(tmp_path / "m")
+    prompts = [prompt_of(n, 40 + i) for i, n in enumerate([9, 3, 20])]
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("\n".join(json.dumps({"prompt_ids": p, "max_tokens": 12}) for p in prompts) + "\n")
+    # 24 GPU blocks hold the prompts (9 blocks per layer) but not their growth (17): preemption.
+    for mode in ("recompute", "swap-layers"):
+        args = ["generate", "--model", str(tmp_path / "m"), "--batch", str(batch), "--json",
+                "--block-size", "4", "--gpu-blocks", "24", "--host-blocks", "64", "--placement", "GG",
+                "--preemption", mode, "--max-num-batched-tokens", "5"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        records = _lines(result.output)
+        for r, p in zip(records, prompts, strict=True):
+            assert r["token_ids"] == hf_generate(model, p, 12).token_ids
+        if mode == "recompute":
+            assert sum(r["preemptions"] for r in records) > 0
+    result = runner.invoke(app, ["generate", "--prompt", "x", "--preemption", "drop"])
+    assert result.exit_code == 2 and "preemption_mode 'drop' must be one of" in result.output

@@ -38,6 +38,7 @@ class _Answer:
     placement: str = ""
     bytes_offloaded: int = 0
     bytes_loaded: int = 0
+    preemptions: int = 0  # times preempted by recompute (re-prefilled later)
 
 
 def run_local(config: EngineConfig, specs: list[PromptSpec], json_output: bool, placement: str | None = None,
@@ -59,6 +60,8 @@ def run_local(config: EngineConfig, specs: list[PromptSpec], json_output: bool, 
     while engine.has_work():
         step = engine.step()
         now = time.perf_counter()
+        for rid in step.preempted:
+            answers[rid].preemptions += 1
         for o in step.outputs:
             a = answers[o.request_id]
             if not a.token_ids and o.new_token_ids:
@@ -77,7 +80,7 @@ def run_local(config: EngineConfig, specs: list[PromptSpec], json_output: bool, 
         if json_output:
             record = {"index": a.index, "token_ids": a.token_ids, "text": text,
                       "finish_reason": a.finish_reason, "ttft_s": a.ttft_s, "latency_s": a.latency_s,
-                      "placement": a.placement,
+                      "placement": a.placement, "preemptions": a.preemptions,
                       "bytes_offloaded": a.bytes_offloaded, "bytes_loaded": a.bytes_loaded}
             if a.error:
                 record["error"] = a.error
