@@ -118,7 +118,8 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     engine = Engine.from_config(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                             block_size=args.block_size, max_prefill_tokens=1 << 20))
+                                             block_size=args.block_size, max_prefill_tokens=1 << 20,
+                                             max_num_batched_tokens=1 << 20))  # whole-batch prefill steps
     hf = hf_model_like(engine)
     vocab = engine.model_config.vocab_size
     run_engine(engine, 2, 16, 4)  # warm-up both

@@ -67,7 +67,8 @@ def profile_cost_model(engine: Engine, max_prompt: int = 2048) -> CostModel:
     d2h, h2d = measure_bandwidth(engine.device)
     vocab = engine.model_config.vocab_size
     per_layer_free = engine.kv_manager.gpu.num_free // engine.geometry.num_layers
-    longest = min(max_prompt, engine.max_model_len - 8, per_layer_free * engine.geometry.block_size - 8)
+    longest = min(max_prompt, engine.config.max_num_batched_tokens,  # one prefill step per prompt
+                  engine.max_model_len - 8, per_layer_free * engine.geometry.block_size - 8)
     lengths = sorted({max(1, longest // d) for d in (16, 8, 4, 2, 1)})
     _run_alone(engine, [[1 % vocab] * 8], 1)  # warm-up
     prefill_rows, prefill_ys = [], []
