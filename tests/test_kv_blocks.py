@@ -114,3 +114,43 @@ class ManualCopyEngine(CopyEngine):
     def copy_blocks(self, src, src_ids, dst, dst_ids):  # type: ignore[no-untyped-def]
         super().copy_blocks(src, src_ids, dst, dst_ids)
         return ManualHandle()
+
+
+def test_growth_takes_one_block_per_layer_in_its_tier_and_keeps_the_staging_rule() -> None:
+    geo = KVGeometry(num_layers=2, num_kv_heads=1, head_dim=2, block_size=4, dtype_bytes=4)
+    mgr = KVCacheManager(geo, gpu_blocks=3, host_blocks=10, staging_blocks=3)
+    table = mgr.allocate("a", 8, Placement((Tier.GPU, Tier.HOST)))  # 2 blocks per layer: prompt only
+    assert table is not None and table.blocks_per_layer == 2
+    assert mgr.grow(table, 8)  # nothing to add within the held blocks
+    assert mgr.usage().gpu.used_per_layer == (2, 0) and mgr.usage().host.used_per_layer == (0, 2)
+    assert mgr.grow(table, 9)  # crossing a boundary: one more block in each layer's own tier
+    assert table.blocks_per_layer == 3 and [len(lb.gpu_blocks) for lb in table.layers] == [3, 0]
+    assert mgr.usage().gpu.used_per_layer == (3, 0) and mgr.usage().host.used_per_layer == (0, 3)
+    assert mgr.growth_shortfall(table, 13) is Tier.GPU and not mgr.grow(table, 13)
+    assert table.blocks_per_layer == 3 and mgr.usage().host.used_per_layer == (0, 3)  # nothing taken
+    # The host layer may grow only while staging holds it: a second request's host blocks count.
+    other = mgr.allocate("b", 1, Placement((Tier.HOST, Tier.HOST)))
+    assert other is None  # staging: layer 1 would hold 3 + 1 host blocks, the pool has 3
+
+
+def test_swap_out_moves_a_layer_to_host_blocks_and_frees_its_gpu_blocks() -> None:
+    geo = KVGeometry(num_layers=2, num_kv_heads=1, head_dim=2, block_size=4, dtype_bytes=4)
+    mgr = KVCacheManager(geo, gpu_blocks=8, host_blocks=4, staging_blocks=4)
+    table = mgr.allocate("a", 6, Placement.all_gpu(2))  # 2 blocks per layer
+    assert table is not None
+    table.num_tokens = 5
+    gpu = torch.randn(8 + 4, 2, 4, 1, 2)
+    host = torch.zeros(4, 2, 4, 1, 2)
+    before = gpu[table.layers[1].gpu_blocks].clone()
+    assert mgr.swap_candidates(table) == [0, 1]
+    moved = mgr.swap_out(table, 1, CopyEngine(), gpu, host)
+    assert moved == 2 * geo.bytes_per_block and table.letters == "GH"
+    assert torch.equal(host[table.layers[1].host_blocks], before)
+    usage = mgr.usage()
+    assert usage.gpu.used_per_layer == (2, 0) and usage.host.used_per_layer == (0, 2)
+    assert usage.gpu.free_blocks == 6
+    assert mgr.swap_candidates(table) == [0]  # host blocks for one more layer, staging 2 + 2 <= 4
+    assert mgr.grow(table, 9)  # the swapped layer grows on the host tier
+    assert mgr.usage().host.used_per_layer == (0, 3) and mgr.swap_candidates(table) == []
+    mgr.release("a")
+    assert mgr.usage().gpu.free_blocks == 8 and mgr.usage().host.free_blocks == 4

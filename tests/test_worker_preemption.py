@@ -69,6 +69,9 @@ async def test_preemption_is_reported_and_tokens_stay_exact(mode: str) -> None:
         assert [tokens["r0"], tokens["r1"]] == want
         usage = engine.usage()
         assert usage.gpu.free_blocks == 20 and usage.host.free_blocks == 64
+        metric = server.metrics.registry.get_sample_value
+        assert metric("layerkv_worker_preemptions_total", {"worker": "w-pre"}) == preemptions
+        assert metric("layerkv_worker_swapped_layers_total", {"worker": "w-pre"}) == swapped
     finally:
         await channel.close(None)
         await server.stop(0)

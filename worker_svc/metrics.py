@@ -29,6 +29,14 @@ class WorkerMetrics:
             "layerkv_worker_copy_wait_seconds", "Time compute waited for KV copies", ["worker"],
             registry=self.registry,
         )
+        self._preemptions = Counter(
+            "layerkv_worker_preemptions", "Requests preempted when KV growth found no room", ["worker"],
+            registry=self.registry,
+        )
+        self._swapped_layers = Counter(
+            "layerkv_worker_swapped_layers", "Layers moved GPU -> host by swap-layers preemption", ["worker"],
+            registry=self.registry,
+        )
 
     def dispatch_accepted(self) -> None:
         self.service.dispatches.labels(self._worker_id).inc()
@@ -46,6 +54,8 @@ class WorkerMetrics:
         self.service.bytes_offloaded.labels(w).inc(s.bytes_offloaded)
         self.service.bytes_loaded.labels(w).inc(s.bytes_loaded)
         self._copy_wait.labels(w).inc(s.copy_wait_s)
+        self._preemptions.labels(w).inc(s.num_preemptions)
+        self._swapped_layers.labels(w).inc(s.num_swapped_layers)
         self.service.running.labels(w).set(len(out.running))
         for o in out.outputs:
             if o.finished and o.finish_reason is not None:
