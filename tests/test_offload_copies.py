@@ -142,3 +142,31 @@ def test_abort_while_copy_in_flight_frees_after_the_copy(hf_and_folder: tuple[An
     usage = engine.usage()
     assert usage.host.free_blocks == 64 and usage.host.used_per_layer == (0, 0, 0, 0)
     assert engine.kv_manager.staging.pool.num_free == engine.kv_manager.staging.num_blocks
+
+
+def test_swap_out_and_promotion_back_with_copies_in_flight(hf_and_folder: tuple[Any, Path]) -> None:
+    from tests.test_engine_reference import Job, assert_all_free, run_engine
+    from worker_svc.outputs import StepOutput
+
+    model, folder = hf_and_folder
+    copies = DelayedCopyEngine(delay_polls=4)
+    # 44 GPU blocks hold the three prompts but not their growth: swap-layers moves layers to the
+    # host; once the first requests finish, promotion brings them back while copies lag behind.
+    engine = make_engine(folder, block_size=4, gpu_blocks=44, host_blocks=64, default_placement="all-gpu",
+                         preemption_mode="swap-layers", max_promotions_per_step=1,
+                         copy_engine=copies)  # type: ignore[arg-type]
+    lengths = ((8, 14), (9, 24), (10, 24))  # (prompt, max_tokens): r0 finishes first and frees room
+    jobs = {f"r{i}": Job(prompt_of(n, 90 + i), m, arrive_step=i) for i, (n, m) in enumerate(lengths)}
+    steps: list[StepOutput] = []
+    got = run_engine(engine, jobs, steps=steps)
+    for rid, job in jobs.items():
+        assert_matches(got[rid], hf_generate(model, job.prompt, job.max_tokens))
+    assert sum(s.stats.num_swapped_layers for s in steps) > 0
+    history: dict[str, list[int]] = {}  # host layers of each running request, step by step
+    for s in steps:
+        for r in s.running:
+            history.setdefault(r.request_id, []).append(r.placement.count("H"))
+    swapped_back = [rid for rid, h in history.items() if max(h) > 0 and h[-1] < max(h)]
+    assert swapped_back, history  # a swapped-out request got layers promoted back while decoding
+    assert copies.waits > 0
+    assert_all_free(engine)
