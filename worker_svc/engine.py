@@ -297,7 +297,7 @@ class Engine:
         # Keep a block of growth per GPU-read layer of every request that will still grow, so a
         # promotion does not take the room the next decode grows into (and preempt to get it back).
         growing = {r.request_id for r in self._running if r.table is not None and r.table.blocks_per_layer
-                   < self.geometry.blocks_for(len(r.prompt_ids) + r.sampling.max_tokens - 1)}
+                   < kv_budget.blocks_per_layer(self.geometry, len(r.prompt_ids) + r.sampling.max_tokens - 1)}
         keep = sum(lb.reads_gpu_blocks for r in self._running if r.request_id in growing
                    for lb in r.table.layers)  # type: ignore[union-attr]
         budget = self.config.max_promotions_per_step
