@@ -88,7 +88,7 @@ class ServiceMetrics:
         self.requests = Counter(f"{p}_requests_finished", "Finished requests", ["reason"], registry=r)
         self.requeues = Counter(f"{p}_requeues", "Requests requeued after a worker failure", registry=r)
         self.preemptions = Counter(
-            f"{p}_preemptions", "Requests a worker preempted (recompute or swap-layers)", ["worker"], registry=r
+            f"{p}_preemptions", "Requests preempted (recompute or swap-layers)", ["worker"], registry=r
         )
 
     def observe_usage(self, worker: str, tier: str, used_per_layer: Sequence[int], free: int) -> None:

@@ -31,7 +31,6 @@ from common.types import FinishReason, Placement, SamplingParams, Tier
 from common.wire import sampling_to_proto
 from scheduler_svc.cost_fit import StepTiming
 from scheduler_svc.ledger import Ledger, TierReport
-from scheduler_svc.wire import worker_report_from_proto
 from scheduler_svc.policies.base import (
     Dispatch,
     FleetSnapshot,
@@ -43,6 +42,7 @@ from scheduler_svc.policies.base import (
 from scheduler_svc.policies.registry import make_policy, policy_params
 from scheduler_svc.requests import RUNNING, WAITING, RequestState, sampling_from_dict, split_worker_request_id
 from scheduler_svc.waiting_queue import WaitingQueue
+from scheduler_svc.wire import worker_report_from_proto
 from scheduler_svc.worker_pool import ChannelSecurity, WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
