@@ -39,10 +39,11 @@ class Holding:
 
     request_id: str  # the worker-side id
     placement: Placement  # current placement (swap-layers preemption moves layers to the host)
-    context_tokens: int  # tokens its KV holds now (or takes again when re-admitted)
+    context_tokens: int  # prompt plus tokens generated: what a (re-)prefill stores
     end_tokens: int  # context at dispatch plus max_tokens: it never grows past this
-    headroom_tokens: int  # growth kept free ahead of the context (the policy's decision)
+    headroom_tokens: int  # growth kept free ahead of the KV it holds (the policy's decision)
     state: HoldState = HoldState.RESERVED
+    kv_tokens: int = 0  # tokens whose KV it holds: the newest sampled token is stored next step
 
     def pending(self, geometry: KVGeometry) -> BlockDemand:
         """Blocks promised to it that the worker's report does not count."""
@@ -51,9 +52,8 @@ class Holding:
         return kv_budget.demand(geometry, self.context_tokens, self.placement)
 
     def headroom(self, geometry: KVGeometry) -> BlockDemand:
-        return kv_budget.headroom(
-            geometry, self.context_tokens, self.headroom_tokens, self.end_tokens, self.placement
-        )
+        held = self.context_tokens if self.state is not HoldState.HELD else self.kv_tokens
+        return kv_budget.headroom(geometry, held, self.headroom_tokens, self.end_tokens, self.placement)
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,9 @@ class Ledger:
                 f"headroom {headroom_tokens} must be positive, non-negative, non-negative"
             )
         assert request_id not in budget.holdings, f"{request_id} reserved twice on {worker_id}"
-        holding = Holding(request_id, placement, num_tokens, num_tokens + max_tokens, headroom_tokens)
+        holding = Holding(
+            request_id, placement, num_tokens, num_tokens + max_tokens, headroom_tokens, kv_tokens=num_tokens
+        )
         reservation = Reservation(
             request_id, holding.pending(budget.geometry), holding.headroom(budget.geometry)
         )
@@ -243,9 +245,15 @@ class Ledger:
                 request_id in admitted or seen is not None or request_id in waiting
             ):
                 continue  # the dispatch is still in flight: this report predates it
-            h.state = HoldState.WAITING if request_id in waiting else HoldState.HELD
+            state = HoldState.WAITING if request_id in waiting else HoldState.HELD
+            if state is HoldState.HELD and h.state is not HoldState.HELD:
+                h.kv_tokens = h.context_tokens  # (re-)admitted: the prefill stores its whole context
+            h.state = state
             if seen is not None:
                 h.context_tokens = max(h.context_tokens, seen.context_tokens)
+                # the token sampled last is stored by the next step: the KV holds one fewer
+                stored = seen.context_tokens - 1 if seen.tokens_generated else seen.context_tokens
+                h.kv_tokens = max(h.kv_tokens, stored)
                 if seen.placement:
                     with contextlib.suppress(InvalidArgument):  # a malformed report keeps the last
                         h.placement = Placement.from_letters(seen.placement, layers)
