@@ -291,9 +291,8 @@ class LayerKVPolicy(Policy):
         total = 0.0
         for start in range(0, num_tokens, chunk):
             end = min(num_tokens, start + chunk)
-            compute = cost.prefill_s(end) - cost.prefill_s(start)
-            if start:  # prefill_s(0) already holds the base once; every later chunk pays it again
-                compute += cost.correction * cost.prefill_base_s
+            # the difference cancels the per-step base, which every chunk step pays
+            compute = cost.prefill_s(end) - cost.prefill_s(start) + cost.correction * cost.prefill_base_s
             total += max(compute, offload_s(end - start))
         return total
 
