@@ -3,7 +3,8 @@
 The worker owns the block ids; the scheduler only counts, with ``common.kv_budget``. A worker's
 committed blocks are three terms: the blocks in use as its latest step report said, the blocks
 promised but not in that report yet (a dispatch's prompt until the worker confirms it, and a
-request preempted by recompute, which will take its context again when the worker re-admits it),
+request preempted by recompute, which will take its context again, in its dispatched placement,
+when the worker re-admits it),
 and the growth headroom each policy asked for (``Dispatch.headroom_tokens``: 0 for vLLM's rule,
 up to max_tokens for the whole-request reservation of ``fcfs-full``). Reports move each request
 between these states; a finish, an abort, a refusal or a lost worker drops it. "No room" is a
@@ -44,6 +45,11 @@ class Holding:
     headroom_tokens: int  # growth kept free ahead of the KV it holds (the policy's decision)
     state: HoldState = HoldState.RESERVED
     kv_tokens: int = 0  # tokens whose KV it holds: the newest sampled token is stored next step
+    dispatched_placement: Placement | None = None  # what a recompute re-admission uses again
+
+    def __post_init__(self) -> None:
+        if self.dispatched_placement is None:
+            self.dispatched_placement = self.placement
 
     def pending(self, geometry: KVGeometry) -> BlockDemand:
         """Blocks promised to it that the worker's report does not count."""
@@ -248,6 +254,8 @@ class Ledger:
             state = HoldState.WAITING if request_id in waiting else HoldState.HELD
             if state is HoldState.HELD and h.state is not HoldState.HELD:
                 h.kv_tokens = h.context_tokens  # (re-)admitted: the prefill stores its whole context
+            if state is HoldState.WAITING and h.dispatched_placement is not None:
+                h.placement = h.dispatched_placement  # re-admitted as dispatched, swapped layers undone
             h.state = state
             if seen is not None:
                 h.context_tokens = max(h.context_tokens, seen.context_tokens)

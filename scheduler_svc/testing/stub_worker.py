@@ -8,7 +8,8 @@ Blocks are counted like the engine does, with ``common.kv_budget``: a dispatch t
 blocks in every layer in the tier the placement names (refused with RESOURCE_EXHAUSTED when they do
 not fit, or while preempted requests wait), and decode grows a layer by a block at each block
 boundary. When growth does not fit, the newest running request is preempted: by recompute (its
-blocks freed, re-admitted ahead of new dispatches from its whole context) or, when its dispatch
+blocks freed, re-admitted ahead of new dispatches from its whole context in its dispatched
+placement) or, when its dispatch
 asked for ``swap-layers``, by moving its GPU layers to the host tier one at a time.
 """
 
@@ -60,12 +61,13 @@ class _Request:
     context: list[int]  # prompt plus tokens generated
     max_tokens: int
     stop_ids: frozenset[int]
-    placement: Placement
+    placement: Placement  # current: swap-layers moves GPU layers to the host
     preemption: str  # "recompute" or "swap-layers"
     order: int  # admission order: the newest running request is preempted first
     held_tokens: int = 0  # tokens whose KV blocks it holds (0 while preempted)
     generated: int = 0
     decode_time_s: float = 0.0
+    dispatched_placement: Placement | None = None  # a recompute re-admits it with this again
 
     def blocks(self, geometry: KVGeometry) -> BlockDemand:
         return kv_budget.demand(geometry, self.held_tokens, self.placement)
@@ -222,6 +224,7 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
             request.preemption or self.preemption_mode,
             self._order,
             held_tokens=len(request.prompt_token_ids),
+            dispatched_placement=placement,
         )
         need = r.blocks(self.geometry)
         if self._waiting or not self._fits(need):  # preempted requests go first, as in the engine
@@ -342,6 +345,7 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
             return  # it keeps decoding with host layers
         del self._running[victim.request_id]  # recompute: free everything, wait ahead of new dispatches
         victim.held_tokens = 0
+        victim.placement = victim.dispatched_placement or victim.placement
         self._waiting.append(victim)
         self._waiting.sort(key=lambda w: w.order)
         counts.preempted.append(victim.request_id)
