@@ -115,7 +115,9 @@ def test_no_room_in_either_tier_is_none() -> None:
 # ---- any mix, against the stub worker's own accounting ------------------------------------------
 
 
-def _expected(stub: StubWorker, policy: dict[str, tuple[int, int]], inflight: dict[str, tuple]) -> BlockDemand:
+def _expected(
+    stub: StubWorker, policy: dict[str, tuple[int, int]], inflight: dict[str, tuple]
+) -> BlockDemand:
     """What the ledger must count: the stub's blocks in use, plus what each request was promised."""
     g = STUB_GEOMETRY
     total = stub.used()
