@@ -493,7 +493,7 @@ class SchedulerCore:
         self.metrics.bytes_offloaded.labels(worker_id).inc(step.bytes_offloaded)
         self.metrics.bytes_loaded.labels(worker_id).inc(step.bytes_loaded)
         self.metrics.preemptions.labels(worker_id).inc(step.num_preemptions)
-        if worker.fitter is not None and step.kind in ("prefill", "decode"):
+        if worker.fitter is not None and step.kind in ("prefill", "decode", "mixed"):
             worker.fitter.observe(
                 StepTiming(
                     step.kind,
@@ -503,6 +503,8 @@ class SchedulerCore:
                     step.bytes_offloaded,
                     step.bytes_loaded,
                     step.copy_wait_s,
+                    step.num_prefill_tokens,
+                    step.num_decode_requests,
                 )
             )
 
