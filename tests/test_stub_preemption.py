@@ -106,6 +106,7 @@ async def test_vllm_policy_preempts_and_every_token_survives(redis_url: str) -> 
             assert tokens == expected_tokens(prompt, 10)
             assert final.finish_reason == types_pb2.FINISH_REASON_LENGTH
         assert worker.preempted  # growth collided: vLLM's rule overcommits on purpose
+        assert set(worker.modes.values()) == {"recompute"}
         core = fleet.server.core
         counted = core.metrics.registry.get_sample_value("layerkv_preemptions_total", {"worker": "w0"})
         assert counted == len(worker.preempted)
@@ -130,6 +131,28 @@ async def test_fcfs_full_reserves_whole_requests_and_never_preempts(redis_url: s
         )
         assert [t for t, _ in results] == [expected_tokens(p, 10) for p in prompts]
         assert worker.preempted == []  # 4 + 10 tokens need all 16 blocks: one request at a time
+        assert set(worker.modes.values()) == {"recompute"}
+    finally:
+        await fleet.close()
+
+
+async def test_layerkv_policy_swaps_layers_and_every_token_survives(redis_url: str) -> None:
+    # No headroom (vLLM's rule) and a GPU tier of 4 blocks per layer; a link too slow to hide any
+    # offload, so the paper's rule keeps every layer on the GPU. Growth collides, and the worker
+    # swaps GPU layers of the newest request to the host instead of dropping it.
+    worker = StubWorker("w0", gpu_blocks=16, host_blocks=256, step_s=0.003, d2h_bytes_per_s=1.0)
+    params = {"headroom_blocks": 0, "default_tpot_slo_s": 10.0}
+    fleet = await start_fleet(redis_url, [worker], policy="layerkv", policy_params=params)
+    try:
+        prompts = [[i + 1] * 4 for i in range(3)]
+        results = await asyncio.gather(
+            *(collect(fleet.client.Generate(generate_request(p, 10))) for p in prompts)
+        )
+        assert [t for t, _ in results] == [expected_tokens(p, 10) for p in prompts]
+        assert set(worker.modes.values()) == {"swap-layers"}
+        budget = fleet.server.core.ledger.get("w0")
+        assert budget is not None and budget.preemptions == len(worker.preempted)
+        assert worker.preempted and budget.swapped_layers > 0
     finally:
         await fleet.close()
 

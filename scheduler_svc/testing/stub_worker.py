@@ -100,6 +100,8 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
     refuse_delay_s: float = 0.0  # ...this long
     preemption_mode: str = "recompute"  # for dispatches that leave DispatchRequest.preemption empty
     preempted: list[str] = field(default_factory=list)  # every preemption, in order (ids repeat)
+    modes: dict[str, str] = field(default_factory=dict)  # DispatchRequest.preemption, as sent
+    d2h_bytes_per_s: float = 1e9  # described link: slow enough, and layerkv keeps layers on the GPU
 
     def __post_init__(self) -> None:
         self._running: dict[str, _Request] = {}  # in admission order
@@ -176,7 +178,7 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
             gpu_blocks=self.gpu_blocks,
             host_blocks=self.host_blocks,
             cost_model=types_pb2.CostModel(
-                d2h_bytes_per_s=1e9,
+                d2h_bytes_per_s=self.d2h_bytes_per_s,
                 h2d_bytes_per_s=1e9,
                 prefill_per_token_s=1e-5,
                 decode_base_s=self.step_s,
@@ -234,6 +236,7 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
                 f"{self.gpu_free} and {self.host_free} free, {len(self._waiting)} preempted waiting"
             )
         self._running[rid] = r
+        self.modes[rid] = request.preemption
         self._admitted.append(rid)
         self.dispatched.append(rid)
         return worker_pb2.DispatchResponse(gpu_blocks=need.gpu_blocks, host_blocks=need.host_blocks)
