@@ -254,6 +254,7 @@ class SchedulerCore:
                     host_used_per_layer=budget.committed_per_layer(Tier.HOST),
                     max_num_batched_tokens=h.description.max_num_batched_tokens,
                     requests_held=budget.num_requests,
+                    requests_preempted=budget.num_preempted,
                 )
             )
         return FleetSnapshot(time.time(), tuple(waiting), tuple(workers))

@@ -142,6 +142,11 @@ class WorkerBudget:
         """Requests the worker holds or will hold (running, preempted, dispatched)."""
         return len(self.holdings)
 
+    @property
+    def num_preempted(self) -> int:
+        """Requests preempted by recompute, waiting on the worker to be re-admitted first."""
+        return sum(1 for h in self.holdings.values() if h.state is HoldState.WAITING)
+
     def committed_per_layer(self, tier: Tier) -> tuple[int, ...]:
         """Blocks in use plus promised plus headroom, per layer, in ``tier``."""
         report = self.gpu if tier is Tier.GPU else self.host

@@ -63,7 +63,7 @@ def test_one_request_life_through_every_state() -> None:
     )
     assert budget.holdings["b@0"].state is HoldState.WAITING
     assert (budget.gpu_reserved, budget.headroom.gpu_blocks, budget.gpu_free) == (12, 4, 36)
-    assert budget.preemptions == 1
+    assert (budget.preemptions, budget.num_preempted, budget.num_requests) == (1, 1, 2)
     # re-admitted: prefilled its 10 tokens and sampled one more
     back = (running("a@0", 12, 4), running("b@0", 11, 3))
     ledger.apply_report("w", WorkerReport(running=back, **usage(6)))

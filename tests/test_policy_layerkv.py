@@ -435,6 +435,13 @@ def test_slack_gate_charges_every_chunk_step(budget: int, prompt: int, admitted:
     assert [d.request_id for d in got] == admitted
 
 
+def test_a_worker_with_preempted_requests_waiting_takes_no_new_one() -> None:
+    busy = replace(make_worker("busy"), requests_preempted=1)
+    other = make_worker("other", cost=replace(FAST_LINK, correction=4.0))  # slower, but free to take it
+    got = policy().schedule(fleet(busy, other, waiting=(make_waiting("a", 16),)))
+    assert [d.worker_id for d in got] == ["other"]
+
+
 def test_chunk_size_is_the_budget_less_the_running_decodes() -> None:
     running = tuple(make_running(f"r{i}") for i in range(3))
     worker = replace(make_worker(running=running), max_num_batched_tokens=2048)

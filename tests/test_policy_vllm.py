@@ -29,6 +29,7 @@ def worker(
     gpu_free: int,
     gpu_total: int = 64,
     held: int = 0,
+    preempted: int = 0,
     running: int = 0,
     accepting: bool = True,
     max_model_len: int = 4096,
@@ -46,6 +47,7 @@ def worker(
         running=tuple(RunningRequest(f"run{i}", 16, 16, 1, 0.1, None, placement) for i in range(running)),
         accepting=accepting,
         requests_held=held,
+        requests_preempted=preempted,
     )
 
 
@@ -95,6 +97,13 @@ def test_max_num_seqs_bounds_the_requests_a_worker_holds(
     assert isinstance(policy, VllmPolicy)
     w = worker(gpu_free=64, held=held, running=running)
     assert ids(policy, w, queue=waiting(16, 16, 16)) == admitted
+
+
+def test_preempted_requests_on_a_worker_go_before_any_new_dispatch() -> None:
+    busy, idle = worker("busy", gpu_free=64, held=1, preempted=1), worker("idle", gpu_free=8)
+    got = VllmPolicy().schedule(FleetSnapshot(0.0, waiting(16, 16, 16), (busy, idle)))
+    assert [(d.request_id, d.worker_id) for d in got] == [("r0", "idle"), ("r1", "idle")]
+    assert ids(VllmPolicy(), busy, queue=waiting(16)) == []
 
 
 def test_dispatches_are_all_gpu_without_headroom_and_preempt_by_recompute() -> None:

@@ -86,6 +86,9 @@ class WorkerSnapshot:
     # Requests the worker holds or will hold: running, preempted and waiting on the worker, and
     # dispatched but not yet confirmed (from the ledger). 0: use ``len(running)``.
     requests_held: int = 0
+    # Of those, requests preempted by recompute and waiting on the worker: it re-admits them ahead
+    # of any new dispatch (and refuses new dispatches until then).
+    requests_preempted: int = 0
 
 
 def all_gpu_blocks(worker: WorkerSnapshot, num_tokens: int) -> int:

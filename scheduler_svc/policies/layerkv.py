@@ -196,8 +196,8 @@ class LayerKVPolicy(Policy):
 
     def _candidate(self, req: WaitingRequest, worker: WorkerSnapshot, rnd: _WorkerRound) -> _Candidate | None:
         """The request's placement and predicted cost on this worker, or None when it may not go."""
-        if req.num_prompt_tokens + req.max_tokens > worker.max_model_len:
-            return None
+        if req.num_prompt_tokens + req.max_tokens > worker.max_model_len or worker.requests_preempted:
+            return None  # too long, or the worker re-admits its preempted requests first
         if rnd.added and rnd.prompt_tokens + req.num_prompt_tokens > self.p.max_prefill_tokens_per_round:
             return None
         placement = self.placement_for(

@@ -4,8 +4,9 @@ First come first served over the waiting queue, every layer on the GPU. A reques
 while its *prompt's* blocks fit the worker's free GPU blocks (no ``max_tokens`` reservation, no
 headroom: ``headroom_tokens = 0``); decode grows on demand, and when growth fails the worker
 preempts by recompute (the newest running request is dropped and re-prefilled ahead of new
-arrivals). The worker's chunked prefill (``max_num_batched_tokens``) shares each step between
-prompt chunks and decodes. At most ``max_num_seqs`` requests per worker. Like vLLM v1's scheduler
+arrivals: no new dispatch goes to a worker while its preempted requests wait). The worker's
+chunked prefill (``max_num_batched_tokens``) shares each step between prompt chunks and decodes.
+At most ``max_num_seqs`` requests per worker. Like vLLM v1's scheduler
 the round stops at the first waiting request that does not fit (head-of-line); a request that
 could not be held even by an empty worker's GPU tier is skipped instead (vLLM rejects those).
 """
@@ -65,7 +66,9 @@ class VllmPolicy(Policy):
             best_need = 0
             for w in candidates:
                 need = all_gpu_blocks(w, req.num_prompt_tokens)
-                if held[w.worker_id] >= params.max_num_seqs or need > free[w.worker_id]:
+                if w.requests_preempted or held[w.worker_id] >= params.max_num_seqs:
+                    continue  # preempted requests go first, as at the head of vLLM's queue
+                if need > free[w.worker_id]:
                     continue
                 if best is None or free[w.worker_id] > free[best.worker_id]:
                     best, best_need = w, need
