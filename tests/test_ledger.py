@@ -121,10 +121,10 @@ def _expected(
     """What the ledger must count: the stub's blocks in use, plus what each request was promised."""
     g = STUB_GEOMETRY
     total = stub.used()
-    for r in stub._running.values():
+    for r in stub.kv.running.values():
         headroom, end = policy[r.request_id]
         total = total + kv_budget.headroom(g, r.held_tokens, headroom, end, r.placement)
-    for r in stub._waiting:
+    for r in stub.kv.waiting:
         headroom, end = policy[r.request_id]
         total = total + kv_budget.demand(g, len(r.context), r.placement)
         total = total + kv_budget.headroom(g, len(r.context), headroom, end, r.placement)

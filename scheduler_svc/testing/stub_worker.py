@@ -4,13 +4,10 @@ overhead benchmark drive real gRPC against it.
 Each step appends one token to every running request. The next token is a pure function of the
 request's whole context (prompt plus tokens so far), so a request regenerated elsewhere from its
 prompt plus the tokens already streamed continues exactly as it would have (``expected_tokens``).
-Blocks are counted like the engine does, with ``common.kv_budget``: a dispatch takes its prompt's
-blocks in every layer in the tier the placement names (refused with RESOURCE_EXHAUSTED when they do
-not fit, or while preempted requests wait), and decode grows a layer by a block at each block
-boundary. When growth does not fit, the newest running request is preempted: by recompute (its
-blocks freed, re-admitted ahead of new dispatches from its whole context in its dispatched
-placement) or, when its dispatch
-asked for ``swap-layers``, by moving its GPU layers to the host tier one at a time.
+Blocks are counted like the engine does (``stub_kv``): a dispatch takes its prompt's blocks in
+every layer in the tier the placement names (refused with RESOURCE_EXHAUSTED when they do not fit,
+or while preempted requests wait), decode grows on demand, and a step whose growth does not fit
+preempts (recompute, or swap-layers when the dispatch asks), reported as the engine reports it.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 
-from common import kv_budget
 from common.errors import InvalidArgument, ResourceExhausted
 from common.grpc_errors import ErrorInterceptor
 from common.kv_budget import BlockDemand
@@ -32,6 +28,7 @@ from common.security import TLSFiles, add_port
 from common.tokenizer import ByteTokenizer
 from common.types import KVGeometry, Placement
 from common.wire import geometry_to_proto
+from scheduler_svc.testing.stub_kv import StepCounts, StubKV, StubRequest
 
 HEARTBEAT_S = 1.0  # an idle stub sends its state this often
 MAX_NUM_BATCHED_TOKENS = 2048  # reported as the engine's default token budget (the stub never chunks)
@@ -56,32 +53,6 @@ def expected_tokens(prompt: Sequence[int], n: int) -> list[int]:
 
 
 @dataclass
-class _Request:
-    request_id: str
-    context: list[int]  # prompt plus tokens generated
-    max_tokens: int
-    stop_ids: frozenset[int]
-    placement: Placement  # current: swap-layers moves GPU layers to the host
-    preemption: str  # "recompute" or "swap-layers"
-    order: int  # admission order: the newest running request is preempted first
-    held_tokens: int = 0  # tokens whose KV blocks it holds (0 while preempted)
-    generated: int = 0
-    decode_time_s: float = 0.0
-    dispatched_placement: Placement | None = None  # a recompute re-admits it with this again
-
-    def blocks(self, geometry: KVGeometry) -> BlockDemand:
-        return kv_budget.demand(geometry, self.held_tokens, self.placement)
-
-
-@dataclass
-class _StepCounts:
-    prefill_tokens: int = 0
-    preemptions: int = 0
-    swapped_layers: int = 0
-    preempted: list[str] = field(default_factory=list)
-
-
-@dataclass
 class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
     """A fake worker; ``start()`` serves it on a free port of 127.0.0.1."""
 
@@ -99,13 +70,11 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
     refuse_next: int = 0  # refuse this many dispatches as if full (a stale ledger), each after...
     refuse_delay_s: float = 0.0  # ...this long
     preemption_mode: str = "recompute"  # for dispatches that leave DispatchRequest.preemption empty
-    preempted: list[str] = field(default_factory=list)  # every preemption, in order (ids repeat)
     modes: dict[str, str] = field(default_factory=dict)  # DispatchRequest.preemption, as sent
     d2h_bytes_per_s: float = 1e9  # described link: slow enough, and layerkv keeps layers on the GPU
 
     def __post_init__(self) -> None:
-        self._running: dict[str, _Request] = {}  # in admission order
-        self._waiting: list[_Request] = []  # preempted by recompute, in admission order
+        self.kv = StubKV(self.geometry, self.gpu_blocks, self.host_blocks)
         self._admitted: list[str] = []
         self._finished: list[worker_pb2.TokenUpdate] = []
         self._subscribers: list[asyncio.Queue[worker_pb2.StreamEventsResponse | None]] = []
@@ -117,6 +86,7 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
 
     # ---- lifecycle ----
     async def start(self, port: int = 0) -> int:
+        self.kv.gpu_blocks, self.kv.host_blocks = self.gpu_blocks, self.host_blocks  # set before start
         server = grpc.aio.server(interceptors=[ErrorInterceptor()])
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self, server)
         self.port = add_port(server, f"127.0.0.1:{port}", self.tls)
@@ -143,29 +113,27 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
 
     @property
     def running_ids(self) -> list[str]:
-        return list(self._running)
+        return list(self.kv.running)
 
     @property
     def waiting_ids(self) -> list[str]:
-        return [r.request_id for r in self._waiting]
+        return [r.request_id for r in self.kv.waiting]
+
+    @property
+    def preempted(self) -> list[str]:
+        """Every preemption so far, in order (an id repeats when preempted again)."""
+        return self.kv.preempted
 
     def used(self) -> BlockDemand:
-        """Blocks held per tier and layer: the sum over running requests (preempted ones hold none)."""
-        total = BlockDemand.zero(self.geometry.num_layers)
-        for r in self._running.values():
-            total = total + r.blocks(self.geometry)
-        return total
+        return self.kv.used()
 
     @property
     def gpu_free(self) -> int:
-        return self.gpu_blocks - self.used().gpu_blocks
+        return self.kv.gpu_free
 
     @property
     def host_free(self) -> int:
-        return self.host_blocks - self.used().host_blocks
-
-    def _fits(self, extra: BlockDemand) -> bool:
-        return extra.gpu_blocks <= self.gpu_free and extra.host_blocks <= self.host_free
+        return self.kv.host_free
 
     # ---- WorkerService ----
     async def Describe(
@@ -207,7 +175,7 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
             await asyncio.sleep(self.refuse_delay_s)
             raise ResourceExhausted(f"no room for {request.request_id} (told to refuse it)")
         rid = request.request_id
-        if rid in self._running or any(r.request_id == rid for r in self._waiting):
+        if self.kv.holds(rid):
             raise InvalidArgument(f"request {rid!r} is already running here")
         if not request.prompt_token_ids:
             raise InvalidArgument("empty prompt")
@@ -217,7 +185,7 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
             )
         placement = Placement.from_letters(request.placement, self.geometry.num_layers)
         self._order += 1
-        r = _Request(
+        r = StubRequest(
             rid,
             list(request.prompt_token_ids),
             request.sampling.max_tokens or 16,
@@ -229,13 +197,13 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
             dispatched_placement=placement,
         )
         need = r.blocks(self.geometry)
-        if self._waiting or not self._fits(need):  # preempted requests go first, as in the engine
+        if self.kv.waiting or not self.kv.fits(need):  # preempted requests go first, as in the engine
             self.refused += 1
             raise ResourceExhausted(
                 f"no room for {rid}: needs {need.gpu_blocks} GPU and {need.host_blocks} host blocks, "
-                f"{self.gpu_free} and {self.host_free} free, {len(self._waiting)} preempted waiting"
+                f"{self.gpu_free} and {self.host_free} free, {len(self.kv.waiting)} preempted waiting"
             )
-        self._running[rid] = r
+        self.kv.running[rid] = r
         self.modes[rid] = request.preemption
         self._admitted.append(rid)
         self.dispatched.append(rid)
@@ -245,11 +213,8 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.AbortResponse:
         rid = request.request_id
-        if self._running.pop(rid, None) is None:
-            before = len(self._waiting)
-            self._waiting = [r for r in self._waiting if r.request_id != rid]
-            if len(self._waiting) == before:
-                return worker_pb2.AbortResponse(aborted=False)
+        if not self.kv.remove(rid):
+            return worker_pb2.AbortResponse(aborted=False)
         self.aborted.append(rid)
         self._finished.append(
             worker_pb2.TokenUpdate(request_id=rid, finished=True, finish_reason=types_pb2.FINISH_REASON_ABORT)
@@ -261,7 +226,7 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
     ) -> AsyncIterator[worker_pb2.StreamEventsResponse]:
         queue: asyncio.Queue[worker_pb2.StreamEventsResponse | None] = asyncio.Queue()
         self._subscribers.append(queue)
-        queue.put_nowait(self._event([], _StepCounts(), "idle"))  # the current state first, as the engine
+        queue.put_nowait(self._event([], StepCounts(), "idle"))  # the current state first, as the engine
         try:
             while True:
                 event = await queue.get()
@@ -276,12 +241,12 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
         idle_steps = 0
         while True:
             await asyncio.sleep(self.step_s)
-            if not (self._running or self._waiting or self._admitted or self._finished):
+            if not (self.kv.running or self.kv.waiting or self._admitted or self._finished):
                 idle_steps += 1
                 if idle_steps * self.step_s >= HEARTBEAT_S:  # state-only heartbeat, as the real worker
                     idle_steps = 0
                     for queue in self._subscribers:
-                        queue.put_nowait(self._event([], _StepCounts(), "idle"))
+                        queue.put_nowait(self._event([], StepCounts(), "idle"))
                 continue
             idle_steps = 0
             event = self.step()
@@ -291,21 +256,13 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
     def step(self) -> worker_pb2.StreamEventsResponse:
         """One engine step: re-admit preempted requests, grow each running one, emit a token each."""
         self._step += 1
-        counts = _StepCounts()
+        counts = StepCounts()
         updates = list(self._finished)
         self._finished.clear()
-        while self._waiting:  # recompute: the whole context is prefilled again, oldest first
-            r = self._waiting[0]
-            held = kv_budget.demand(self.geometry, len(r.context), r.placement)
-            if not self._fits(held):
-                break
-            self._waiting.pop(0)
-            r.held_tokens = len(r.context)
-            self._running[r.request_id] = r
-            counts.prefill_tokens += len(r.context)
+        self.kv.readmit(counts)  # recompute: the whole context is prefilled again, oldest first
         decoding = 0
-        for r in list(self._running.values()):
-            if r.request_id not in self._running or not self._grow(r, counts):
+        for r in list(self.kv.running.values()):
+            if r.request_id not in self.kv.running or not self.kv.grow(r, counts):
                 continue  # preempted in this step
             decoding += 1
             token = next_token(r.context)
@@ -323,54 +280,14 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
                 )
             )
             if done:
-                del self._running[r.request_id]
+                del self.kv.running[r.request_id]
         kind = "decode" if not counts.prefill_tokens else ("mixed" if decoding else "prefill")
         event = self._event(updates, counts, kind, decoding)
         self._admitted = []
         return event
 
-    def _grow(self, r: _Request, counts: _StepCounts) -> bool:
-        """Blocks for the token this step stores; preempts newer requests (or ``r``) while short."""
-        while True:
-            need = kv_budget.growth(self.geometry, r.held_tokens, len(r.context), r.placement)
-            if self._fits(need):
-                r.held_tokens = len(r.context)
-                return True
-            victim = max(self._running.values(), key=lambda v: v.order)  # the newest, as vLLM v1
-            self._preempt(victim, counts, need)
-            if r.request_id not in self._running:
-                return False
-
-    def _preempt(self, victim: _Request, counts: _StepCounts, need: BlockDemand) -> None:
-        counts.preemptions += 1
-        self.preempted.append(victim.request_id)
-        if victim.preemption == "swap-layers" and self._swap_out(victim, need, counts):
-            return  # it keeps decoding with host layers
-        del self._running[victim.request_id]  # recompute: free everything, wait ahead of new dispatches
-        victim.held_tokens = 0
-        victim.placement = victim.dispatched_placement or victim.placement
-        self._waiting.append(victim)
-        self._waiting.sort(key=lambda w: w.order)
-        counts.preempted.append(victim.request_id)
-
-    def _swap_out(self, victim: _Request, need: BlockDemand, counts: _StepCounts) -> bool:
-        """Move the victim's GPU layers to the host, last first, until ``need`` fits the GPU."""
-        per_layer = kv_budget.blocks_per_layer(self.geometry, victim.held_tokens)
-        letters = list(victim.placement.letters)
-        moved = 0
-        for layer in reversed(range(len(letters))):
-            if need.gpu_blocks <= self.gpu_free:
-                break
-            if letters[layer] != "G" or self.host_free < per_layer + need.host_blocks:
-                continue
-            letters[layer] = "H"
-            victim.placement = Placement.from_letters("".join(letters), self.geometry.num_layers)
-            moved += 1
-        counts.swapped_layers += moved
-        return moved > 0
-
     def _event(
-        self, updates: list[worker_pb2.TokenUpdate], counts: _StepCounts, kind: str, decoding: int = 0
+        self, updates: list[worker_pb2.TokenUpdate], counts: StepCounts, kind: str, decoding: int = 0
     ) -> worker_pb2.StreamEventsResponse:
         used = self.used()
         return worker_pb2.StreamEventsResponse(
@@ -383,7 +300,7 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
                     context_tokens=len(r.context),
                     placement=r.placement.letters,
                 )
-                for r in self._running.values()
+                for r in self.kv.running.values()
             ],
             gpu=types_pb2.TierUsage(
                 total_blocks=self.gpu_blocks,
@@ -406,7 +323,7 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
                 num_swapped_layers=counts.swapped_layers,
             ),
             admitted_request_ids=self._admitted,
-            waiting_request_ids=[r.request_id for r in self._waiting],
+            waiting_request_ids=self.waiting_ids,
             preempted_request_ids=counts.preempted,
         )
 
