@@ -68,6 +68,28 @@ def growth_per_layer(geometry: KVGeometry, from_tokens: int, to_tokens: int) -> 
     return max(0, blocks_per_layer(geometry, to_tokens) - blocks_per_layer(geometry, from_tokens))
 
 
+def growth(geometry: KVGeometry, from_tokens: int, to_tokens: int, placement: Placement) -> BlockDemand:
+    """Blocks per tier and layer a request must add to grow from ``from_tokens`` to ``to_tokens``."""
+    n = growth_per_layer(geometry, from_tokens, to_tokens)
+    return BlockDemand(
+        tuple(n if t is Tier.GPU else 0 for t in placement.tiers),
+        tuple(n if t is Tier.HOST else 0 for t in placement.tiers),
+    )
+
+
+def headroom(
+    geometry: KVGeometry, context_tokens: int, headroom_tokens: int, end_tokens: int, placement: Placement
+) -> BlockDemand:
+    """Growth blocks kept free for a request beyond the ``context_tokens`` it holds.
+
+    ``headroom_tokens`` of growth ahead of the current context, never past ``end_tokens`` (prompt
+    plus max_tokens: the request cannot grow further). ``headroom_tokens >= end - context`` is the
+    whole-request reservation; 0 is none (vLLM's rule: grow on demand, preempt when short).
+    """
+    target = max(context_tokens, min(context_tokens + max(0, headroom_tokens), end_tokens))
+    return growth(geometry, context_tokens, target, placement)
+
+
 def staging_needed(host_per_layer: Sequence[int]) -> int:
     """Staging blocks the host-placed blocks ``host_per_layer`` need: the largest adjacent pair."""
     if not host_per_layer:

@@ -87,6 +87,9 @@ class ServiceMetrics:
         )
         self.requests = Counter(f"{p}_requests_finished", "Finished requests", ["reason"], registry=r)
         self.requeues = Counter(f"{p}_requeues", "Requests requeued after a worker failure", registry=r)
+        self.preemptions = Counter(
+            f"{p}_preemptions", "Requests preempted (recompute or swap-layers)", ["worker"], registry=r
+        )
 
     def observe_usage(self, worker: str, tier: str, used_per_layer: Sequence[int], free: int) -> None:
         for layer, used in enumerate(used_per_layer):

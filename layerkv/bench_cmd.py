@@ -2,7 +2,9 @@
 
 The defaults are the CPU acceptance workload of the LayerKV policy (docs/benchmarks.md): the tiny
 preset on one worker whose GPU tier holds only a few whole long prompts, long prompts at a rate
-that saturates ``fcfs-full``. The bench package (grpc, rich, matplotlib) is imported inside the
+that saturates ``fcfs-full``. The default policies compare ``layerkv`` with ``vllm`` (vLLM v1's
+admission on our engine, the baseline) and ``fcfs-full`` (the older whole-request reservation).
+The bench package (grpc, rich, matplotlib) is imported inside the
 command only.
 """
 
@@ -17,7 +19,7 @@ import typer
 # The CPU acceptance workload (see docs/benchmarks.md, "LayerKV vs fcfs-full"): with 16-token blocks
 # one tiny-llama request of 512 + up to 192 tokens needs 4 layers x 44 blocks, so a 192-block GPU
 # tier admits one whole request at a time; 2 requests/s saturate fcfs-full on a 2-core CPU.
-DEFAULT_POLICIES = "fcfs-full,layerkv"
+DEFAULT_POLICIES = "vllm,fcfs-full,layerkv"  # the first is the baseline of the ratios
 DEFAULT_RATE = "2.0"
 DEFAULT_PROMPT = "512"
 DEFAULT_OUTPUT = "64:192"

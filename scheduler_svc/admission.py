@@ -2,7 +2,9 @@
 
 Text prompts are tokenized with a worker's own tokenizer (fetched over gRPC on connect). A request
 must fit some healthy worker: prompt plus ``max_tokens`` within its ``max_model_len`` and within its
-total KV blocks (GPU plus host). A client-chosen id that already exists attaches to the first run.
+total KV blocks (GPU plus host, counted by ``common.kv_budget``): a request is admitted on its
+prompt and grows on demand, but it must be able to reach its last token somewhere. A client-chosen
+id that already exists attaches to the first run.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from common import kv_budget
 from common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from common.proto.layerkv.v1 import scheduler_pb2
 from common.store import RequestRecord
-from common.types import KVGeometry, TierCapacity
+from common.types import KVGeometry, Placement, TierCapacity
 from common.wire import sampling_from_proto
 from scheduler_svc.core import SchedulerCore
 from scheduler_svc.requests import WAITING, RequestState, sampling_from_dict, sampling_to_dict
@@ -125,5 +128,6 @@ async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) ->
 
 
 def _fits_worker(geometry: KVGeometry, capacity: TierCapacity, total: int) -> bool:
-    need = geometry.blocks_for(total) * geometry.num_layers
+    """Whether ``total`` tokens fit the worker's two tiers together (any split of the layers)."""
+    need = kv_budget.demand(geometry, total, Placement.all_gpu(geometry.num_layers)).gpu_blocks
     return need <= capacity.gpu_blocks + capacity.host_blocks

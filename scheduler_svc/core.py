@@ -42,6 +42,7 @@ from scheduler_svc.policies.base import (
 from scheduler_svc.policies.registry import make_policy, policy_params
 from scheduler_svc.requests import RUNNING, WAITING, RequestState, sampling_from_dict, split_worker_request_id
 from scheduler_svc.waiting_queue import WaitingQueue
+from scheduler_svc.wire import worker_report_from_proto
 from scheduler_svc.worker_pool import ChannelSecurity, WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,9 @@ class SchedulerCore:
                     accepting=h.accepting,
                     staging_blocks_total=h.description.staging_blocks,
                     host_used_per_layer=budget.committed_per_layer(Tier.HOST),
+                    max_num_batched_tokens=h.description.max_num_batched_tokens,
+                    requests_held=budget.num_requests,
+                    requests_preempted=budget.num_preempted,
                 )
             )
         return FleetSnapshot(time.time(), tuple(waiting), tuple(workers))
@@ -306,13 +310,17 @@ class SchedulerCore:
             batch.update(record, "status", "worker_id", "placement", "dispatch_time")
             batch.dequeued.add(record.request_id)
             batch.running.add(record.request_id)
-            sends.append(state)
+            sends.append((state, proposal))
         self.metrics.queue_length.set(len(self.queue))
         if not sends:
             return 0
         await self.store.commit(batch)
-        for state in sends:
-            self._spawn(self._dispatch(state, state.worker_request_id, state.record.worker_id))
+        for state, proposal in sends:
+            self._spawn(
+                self._dispatch(
+                    state, state.worker_request_id, state.record.worker_id, proposal.preemption.value
+                )
+            )
         return len(sends)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -333,11 +341,18 @@ class SchedulerCore:
         if total > handle.description.max_model_len:
             return None
         reservation = self.ledger.try_reserve(
-            proposal.worker_id, state.worker_request_id, total, proposal.placement
+            proposal.worker_id,
+            state.worker_request_id,
+            len(state.context_ids),
+            proposal.placement,
+            max_tokens=state.remaining_tokens,
+            headroom_tokens=proposal.headroom_tokens,
         )
         return state if reservation is not None else None
 
-    async def _dispatch(self, state: RequestState, worker_rid: str, worker_id: str) -> None:
+    async def _dispatch(
+        self, state: RequestState, worker_rid: str, worker_id: str, preemption: str = ""
+    ) -> None:
         handle = self.pool.by_id(worker_id)
         sampling = sampling_to_proto(state.sampling, max_tokens=state.remaining_tokens)
         request = worker_pb2.DispatchRequest(
@@ -345,6 +360,7 @@ class SchedulerCore:
             prompt_token_ids=state.context_ids,
             sampling=sampling,
             placement=state.record.placement,
+            preemption=preemption,
         )
         try:
             if handle is None or handle.stub is None:
@@ -397,7 +413,7 @@ class SchedulerCore:
     async def worker_up(self, worker: WorkerHandle) -> None:
         d = worker.description
         assert d is not None, "a worker is up only after Describe"
-        self.ledger.add_worker(d.worker_id, d.geometry, d.capacity)
+        self.ledger.add_worker(d.worker_id, d.geometry, d.capacity, d.staging_blocks)
         log.info(
             "worker %s up at %s (%s, %d GPU + %d host blocks)",
             d.worker_id,
@@ -428,10 +444,9 @@ class SchedulerCore:
             return
         worker_id = worker.worker_id
         worker.last_running = tuple(event.running)
-        gpu = _tier(event.gpu) if event.HasField("gpu") else None
-        host = _tier(event.host) if event.HasField("host") else None
-        self.ledger.apply_report(worker_id, event.admitted_request_ids, gpu, host)
-        self._observe_step(worker, event, gpu, host)
+        report = worker_report_from_proto(event)
+        self.ledger.apply_report(worker_id, report)
+        self._observe_step(worker, event, report.gpu, report.host)
         batch = StoreBatch()
         now = time.time()
         for update in event.tokens:
@@ -478,7 +493,8 @@ class SchedulerCore:
         step = event.step
         self.metrics.bytes_offloaded.labels(worker_id).inc(step.bytes_offloaded)
         self.metrics.bytes_loaded.labels(worker_id).inc(step.bytes_loaded)
-        if worker.fitter is not None and step.kind in ("prefill", "decode"):
+        self.metrics.preemptions.labels(worker_id).inc(step.num_preemptions)
+        if worker.fitter is not None and step.kind in ("prefill", "decode", "mixed"):
             worker.fitter.observe(
                 StepTiming(
                     step.kind,
@@ -488,12 +504,10 @@ class SchedulerCore:
                     step.bytes_offloaded,
                     step.bytes_loaded,
                     step.copy_wait_s,
+                    step.num_prefill_tokens,
+                    step.num_decode_requests,
                 )
             )
-
-
-def _tier(usage: types_pb2.TierUsage) -> TierReport:
-    return TierReport(usage.total_blocks, usage.free_blocks, tuple(usage.used_blocks_per_layer))
 
 
 def _sampling(record: RequestRecord) -> SamplingParams:

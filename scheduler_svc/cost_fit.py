@@ -5,7 +5,9 @@ worker and feeds it every step report. Prefill keeps the profiled shape and fits
 correction factor ``a`` (an exponentially weighted ratio measured / predicted). A decode step is
 fitted by recursive least squares with forgetting over (1, batch, context, bytes loaded), starting
 from the profile (the profile is the prior, so a feature that never varies keeps its profiled
-coefficient). The device-to-host bandwidth is estimated from prefills that offloaded KV.
+coefficient). The device-to-host bandwidth is estimated from prefills that offloaded KV. A mixed
+step (chunked prefill: prompt chunks and decodes in one batch) is split: its decodes are charged
+at the current decode fit and the rest of its time is a prefill sample of its prompt tokens.
 Pure Python: no torch, no numpy.
 """
 
@@ -29,13 +31,15 @@ _BYTES_SCALE = 1e8
 class StepTiming:
     """One measured engine step, as reported by the worker (``StepReport`` plus the batch state)."""
 
-    kind: str  # "prefill" or "decode"
+    kind: str  # "prefill", "decode" or "mixed"
     duration_s: float  # wall time of the step
     num_tokens: int  # prompt tokens of a prefill step; requests in a decode step
     context_tokens: int = 0  # decode: context tokens of all requests in the batch
     bytes_offloaded: int = 0  # device-to-host bytes copied during the step
     bytes_loaded: int = 0  # host-to-device bytes copied during the step
     copy_wait_s: float = 0.0  # time the compute stream waited for copies
+    num_prefill_tokens: int = 0  # mixed: prompt tokens of the step's chunks
+    num_decode_requests: int = 0  # mixed: requests decoding in the step
 
 
 class CostFitParams(BaseModel):
@@ -91,6 +95,9 @@ class CostFitter:
 
     def observe(self, step: StepTiming) -> None:
         """Fold one step's measurement into the fit; steps with no useful timing are ignored."""
+        if step.kind == "mixed":
+            self._observe_mixed(step)
+            return
         if not (math.isfinite(step.duration_s) and step.duration_s > 0.0) or step.num_tokens <= 0:
             return
         if step.kind == "prefill":
@@ -98,7 +105,20 @@ class CostFitter:
         elif step.kind == "decode":
             self._observe_decode(step)
         else:
-            raise InvalidArgument(f"step kind must be 'prefill' or 'decode', got {step.kind!r}")
+            raise InvalidArgument(f"step kind must be 'prefill', 'decode' or 'mixed', got {step.kind!r}")
+
+    def _observe_mixed(self, step: StepTiming) -> None:
+        # The decodes cost what the decode fit says (their context and loads are the step's); what
+        # remains is the prefill of the chunks. Only that part is learnt: the split is a model, and
+        # refitting decode from it would feed the prefill's error back into the decode fit.
+        if not math.isfinite(step.duration_s) or step.num_prefill_tokens <= 0:
+            return
+        model = self.model()
+        decode_s = model.decode_step_s(step.num_decode_requests, step.context_tokens, step.bytes_loaded)
+        prefill_s = step.duration_s - decode_s
+        if prefill_s > 0.0:
+            chunks = replace(step, kind="prefill", duration_s=prefill_s, num_tokens=step.num_prefill_tokens)
+            self._observe_prefill(chunks)
 
     def _observe_prefill(self, step: StepTiming) -> None:
         if step.bytes_offloaded > 0:

@@ -1,39 +1,94 @@
 """The per-worker, per-layer budget ledger: block counts the scheduler may still hand out.
 
-The worker owns the block ids; the scheduler only counts. A worker's free blocks are what its
-latest step report said, minus the reservations it has not confirmed yet (a dispatch reserves,
-the worker's ``admitted_request_ids`` confirm — from then on the report itself counts the blocks —
-and a refusal, an abort before admission, or a lost worker releases). A request reserves, in every
-layer, the blocks for its prompt plus ``max_tokens`` in the tier its placement names, exactly as
-the engine admits it. "No room" is a ``None`` return, never an exception.
+The worker owns the block ids; the scheduler only counts, with ``common.kv_budget``. A worker's
+committed blocks are three terms: the blocks in use as its latest step report said, the blocks
+promised but not in that report yet (a dispatch's prompt until the worker confirms it, and a
+request preempted by recompute, which will take its context again, in its dispatched placement,
+when the worker re-admits it),
+and the growth headroom each policy asked for (``Dispatch.headroom_tokens``: 0 for vLLM's rule,
+up to max_tokens for the whole-request reservation of ``fcfs-full``). Reports move each request
+between these states; a finish, an abort, a refusal or a lost worker drops it. "No room" is a
+``None`` return, never an exception.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
 from dataclasses import dataclass, field
+from enum import Enum
 
+from common import kv_budget
+from common.errors import InvalidArgument
+from common.kv_budget import BlockDemand
 from common.types import KVGeometry, Placement, Tier, TierCapacity
+from scheduler_svc.worker_report import TierReport, WorkerReport
+
+__all__ = ["HoldState", "Holding", "Ledger", "Reservation", "TierReport", "WorkerBudget"]
+
+
+class HoldState(Enum):
+    """Where a request's blocks are counted."""
+
+    RESERVED = "reserved"  # dispatched, not confirmed: its prompt blocks are not in any report yet
+    HELD = "held"  # the worker holds its blocks: the report counts them
+    WAITING = "waiting"  # preempted by recompute: no blocks now, its context again on re-admission
+
+
+@dataclass
+class Holding:
+    """One request the ledger counts on a worker."""
+
+    request_id: str  # the worker-side id
+    placement: Placement  # current placement (swap-layers preemption moves layers to the host)
+    context_tokens: int  # prompt plus tokens generated: what a (re-)prefill stores
+    end_tokens: int  # context at dispatch plus max_tokens: it never grows past this
+    headroom_tokens: int  # growth kept free ahead of the KV it holds (the policy's decision)
+    state: HoldState = HoldState.RESERVED
+    kv_tokens: int = 0  # tokens whose KV it holds: the newest sampled token is stored next step
+    dispatched_placement: Placement | None = None  # what a recompute re-admission uses again
+
+    def __post_init__(self) -> None:
+        if self.dispatched_placement is None:
+            self.dispatched_placement = self.placement
+
+    def pending(self, geometry: KVGeometry) -> BlockDemand:
+        """Blocks promised to it that the worker's report does not count."""
+        if self.state is HoldState.HELD:
+            return BlockDemand.zero(geometry.num_layers)
+        return kv_budget.demand(geometry, self.context_tokens, self.placement)
+
+    def headroom(self, geometry: KVGeometry) -> BlockDemand:
+        held = self.context_tokens if self.state is not HoldState.HELD else self.kv_tokens
+        return kv_budget.headroom(geometry, held, self.headroom_tokens, self.end_tokens, self.placement)
 
 
 @dataclass(frozen=True)
 class Reservation:
-    """Blocks held for one dispatch until the worker confirms it."""
+    """What one dispatch took from the budget: its prompt's blocks plus its growth headroom."""
 
     request_id: str  # the worker-side id of the dispatch
-    gpu_blocks: int
-    host_blocks: int
-    gpu_per_layer: tuple[int, ...]  # blocks per layer in the GPU tier
-    host_per_layer: tuple[int, ...]
+    prompt: BlockDemand
+    headroom: BlockDemand
 
+    @property
+    def total(self) -> BlockDemand:
+        return self.prompt + self.headroom
 
-@dataclass(frozen=True)
-class TierReport:
-    """One tier as a worker reported it after a step."""
+    @property
+    def gpu_blocks(self) -> int:
+        return self.total.gpu_blocks
 
-    total_blocks: int
-    free_blocks: int
-    used_per_layer: tuple[int, ...]
+    @property
+    def host_blocks(self) -> int:
+        return self.total.host_blocks
+
+    @property
+    def gpu_per_layer(self) -> tuple[int, ...]:
+        return self.total.gpu_per_layer
+
+    @property
+    def host_per_layer(self) -> tuple[int, ...]:
+        return self.total.host_per_layer
 
 
 @dataclass
@@ -45,33 +100,60 @@ class WorkerBudget:
     capacity: TierCapacity
     gpu: TierReport
     host: TierReport
-    reservations: dict[str, Reservation] = field(default_factory=dict)
+    staging_blocks: int = 0  # 0: not reported, not checked
+    holdings: dict[str, Holding] = field(default_factory=dict)
+    preemptions: int = 0  # requests the worker reported preempted, since it came up
+    swapped_layers: int = 0
+
+    def _sum(self, which: str) -> BlockDemand:
+        total = BlockDemand.zero(self.geometry.num_layers)
+        for h in self.holdings.values():
+            total = total + (h.pending(self.geometry) if which == "pending" else h.headroom(self.geometry))
+        return total
+
+    @property
+    def pending(self) -> BlockDemand:
+        """Blocks promised but not in the report: unconfirmed dispatches and preempted requests."""
+        return self._sum("pending")
+
+    @property
+    def headroom(self) -> BlockDemand:
+        """Growth headroom the policies asked for, beyond the blocks in use."""
+        return self._sum("headroom")
 
     @property
     def gpu_reserved(self) -> int:
-        return sum(r.gpu_blocks for r in self.reservations.values())
+        return self.pending.gpu_blocks
 
     @property
     def host_reserved(self) -> int:
-        return sum(r.host_blocks for r in self.reservations.values())
+        return self.pending.host_blocks
 
     @property
     def gpu_free(self) -> int:
-        return max(0, self.gpu.free_blocks - self.gpu_reserved)
+        return max(0, self.gpu.free_blocks - self.gpu_reserved - self.headroom.gpu_blocks)
 
     @property
     def host_free(self) -> int:
-        return max(0, self.host.free_blocks - self.host_reserved)
+        return max(0, self.host.free_blocks - self.host_reserved - self.headroom.host_blocks)
+
+    @property
+    def num_requests(self) -> int:
+        """Requests the worker holds or will hold (running, preempted, dispatched)."""
+        return len(self.holdings)
+
+    @property
+    def num_preempted(self) -> int:
+        """Requests preempted by recompute, waiting on the worker to be re-admitted first."""
+        return sum(1 for h in self.holdings.values() if h.state is HoldState.WAITING)
 
     def committed_per_layer(self, tier: Tier) -> tuple[int, ...]:
-        """Blocks in use plus reserved, per layer, in ``tier``."""
+        """Blocks in use plus promised plus headroom, per layer, in ``tier``."""
         report = self.gpu if tier is Tier.GPU else self.host
-        used = list(report.used_per_layer) or [0] * self.geometry.num_layers
-        for r in self.reservations.values():
-            extra = r.gpu_per_layer if tier is Tier.GPU else r.host_per_layer
-            for layer, n in enumerate(extra):
-                used[layer] += n
-        return tuple(used)
+        used = report.used_per_layer or (0,) * self.geometry.num_layers
+        extra = self.pending + self.headroom
+        per_layer = extra.gpu_per_layer if tier is Tier.GPU else extra.host_per_layer
+        return tuple(a + b for a, b in zip(used, per_layer, strict=True))
 
 
 def _empty(total: int, layers: int) -> TierReport:
@@ -84,7 +166,9 @@ class Ledger:
     def __init__(self) -> None:
         self._workers: dict[str, WorkerBudget] = {}
 
-    def add_worker(self, worker_id: str, geometry: KVGeometry, capacity: TierCapacity) -> None:
+    def add_worker(
+        self, worker_id: str, geometry: KVGeometry, capacity: TierCapacity, staging_blocks: int = 0
+    ) -> None:
         """(Re)start a worker's ledger as empty: its first report replaces the guess."""
         layers = geometry.num_layers
         self._workers[worker_id] = WorkerBudget(
@@ -93,6 +177,7 @@ class Ledger:
             capacity,
             _empty(capacity.gpu_blocks, layers),
             _empty(capacity.host_blocks, layers),
+            staging_blocks,
         )
 
     def remove_worker(self, worker_id: str) -> None:
@@ -104,52 +189,94 @@ class Ledger:
     def __contains__(self, worker_id: str) -> bool:
         return worker_id in self._workers
 
-    @staticmethod
-    def need(geometry: KVGeometry, num_tokens: int, placement: Placement) -> Reservation:
-        """Blocks a request of ``num_tokens`` (prompt + max output) takes under ``placement``."""
-        per_layer = geometry.blocks_for(num_tokens)
-        gpu = tuple(per_layer if t is Tier.GPU else 0 for t in placement.tiers)
-        host = tuple(per_layer if t is Tier.HOST else 0 for t in placement.tiers)
-        return Reservation("", sum(gpu), sum(host), gpu, host)
-
     def try_reserve(
-        self, worker_id: str, request_id: str, num_tokens: int, placement: Placement
+        self,
+        worker_id: str,
+        request_id: str,
+        num_tokens: int,
+        placement: Placement,
+        *,
+        max_tokens: int = 0,
+        headroom_tokens: int = 0,
     ) -> Reservation | None:
-        """Reserve the blocks of one dispatch; ``None`` when the worker has no room (or is unknown)."""
+        """Reserve one dispatch: ``num_tokens`` (its prompt) now, plus ``headroom_tokens`` of growth.
+
+        ``None`` when the worker has no room in either tier or in its staging pool (or is unknown).
+        """
         budget = self._workers.get(worker_id)
         if budget is None or placement.num_layers != budget.geometry.num_layers:
             return None
-        assert request_id not in budget.reservations, f"{request_id} reserved twice on {worker_id}"
-        need = self.need(budget.geometry, num_tokens, placement)
+        if num_tokens < 1 or max_tokens < 0 or headroom_tokens < 0:
+            raise InvalidArgument(
+                f"reservation of {request_id}: tokens {num_tokens}, max_tokens {max_tokens}, "
+                f"headroom {headroom_tokens} must be positive, non-negative, non-negative"
+            )
+        assert request_id not in budget.holdings, f"{request_id} reserved twice on {worker_id}"
+        holding = Holding(
+            request_id, placement, num_tokens, num_tokens + max_tokens, headroom_tokens, kv_tokens=num_tokens
+        )
+        reservation = Reservation(
+            request_id, holding.pending(budget.geometry), holding.headroom(budget.geometry)
+        )
+        need = reservation.total
         if need.gpu_blocks > budget.gpu_free or need.host_blocks > budget.host_free:
             return None
-        reservation = Reservation(
-            request_id, need.gpu_blocks, need.host_blocks, need.gpu_per_layer, need.host_per_layer
-        )
-        budget.reservations[request_id] = reservation
+        if budget.staging_blocks > 0 and need.host_blocks > 0:
+            host = budget.committed_per_layer(Tier.HOST)
+            with_new = tuple(a + b for a, b in zip(host, need.host_per_layer, strict=True))
+            if not kv_budget.staging_fits(with_new, budget.staging_blocks):
+                return None
+        budget.holdings[request_id] = holding
         return reservation
 
     def release(self, worker_id: str, request_id: str) -> bool:
-        """Drop a reservation the worker will never confirm (refused, aborted before admission)."""
+        """Stop counting a request: it finished, was aborted or refused (its blocks are free)."""
         budget = self._workers.get(worker_id)
-        return budget is not None and budget.reservations.pop(request_id, None) is not None
+        return budget is not None and budget.holdings.pop(request_id, None) is not None
 
-    def apply_report(
-        self, worker_id: str, admitted: Iterable[str], gpu: TierReport | None, host: TierReport | None
-    ) -> None:
-        """One step report: admitted dispatches stop being reservations, the usage is replaced.
+    def apply_report(self, worker_id: str, report: WorkerReport) -> None:
+        """One worker event: usage replaced, requests moved between reserved, held and waiting.
 
-        Both happen together because the same report's usage already counts the admitted blocks.
+        A dispatch is confirmed when the worker lists it as admitted, running or waiting; from then
+        on the same report's usage counts its blocks (unless it waits, preempted, holding none).
+        Running requests update their context (growth) and placement (swapped layers).
         """
         budget = self._workers.get(worker_id)
         if budget is None:
             return
-        for request_id in admitted:
-            budget.reservations.pop(request_id, None)
-        if gpu is not None:
-            budget.gpu = gpu
-        if host is not None:
-            budget.host = host
+        for request_id in report.finished:
+            budget.holdings.pop(request_id, None)
+        running = {r.request_id: r for r in report.running}
+        waiting = set(report.waiting)
+        admitted = set(report.admitted)
+        layers = budget.geometry.num_layers
+        for request_id, h in budget.holdings.items():
+            seen = running.get(request_id)
+            if h.state is HoldState.RESERVED and not (
+                request_id in admitted or seen is not None or request_id in waiting
+            ):
+                continue  # the dispatch is still in flight: this report predates it
+            state = HoldState.WAITING if request_id in waiting else HoldState.HELD
+            if state is HoldState.HELD and h.state is not HoldState.HELD:
+                h.kv_tokens = h.context_tokens  # (re-)admitted: the prefill stores its whole context
+            if state is HoldState.WAITING and h.dispatched_placement is not None:
+                h.placement = h.dispatched_placement  # re-admitted as dispatched, swapped layers undone
+            h.state = state
+            if seen is not None:
+                h.context_tokens = max(h.context_tokens, seen.context_tokens)
+                # the token sampled last is stored by the next step: the KV holds one fewer
+                stored = seen.context_tokens - 1 if seen.tokens_generated else seen.context_tokens
+                h.kv_tokens = max(h.kv_tokens, stored)
+                if seen.placement:
+                    with contextlib.suppress(InvalidArgument):  # a malformed report keeps the last
+                        h.placement = Placement.from_letters(seen.placement, layers)
+        if report.gpu is not None:
+            budget.gpu = report.gpu
+        if report.host is not None:
+            budget.host = report.host
+        if report.step is not None:
+            budget.preemptions += report.step.num_preemptions
+            budget.swapped_layers += report.step.num_swapped_layers
 
     def workers(self) -> list[WorkerBudget]:
         return list(self._workers.values())

@@ -1,14 +1,19 @@
-"""Conversions between the scheduler's typed state and the protobuf messages of its APIs."""
+"""Conversions between the scheduler's typed state and the protobuf messages of its APIs.
+
+Worker events are decoded here into ``scheduler_svc.worker_report`` values (step kind as an enum),
+so nothing past this module reads a ``StreamEventsResponse``.
+"""
 
 from __future__ import annotations
 
 from common import wire
-from common.proto.layerkv.v1 import admin_pb2, scheduler_pb2, types_pb2
+from common.proto.layerkv.v1 import admin_pb2, scheduler_pb2, types_pb2, worker_pb2
 from common.store import RequestRecord
 from common.wire import cost_model_to_proto, geometry_to_proto, sampling_to_proto
 from scheduler_svc.ledger import WorkerBudget
 from scheduler_svc.requests import FINISHED, RUNNING, WAITING, sampling_from_dict
 from scheduler_svc.worker_pool import WorkerHandle
+from scheduler_svc.worker_report import RunningInfo, StepInfo, StepKind, TierReport, WorkerReport
 
 # Records store the finish reason as its string value ("" while unfinished).
 FINISH_TO_PROTO = {reason.value: proto for reason, proto in wire.FINISH_TO_PROTO.items()}
@@ -91,6 +96,52 @@ def worker_info(
                     used_blocks_per_layer=list(report.used_per_layer),
                 )
             )
-        info.reserved_gpu_blocks = budget.gpu_reserved
-        info.reserved_host_blocks = budget.host_reserved
+        # promised but not yet in the worker's report, plus the policies' growth headroom
+        info.reserved_gpu_blocks = budget.gpu_reserved + budget.headroom.gpu_blocks
+        info.reserved_host_blocks = budget.host_reserved + budget.headroom.host_blocks
     return info
+
+
+def tier_from_proto(usage: types_pb2.TierUsage) -> TierReport:
+    return TierReport(usage.total_blocks, usage.free_blocks, tuple(usage.used_blocks_per_layer))
+
+
+def step_kind_from_wire(kind: str) -> StepKind:
+    """The step's kind; one this build does not know counts as idle (no timing to fit)."""
+    try:
+        return StepKind(kind)
+    except ValueError:
+        return StepKind.IDLE
+
+
+def step_from_proto(step: worker_pb2.StepReport) -> StepInfo:
+    return StepInfo(
+        step=step.step,
+        kind=step_kind_from_wire(step.kind),
+        duration_s=step.duration_s,
+        num_tokens=step.num_tokens,
+        bytes_offloaded=step.bytes_offloaded,
+        bytes_loaded=step.bytes_loaded,
+        copy_wait_s=step.copy_wait_s,
+        num_prefill_tokens=step.num_prefill_tokens,
+        num_decode_requests=step.num_decode_requests,
+        num_preemptions=step.num_preemptions,
+        num_swapped_layers=step.num_swapped_layers,
+    )
+
+
+def worker_report_from_proto(event: worker_pb2.StreamEventsResponse) -> WorkerReport:
+    """One worker event as typed values."""
+    return WorkerReport(
+        admitted=tuple(event.admitted_request_ids),
+        finished=tuple(u.request_id for u in event.tokens if u.finished),
+        running=tuple(
+            RunningInfo(r.request_id, r.tokens_generated, r.decode_time_s, r.context_tokens, r.placement)
+            for r in event.running
+        ),
+        waiting=tuple(event.waiting_request_ids),
+        preempted=tuple(event.preempted_request_ids),
+        gpu=tier_from_proto(event.gpu) if event.HasField("gpu") else None,
+        host=tier_from_proto(event.host) if event.HasField("host") else None,
+        step=step_from_proto(event.step) if event.HasField("step") else None,
+    )

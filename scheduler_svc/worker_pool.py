@@ -64,6 +64,8 @@ class WorkerDescription:
     max_model_len: int
     eos_token_id: int
     staging_blocks: int = 0  # GPU staging blocks for host-placed layers (0: not reported)
+    preemption_mode: str = ""  # the worker's default when a request cannot grow ("": not reported)
+    max_num_batched_tokens: int = 0  # per-step token budget of chunked prefill (0: not reported)
 
 
 @dataclass(eq=False)
@@ -112,6 +114,8 @@ def describe_from_proto(d: worker_pb2.DescribeResponse) -> WorkerDescription:
         max_model_len=d.max_model_len,
         eos_token_id=d.eos_token_id,
         staging_blocks=d.staging_blocks,
+        preemption_mode=d.preemption_mode,
+        max_num_batched_tokens=d.max_num_batched_tokens,
     )
 
 

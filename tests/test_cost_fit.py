@@ -126,6 +126,24 @@ def test_unknown_step_kind_is_rejected() -> None:
         CostFitter(PROFILE).observe(StepTiming("chunked", 0.1, 10))
 
 
+def test_mixed_steps_teach_the_prefill_correction_beyond_their_decodes() -> None:
+    # A chunked-prefill step: 4 decodes over 3000 context tokens plus a 512-token chunk, measured
+    # with prefill twice as slow as profiled. The decode part is charged at the (profiled) decode
+    # fit, the rest teaches the correction.
+    fitter = CostFitter(PROFILE)
+    truth = CostModel(**{**PROFILE.__dict__, "correction": 2.0})
+    for _ in range(40):
+        duration = PROFILE.decode_step_s(4, 3000) + truth.prefill_s(512)
+        fitter.observe(StepTiming("mixed", duration, 4, 3000, num_prefill_tokens=512, num_decode_requests=4))
+    assert fitter.model().correction == pytest.approx(2.0, rel=1e-6)
+    assert fitter.decode_samples == 0  # the decode fit is not fed from a split it made itself
+    # a mixed step without prompt tokens, or faster than its decodes alone, teaches nothing
+    fitter = CostFitter(PROFILE)
+    fitter.observe(StepTiming("mixed", 1.0, 4, 3000, num_prefill_tokens=0, num_decode_requests=4))
+    fitter.observe(StepTiming("mixed", 1e-6, 4, 3000, num_prefill_tokens=512, num_decode_requests=4))
+    assert fitter.prefill_samples == 0 and fitter.model() == CostFitter(PROFILE).model()
+
+
 def test_fresh_fitter_reproduces_the_profile() -> None:
     fitted = CostFitter(PROFILE).model()
     assert fitted.prefill_s(777) == pytest.approx(PROFILE.prefill_s(777))

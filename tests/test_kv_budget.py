@@ -7,7 +7,9 @@ import pytest
 from common.kv_budget import (
     BlockDemand,
     demand,
+    growth,
     growth_per_layer,
+    headroom,
     never_fits,
     staging_fits,
     staging_needed,
@@ -66,3 +68,24 @@ def test_never_fits_names_the_limit_that_binds():
     assert host is not None and "12 host blocks" in host
     staging = never_fits(GEOMETRY, 48, Placement.from_letters("GHHG", 4), TierCapacity(16, 16), 5)
     assert staging is not None and "6 staging blocks" in staging
+
+
+@pytest.mark.parametrize(
+    ("held", "headroom_tokens", "end", "letters", "gpu", "host"),
+    [
+        (16, 0, 100, "GGGG", (0, 0, 0, 0), (0, 0, 0, 0)),  # vLLM's rule: no headroom
+        (16, 1, 100, "GHGH", (1, 0, 1, 0), (0, 1, 0, 1)),  # one more token crosses a boundary
+        (17, 15, 100, "GGGG", (0, 0, 0, 0), (0, 0, 0, 0)),  # 32 tokens still fit 2 blocks
+        (17, 16, 100, "GGHH", (1, 1, 0, 0), (0, 0, 1, 1)),
+        (16, 1000, 40, "GGGG", (2, 2, 2, 2), (0, 0, 0, 0)),  # never past prompt + max_tokens
+        (40, 1000, 40, "GGGG", (0, 0, 0, 0), (0, 0, 0, 0)),  # at its end: nothing left to grow
+        (50, 8, 40, "HHHH", (0, 0, 0, 0), (0, 0, 0, 0)),  # past the end (a stale end): none
+    ],
+)
+def test_headroom_is_growth_ahead_of_the_held_kv_up_to_the_end(
+    held, headroom_tokens, end, letters, gpu, host
+):
+    placement = Placement.from_letters(letters, 4)
+    got = headroom(GEOMETRY, held, headroom_tokens, end, placement)
+    assert (got.gpu_per_layer, got.host_per_layer) == (gpu, host)
+    assert got == growth(GEOMETRY, held, max(held, min(held + headroom_tokens, end)), placement)

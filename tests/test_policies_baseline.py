@@ -6,8 +6,7 @@ import pytest
 
 from common.errors import InvalidArgument, NotFound
 from common.placement import interleaved
-from common.types import CostModel, KVGeometry, Placement, TierCapacity
-from scheduler_svc.ledger import Ledger, TierReport
+from common.types import CostModel, KVGeometry, Placement
 from scheduler_svc.policies.base import FleetSnapshot, WaitingRequest, WorkerSnapshot
 from scheduler_svc.policies.fcfs_full import FcfsFullPolicy
 from scheduler_svc.policies.least_loaded import LeastLoadedPolicy
@@ -106,29 +105,3 @@ def test_registry_is_the_one_list_and_validates() -> None:
     names = [d.name for d in describe_policies()]
     assert names == list(POLICIES)
     assert all(d.params_schema_json.startswith("{") for d in describe_policies())
-
-
-def test_ledger_reserves_confirms_and_releases() -> None:
-    geometry = KVGeometry(num_layers=4, num_kv_heads=1, head_dim=8, block_size=4, dtype_bytes=4)
-    ledger = Ledger()
-    ledger.add_worker("w", geometry, TierCapacity(gpu_blocks=40, host_blocks=20))
-    placement = Placement.from_letters("GHGH", 4)
-    r = ledger.try_reserve("w", "a@0", 16, placement)  # 4 blocks per layer: 8 GPU + 8 host
-    assert r is not None and (r.gpu_blocks, r.host_blocks) == (8, 8)
-    assert r.gpu_per_layer == (4, 0, 4, 0)
-    budget = ledger.get("w")
-    assert budget is not None and (budget.gpu_free, budget.host_free) == (32, 12)
-    assert ledger.try_reserve("w", "b@0", 16, Placement.from_letters("HHHH", 4)) is None  # 16 host > 12
-    assert ledger.try_reserve("nobody", "c@0", 4, placement) is None
-    # the worker confirms a@0: its report now counts the blocks, the reservation goes away
-    ledger.apply_report("w", ["a@0"], TierReport(40, 32, (4, 0, 4, 0)), TierReport(20, 12, (0, 4, 0, 4)))
-    assert (budget.gpu_free, budget.host_free, budget.reservations) == (32, 12, {})
-    assert budget.committed_per_layer(placement.tiers[0]) == (4, 0, 4, 0)
-    # a reservation never confirmed (the dispatch was refused) is released
-    assert ledger.try_reserve("w", "d@0", 16, Placement.all_gpu(4)) is not None
-    assert budget.gpu_free == 16
-    assert ledger.release("w", "d@0") and not ledger.release("w", "d@0")
-    assert budget.gpu_free == 32
-    # a stale report does not resurrect a released reservation and never goes negative
-    ledger.apply_report("w", [], TierReport(40, 0, (10, 10, 10, 10)), None)
-    assert budget.gpu_free == 0

@@ -12,7 +12,13 @@ import pytest
 from pydantic import ValidationError
 
 from common.types import CostModel, KVGeometry, Placement
-from scheduler_svc.policies.base import FleetSnapshot, RunningRequest, WaitingRequest, WorkerSnapshot
+from scheduler_svc.policies.base import (
+    FleetSnapshot,
+    PreemptionMode,
+    RunningRequest,
+    WaitingRequest,
+    WorkerSnapshot,
+)
 from scheduler_svc.policies.layerkv import LayerKVParams, LayerKVPolicy
 
 # 8 layers, 1 KV head of 4 floats, 16-token blocks: one layer of n tokens is 32·n bytes.
@@ -319,12 +325,129 @@ def test_bad_parameters_are_rejected(bad: dict[str, object]) -> None:
         LayerKVParams.model_validate(bad)
 
 
-@pytest.mark.parametrize(("max_tokens", "admitted"), [(8, ["a"]), (9, [])])
-def test_budget_counts_prompt_plus_max_tokens(max_tokens: int, admitted: list[str]) -> None:
-    # 80 host blocks hold 10 blocks x 8 layers: 152 + 8 = 160 tokens fit, 152 + 9 = 161 do not.
-    worker = make_worker(gpu_free=0, host_free=80)
-    got = policy().schedule(fleet(worker, waiting=(make_waiting("a", 152, max_tokens=max_tokens),)))
+# ---- the on-demand memory model: the prompt's blocks plus headroom_blocks of growth ----------
+
+
+@pytest.mark.parametrize(
+    ("headroom_blocks", "max_tokens", "host_free", "admitted", "headroom_tokens"),
+    [
+        # 80 host blocks hold 10 blocks x 8 layers; the prompt of 152 tokens takes 10 per layer
+        (0, 5000, 80, ["a"], 0),  # vLLM's rule: the prompt alone, whatever max_tokens says
+        (1, 5000, 80, [], 16),  # one block per layer of growth: 11 x 8 = 88 > 80
+        (1, 5000, 88, ["a"], 16),
+        (1, 8, 80, ["a"], 8),  # headroom never past max_tokens: 152 + 8 = 160 tokens, 10 blocks
+        (1, 9, 80, [], 9),  # 161 tokens: 11 blocks
+        (1000, 8, 80, ["a"], 8),  # a large headroom is the whole-request reservation
+        (1000, 200, 80, [], 200),
+    ],
+)
+def test_budget_counts_the_prompt_plus_the_headroom(
+    headroom_blocks: int, max_tokens: int, host_free: int, admitted: list[str], headroom_tokens: int
+) -> None:
+    worker = make_worker(gpu_free=0, host_free=host_free)
+    p = policy(headroom_blocks=headroom_blocks)
+    got = p.schedule(fleet(worker, waiting=(make_waiting("a", 152, max_tokens=max_tokens),)))
     assert [d.request_id for d in got] == admitted
+    assert p.headroom_tokens(make_waiting("a", 152, max_tokens=max_tokens), worker) == headroom_tokens
+    assert all(d.headroom_tokens == headroom_tokens for d in got)
+
+
+@pytest.mark.parametrize("max_tokens", [8, 5000, 1 << 19])
+def test_placement_follows_the_rule_for_the_prompt_whatever_max_tokens(max_tokens: int) -> None:
+    cost = CostModel(d2h_bytes_per_s=32 * 4 / 1e-3 + 1e-6, prefill_per_token_s=1e-3)  # rule: 4 resident
+    # 40 GPU blocks: the rule's 4 GPU layers of 10 blocks (prompt + one block of headroom).
+    worker = make_worker(cost=cost, gpu_free=44, host_free=44)
+    got = policy().schedule(fleet(worker, waiting=(make_waiting("a", 144, max_tokens=max_tokens),)))
+    assert [d.placement.letters for d in got] == ["HGHGHGHG"]
+
+
+@pytest.mark.parametrize(
+    ("params", "mode"),
+    [({}, PreemptionMode.SWAP_LAYERS), ({"preemption": "recompute"}, PreemptionMode.RECOMPUTE)],
+)
+def test_dispatch_carries_the_preemption_mode(params: dict[str, object], mode: PreemptionMode) -> None:
+    (d,) = policy(**params).schedule(fleet(make_worker(), waiting=(make_waiting("a", 16),)))
+    assert d.preemption is mode
+    with pytest.raises(ValidationError):
+        LayerKVParams.model_validate({"preemption": "drop"})
+
+
+# ---- chunked prefill: every chunk step stalls each running decode ---------------------------------
+# Prefill of n tokens: 2^-4 s per step + 2^-10 s per token + 2^-20 s per token² (attention): one
+# step of 4096 tokens takes 0.0625 + 4 + 16 s; in chunks the tokens and attention cost the same and
+# every further chunk pays the per-step base again.
+CHUNKED = CostModel(
+    d2h_bytes_per_s=1e30,
+    prefill_base_s=2.0**-4,
+    prefill_per_token_s=2.0**-10,
+    prefill_per_token2_s=2.0**-20,
+)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "chunk", "expected_s"),
+    [
+        (4096, 0, 20.0625),  # unchunked: one step
+        (4096, 4096, 20.0625),
+        (4096, 5000, 20.0625),
+        (4096, 2048, 20.125),  # two steps: one more base
+        (4096, 1024, 20.25),
+        (4096, 1000, 20.3125),  # five steps, the last one short
+        (4096, 1, 20.0625 + 4095 * 0.0625),  # one token per step
+        (8192, 1, 0.0625 + 8 + 64 + 8191 * 0.0625),  # beyond MAX_CHUNK_STEPS: the same sum, closed form
+    ],
+)
+def test_chunked_prefill_charge_is_the_sum_of_its_steps(tokens: int, chunk: int, expected_s: float) -> None:
+    worker = make_worker(cost=CHUNKED)
+    placement = Placement.all_gpu(8)
+    assert LayerKVPolicy.predicted_prefill_s(tokens, placement, worker, chunk) == pytest.approx(expected_s)
+
+
+def test_offload_bound_chunks_are_charged_their_offload() -> None:
+    # All 8 layers on the host, 32 bytes per token per layer, a link of 2^17 B/s: each token's
+    # offload takes 2^-9 s, more than its 2^-10 s compute, so each chunk of 2048 takes 4 s.
+    cost = CostModel(d2h_bytes_per_s=2.0**17, prefill_base_s=2.0**-4, prefill_per_token_s=2.0**-10)
+    worker = make_worker(cost=cost)
+    all_host = Placement.from_letters("H" * 8, 8)
+    assert LayerKVPolicy.predicted_prefill_s(4096, all_host, worker, 2048) == pytest.approx(8.0)
+    # ... while all on the GPU it is compute: 2 x (0.0625 + 2) s
+    assert LayerKVPolicy.predicted_prefill_s(4096, Placement.all_gpu(8), worker, 2048) == pytest.approx(4.125)
+
+
+@pytest.mark.parametrize(
+    ("budget", "prompt", "admitted"),
+    [
+        # The running request's slack is 5.0 s (see above); prefill 2^-10 s per token + 0.25 s per
+        # step; the budget less the one running decode leaves chunks of 2048 tokens.
+        (2049, 4096, ["a"]),  # 2 chunk steps: 4.0 + 0.5
+        (2049, 4352, ["a"]),  # 3 chunk steps: 4.25 + 0.75 = 5.0, exactly the slack
+        (2049, 4353, []),
+        (0, 4353, ["a"]),  # unchunked (budget not reported): 4.25 + 0.25
+        (1025, 4096, ["a"]),  # chunks of 1024: 4.0 + 4 x 0.25 = 5.0
+        (1025, 4097, []),  # a fifth chunk step
+        (1025, 3840, ["a"]),  # 3.75 + 4 x 0.25 = 4.75
+    ],
+)
+def test_slack_gate_charges_every_chunk_step(budget: int, prompt: int, admitted: list[str]) -> None:
+    cost = replace(FAST_LINK, prefill_base_s=0.25)
+    worker = replace(make_worker(cost=cost, running=(make_running(),)), max_num_batched_tokens=budget)
+    got = policy(prefill_safety=1.0).schedule(fleet(worker, waiting=(make_waiting("a", prompt),)))
+    assert [d.request_id for d in got] == admitted
+
+
+def test_a_worker_with_preempted_requests_waiting_takes_no_new_one() -> None:
+    busy = replace(make_worker("busy"), requests_preempted=1)
+    other = make_worker("other", cost=replace(FAST_LINK, correction=4.0))  # slower, but free to take it
+    got = policy().schedule(fleet(busy, other, waiting=(make_waiting("a", 16),)))
+    assert [d.worker_id for d in got] == ["other"]
+
+
+def test_chunk_size_is_the_budget_less_the_running_decodes() -> None:
+    running = tuple(make_running(f"r{i}") for i in range(3))
+    worker = replace(make_worker(running=running), max_num_batched_tokens=2048)
+    assert LayerKVPolicy.chunk_tokens(worker) == 2045
+    assert LayerKVPolicy.chunk_tokens(replace(worker, max_num_batched_tokens=2)) == 1
+    assert LayerKVPolicy.chunk_tokens(replace(worker, max_num_batched_tokens=0)) == 0
 
 
 # ---- staging: host layers stream through GPU staging blocks, two adjacent layers at a time ------

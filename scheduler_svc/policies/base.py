@@ -1,9 +1,10 @@
 """The policy interface: a pure decision over a read-only snapshot of the fleet.
 
-A policy orders the waiting queue and proposes dispatches (request → worker, layer placement).
-It owns no state that matters for correctness: the mechanism (``scheduler_svc.ledger``) re-checks
-every hard limit, reserves the blocks, and simply skips a proposal that no longer fits. The
-mechanism never branches on a policy's name; policies register by name in ``registry.py``.
+A policy orders the waiting queue and proposes dispatches (request → worker, layer placement,
+growth headroom, preemption mode). It owns no state that matters for correctness: the mechanism
+(``scheduler_svc.ledger``) re-checks every hard limit, reserves the blocks, and simply skips a
+proposal that no longer fits. The mechanism never branches on a policy's name; policies register
+by name in ``registry.py``.
 """
 
 from __future__ import annotations
@@ -11,11 +12,21 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from common.types import CostModel, KVGeometry, Placement
+from common import kv_budget
+from common.types import CostModel, KVGeometry, Placement, TierCapacity
+
+
+class PreemptionMode(Enum):
+    """What the worker does when a running request cannot grow (``DispatchRequest.preemption``)."""
+
+    WORKER_DEFAULT = ""  # whatever the worker is configured with
+    RECOMPUTE = "recompute"  # vLLM v1: drop the newest running request, re-prefill it later
+    SWAP_LAYERS = "swap-layers"  # LayerKV: move some of its GPU layers to the host tier, keep decoding
 
 
 class PolicyParams(BaseModel):
@@ -69,6 +80,30 @@ class WorkerSnapshot:
     staging_blocks_total: int = 0
     # Host blocks held or reserved per layer (the staging demand of host-placed layers); empty: unknown.
     host_used_per_layer: tuple[int, ...] = ()
+    # The worker's per-step token budget shared by prefill chunks and decodes (chunked prefill);
+    # 0: not reported, a prompt is prefilled in one step.
+    max_num_batched_tokens: int = 0
+    # Requests the worker holds or will hold: running, preempted and waiting on the worker, and
+    # dispatched but not yet confirmed (from the ledger). 0: use ``len(running)``.
+    requests_held: int = 0
+    # Of those, requests preempted by recompute and waiting on the worker: it re-admits them ahead
+    # of any new dispatch (and refuses new dispatches until then).
+    requests_preempted: int = 0
+
+
+def all_gpu_blocks(worker: WorkerSnapshot, num_tokens: int) -> int:
+    """GPU blocks ``num_tokens`` take on ``worker`` with every layer on the GPU."""
+    placement = Placement.all_gpu(worker.geometry.num_layers)
+    return kv_budget.demand(worker.geometry, num_tokens, placement).gpu_blocks
+
+
+def fits_empty_gpu(worker: WorkerSnapshot, num_tokens: int) -> bool:
+    """Whether an empty ``worker`` could hold ``num_tokens`` tokens all on its GPU tier."""
+    placement = Placement.all_gpu(worker.geometry.num_layers)
+    capacity = TierCapacity(worker.gpu_blocks_total, 0)
+    return num_tokens <= worker.max_model_len and (
+        kv_budget.never_fits(worker.geometry, num_tokens, placement, capacity, 0) is None
+    )
 
 
 @dataclass(frozen=True)
@@ -82,11 +117,19 @@ class FleetSnapshot:
 
 @dataclass(frozen=True)
 class Dispatch:
-    """A policy's proposal: run this request on this worker with this placement."""
+    """A policy's proposal: run this request on this worker with this placement.
+
+    ``headroom_tokens`` is the decode growth the ledger keeps free for the request beyond the
+    tokens it holds (never past prompt + max_tokens): 0 admits on the prompt alone and grows on
+    demand (vLLM), ``max_tokens`` or more reserves the whole request up front (``fcfs-full``).
+    ``preemption`` is what the worker does when the request must give up GPU blocks.
+    """
 
     request_id: str
     worker_id: str
     placement: Placement
+    headroom_tokens: int = 0
+    preemption: PreemptionMode = PreemptionMode.WORKER_DEFAULT
 
 
 class Policy(ABC):

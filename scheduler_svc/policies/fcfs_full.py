@@ -1,10 +1,12 @@
-"""The ``fcfs-full`` baseline: vLLM-style admission with no layer-wise placement.
+"""The ``fcfs-full`` baseline: the paper's older vLLM-style admission, whole-request reservation.
 
 Requests go in arrival order; one is dispatched only when some worker has free GPU blocks for the
-whole request (prompt plus ``max_tokens``, the blocks the engine reserves) in every layer, all on
-the GPU. When the head of the queue does not fit, nothing behind it goes either (head-of-line
-blocking, as in vLLM). A request that could not fit an *empty* worker's GPU tier is skipped
-instead of blocking the queue forever (it waits for a placement-aware policy).
+whole request (prompt plus ``max_tokens``) in every layer, all on the GPU, and the ledger keeps
+that whole reservation as growth headroom (``headroom_tokens = max_tokens``), so a running request
+always has room to grow and nothing is ever preempted. When the head of the queue does not fit,
+nothing behind it goes either (head-of-line blocking). A request that could not fit an *empty*
+worker's GPU tier is skipped instead of blocking the queue forever (it waits for a placement-aware
+policy). The engine's on-demand growth with vLLM v1's admission is the ``vllm`` policy.
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from common.types import Placement
-from scheduler_svc.policies.base import Dispatch, FleetSnapshot, Policy, PolicyParams
+from scheduler_svc.policies.base import (
+    Dispatch,
+    FleetSnapshot,
+    Policy,
+    PolicyParams,
+    PreemptionMode,
+    all_gpu_blocks,
+    fits_empty_gpu,
+)
 
 
 class FcfsFullParams(PolicyParams):
@@ -23,8 +33,8 @@ class FcfsFullParams(PolicyParams):
 class FcfsFullPolicy(Policy):
     name: ClassVar[str] = "fcfs-full"
     description: ClassVar[str] = (
-        "vLLM-style baseline: first come first served, dispatch only when a worker has GPU blocks "
-        "for the whole request in every layer; no host layers"
+        "older vLLM-style baseline: first come first served, dispatch only when a worker has GPU "
+        "blocks for the whole request (prompt + max_tokens) in every layer; no host layers"
     )
     Params: ClassVar[type[PolicyParams]] = FcfsFullParams
 
@@ -35,19 +45,28 @@ class FcfsFullPolicy(Policy):
         for req in fleet.waiting:
             tokens = req.num_prompt_tokens + req.max_tokens
             best = None
+            best_need = 0
             ever_fits = False
             for w in workers:
-                need = w.geometry.blocks_for(tokens) * w.geometry.num_layers
-                if tokens > w.max_model_len or need > w.gpu_blocks_total:
+                if not fits_empty_gpu(w, tokens):
                     continue
                 ever_fits = True
+                need = all_gpu_blocks(w, tokens)
                 if need <= free[w.worker_id] and (best is None or free[w.worker_id] > free[best.worker_id]):
-                    best = w
+                    best, best_need = w, need
             if best is None:
                 if ever_fits:
                     break  # head-of-line blocking: nobody overtakes a request that will fit later
                 continue
-            free[best.worker_id] -= best.geometry.blocks_for(tokens) * best.geometry.num_layers
+            free[best.worker_id] -= best_need
             placement = Placement.all_gpu(best.geometry.num_layers)
-            dispatches.append(Dispatch(req.request_id, best.worker_id, placement))
+            dispatches.append(
+                Dispatch(
+                    req.request_id,
+                    best.worker_id,
+                    placement,
+                    headroom_tokens=req.max_tokens,
+                    preemption=PreemptionMode.RECOMPUTE,
+                )
+            )
         return dispatches

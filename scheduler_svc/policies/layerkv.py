@@ -1,34 +1,40 @@
 """The ``layerkv`` policy: layer-wise placement plus SLO-aware admission (arXiv 2410.00428 §3).
 
-For each waiting request and each worker it computes a layer placement (the paper's minimum
-resident layers, interleaved, shrunk to the worker's free GPU blocks when they run short as long
-as host blocks suffice) and admits the request only while every request running on that worker
-keeps its TPOT SLO: ``slack_i = SLO_i·(N_past + N_future) − T_past − N_future·t_step`` must cover
-the predicted prefill times admitted to that worker in this round. Among the workers that pass,
-the one with the lowest predicted TTFT wins. The running mean of output lengths is soft state:
-it only sharpens the prediction and the decisions stay valid without it.
+For each waiting request and each worker it computes a layer placement for the *prompt* (the
+paper's minimum resident layers, interleaved, shrunk to the worker's free GPU blocks when they run
+short as long as host and staging blocks suffice) and admits the request only while every request
+running on that worker keeps its TPOT SLO: ``slack_i = SLO_i·(N_past + N_future) − T_past −
+N_future·t_step`` must cover the predicted prefill time admitted to that worker in this round,
+charged as the worker runs it: in chunks of its ``max_num_batched_tokens`` (less one token per
+running decode), each chunk step stalling every running decode. Decode grows on demand; the ledger
+keeps ``headroom_blocks`` per layer of growth free for each request, and when growth still fails
+the worker preempts by ``swap-layers`` (GPU layers move to the host, the request keeps decoding).
+Among the workers that pass, the one with the lowest predicted TTFT wins. The running mean of
+output lengths is soft state: it only sharpens the prediction and the decisions stay valid
+without it.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from common.placement import interleaved, min_resident_layers
+from common import kv_budget
 from common.types import Placement
 from scheduler_svc.policies.base import (
     Dispatch,
     FleetSnapshot,
     Policy,
     PolicyParams,
+    PreemptionMode,
     RunningRequest,
     WaitingRequest,
     WorkerSnapshot,
 )
+from scheduler_svc.policies.layerkv_placement import chunk_tokens, placement_for, predicted_prefill_s
 
 
 class LayerKVParams(PolicyParams):
@@ -58,6 +64,19 @@ class LayerKVParams(PolicyParams):
     skip_blocked: bool = Field(
         default=False,
         description="let later requests overtake one that fits no worker now (False: strict queue order)",
+    )
+    headroom_blocks: int = Field(
+        default=1,
+        ge=0,
+        le=1 << 16,
+        description="decode growth per layer the ledger keeps free for each request beyond the "
+        "blocks it holds, in blocks (never past prompt + max_tokens); 0 is vLLM's rule, a "
+        "large value reserves the whole request",
+    )
+    preemption: PreemptionMode = Field(
+        default=PreemptionMode.SWAP_LAYERS,
+        description="what the worker does when a request cannot grow: 'swap-layers' (GPU layers "
+        "to the host, keep decoding), 'recompute' (vLLM v1) or '' (the worker's default)",
     )
     protect_lost_requests: bool = Field(
         default=False,
@@ -137,7 +156,15 @@ class LayerKVPolicy(Policy):
                     continue  # a request no empty worker could hold must not block the queue forever
                 break  # strict order: nobody overtakes the head of the queue
             self._take(req, best, rounds[best.worker.worker_id])
-            dispatches.append(Dispatch(req.request_id, best.worker.worker_id, best.placement))
+            dispatches.append(
+                Dispatch(
+                    req.request_id,
+                    best.worker.worker_id,
+                    best.placement,
+                    headroom_tokens=self.headroom_tokens(req, best.worker),
+                    preemption=self.p.preemption,
+                )
+            )
         return dispatches
 
     def _ever_fits(self, req: WaitingRequest, fleet: FleetSnapshot) -> bool:
@@ -145,7 +172,11 @@ class LayerKVPolicy(Policy):
         return any(
             req.num_prompt_tokens + req.max_tokens <= w.max_model_len
             and self.placement_for(
-                req.num_prompt_tokens, req.max_tokens, w, w.gpu_blocks_total, w.host_blocks_total
+                req.num_prompt_tokens,
+                self.headroom_tokens(req, w),
+                w,
+                w.gpu_blocks_total,
+                w.host_blocks_total,
             )
             is not None
             for w in fleet.workers
@@ -161,60 +192,35 @@ class LayerKVPolicy(Policy):
 
     def _candidate(self, req: WaitingRequest, worker: WorkerSnapshot, rnd: _WorkerRound) -> _Candidate | None:
         """The request's placement and predicted cost on this worker, or None when it may not go."""
-        if req.num_prompt_tokens + req.max_tokens > worker.max_model_len:
-            return None
+        if req.num_prompt_tokens + req.max_tokens > worker.max_model_len or worker.requests_preempted:
+            return None  # too long, or the worker re-admits its preempted requests first
         if rnd.added and rnd.prompt_tokens + req.num_prompt_tokens > self.p.max_prefill_tokens_per_round:
             return None
         placement = self.placement_for(
-            req.num_prompt_tokens, req.max_tokens, worker, rnd.gpu_free, rnd.host_free, rnd.host_demand
+            req.num_prompt_tokens,
+            self.headroom_tokens(req, worker),
+            worker,
+            rnd.gpu_free,
+            rnd.host_free,
+            rnd.host_demand,
         )
         if placement is None:
             return None
-        prefill_s = self.predicted_prefill_s(req.num_prompt_tokens, placement, worker)
+        prefill_s = self.predicted_prefill_s(
+            req.num_prompt_tokens, placement, worker, self.chunk_tokens(worker)
+        )
         if not self._slo_keeps(req, placement, prefill_s, worker, rnd):
             return None
         return _Candidate(worker, placement, prefill_s, rnd.prefill_s + prefill_s)
 
-    @staticmethod
-    def placement_for(
-        num_prompt_tokens: int,
-        max_tokens: int,
-        worker: WorkerSnapshot,
-        gpu_free: int,
-        host_free: int,
-        host_demand: Sequence[int] = (),
-    ) -> Placement | None:
-        """Fewest resident layers whose offload hides under the prefill, fitted to the free blocks.
+    def headroom_tokens(self, req: WaitingRequest, worker: WorkerSnapshot) -> int:
+        """Growth the ledger keeps free for ``req``: ``headroom_blocks`` per layer, within max_tokens."""
+        return min(req.max_tokens, self.p.headroom_blocks * worker.geometry.block_size)
 
-        The rule looks at the prompt (what the prefill offloads); the budget at the prompt plus
-        ``max_tokens`` per layer (what the engine reserves, as the ledger counts it). More GPU
-        layers than the rule's minimum are used only when host or staging blocks run short; fewer
-        only when GPU blocks run short. None when no split of the layers fits every limit.
-        ``host_demand``: host-placed blocks per layer already on the worker (staging demand).
-        """
-        geometry = worker.geometry
-        layers = geometry.num_layers
-        per_layer = max(1, geometry.blocks_for(num_prompt_tokens + max_tokens))
-        rule = min_resident_layers(num_prompt_tokens, geometry, worker.cost_model)
-        gpu_max = min(layers, gpu_free // per_layer)  # most GPU layers the free budget holds
-        gpu_min = max(0, layers - host_free // per_layer)  # fewest GPU layers the host tier allows
-        resident = min(max(rule, gpu_min), gpu_max)
-        if resident < gpu_min:
-            return None
-        # Host layers stream through the staging blocks: while they do not fit, keep more layers on
-        # the GPU (interleaved, so each adjacent pair has fewer host layers) as far as it holds them.
-        for gpu_layers in range(resident, gpu_max + 1):
-            placement = interleaved(layers, gpu_layers)
-            if _staging_fits(placement, per_layer, host_demand, worker.staging_blocks_total):
-                return placement
-        return None
-
-    @staticmethod
-    def predicted_prefill_s(num_tokens: int, placement: Placement, worker: WorkerSnapshot) -> float:
-        """Prefill time, or the offload time when there are more host layers than the rule hides."""
-        cost = worker.cost_model
-        offload_s = placement.host_layers * worker.geometry.bytes_per_layer(num_tokens) / cost.d2h_bytes_per_s
-        return max(cost.prefill_s(num_tokens), offload_s)
+    # the placement and the prefill charge (scheduler_svc.policies.layerkv_placement)
+    chunk_tokens = staticmethod(chunk_tokens)
+    placement_for = staticmethod(placement_for)
+    predicted_prefill_s = staticmethod(predicted_prefill_s)
 
     def _slo_keeps(
         self,
@@ -264,13 +270,11 @@ class LayerKVPolicy(Policy):
         return worker.cost_model.decode_step_s(batch, context, h2d)
 
     def _take(self, req: WaitingRequest, cand: _Candidate, rnd: _WorkerRound) -> None:
-        gpu, host = cand.worker.geometry.blocks_needed(req.num_prompt_tokens + req.max_tokens, cand.placement)
-        rnd.gpu_free -= gpu
-        rnd.host_free -= host
-        per_layer = cand.worker.geometry.blocks_for(req.num_prompt_tokens + req.max_tokens)
-        for layer, letter in enumerate(cand.placement.letters):
-            if letter == "H":
-                rnd.host_demand[layer] += per_layer
+        tokens = req.num_prompt_tokens + self.headroom_tokens(req, cand.worker)
+        need = kv_budget.demand(cand.worker.geometry, tokens, cand.placement)
+        rnd.gpu_free -= need.gpu_blocks
+        rnd.host_free -= need.host_blocks
+        rnd.host_demand = [a + b for a, b in zip(rnd.host_demand, need.host_per_layer, strict=True)]
         rnd.prefill_s += cand.prefill_s
         rnd.prompt_tokens += req.num_prompt_tokens
         rnd.added += 1
@@ -312,15 +316,3 @@ def _better(a: _Candidate, b: _Candidate, rounds: dict[str, _WorkerRound]) -> bo
         return a.ttft_s < b.ttft_s
     return rounds[a.worker.worker_id].gpu_free > rounds[b.worker.worker_id].gpu_free
 
-
-def _staging_fits(placement: Placement, per_layer: int, host_demand: Sequence[int], staging: int) -> bool:
-    """The worker's staging rule: every two adjacent layers' host-placed blocks fit in staging."""
-    if staging <= 0 or placement.host_layers == 0:
-        return True  # not reported, or nothing streams through it
-    demand = list(host_demand) or [0] * placement.num_layers
-    for layer, letter in enumerate(placement.letters):
-        if letter == "H":
-            demand[layer] += per_layer
-    if len(demand) == 1:
-        return demand[0] <= staging
-    return max(a + b for a, b in itertools.pairwise(demand)) <= staging

@@ -3,6 +3,7 @@
 Each waiting request (in arrival order) goes to the accepting worker with the most free GPU blocks.
 If the whole request does not fit there on the GPU, as many layers as fit stay on the GPU —
 spread through the depth by ``common.placement.interleaved`` — and the rest go to host blocks.
+Like ``fcfs-full`` it reserves the whole request (``headroom_tokens = max_tokens``).
 No SLO reasoning: that is the ``layerkv`` policy's job.
 """
 
@@ -13,9 +14,17 @@ from typing import ClassVar
 
 from pydantic import Field
 
+from common import kv_budget
 from common.placement import interleaved
 from common.types import Placement
-from scheduler_svc.policies.base import Dispatch, FleetSnapshot, Policy, PolicyParams, WorkerSnapshot
+from scheduler_svc.policies.base import (
+    Dispatch,
+    FleetSnapshot,
+    Policy,
+    PolicyParams,
+    PreemptionMode,
+    WorkerSnapshot,
+)
 
 
 class LeastLoadedParams(PolicyParams):
@@ -60,10 +69,18 @@ class LeastLoadedPolicy(Policy):
                     continue
                 break
             worker, placement = choice
-            per_layer = worker.geometry.blocks_for(tokens)
-            gpu_free[worker.worker_id] -= per_layer * placement.gpu_layers
-            host_free[worker.worker_id] -= per_layer * placement.host_layers
-            dispatches.append(Dispatch(req.request_id, worker.worker_id, placement))
+            need = kv_budget.demand(worker.geometry, tokens, placement)
+            gpu_free[worker.worker_id] -= need.gpu_blocks
+            host_free[worker.worker_id] -= need.host_blocks
+            dispatches.append(
+                Dispatch(
+                    req.request_id,
+                    worker.worker_id,
+                    placement,
+                    headroom_tokens=req.max_tokens,
+                    preemption=PreemptionMode.RECOMPUTE,
+                )
+            )
         return dispatches
 
     @staticmethod
@@ -71,7 +88,7 @@ class LeastLoadedPolicy(Policy):
         w: WorkerSnapshot, tokens: int, gpu_free: int, host_free: int, params: LeastLoadedParams
     ) -> Placement | None:
         layers = w.geometry.num_layers
-        per_layer = w.geometry.blocks_for(tokens)
+        per_layer = kv_budget.blocks_per_layer(w.geometry, tokens)
         if per_layer * layers <= gpu_free:
             return Placement.all_gpu(layers)
         if not params.allow_host_layers:

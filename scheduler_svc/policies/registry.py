@@ -18,9 +18,10 @@ from scheduler_svc.policies.base import Policy
 from scheduler_svc.policies.fcfs_full import FcfsFullPolicy
 from scheduler_svc.policies.layerkv import LayerKVPolicy
 from scheduler_svc.policies.least_loaded import LeastLoadedPolicy
+from scheduler_svc.policies.vllm import VllmPolicy
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (FcfsFullPolicy, LeastLoadedPolicy, LayerKVPolicy)
+    cls.name: cls for cls in (FcfsFullPolicy, LeastLoadedPolicy, LayerKVPolicy, VllmPolicy)
 }
 
 

@@ -4,8 +4,10 @@ overhead benchmark drive real gRPC against it.
 Each step appends one token to every running request. The next token is a pure function of the
 request's whole context (prompt plus tokens so far), so a request regenerated elsewhere from its
 prompt plus the tokens already streamed continues exactly as it would have (``expected_tokens``).
-Blocks are counted like the engine does: prompt plus ``max_tokens`` in every layer, in the tier the
-placement names; a dispatch that does not fit is refused with RESOURCE_EXHAUSTED.
+Blocks are counted like the engine does (``stub_kv``): a dispatch takes its prompt's blocks in
+every layer in the tier the placement names (refused with RESOURCE_EXHAUSTED when they do not fit,
+or while preempted requests wait), decode grows on demand, and a step whose growth does not fit
+preempts (recompute, or swap-layers when the dispatch asks), reported as the engine reports it.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ import grpc.aio
 
 from common.errors import InvalidArgument, ResourceExhausted
 from common.grpc_errors import ErrorInterceptor
+from common.kv_budget import BlockDemand
 from common.proto.layerkv.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from common.security import TLSFiles, add_port
 from common.tokenizer import ByteTokenizer
-from common.types import KVGeometry, Placement, Tier
+from common.types import KVGeometry, Placement
 from common.wire import geometry_to_proto
+from scheduler_svc.testing.stub_kv import StepCounts, StubKV, StubRequest
 
 HEARTBEAT_S = 1.0  # an idle stub sends its state this often
+MAX_NUM_BATCHED_TOKENS = 2048  # reported as the engine's default token budget (the stub never chunks)
+PREEMPTION_MODES = frozenset({"", "recompute", "swap-layers"})
 STUB_GEOMETRY = KVGeometry(num_layers=4, num_kv_heads=1, head_dim=8, block_size=4, dtype_bytes=4)
 
 
@@ -47,19 +53,6 @@ def expected_tokens(prompt: Sequence[int], n: int) -> list[int]:
 
 
 @dataclass
-class _Running:
-    request_id: str
-    context: list[int]
-    max_tokens: int
-    stop_ids: frozenset[int]
-    placement: str
-    gpu_per_layer: int
-    host_per_layer: int
-    generated: int = 0
-    decode_time_s: float = 0.0
-
-
-@dataclass
 class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
     """A fake worker; ``start()`` serves it on a free port of 127.0.0.1."""
 
@@ -76,21 +69,24 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
     aborted: list[str] = field(default_factory=list)
     refuse_next: int = 0  # refuse this many dispatches as if full (a stale ledger), each after...
     refuse_delay_s: float = 0.0  # ...this long
+    preemption_mode: str = "recompute"  # for dispatches that leave DispatchRequest.preemption empty
+    modes: dict[str, str] = field(default_factory=dict)  # DispatchRequest.preemption, as sent
+    d2h_bytes_per_s: float = 1e9  # described link: slow enough, and layerkv keeps layers on the GPU
 
     def __post_init__(self) -> None:
-        self._running: dict[str, _Running] = {}
-        self._used_gpu = [0] * self.geometry.num_layers
-        self._used_host = [0] * self.geometry.num_layers
+        self.kv = StubKV(self.geometry, self.gpu_blocks, self.host_blocks)
         self._admitted: list[str] = []
         self._finished: list[worker_pb2.TokenUpdate] = []
         self._subscribers: list[asyncio.Queue[worker_pb2.StreamEventsResponse | None]] = []
         self._server: grpc.aio.Server | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._step = 0
+        self._order = 0
         self.tokenizer = ByteTokenizer()
 
     # ---- lifecycle ----
     async def start(self, port: int = 0) -> int:
+        self.kv.gpu_blocks, self.kv.host_blocks = self.gpu_blocks, self.host_blocks  # set before start
         server = grpc.aio.server(interceptors=[ErrorInterceptor()])
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self, server)
         self.port = add_port(server, f"127.0.0.1:{port}", self.tls)
@@ -117,11 +113,27 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
 
     @property
     def running_ids(self) -> list[str]:
-        return list(self._running)
+        return list(self.kv.running)
+
+    @property
+    def waiting_ids(self) -> list[str]:
+        return [r.request_id for r in self.kv.waiting]
+
+    @property
+    def preempted(self) -> list[str]:
+        """Every preemption so far, in order (an id repeats when preempted again)."""
+        return self.kv.preempted
+
+    def used(self) -> BlockDemand:
+        return self.kv.used()
 
     @property
     def gpu_free(self) -> int:
-        return self.gpu_blocks - sum(self._used_gpu)
+        return self.kv.gpu_free
+
+    @property
+    def host_free(self) -> int:
+        return self.kv.host_free
 
     # ---- WorkerService ----
     async def Describe(
@@ -134,7 +146,7 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
             gpu_blocks=self.gpu_blocks,
             host_blocks=self.host_blocks,
             cost_model=types_pb2.CostModel(
-                d2h_bytes_per_s=1e9,
+                d2h_bytes_per_s=self.d2h_bytes_per_s,
                 h2d_bytes_per_s=1e9,
                 prefill_per_token_s=1e-5,
                 decode_base_s=self.step_s,
@@ -144,6 +156,8 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
             eos_token_id=self.tokenizer.eos_token_id or 0,
             device="cpu",
             dtype="float32",
+            preemption_mode=self.preemption_mode,
+            max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
         )
 
     async def GetTokenizer(
@@ -160,48 +174,50 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
             self.refused += 1
             await asyncio.sleep(self.refuse_delay_s)
             raise ResourceExhausted(f"no room for {request.request_id} (told to refuse it)")
-        if request.request_id in self._running:
-            raise InvalidArgument(f"request {request.request_id!r} is already running here")
+        rid = request.request_id
+        if self.kv.holds(rid):
+            raise InvalidArgument(f"request {rid!r} is already running here")
         if not request.prompt_token_ids:
             raise InvalidArgument("empty prompt")
+        if request.preemption not in PREEMPTION_MODES:
+            raise InvalidArgument(
+                f"preemption must be one of {sorted(PREEMPTION_MODES)}, got {request.preemption!r}"
+            )
         placement = Placement.from_letters(request.placement, self.geometry.num_layers)
-        max_tokens = request.sampling.max_tokens or 16
-        per_layer = self.geometry.blocks_for(len(request.prompt_token_ids) + max_tokens)
-        need_gpu = per_layer * placement.gpu_layers
-        need_host = per_layer * placement.host_layers
-        if need_gpu > self.gpu_free or need_host > self.host_blocks - sum(self._used_host):
-            self.refused += 1
-            raise ResourceExhausted(f"no room for {request.request_id}: needs {need_gpu} GPU blocks")
-        for layer, tier in enumerate(placement.tiers):
-            if tier is Tier.GPU:
-                self._used_gpu[layer] += per_layer
-            else:
-                self._used_host[layer] += per_layer
-        self._running[request.request_id] = _Running(
-            request.request_id,
+        self._order += 1
+        r = StubRequest(
+            rid,
             list(request.prompt_token_ids),
-            max_tokens,
+            request.sampling.max_tokens or 16,
             frozenset(request.sampling.stop_token_ids),
-            placement.letters,
-            per_layer if placement.gpu_layers else 0,
-            per_layer if placement.host_layers else 0,
+            placement,
+            request.preemption or self.preemption_mode,
+            self._order,
+            held_tokens=len(request.prompt_token_ids),
+            dispatched_placement=placement,
         )
-        self._admitted.append(request.request_id)
-        self.dispatched.append(request.request_id)
-        return worker_pb2.DispatchResponse(gpu_blocks=need_gpu, host_blocks=need_host)
+        need = r.blocks(self.geometry)
+        if self.kv.waiting or not self.kv.fits(need):  # preempted requests go first, as in the engine
+            self.refused += 1
+            raise ResourceExhausted(
+                f"no room for {rid}: needs {need.gpu_blocks} GPU and {need.host_blocks} host blocks, "
+                f"{self.gpu_free} and {self.host_free} free, {len(self.kv.waiting)} preempted waiting"
+            )
+        self.kv.running[rid] = r
+        self.modes[rid] = request.preemption
+        self._admitted.append(rid)
+        self.dispatched.append(rid)
+        return worker_pb2.DispatchResponse(gpu_blocks=need.gpu_blocks, host_blocks=need.host_blocks)
 
     async def Abort(
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.AbortResponse:
-        running = self._running.get(request.request_id)
-        if running is None:
+        rid = request.request_id
+        if not self.kv.remove(rid):
             return worker_pb2.AbortResponse(aborted=False)
-        self._free(running)
-        self.aborted.append(request.request_id)
+        self.aborted.append(rid)
         self._finished.append(
-            worker_pb2.TokenUpdate(
-                request_id=running.request_id, finished=True, finish_reason=types_pb2.FINISH_REASON_ABORT
-            )
+            worker_pb2.TokenUpdate(request_id=rid, finished=True, finish_reason=types_pb2.FINISH_REASON_ABORT)
         )
         return worker_pb2.AbortResponse(aborted=True)
 
@@ -210,7 +226,7 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
     ) -> AsyncIterator[worker_pb2.StreamEventsResponse]:
         queue: asyncio.Queue[worker_pb2.StreamEventsResponse | None] = asyncio.Queue()
         self._subscribers.append(queue)
-        queue.put_nowait(self._event([]))  # the current state first, as the real worker does
+        queue.put_nowait(self._event([], StepCounts(), "idle"))  # the current state first, as the engine
         try:
             while True:
                 event = await queue.get()
@@ -221,57 +237,59 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
             self._subscribers.remove(queue)
 
     # ---- the step loop ----
-    def _free(self, running: _Running) -> None:
-        del self._running[running.request_id]
-        placement = Placement.from_letters(running.placement, self.geometry.num_layers)
-        for layer, tier in enumerate(placement.tiers):
-            if tier is Tier.GPU:
-                self._used_gpu[layer] -= running.gpu_per_layer
-            else:
-                self._used_host[layer] -= running.host_per_layer
-
     async def _step_loop(self) -> None:
         idle_steps = 0
         while True:
             await asyncio.sleep(self.step_s)
-            if not (self._running or self._admitted or self._finished):
+            if not (self.kv.running or self.kv.waiting or self._admitted or self._finished):
                 idle_steps += 1
                 if idle_steps * self.step_s >= HEARTBEAT_S:  # state-only heartbeat, as the real worker
                     idle_steps = 0
                     for queue in self._subscribers:
-                        queue.put_nowait(self._event([]))
+                        queue.put_nowait(self._event([], StepCounts(), "idle"))
                 continue
             idle_steps = 0
-            self._step += 1
-            updates = list(self._finished)
-            self._finished.clear()
-            for running in list(self._running.values()):
-                token = next_token(running.context)
-                running.context.append(token)
-                running.generated += 1
-                running.decode_time_s += self.step_s
-                done = running.generated >= running.max_tokens or token in running.stop_ids
-                reason = (
-                    types_pb2.FINISH_REASON_STOP
-                    if token in running.stop_ids
-                    else types_pb2.FINISH_REASON_LENGTH
-                )
-                updates.append(
-                    worker_pb2.TokenUpdate(
-                        request_id=running.request_id,
-                        token_ids=[token],
-                        finished=done,
-                        finish_reason=reason if done else types_pb2.FINISH_REASON_UNSPECIFIED,
-                    )
-                )
-                if done:
-                    self._free(running)
-            event = self._event(updates)
-            self._admitted = []
+            event = self.step()
             for queue in self._subscribers:
                 queue.put_nowait(event)
 
-    def _event(self, updates: list[worker_pb2.TokenUpdate]) -> worker_pb2.StreamEventsResponse:
+    def step(self) -> worker_pb2.StreamEventsResponse:
+        """One engine step: re-admit preempted requests, grow each running one, emit a token each."""
+        self._step += 1
+        counts = StepCounts()
+        updates = list(self._finished)
+        self._finished.clear()
+        self.kv.readmit(counts)  # recompute: the whole context is prefilled again, oldest first
+        decoding = 0
+        for r in list(self.kv.running.values()):
+            if r.request_id not in self.kv.running or not self.kv.grow(r, counts):
+                continue  # preempted in this step
+            decoding += 1
+            token = next_token(r.context)
+            r.context.append(token)
+            r.generated += 1
+            r.decode_time_s += self.step_s
+            done = r.generated >= r.max_tokens or token in r.stop_ids
+            reason = types_pb2.FINISH_REASON_STOP if token in r.stop_ids else types_pb2.FINISH_REASON_LENGTH
+            updates.append(
+                worker_pb2.TokenUpdate(
+                    request_id=r.request_id,
+                    token_ids=[token],
+                    finished=done,
+                    finish_reason=reason if done else types_pb2.FINISH_REASON_UNSPECIFIED,
+                )
+            )
+            if done:
+                del self.kv.running[r.request_id]
+        kind = "decode" if not counts.prefill_tokens else ("mixed" if decoding else "prefill")
+        event = self._event(updates, counts, kind, decoding)
+        self._admitted = []
+        return event
+
+    def _event(
+        self, updates: list[worker_pb2.TokenUpdate], counts: StepCounts, kind: str, decoding: int = 0
+    ) -> worker_pb2.StreamEventsResponse:
+        used = self.used()
         return worker_pb2.StreamEventsResponse(
             tokens=updates,
             running=[
@@ -280,22 +298,33 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
                     tokens_generated=r.generated,
                     decode_time_s=r.decode_time_s,
                     context_tokens=len(r.context),
-                    placement=r.placement,
+                    placement=r.placement.letters,
                 )
-                for r in self._running.values()
+                for r in self.kv.running.values()
             ],
             gpu=types_pb2.TierUsage(
-                total_blocks=self.gpu_blocks, free_blocks=self.gpu_free, used_blocks_per_layer=self._used_gpu
+                total_blocks=self.gpu_blocks,
+                free_blocks=self.gpu_blocks - used.gpu_blocks,
+                used_blocks_per_layer=used.gpu_per_layer,
             ),
             host=types_pb2.TierUsage(
                 total_blocks=self.host_blocks,
-                free_blocks=self.host_blocks - sum(self._used_host),
-                used_blocks_per_layer=self._used_host,
+                free_blocks=self.host_blocks - used.host_blocks,
+                used_blocks_per_layer=used.host_per_layer,
             ),
             step=worker_pb2.StepReport(
-                step=self._step, kind="decode", duration_s=self.step_s, num_tokens=len(self._running)
+                step=self._step,
+                kind=kind,
+                duration_s=self.step_s,
+                num_tokens=counts.prefill_tokens if kind == "prefill" else decoding,
+                num_prefill_tokens=counts.prefill_tokens,
+                num_decode_requests=decoding,
+                num_preemptions=counts.preemptions,
+                num_swapped_layers=counts.swapped_layers,
             ),
             admitted_request_ids=self._admitted,
+            waiting_request_ids=self.waiting_ids,
+            preempted_request_ids=counts.preempted,
         )
 
 
