@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="workload seed (arrivals, lengths, token ids)")
     p.add_argument("--policy-param", action="append", default=[], metavar="NAME=JSON",
                    help="parameters of one of our policies, e.g. 'layerkv={\"prefill_safety\": 1.5}'")
+    p.add_argument("--staging-blocks", type=int, default=None,
+                   help="our staging pool (default: two layers of one longest request)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads of our worker")
     p.add_argument("--vllm-threads", type=int, default=1, help="OpenMP threads of vLLM's engine")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured short requests per system first")
@@ -126,7 +128,9 @@ def _progress(label: str, total: int):  # type: ignore[no-untyped-def]
     return on_done
 
 
-def run_setting(args: argparse.Namespace, setting: Setting, model_dir: Path) -> tuple[SettingReport, list[SystemRun], dict[str, object]]:
+def run_setting(
+    args: argparse.Namespace, setting: Setting, model_dir: Path
+) -> tuple[SettingReport, list[SystemRun], dict[str, object]]:
     import asyncio
 
     from benchmarks.vs_vllm_ours import OurSystemConfig, run_ours
@@ -136,7 +140,7 @@ def run_setting(args: argparse.Namespace, setting: Setting, model_dir: Path) -> 
 
     shape = MODEL_SHAPES[args.model_shape]
     budget = KvBudget(setting.vllm_blocks(), shape.num_layers, args.block_size)
-    staging = staging_blocks_for(setting, budget)
+    staging = args.staging_blocks if args.staging_blocks is not None else staging_blocks_for(setting, budget)
     host = host_blocks_for(setting, shape.num_layers, args.block_size)
     spec = setting.workload(args.seed, shape.vocab_size)
     requests = generate(spec)
@@ -153,10 +157,13 @@ def run_setting(args: argparse.Namespace, setting: Setting, model_dir: Path) -> 
                "conversion": budget.describe()},
     }
     print(f"\n=== setting {setting.name}: {setting.summary}\n"
-          f"    {setting.num_requests} requests, Poisson {setting.rate:g}/s, prompt {setting.prompt_tokens} tokens, "
+          f"    {setting.num_requests} requests, Poisson {setting.rate:g}/s, "
+          f"prompt {setting.prompt_tokens} tokens, "
           f"output {setting.output_min}-{setting.output_max} (= max_tokens, EOS ignored), seed {args.seed}\n"
           f"    KV: {budget.describe()}\n"
-          f"    ours also: {staging} staging blocks (host-placed layers only), {host} host-tier blocks", flush=True)
+          f"    ours also: {staging} staging blocks "
+          f"({100 * staging / budget.our_gpu_blocks:.0f} % on top of the GPU "
+          f"tier, used by host-placed layers only) and {host} host-tier blocks", flush=True)
     runs: list[SystemRun] = []
     out_dir = args.out.parent
     if not args.no_real_vllm:
@@ -175,12 +182,13 @@ def run_setting(args: argparse.Namespace, setting: Setting, model_dir: Path) -> 
         pre = None if before is None or after is None else after - before
         runs.append(SystemRun(REAL_VLLM, results, pre))
     params = parse_policy_params(args.policy_param)
-    ours = OurSystemConfig(model_folder=model_dir, block_size=args.block_size, gpu_blocks=budget.our_gpu_blocks,
-                           host_blocks=host, staging_blocks=staging, torch_threads=args.torch_threads)
+    ours = OurSystemConfig(model_folder=model_dir, block_size=args.block_size,
+                           gpu_blocks=budget.our_gpu_blocks, host_blocks=host, staging_blocks=staging,
+                           torch_threads=args.torch_threads)
     for policy in args.policies:
         def client(endpoint: str) -> ClientConfig:
-            return ClientConfig(endpoint=endpoint, ttft_slo_s=setting.ttft_slo_s, tpot_slo_s=setting.tpot_slo_s,
-                                request_timeout_s=1800.0)
+            return ClientConfig(endpoint=endpoint, ttft_slo_s=setting.ttft_slo_s,
+                                tpot_slo_s=setting.tpot_slo_s, request_timeout_s=1800.0)
 
         run = run_ours(ours, policy, params.get(policy, {}), requests, client, warm,
                        _progress(our_label(policy), len(requests)))
@@ -229,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = ensure_model_folder(args.model_dir or REPO / ".bench" / f"model-{args.model_shape}", shape)
     info = machine_info(args, versions)
     print(f"[vs-vllm] {info['machine']}; ours torch {info['torch_ours']}, vLLM venv {versions}; model "
-          f"{args.model_shape} ({shape.parameters() / 1e6:.1f}M parameters, {shape.num_layers} layers, fp32); "
+          f"{args.model_shape} ({shape.parameters() / 1e6:.1f}M parameters, {shape.num_layers} layers, "
+          f"fp32); "
           f"threads: our worker torch {args.torch_threads}, vLLM OMP {args.vllm_threads} (unpinned); "
           f"load generator, Redis and schedulers share the box", flush=True)
     done: list[tuple[SettingReport, list[SystemRun]]] = []

@@ -48,7 +48,6 @@ def _save_weights(folder: Path, shape: ModelShape) -> None:
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         tie_word_embeddings=False,
-        torch_dtype="float32",
     )
     torch.manual_seed(shape.seed)
     model = LlamaForCausalLM(config).eval()

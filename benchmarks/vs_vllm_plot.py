@@ -21,7 +21,8 @@ def plot_settings(items: Sequence[tuple[SettingReport, Sequence[SystemRun]]], pa
         for run in runs:
             ttfts = sorted(t for r in run.results if r.ok and (t := r.ttft_s) is not None)
             if ttfts:
-                cdf.step(ttfts, [(i + 1) / len(ttfts) for i in range(len(ttfts))], where="post", label=run.label)
+                shares = [(i + 1) / len(ttfts) for i in range(len(ttfts))]
+                cdf.step(ttfts, shares, where="post", label=run.label)
         cdf.set_xlabel("TTFT (s)")
         cdf.set_ylabel("share of requests")
         cdf.set_title(f"{report.setting}: TTFT CDF")
@@ -29,7 +30,8 @@ def plot_settings(items: Sequence[tuple[SettingReport, Sequence[SystemRun]]], pa
         cdf.legend()
         labels = [s.policy for s in report.summaries]
         xs = range(len(labels))
-        bars.bar([x - 0.2 for x in xs], [s.ttft.mean for s in report.summaries], width=0.4, label="mean TTFT (s)")
+        bars.bar([x - 0.2 for x in xs], [s.ttft.mean for s in report.summaries], width=0.4,
+                 label="mean TTFT (s)")
         tput = bars.twinx()
         tput.bar([x + 0.2 for x in xs], [s.throughput_tokens_s for s in report.summaries], width=0.4,
                  color="tab:orange", label="output tok/s")

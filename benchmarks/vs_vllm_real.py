@@ -119,10 +119,14 @@ def _log_tail(path: Path, lines: int = 40) -> str:
 
 
 def _wait_healthy(proc: subprocess.Popen[bytes], base: str, cfg: VllmServerConfig) -> None:
-    start = time.monotonic()
+    start = last_note = time.monotonic()
     while time.monotonic() - start < cfg.startup_timeout_s:
+        if time.monotonic() - last_note >= 30.0:  # startup (with torch.compile) takes minutes here
+            last_note = time.monotonic()
+            print(f"[vllm] still starting ({last_note - start:.0f} s)", flush=True)
         if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with code {proc.returncode}; log tail:\n{_log_tail(cfg.log_path)}")
+            raise RuntimeError(f"vllm serve exited with code {proc.returncode}; log tail:\n"
+                               f"{_log_tail(cfg.log_path)}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{base}/health", timeout=2.0).status_code == 200:
                 sizes = [ln.split("] ", 1)[-1] for ln in _log_tail(cfg.log_path, 400).splitlines()

@@ -84,15 +84,19 @@ def targets_for(setting: str, by_label: dict[str, Ratios]) -> list[str]:
     lkv = by_label.get(our_label("layerkv"))
     if setting == "long" and lkv is not None:
         out.append(_check(lkv.mean_ttft_speedup >= 5.0,
-                          f"ours-layerkv mean TTFT >= 5x lower than real vLLM ({lkv.mean_ttft_speedup:.2f}x)"))
+                          f"ours-layerkv mean TTFT >= 5x lower than real vLLM "
+                          f"({lkv.mean_ttft_speedup:.2f}x)"))
         out.append(_check(lkv.tpot_attainment_delta_points >= -2.0,
-                          f"ours-layerkv TPOT SLO within 2 points ({lkv.tpot_attainment_delta_points:+.1f} pt)"))
+                          f"ours-layerkv TPOT SLO within 2 points "
+                          f"({lkv.tpot_attainment_delta_points:+.1f} pt)"))
         out.append(_check(lkv.throughput_ratio >= 0.99,
                           f"ours-layerkv throughput >= 99 % of real vLLM ({lkv.throughput_ratio:.3f}x)"))
     return out
 
 
-def setting_report(setting: str, runs: Sequence[SystemRun], ttft_slo_s: float, tpot_slo_s: float) -> SettingReport:
+def setting_report(
+    setting: str, runs: Sequence[SystemRun], ttft_slo_s: float, tpot_slo_s: float
+) -> SettingReport:
     """Summaries of every run; ratios against the ``real-vllm`` run (when there is one)."""
     summaries = [summarize(r.label, r.results, ttft_slo_s, tpot_slo_s) for r in runs]
     base = next((s for s in summaries if s.policy == REAL_VLLM), None)
@@ -157,7 +161,9 @@ def clean(value: object) -> object:
     return value
 
 
-def setting_json(report: SettingReport, runs: Sequence[SystemRun], info: dict[str, object]) -> dict[str, object]:
+def setting_json(
+    report: SettingReport, runs: Sequence[SystemRun], info: dict[str, object]
+) -> dict[str, object]:
     """One setting's JSON: its parameters (``info``), summaries, ratios, targets and every request."""
     doc = {
         **info,
