@@ -48,9 +48,10 @@ DEFAULT_POLICIES = "vllm,fcfs-full,layerkv"
 
 EPILOG = """\
 KV equality: vLLM's KV cache is --num-gpu-blocks-override blocks of 32 tokens, each spanning every
-layer; ours is per layer, so our GPU tier gets vllm_blocks x layers x (32 / our block size) blocks:
-the same token slots in every layer. Our worker also has a staging pool (GPU blocks that only
-host-placed layers compute in) and a host tier large enough never to be the limit; both are printed.
+layer, one of which is vLLM's null block (never used); ours is per layer, so our GPU tier gets
+usable vLLM blocks x layers x (32 / our block size) blocks: the same token slots in every layer.
+Our worker also has a staging pool (GPU blocks that only host-placed layers compute in) and a
+host tier large enough never to be the limit; both are printed.
 
 Threads: our worker runs torch with --torch-threads (default 1) and vLLM's engine with
 --vllm-threads OpenMP threads (default 1, unpinned), so that the load generator, Redis, our
