@@ -1,0 +1,144 @@
+"""Our side of the comparison: an embedded fleet of one worker per policy, driven over gRPC.
+
+Each policy gets a fresh embedded system (``layerkv.embedded``: its own Redis, scheduler and one
+worker process) on the shared model folder, with the GPU tier converted from vLLM's blocks, and is
+driven by ``layerkv.bench.runner`` exactly as ``layerkv bench`` does. Preemptions are summed from
+the worker's own step reports (a second ``StreamEvents`` subscriber); a worker that does not name
+a preemption mode in ``Describe`` never preempts and reports ``None`` ("n/a").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from common.proto.layerkv.v1 import worker_pb2, worker_pb2_grpc
+from layerkv.bench.report import RequestResult
+from layerkv.bench.runner import ClientConfig, run_workload, set_policy, wait_ready
+from layerkv.bench.workload import BenchRequest
+from layerkv.embedded import EmbeddedOptions, EmbeddedSystem, start
+
+
+@dataclass(frozen=True)
+class OurSystemConfig:
+    """The embedded system one policy runs on."""
+
+    model_folder: Path
+    block_size: int
+    gpu_blocks: int
+    host_blocks: int
+    staging_blocks: int
+    torch_threads: int = 1
+    startup_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class OurRun:
+    """One policy's measured run."""
+
+    results: list[RequestResult]
+    preemptions: int | None  # None: the worker has no preemption (reports none)
+    preemption_mode: str
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    """Environment the embedded children inherit (restored afterwards)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def our_system(cfg: OurSystemConfig, policy: str) -> Iterator[EmbeddedSystem]:
+    run_dir = Path(tempfile.mkdtemp(prefix="vs-vllm-ours-"))
+    system = EmbeddedSystem(run_dir)
+    opts = EmbeddedOptions(workers=1, model=str(cfg.model_folder), device="cpu", dtype="float32",
+                           block_size=cfg.block_size, gpu_blocks=cfg.gpu_blocks, host_blocks=cfg.host_blocks,
+                           port=0, metrics_port=0, policy=policy, startup_timeout_s=cfg.startup_timeout_s)
+    print(f"[ours] starting an embedded system for {policy} (1 worker, {cfg.gpu_blocks} GPU-tier + "
+          f"{cfg.staging_blocks} staging + {cfg.host_blocks} host blocks, torch threads "
+          f"{cfg.torch_threads}); logs {run_dir}", flush=True)
+    ok = False
+    try:
+        with _env({"LAYERKV_STAGING_BLOCKS": str(cfg.staging_blocks),
+                   "OMP_NUM_THREADS": str(cfg.torch_threads)}):
+            start(opts, system)
+        yield system
+        ok = True
+    finally:
+        system.stop()
+        if ok:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            print(f"[ours] logs kept in {run_dir}", flush=True)
+
+
+class _PreemptionCounter:
+    """Sums ``StepReport.num_preemptions`` from a worker's event stream while a run lasts."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.total = 0
+        self.mode = ""
+
+    async def describe(self) -> None:
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            reply = await worker_pb2_grpc.WorkerServiceStub(channel).Describe(
+                worker_pb2.DescribeRequest(), timeout=10.0)
+        self.mode = str(reply.preemption_mode)
+
+    async def follow(self) -> None:
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            events = worker_pb2_grpc.WorkerServiceStub(channel).StreamEvents(worker_pb2.StreamEventsRequest())
+            async for event in events:
+                if event.HasField("step"):
+                    self.total += int(event.step.num_preemptions)
+
+
+def run_ours(
+    cfg: OurSystemConfig,
+    policy: str,
+    params: dict[str, object],
+    requests: Sequence[BenchRequest],
+    client: Callable[[str], ClientConfig],
+    warmup: Sequence[BenchRequest],
+    on_done: Callable[[RequestResult], None] | None = None,
+) -> OurRun:
+    """Run ``requests`` on a fresh system with ``policy``; the warm-up requests go first, one at a time."""
+    with our_system(cfg, policy) as system:
+        config = client(system.scheduler_address)
+        counter = _PreemptionCounter(system.workers[0][0])
+
+        async def run() -> list[RequestResult]:
+            await wait_ready(config)
+            await set_policy(config, policy, params)
+            await counter.describe()
+            for req in warmup:
+                await run_workload(config, [req])
+            follower = asyncio.create_task(counter.follow())
+            try:
+                return await run_workload(config, requests, on_done=on_done)
+            finally:
+                await asyncio.sleep(0.5)  # the last step reports trail the last token
+                follower.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await follower
+
+        results = asyncio.run(run())
+    return OurRun(results, counter.total if counter.mode else None, counter.mode)
