@@ -452,6 +452,7 @@ class SchedulerCore:
                     self.metrics.ttft.observe(now - state.record.arrival_time)
                 state.tokens.extend(new)
                 batch_tokens(batch, request_id, new)
+                self.metrics.observe_tokens(request_id, len(new), len(state.record.prompt_ids), now)
                 state.notify()
             if update.finished:
                 reason = FINISH_OF_PROTO.get(update.finish_reason, FinishReason.ERROR)

@@ -28,6 +28,7 @@ from common.security import TokenAuthInterceptor, add_port, warn_if_insecure
 from common.store import Store, WorkerEntry
 from scheduler_svc.admission import lookup, submit
 from scheduler_svc.core import SchedulerCore
+from scheduler_svc.fleet_view import CoreFleetView
 from scheduler_svc.openai_api.server import http_server
 from scheduler_svc.policies.base import Policy
 from scheduler_svc.policies.registry import describe_policies, policy_params
@@ -189,6 +190,7 @@ class SchedulerServer:
         self.metrics = ServiceMetrics("scheduler")
         self.store = Store(settings.redis_url, settings.redis_prefix, settings.retention_s)
         self.core = SchedulerCore(settings, self.store, self.metrics)
+        self.metrics.bind(CoreFleetView(self.core, settings.served_model_name))
         self.health = health_aio.HealthServicer()
         tokens = {ADMIN_SERVICE: settings.admin_token, SCHEDULER_SERVICE: settings.api_token}
         self.server = grpc.aio.server(interceptors=[TokenAuthInterceptor(tokens), ErrorInterceptor()])
