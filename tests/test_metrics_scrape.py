@@ -39,7 +39,7 @@ async def test_vllm_style_series_count_what_was_generated(redis_url: str) -> Non
         async with openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0) as client:
             lengths = [(5, 7), (9, 3), (20, 11)]  # (prompt chars, max_tokens)
             await asyncio.gather(*(
-                client.completions.create(model="stub", prompt="p" * chars, max_tokens=n, extra_body={"ignore_eos": True})
+                client.completions.create(model="stub", prompt="p" * chars, max_tokens=n)
                 for chars, n in lengths
             ))  # fmt: skip
             done = await scrape(url)
@@ -56,7 +56,9 @@ async def test_vllm_style_series_count_what_was_generated(redis_url: str) -> Non
             assert value(done, "vllm:num_requests_running", **m) == 0
             assert value(done, "vllm:num_requests_waiting", **m) == 0
 
-            stream = await client.completions.create(model="stub", prompt="q" * 40, max_tokens=150, stream=True)
+            stream = await client.completions.create(
+                model="stub", prompt="q" * 40, max_tokens=150, stream=True
+            )
             async for _ in stream:
                 break
             busy = await scrape(url)
