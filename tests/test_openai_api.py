@@ -287,3 +287,18 @@ async def test_what_vllm_bench_serve_sends_is_accepted(fleet: Fleet) -> None:
                 for d in data if d["choices"]
             )  # fmt: skip
             assert len(text) == 8 and data[-1]["usage"]["completion_tokens"] == 8
+
+
+async def test_a_dropped_whole_response_request_is_cancelled(redis_url: str) -> None:
+    worker = StubWorker("w0", step_s=0.02)
+    fleet = await _start(redis_url, [worker])
+    try:
+        async with httpx.AsyncClient(base_url=base_url(fleet), timeout=0.5) as http:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+                await http.post("/v1/completions", json={"prompt": "x" * 20, "max_tokens": 200})
+        await _until(lambda: worker.aborted, "the scheduler noticed the disconnect and aborted the request")
+        await _until(lambda: worker.gpu_free == worker.gpu_blocks, "its blocks are free")
+        (state,) = fleet.server.core.requests.values()
+        assert state.record.finish_reason == "abort" and len(state.tokens) < 200
+    finally:
+        await fleet.close()
