@@ -50,7 +50,7 @@ def give_chat_template(fleet: Fleet, template: str = CHATML) -> None:
 
 @pytest.fixture
 async def fleet(redis_url: str) -> AsyncIterator[Fleet]:
-    fleet = await _start(redis_url, [StubWorker("w0", step_s=0.003)])
+    fleet = await _start(redis_url, [StubWorker("w0", step_s=0.01)])
     give_chat_template(fleet)
     yield fleet
     await fleet.close()
@@ -114,13 +114,14 @@ async def test_chat_whole_and_streamed_apply_the_chat_template(client: openai.As
 async def test_stop_strings_cut_the_text_and_end_the_request(
     fleet: Fleet, client: openai.AsyncOpenAI
 ) -> None:
-    full = expected_text("Hello", 40)
+    # 100 tokens at 10 ms a step: the cancel after the stop string comes long before the end.
+    full = expected_text("Hello", 100)
     stop = full[7:9]
     cut = full[: full.index(stop)]
-    done = await client.completions.create(model="stub", prompt="Hello", max_tokens=40, stop=[stop, "\x00"])
+    done = await client.completions.create(model="stub", prompt="Hello", max_tokens=100, stop=[stop, "\x00"])
     assert done.choices[0].text == cut and done.choices[0].finish_reason == "stop"
     stream = await client.completions.create(
-        model="stub", prompt="Hello", max_tokens=40, stop=stop, stream=True
+        model="stub", prompt="Hello", max_tokens=100, stop=stop, stream=True
     )
     chunks = [c async for c in stream]
     assert "".join(c.choices[0].text for c in chunks) == cut
@@ -302,3 +303,20 @@ async def test_a_dropped_whole_response_request_is_cancelled(redis_url: str) -> 
         assert state.record.finish_reason == "abort" and len(state.tokens) < 200
     finally:
         await fleet.close()
+
+
+async def test_a_taken_http_port_is_a_clear_error(redis_url: str) -> None:
+    import socket
+
+    from common.config import SchedulerSettings
+    from common.errors import Unavailable
+    from scheduler_svc.server import create_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = SchedulerSettings.build(host="127.0.0.1", port=0, metrics_port=0, redis_url=redis_url,
+                                           http_port=port)  # fmt: skip
+        with pytest.raises(Unavailable, match=f"cannot listen on 127.0.0.1:{port}"):
+            await create_server(settings)
