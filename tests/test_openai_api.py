@@ -183,6 +183,12 @@ async def test_errors_are_in_openais_shape(fleet: Fleet, client: openai.AsyncOpe
     with pytest.raises(openai.NotFoundError) as missing:
         await client.completions.create(model="gpt-17", prompt="Hello", max_tokens=3)
     assert missing.value.body["code"] == "model_not_found" and "stub" in missing.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as negative:  # found by schemathesis: was a 500
+        await client.completions.create(model="stub", prompt=[-5, 835], max_tokens=3)
+    assert negative.value.body["param"] == "prompt" and "greater than or equal to 0" in negative.value.message
+    with pytest.raises(openai.BadRequestError) as huge:  # beyond the wire's uint32: was a 500
+        await client.completions.create(model="stub", prompt="Hi", max_tokens=2**40)
+    assert huge.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError, match="empty"):
         await client.completions.create(model="stub", prompt="", max_tokens=3)
     with pytest.raises(openai.BadRequestError, match="longest"):

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from common.errors import Unauthenticated, Unavailable
@@ -25,6 +26,7 @@ from scheduler_svc.openai_api.models import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
 )
@@ -33,6 +35,18 @@ from scheduler_svc.openai_api.params import chat_job, check_model, completion_jo
 T = TypeVar("T")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
 DISCONNECT_POLL_S = 0.5
+# Every error a route can answer, documented in OpenAI's shape (FastAPI's 422 is never sent).
+_ERRORS = {
+    400: "invalid request (invalid_request_error)",
+    401: "missing or wrong API key (invalid_api_key)",
+    404: "unknown model (model_not_found)",
+    429: "waiting queue full (rate_limit_exceeded)",
+    500: "internal error or the worker failed the request (server_error)",
+    503: "no healthy worker, or the scheduler is stopping (service_unavailable)",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text} for code, text in _ERRORS.items()
+}
 
 
 def build_app(gateway: RequestGateway, api_token: str = "") -> FastAPI:
@@ -50,19 +64,19 @@ def build_app(gateway: RequestGateway, api_token: str = "") -> FastAPI:
 
     auth = [Depends(authorized)]
 
-    @app.get("/health")
+    @app.get("/health", responses={503: ERROR_RESPONSES[503]})
     async def health() -> JSONResponse:
         state = gateway.health()
         if not state.serving:
             return errors.response_of(Unavailable(f"not serving: {state.reason}"))
         return JSONResponse({"status": "ok"})
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", dependencies=auth, responses=ERROR_RESPONSES)
     async def models() -> ModelList:
         cards = [ModelCard(id=m.id, created=0, max_model_len=m.max_model_len) for m in gateway.models()]
         return ModelList(data=cards)
 
-    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    @app.get("/v1/models/{model_id:path}", dependencies=auth, responses=ERROR_RESPONSES)
     async def model(model_id: str) -> ModelCard:
         for m in gateway.models():
             if m.id == model_id:
@@ -70,7 +84,7 @@ def build_app(gateway: RequestGateway, api_token: str = "") -> FastAPI:
         raise errors.ApiError(errors.ErrorKind(404, "invalid_request_error", "model_not_found"),
                               f"the model {model_id!r} does not exist", "model")  # fmt: skip
 
-    @app.post("/v1/completions", dependencies=auth, response_model=None)
+    @app.post("/v1/completions", dependencies=auth, response_model=None, responses=ERROR_RESPONSES)
     async def completions(
         body: CompletionRequest, request: Request
     ) -> CompletionResponse | StreamingResponse:
@@ -82,7 +96,7 @@ def build_app(gateway: RequestGateway, api_token: str = "") -> FastAPI:
         text, outcome = await _unless_disconnected(request, sse.collect(events))
         return sse.completion_body(meta, text, outcome)
 
-    @app.post("/v1/chat/completions", dependencies=auth, response_model=None)
+    @app.post("/v1/chat/completions", dependencies=auth, response_model=None, responses=ERROR_RESPONSES)
     async def chat(
         body: ChatCompletionRequest, request: Request
     ) -> ChatCompletionResponse | StreamingResponse:
@@ -94,7 +108,19 @@ def build_app(gateway: RequestGateway, api_token: str = "") -> FastAPI:
         text, outcome = await _unless_disconnected(request, sse.collect(events))
         return sse.chat_body(meta, text, outcome)
 
+    app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
+    """The schema FastAPI builds, less the 422 it documents: validation failures are 400s here."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _sse(stream: AsyncIterator[str]) -> StreamingResponse:

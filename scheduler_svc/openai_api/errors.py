@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -72,9 +73,10 @@ def body_of(exc: BaseException) -> tuple[int, ErrorResponse]:
     return kind.status, ErrorResponse(error=ErrorBody(message=str(exc), type=kind.type, code=kind.code))
 
 
-def response_of(exc: BaseException) -> JSONResponse:
+def response_of(exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
     status, body = body_of(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
@@ -83,16 +85,24 @@ def install(app: FastAPI) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request body"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        where = f"{param}: " if param else ""
-        return response_of(invalid(f"{where}{first.get('msg', 'invalid value')}", param))
+        problems = list(exc.errors()) or [{"loc": (), "msg": "invalid request body"}]
+        first = problems[0]
+        if first.get("type") == "json_invalid":
+            reason = first.get("ctx", {}).get("error", "")
+            return response_of(invalid(f"the request body is not valid JSON: {reason}"))
+        field = _loc(first)[:1]
+        if not field:  # the body itself: missing or not an object
+            return response_of(invalid(f"the request body must be a JSON object: {first.get('msg', '')}"))
+        # A union field fails once per alternative: the deepest failure says most (prompt.0 >= 0).
+        same = [p for p in problems if _loc(p)[:1] == field]
+        best = max(same, key=lambda p: len(_loc(p)))
+        return response_of(invalid(f"{'.'.join(_loc(best))}: {best.get('msg', 'invalid value')}", field[0]))
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         kind = ErrorKind(exc.status_code, "invalid_request_error", None)
-        return response_of(ApiError(kind, str(exc.detail)))
+        headers = dict(exc.headers) if exc.headers else None  # e.g. 405's Allow
+        return response_of(ApiError(kind, str(exc.detail)), headers)
 
     async def on_any(request: Request, exc: Exception) -> JSONResponse:
         return response_of(exc)
@@ -102,3 +112,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, on_any)
     app.add_exception_handler(errors.LayerKVError, on_any)
     app.add_exception_handler(Exception, on_any)
+
+
+def _loc(problem: Any) -> list[str]:
+    return [str(p) for p in problem.get("loc", ()) if p != "body"]

@@ -8,11 +8,13 @@ of being silently dropped. Responses follow OpenAI's shapes field for field.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 UINT64_LIMIT = 2**64
+UINT32_LIMIT = 2**32  # the wire carries token ids, counts and top_k as uint32
+TokenId = Annotated[int, Field(ge=0, lt=UINT32_LIMIT, strict=True)]
 
 
 class _Lenient(BaseModel):
@@ -31,10 +33,10 @@ class _GenerationRequest(_Lenient):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, description="0 is greedy; default 1")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus mass; default 1")
-    top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1 or 0 disables the cut")
+    top_k: int | None = Field(None, ge=-1, lt=UINT32_LIMIT, description="vLLM extension; -1 or 0: no cut")
     seed: int | None = Field(None, ge=0, lt=UINT64_LIMIT, description="reproducible sampling")
     stop: str | list[str] | None = Field(None, description="strings that end the output (not included)")
-    stop_token_ids: list[int] | None = Field(None, description="vLLM extension: token ids that end it")
+    stop_token_ids: list[TokenId] | None = Field(None, description="vLLM extension: token ids that end it")
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS")
     n: int = Field(1, ge=1, description="choices per request; only 1 is supported")
     presence_penalty: float | None = Field(None, description="only 0 is supported")
@@ -46,10 +48,10 @@ class _GenerationRequest(_Lenient):
 class CompletionRequest(_GenerationRequest):
     """``POST /v1/completions``."""
 
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]] = Field(
         description="text or token ids; a list holds one prompt (batches are not supported)"
     )
-    max_tokens: int | None = Field(16, ge=1, description="tokens to generate at most (OpenAI default 16)")
+    max_tokens: int | None = Field(16, ge=1, lt=UINT32_LIMIT, description="tokens at most (OpenAI default 16)")
     echo: bool = Field(False, description="not supported")
     logprobs: int | None = Field(None, description="not supported (must be null)")
     best_of: int | None = Field(None, description="only 1 is supported")
@@ -72,8 +74,8 @@ class ChatCompletionRequest(_GenerationRequest):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="deprecated name of max_completion_tokens")
-    max_completion_tokens: int | None = Field(None, ge=1, description="tokens to generate at most")
+    max_tokens: int | None = Field(None, ge=1, lt=UINT32_LIMIT, description="old name of max_completion_tokens")
+    max_completion_tokens: int | None = Field(None, ge=1, lt=UINT32_LIMIT, description="tokens at most")
     logprobs: bool | None = Field(None, description="not supported (must be false or null)")
     top_logprobs: int | None = Field(None, description="not supported")
     tools: list[Any] | None = Field(None, description="not supported (must be empty)")
