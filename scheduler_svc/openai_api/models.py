@@ -51,7 +51,7 @@ class CompletionRequest(_GenerationRequest):
     prompt: str | list[TokenId] | list[str] | list[list[TokenId]] = Field(
         description="text or token ids; a list holds one prompt (batches are not supported)"
     )
-    max_tokens: int | None = Field(16, ge=1, lt=UINT32_LIMIT, description="tokens at most (OpenAI default 16)")
+    max_tokens: int | None = Field(16, ge=1, lt=UINT32_LIMIT, description="at most (OpenAI default 16)")
     echo: bool = Field(False, description="not supported")
     logprobs: int | None = Field(None, description="not supported (must be null)")
     best_of: int | None = Field(None, description="only 1 is supported")
@@ -74,7 +74,7 @@ class ChatCompletionRequest(_GenerationRequest):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, lt=UINT32_LIMIT, description="old name of max_completion_tokens")
+    max_tokens: int | None = Field(None, ge=1, lt=UINT32_LIMIT, description="max_completion_tokens, old name")
     max_completion_tokens: int | None = Field(None, ge=1, lt=UINT32_LIMIT, description="tokens at most")
     logprobs: bool | None = Field(None, description="not supported (must be false or null)")
     top_logprobs: int | None = Field(None, description="not supported")
