@@ -47,6 +47,12 @@ _ERRORS = {
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text} for code, text in _ERRORS.items()
 }
+# ``stream: true`` answers 200 with server-sent events instead of the JSON body.
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the result, or with stream: true its chunks as server-sent events",
+          "content": {"text/event-stream": {}}},
+    **ERROR_RESPONSES,
+}  # fmt: skip
 
 
 def build_app(gateway: RequestGateway, api_token: str = "") -> FastAPI:
@@ -84,7 +90,7 @@ def build_app(gateway: RequestGateway, api_token: str = "") -> FastAPI:
         raise errors.ApiError(errors.ErrorKind(404, "invalid_request_error", "model_not_found"),
                               f"the model {model_id!r} does not exist", "model")  # fmt: skip
 
-    @app.post("/v1/completions", dependencies=auth, response_model=None, responses=ERROR_RESPONSES)
+    @app.post("/v1/completions", dependencies=auth, response_model=None, responses=GENERATION_RESPONSES)
     async def completions(
         body: CompletionRequest, request: Request
     ) -> CompletionResponse | StreamingResponse:
@@ -96,7 +102,7 @@ def build_app(gateway: RequestGateway, api_token: str = "") -> FastAPI:
         text, outcome = await _unless_disconnected(request, sse.collect(events))
         return sse.completion_body(meta, text, outcome)
 
-    @app.post("/v1/chat/completions", dependencies=auth, response_model=None, responses=ERROR_RESPONSES)
+    @app.post("/v1/chat/completions", dependencies=auth, response_model=None, responses=GENERATION_RESPONSES)
     async def chat(
         body: ChatCompletionRequest, request: Request
     ) -> ChatCompletionResponse | StreamingResponse:
