@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -326,3 +327,26 @@ async def test_a_taken_http_port_is_a_clear_error(redis_url: str) -> None:
                                            http_port=port)  # fmt: skip
         with pytest.raises(Unavailable, match=f"cannot listen on 127.0.0.1:{port}"):
             await create_server(settings)
+
+
+async def test_https_with_the_schedulers_certificate(redis_url: str, tmp_path: Path) -> None:
+    import ssl
+
+    from tests.pki import make_pki
+
+    pki = make_pki(tmp_path)
+    tls = {"tls_cert": pki.scheduler.cert, "tls_key": pki.scheduler.key}
+    fleet = await _start(redis_url, [StubWorker("w0")], **tls)
+    try:
+        url = f"https://127.0.0.1:{fleet.server.http_port}/v1"
+        async with (
+            httpx.AsyncClient(verify=ssl.create_default_context(cafile=pki.ca)) as http,
+            openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0, http_client=http) as client,
+        ):
+            done = await client.completions.create(model="stub", prompt="Hi", max_tokens=3)
+            assert done.choices[0].text == expected_text("Hi", 3)
+        async with httpx.AsyncClient() as plain:
+            with pytest.raises(httpx.HTTPError):  # no plaintext next to TLS
+                await plain.get(f"http://127.0.0.1:{fleet.server.http_port}/health")
+    finally:
+        await fleet.close()
