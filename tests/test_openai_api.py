@@ -80,6 +80,7 @@ async def test_completion_whole_and_streamed(client: openai.AsyncOpenAI) -> None
     assert len(texts) > 2, "text arrives as it is generated"
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
+    assert texts[-1], "the finish reason rides on the last text, no empty chunk of its own"
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].usage.prompt_tokens == 6
 
@@ -108,7 +109,7 @@ async def test_chat_whole_and_streamed_apply_the_chat_template(client: openai.As
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert deltas[0].role == "assistant" and all(d.role is None for d in deltas[1:])
     assert "".join(d.content or "" for d in deltas) == want
-    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-2].choices[0].finish_reason == "length" and chunks[-2].choices[0].delta.content
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
 
 

@@ -68,6 +68,8 @@ class RequestGateway(Protocol):
 
     def stream(self, request_id: str) -> AsyncIterator[StreamItem]: ...
 
+    def is_finished(self, request_id: str) -> bool: ...
+
     async def cancel(self, request_id: str) -> bool: ...
 
     def cancel_soon(self, request_id: str) -> None: ...
@@ -133,6 +135,11 @@ class CoreGateway:
         else:  # finished and evicted from memory: the rest comes from Redis
             for item in stored_stream(state.record, state.tokens, 0, self.tokenizer()):
                 yield item
+
+    def is_finished(self, request_id: str) -> bool:
+        """True when the request has ended (its stream's next item after the tokens is the final)."""
+        state = self._core.requests.get(request_id)
+        return state is None or state.finished
 
     async def cancel(self, request_id: str) -> bool:
         return await self._core.cancel(request_id)

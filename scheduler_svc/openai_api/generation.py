@@ -40,12 +40,14 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class Outcome:
-    """The end of a generation. ``error`` is set when a worker failed the request."""
+    """The end of a generation: the last text (sent together with the finish reason, as vLLM
+    does), reason and usage. ``error`` is set when a worker failed the request."""
 
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     error: str = ""
+    text: str = ""
 
 
 async def start(gateway: RequestGateway, job: Job) -> AsyncIterator[TextDelta | Outcome]:
@@ -61,29 +63,28 @@ async def follow(
     request_id = submitted.request_id
     matcher = StopMatcher(stops)
     completion = 0
+    held = ""  # the last text, when the request has already ended: it rides on the Outcome
     done = False
     try:
         async for item in gateway.stream(request_id):
             if isinstance(item, StreamChunk):
                 completion += len(item.token_ids)
                 text = matcher.push(item.text_delta)
-                if text:
-                    yield TextDelta(text)
                 if matcher.stopped:
                     done = True
                     gateway.cancel_soon(request_id)  # free the blocks now, not at max_tokens
-                    yield Outcome("stop", submitted.prompt_tokens, completion)
+                    yield Outcome("stop", submitted.prompt_tokens, completion, text=held + text)
                     return
+                if gateway.is_finished(request_id):
+                    held += text  # the final item follows at once
+                elif text:
+                    yield TextDelta(text)
                 continue
             done = True
             record = item.record
-            tail = matcher.flush()
-            if tail:
-                yield TextDelta(tail)
             reason = OPENAI_FINISH.get(record.finish_reason, "error")
-            yield Outcome(
-                reason, submitted.prompt_tokens, completion, record.error if reason == "error" else ""
-            )
+            error = record.error if reason == "error" else ""
+            yield Outcome(reason, submitted.prompt_tokens, completion, error, held + matcher.flush())
             return
     finally:
         if not done:  # the consumer left early: the client went away mid-stream

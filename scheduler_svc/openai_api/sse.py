@@ -1,9 +1,9 @@
 """Responses of the two generation endpoints: whole bodies, and server-sent event streams.
 
-A stream is ``data: <chunk JSON>`` events, one per text delta (the chat role rides on the first),
-then a chunk with the finish reason, then (``stream_options.include_usage``) a chunk with no
-choices and the token usage, then ``data: [DONE]``. A worker failure mid-stream is an ``error``
-event in OpenAI's error shape before ``[DONE]``, since the status line has already gone out.
+A stream is ``data: <chunk JSON>`` events, one per text delta (the chat role rides on the first,
+the finish reason on the last, as vLLM sends them), then (``stream_options.include_usage``) a chunk
+with no choices and the token usage, then ``data: [DONE]``. A worker failure mid-stream is an
+``error`` event in OpenAI's error shape before ``[DONE]``, since the status line has gone out.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ async def collect(events: Events) -> tuple[str, Outcome]:
         else:
             if event.finish_reason == "error":
                 raise _failed(event)
-            return "".join(parts), event
+            return "".join(parts) + event.text, event
     raise AssertionError("a generation always ends with an Outcome")
 
 
@@ -104,9 +104,11 @@ async def completion_stream(meta: Meta, events: Events, include_usage: bool) -> 
                 yield chunk(event.text)
                 continue
             if event.finish_reason == "error":
+                if event.text:
+                    yield chunk(event.text)
                 yield _error_event(_failed(event))
                 break
-            yield chunk("", event.finish_reason)
+            yield chunk(event.text, event.finish_reason)
             if include_usage:
                 yield chunk("", usage=usage_of(event))
     except LayerKVError as exc:  # e.g. Redis failed mid-stream
@@ -130,9 +132,11 @@ async def chat_stream(meta: Meta, events: Events, include_usage: bool) -> AsyncI
                 yield chunk(ChatDelta(role=role, content=event.text))
                 continue
             if event.finish_reason == "error":
+                if event.text:
+                    yield chunk(ChatDelta(role=role, content=event.text))
                 yield _error_event(_failed(event))
                 break
-            yield chunk(ChatDelta(role=role), event.finish_reason)
+            yield chunk(ChatDelta(role=role, content=event.text or None), event.finish_reason)
             if include_usage:
                 yield chunk(None, usage=usage_of(event))
     except LayerKVError as exc:
