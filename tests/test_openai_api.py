@@ -351,3 +351,24 @@ async def test_https_with_the_schedulers_certificate(redis_url: str, tmp_path: P
                 await plain.get(f"http://127.0.0.1:{fleet.server.http_port}/health")
     finally:
         await fleet.close()
+
+
+async def test_a_full_queue_is_a_429_in_openais_shape(redis_url: str) -> None:
+    # One small worker: the first request holds every GPU block, the second waits, the third is refused.
+    worker = StubWorker("w0", gpu_blocks=4 * 4, step_s=0.02)
+    fleet = await _start(redis_url, [worker], queue_limit=1)
+    body = {"prompt": [1, 2, 3, 4], "max_tokens": 12}
+    try:
+        async with httpx.AsyncClient(base_url=base_url(fleet), timeout=30) as http:
+            first = asyncio.ensure_future(http.post("/v1/completions", json=body))
+            await _until(lambda: bool(worker.running_ids), "the first request runs")
+            second = asyncio.ensure_future(http.post("/v1/completions", json=body))
+            await _until(lambda: len(fleet.server.core.queue) == 1, "the second request waits")
+            refused = await http.post("/v1/completions", json=body)
+            assert refused.status_code == 429
+            assert refused.json()["error"]["type"] == "rate_limit_exceeded"
+            assert "queue" in refused.json()["error"]["message"]
+            for reply in await asyncio.gather(first, second):  # the accepted ones finish
+                assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 12
+    finally:
+        await fleet.close()
