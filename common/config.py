@@ -69,6 +69,12 @@ class SchedulerSettings(_Settings):
     host: str = Field("0.0.0.0", description="listen address")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")
+    http_port: int | None = Field(
+        None, le=65535, description="OpenAI-compatible HTTP API port; 0: a free one; unset or negative: off"
+    )
+    served_model_name: str = Field(
+        "", max_length=256, description="model id the HTTP API lists and accepts; empty: the workers' model"
+    )
     redis_url: str = Field("redis://127.0.0.1:6379/0", min_length=1, description="request state store")
     redis_prefix: str = Field("layerkv", pattern=r"^[A-Za-z0-9_.-]+$", description="Redis key namespace")
     retention_s: int = Field(86400, ge=1, description="TTL of finished request records and token logs")

@@ -48,6 +48,7 @@ class EmbeddedOptions:
     host: str = "127.0.0.1"
     port: int = 50051  # scheduler gRPC; taken or 0: a free port
     metrics_port: int = 9090
+    http_port: int = 8000  # OpenAI-compatible API; taken or 0: a free port; negative: off
     redis_url: str = ""  # empty: start a redis-server of our own
     policy: str = ""  # empty: the scheduler's default
     prompt: str = ""  # non-empty: send it, print the answer, stop
@@ -120,6 +121,7 @@ class EmbeddedSystem:
     redis_url: str = ""
     scheduler_address: str = ""
     scheduler_metrics: str = ""
+    http_url: str = ""  # base URL of the OpenAI-compatible API, empty when off
     workers: list[tuple[str, str]] = field(default_factory=list)  # (gRPC address, metrics URL)
 
     def spawn(self, name: str, argv: list[str]) -> Child:
@@ -183,6 +185,10 @@ def start(opts: EmbeddedOptions, system: EmbeddedSystem) -> None:
     system.scheduler_metrics = f"http://{host}:{sched_metrics}/metrics"
     argv = ["scheduler", "--host", host, "--port", str(sched_port), "--metrics-port", str(sched_metrics),
             "--redis-url", system.redis_url, "--redis-prefix", f"layerkv-up-{sched_port}"]
+    if opts.http_port >= 0:
+        http_port = _port_or_free(opts.http_port, host)
+        system.http_url = f"http://{host}:{http_port}/v1"
+        argv += ["--http-port", str(http_port)]
     if opts.policy:
         argv += ["--policy", opts.policy]
     system.spawn("scheduler", _layerkv(*argv))
@@ -252,6 +258,8 @@ def _print_endpoints(system: EmbeddedSystem) -> None:
     print("LayerKV is up:", flush=True)
     print(f"  scheduler gRPC     {system.scheduler_address}")
     print(f"  scheduler metrics  {system.scheduler_metrics}")
+    if system.http_url:
+        print(f"  OpenAI API         {system.http_url}")
     for i, (address, metrics) in enumerate(system.workers):
         print(f"  worker-{i}           {address}  metrics {metrics}")
     print(f"  redis              {system.redis_url}")
@@ -281,6 +289,9 @@ def run_embedded(opts: EmbeddedOptions) -> int:
             ok = code == 0
             return code
         print(f"Try: layerkv generate --endpoint {system.scheduler_address} 'Hello'")
+        if system.http_url:
+            print(f"  or: curl {system.http_url}/completions -H 'Content-Type: application/json' "
+                  """-d '{"prompt": "Hello", "max_tokens": 16}'""")
         print("Ctrl-C stops everything.", flush=True)
         while True:
             system.check_alive()

@@ -117,6 +117,9 @@ def up(
     host: Annotated[str, typer.Option(help="listen address of every process")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="scheduler gRPC port (0: a free one)")] = 50051,
     metrics_port: Annotated[int, typer.Option(help="scheduler /metrics port (0: a free one)")] = 9090,
+    http_port: Annotated[
+        int, typer.Option(help="OpenAI-compatible HTTP API port (0: a free one; negative: off)")
+    ] = 8000,
     redis_url: Annotated[
         str, typer.Option(envvar="REDIS_URL", help="use this Redis instead of starting one")
     ] = "",
@@ -134,7 +137,8 @@ def up(
     opts = EmbeddedOptions(
         workers=workers, model=model, device=device, dtype=dtype, block_size=block_size,
         gpu_blocks=gpu_blocks, host_blocks=host_blocks, gpu_kv_gib=gpu_kv_gib, host_kv_gib=host_kv_gib,
-        host=host, port=port, metrics_port=metrics_port, redis_url=redis_url, policy=policy,
+        host=host, port=port, metrics_port=metrics_port, http_port=http_port, redis_url=redis_url,
+        policy=policy,
         prompt=prompt or ("Hello from LayerKV!" if demo else ""), max_tokens=max_tokens,
         startup_timeout_s=startup_timeout_s,
     )

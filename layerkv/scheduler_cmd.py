@@ -54,6 +54,14 @@ def scheduler(
     metrics_port: Annotated[
         int, typer.Option(envvar=_env("metrics_port"), help="Prometheus /metrics port; 0 disables")
     ] = 9090,
+    http_port: Annotated[
+        int | None,
+        typer.Option(envvar=_env("http_port"), help="OpenAI HTTP API port (0: a free one; unset: off)"),
+    ] = None,
+    served_model_name: Annotated[
+        str,
+        typer.Option(envvar=_env("served_model_name"), help="model id of the HTTP API (default: workers')"),
+    ] = "",
     redis_url: Annotated[
         str, typer.Option(envvar=[_env("redis_url"), "REDIS_URL"], help="request state store")
     ] = "redis://127.0.0.1:6379/0",
@@ -103,7 +111,8 @@ def scheduler(
     setup_logging(log_level)
     try:
         settings = SchedulerSettings.build(
-            host=host, port=port, metrics_port=metrics_port, redis_url=redis_url, redis_prefix=redis_prefix,
+            host=host, port=port, metrics_port=metrics_port, http_port=http_port,
+            served_model_name=served_model_name, redis_url=redis_url, redis_prefix=redis_prefix,
             retention_s=retention_s, workers=workers, workers_dns=workers_dns, policy=policy,
             policy_params=policy_params, policy_file=policy_file, queue_limit=queue_limit, tls_cert=tls_cert,
             tls_key=tls_key, tls_ca=tls_ca, admin_token=admin_token, api_token=api_token,

@@ -467,6 +467,7 @@ class SchedulerCore:
                     self.metrics.ttft.observe(now - state.record.arrival_time)
                 state.tokens.extend(new)
                 batch_tokens(batch, request_id, new)
+                self.metrics.observe_tokens(request_id, len(new), len(state.record.prompt_ids), now)
                 state.notify()
             if update.finished:
                 reason = FINISH_OF_PROTO.get(update.finish_reason, FinishReason.ERROR)
@@ -493,7 +494,7 @@ class SchedulerCore:
         step = event.step
         self.metrics.bytes_offloaded.labels(worker_id).inc(step.bytes_offloaded)
         self.metrics.bytes_loaded.labels(worker_id).inc(step.bytes_loaded)
-        self.metrics.preemptions.labels(worker_id).inc(step.num_preemptions)
+        self.metrics.preempted(worker_id, step.num_preemptions)
         if worker.fitter is not None and step.kind in ("prefill", "decode", "mixed"):
             worker.fitter.observe(
                 StepTiming(

@@ -28,6 +28,8 @@ from common.security import TokenAuthInterceptor, add_port, warn_if_insecure
 from common.store import Store, WorkerEntry
 from scheduler_svc.admission import lookup, submit
 from scheduler_svc.core import SchedulerCore
+from scheduler_svc.fleet_view import CoreFleetView
+from scheduler_svc.openai_api.server import http_server
 from scheduler_svc.policies.base import Policy
 from scheduler_svc.policies.registry import describe_policies, policy_params
 from scheduler_svc.policy_file import PolicyFileWatcher
@@ -188,6 +190,7 @@ class SchedulerServer:
         self.metrics = ServiceMetrics("scheduler")
         self.store = Store(settings.redis_url, settings.redis_prefix, settings.retention_s)
         self.core = SchedulerCore(settings, self.store, self.metrics)
+        self.metrics.bind(CoreFleetView(self.core, settings.served_model_name))
         self.health = health_aio.HealthServicer()
         tokens = {ADMIN_SERVICE: settings.admin_token, SCHEDULER_SERVICE: settings.api_token}
         self.server = grpc.aio.server(interceptors=[TokenAuthInterceptor(tokens), ErrorInterceptor()])
@@ -204,8 +207,10 @@ class SchedulerServer:
             self.server,
         )
         self.watcher = PolicyFileWatcher(self.core, settings.policy_file, settings.policy_file_interval_s)
+        self.http = http_server(settings, self.core)  # the OpenAI-compatible API, when asked for
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
 
     async def start(self) -> int:
         s = self.settings
@@ -219,6 +224,8 @@ class SchedulerServer:
         for service in ("", SCHEDULER_SERVICE, ADMIN_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.metrics_port = start_metrics_server(s.metrics_port, self.metrics.registry)
+        if self.http is not None:
+            self.http_port = await self.http.start()
         log.info("scheduler listening on %s:%d (policy %s)", s.host, self.port, self.core.policy.name)
         return self.port
 
@@ -228,6 +235,8 @@ class SchedulerServer:
         await self.health.enter_graceful_shutdown()
         await self.watcher.stop()
         await self.core.stop()
+        if self.http is not None:
+            await self.http.stop(grace)
         await self.server.stop(grace)
         await self.store.close()
 

@@ -126,8 +126,8 @@ def test_up_serves_until_interrupted_and_generate_endpoint_streams() -> None:
         for i, url in enumerate(metrics_urls):
             with urllib.request.urlopen(url, timeout=10) as reply:
                 metrics = reply.read().decode()
-            assert f'layerkv_kv_blocks_used{{layer="3",tier="gpu",worker="worker-{i}"}}' in metrics
-            assert f'layerkv_kv_blocks_free{{tier="host",worker="worker-{i}"}}' in metrics
+            assert f'layerkv_worker_kv_blocks_used{{layer="3",tier="gpu",worker="worker-{i}"}}' in metrics
+            assert f'layerkv_worker_kv_blocks_free{{tier="host",worker="worker-{i}"}}' in metrics
             found = re.search(
                 r'layerkv_worker_step_seconds_count\{kind="decode",worker="worker-\d"\} (\S+)', metrics
             )

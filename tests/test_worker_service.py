@@ -187,7 +187,7 @@ async def test_a_full_worker_refuses_and_abort_frees_the_blocks(worker: Worker) 
     assert reply.gpu_blocks == 152
     assert (await worker.stub.Abort(worker_pb2.AbortRequest(request_id="second"))).aborted
     refused_metric = worker.server.metrics.registry.get_sample_value(
-        "layerkv_dispatches_refused_total", {"worker": "w-test"}
+        "layerkv_worker_dispatches_refused_total", {"worker": "w-test"}
     )
     assert refused_metric == 1.0
     events.cancel()

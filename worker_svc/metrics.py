@@ -1,63 +1,81 @@
-"""Prometheus metrics of one worker: KV block usage per tier and layer, copies, steps, dispatches.
+"""Prometheus metrics of one worker: what only the worker knows, under ``layerkv_worker_*`` names.
 
-The shared series come from ``common.metrics.ServiceMetrics`` (same names as the scheduler's, one
-dashboard for both); the worker adds step durations and copy waits. Each worker owns its registry,
-so several workers can live in one test process. Updated on the event loop from each step's
-report, never from the engine thread.
+Its own KV blocks per tier and layer, step durations and sizes, copies between the tiers and the
+time compute waited for them, dispatches it took or refused, preemptions. Request latencies and
+token counts are the scheduler's series (``common.metrics``): the scheduler sees a request from
+arrival to finish across failovers, the worker sees one attempt. Each worker owns its registry, so
+several workers (and a scheduler) can live in one process; updated on the event loop from each
+step's report, never from the engine thread.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from common.metrics import LATENCY_BUCKETS, ServiceMetrics
+from common.metrics import LATENCY_BUCKETS
 from worker_svc.outputs import KVUsage, StepOutput
+
+P = "layerkv_worker"
+STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 class WorkerMetrics:
     """The worker's series, labelled by worker id."""
 
     def __init__(self, worker_id: str) -> None:
-        self.service = ServiceMetrics("worker")
-        self.registry = self.service.registry
-        self._worker_id = worker_id
-        self._step_seconds = Histogram(
-            "layerkv_worker_step_seconds", "Engine step duration", ["worker", "kind"],
-            buckets=LATENCY_BUCKETS, registry=self.registry,
-        )
-        self._copy_wait = Counter(
-            "layerkv_worker_copy_wait_seconds", "Time compute waited for KV copies", ["worker"],
-            registry=self.registry,
-        )
-        self._preemptions = Counter(
-            "layerkv_worker_preemptions", "Requests preempted when KV growth found no room", ["worker"],
-            registry=self.registry,
-        )
-        self._swapped_layers = Counter(
-            "layerkv_worker_swapped_layers", "Layers moved GPU -> host by swap-layers preemption", ["worker"],
-            registry=self.registry,
-        )
+        r = self.registry = CollectorRegistry()
+        w = self._worker_id = worker_id
+        self._step_seconds = Histogram(f"{P}_step_seconds", "Engine step duration", ["worker", "kind"],
+                                       buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self._step_tokens = Histogram(f"{P}_step_tokens", "Tokens computed per step (prefill: prompt tokens; "
+                                      "decode: requests)", ["worker", "kind"], buckets=STEP_TOKEN_BUCKETS,
+                                      registry=r)  # fmt: skip
+        self._copy_wait = Counter(f"{P}_copy_wait_seconds", "Time compute waited for KV copies", ["worker"],
+                                  registry=r).labels(w)  # fmt: skip
+        self._offloaded = Counter(f"{P}_bytes_offloaded", "KV bytes copied device-to-host", ["worker"],
+                                  registry=r).labels(w)  # fmt: skip
+        self._loaded = Counter(f"{P}_bytes_loaded", "KV bytes copied host-to-device", ["worker"],
+                               registry=r).labels(w)  # fmt: skip
+        self._preemptions = Counter(f"{P}_preemptions", "Running requests preempted to free KV blocks",
+                                    ["worker"], registry=r).labels(w)  # fmt: skip
+        self._swapped_layers = Counter(f"{P}_swapped_layers", "Layers moved GPU -> host by swap-layers "
+                                       "preemption", ["worker"], registry=r).labels(w)  # fmt: skip
+        self._dispatches = Counter(f"{P}_dispatches", "Dispatches accepted", ["worker"], registry=r).labels(w)
+        self._refused = Counter(f"{P}_dispatches_refused", "Dispatches refused (no room)", ["worker"],
+                                registry=r).labels(w)  # fmt: skip
+        self._running = Gauge(f"{P}_running_requests", "Requests running in the engine", ["worker"],
+                              registry=r).labels(w)  # fmt: skip
+        self._finished = Counter(f"{P}_requests_finished", "Requests the engine finished, by reason",
+                                 ["worker", "reason"], registry=r)  # fmt: skip
+        self._blocks_used = Gauge(f"{P}_kv_blocks_used", "KV blocks in use per tier and layer",
+                                  ["worker", "tier", "layer"], registry=r)  # fmt: skip
+        self._blocks_free = Gauge(f"{P}_kv_blocks_free", "Free KV blocks per tier", ["worker", "tier"],
+                                  registry=r)  # fmt: skip
 
     def dispatch_accepted(self) -> None:
-        self.service.dispatches.labels(self._worker_id).inc()
+        self._dispatches.inc()
 
     def dispatch_refused(self) -> None:
-        self.service.dispatches_refused.labels(self._worker_id).inc()
+        self._refused.inc()
 
     def observe_usage(self, usage: KVUsage) -> None:
         for tier, u in (("gpu", usage.gpu), ("host", usage.host)):
-            self.service.observe_usage(self._worker_id, tier, u.used_per_layer, u.free_blocks)
+            for layer, used in enumerate(u.used_per_layer):
+                self._blocks_used.labels(self._worker_id, tier, str(layer)).set(used)
+            self._blocks_free.labels(self._worker_id, tier).set(u.free_blocks)
 
     def observe_step(self, out: StepOutput) -> None:
         w, s = self._worker_id, out.stats
         self._step_seconds.labels(w, s.kind).observe(s.duration_s)
-        self.service.bytes_offloaded.labels(w).inc(s.bytes_offloaded)
-        self.service.bytes_loaded.labels(w).inc(s.bytes_loaded)
-        self._copy_wait.labels(w).inc(s.copy_wait_s)
-        self._preemptions.labels(w).inc(s.num_preemptions)
-        self._swapped_layers.labels(w).inc(s.num_swapped_layers)
-        self.service.running.labels(w).set(len(out.running))
+        if s.kind != "idle":
+            self._step_tokens.labels(w, s.kind).observe(s.num_tokens)
+        self._offloaded.inc(s.bytes_offloaded)
+        self._loaded.inc(s.bytes_loaded)
+        self._copy_wait.inc(s.copy_wait_s)
+        self._preemptions.inc(s.num_preemptions)
+        self._swapped_layers.inc(s.num_swapped_layers)
+        self._running.set(len(out.running))
         for o in out.outputs:
             if o.finished and o.finish_reason is not None:
-                self.service.requests.labels(o.finish_reason.value).inc()
+                self._finished.labels(w, o.finish_reason.value).inc()
         self.observe_usage(out.usage)

@@ -1,0 +1,154 @@
+"""The OpenAI API of a real ``layerkv up`` (Redis, scheduler and a tiny-preset worker as child
+processes) with the official ``openai`` client: the same answer as the gRPC API, streamed and not,
+a 400 in OpenAI's shape, a closed stream freeing its blocks, and both /metrics endpoints."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc
+from tests.fleet import REPO_ROOT
+from tests.test_e2e_up import _env
+
+pytestmark = pytest.mark.slow
+NO_EOS = {"ignore_eos": True}
+
+
+@dataclass
+class Up:
+    grpc: str
+    http: str
+    scheduler_metrics: str
+    worker_metrics: str
+
+
+@pytest.fixture(scope="module")
+def up() -> Iterator[Up]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "layerkv", "up", "--workers", "1", "--port", "0", "--metrics-port", "0",
+         "--http-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO_ROOT,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        out = "".join(lines)
+        found = {
+            "grpc": re.search(r"scheduler gRPC\s+(\S+)", out),
+            "http": re.search(r"OpenAI API\s+(\S+)", out),
+            "scheduler_metrics": re.search(r"scheduler metrics\s+(\S+)", out),
+            "worker_metrics": re.search(r"worker-0\s+\S+\s+metrics (\S+)", out),
+        }
+        assert all(found.values()), out
+        yield Up(**{k: m.group(1) for k, m in found.items() if m is not None})
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _grpc_answer(endpoint: str, prompt: str, max_tokens: int) -> tuple[list[int], str]:
+    gen = subprocess.run(
+        [sys.executable, "-m", "layerkv", "generate", "--endpoint", endpoint, "--json", "--max-tokens",
+         str(max_tokens), "--ignore-eos", prompt],
+        capture_output=True, text=True, timeout=120, env=_env(), cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert gen.returncode == 0, gen.stdout + gen.stderr
+    (record,) = [json.loads(x) for x in gen.stdout.splitlines() if x.strip()]
+    return list(record["token_ids"]), str(record["text"])
+
+
+def _scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[s.name] = out.get(s.name, 0.0) + s.value
+    return out
+
+
+def test_completions_match_the_grpc_api_streamed_and_not(up: Up) -> None:
+    client = openai.OpenAI(base_url=up.http, api_key="unused", max_retries=0)
+    (model,) = [m.id for m in client.models.list().data]
+    assert model == "tiny-llama"
+    whole = client.completions.create(
+        model=model, prompt="The quick brown fox", max_tokens=8, temperature=0, extra_body=NO_EOS
+    )
+    assert whole.usage is not None and whole.usage.completion_tokens == 8
+    assert whole.choices[0].finish_reason == "length"
+    stream = client.completions.create(
+        model=model, prompt="The quick brown fox", max_tokens=8, temperature=0, stream=True,
+        extra_body=NO_EOS,
+    )  # fmt: skip
+    streamed = "".join(c.choices[0].text for c in stream if c.choices)
+    assert streamed == whole.choices[0].text
+    # gRPC's greedy answer to the same prompt: the same request path, the same text.
+    ids, text = _grpc_answer(up.grpc, "The quick brown fox", 8)
+    assert len(ids) == 8 and text == whole.choices[0].text
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model=model, prompt="Hi", max_tokens=-3)
+    assert bad.value.body["type"] == "invalid_request_error" and bad.value.body["param"] == "max_tokens"
+
+
+def _workers(endpoint: str) -> list[admin_pb2.WorkerInfo]:
+    with grpc.insecure_channel(endpoint) as channel:
+        reply = admin_pb2_grpc.AdminServiceStub(channel).ListWorkers(admin_pb2.ListWorkersRequest())
+        return list(reply.workers)
+
+
+def test_a_closed_stream_frees_its_blocks_on_the_worker(up: Up) -> None:
+    client = openai.OpenAI(base_url=up.http, api_key="unused", max_retries=0)
+    stream = client.completions.create(
+        model="tiny-llama", prompt="count " * 30, max_tokens=400, stream=True, extra_body=NO_EOS
+    )
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    (busy,) = _workers(up.grpc)
+    assert busy.running_request_ids and busy.gpu.free_blocks < busy.gpu.total_blocks
+    stream.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        (w,) = _workers(up.grpc)
+        if not w.running_request_ids and w.gpu.free_blocks == w.gpu.total_blocks:
+            break
+        time.sleep(0.1)
+    assert not w.running_request_ids and w.gpu.free_blocks == w.gpu.total_blocks, w
+
+
+def test_both_metrics_endpoints_after_real_requests(up: Up) -> None:
+    client = openai.OpenAI(base_url=up.http, api_key="unused", max_retries=0)
+    client.completions.create(model="tiny-llama", prompt="metrics", max_tokens=4, extra_body=NO_EOS)
+    scheduler, worker = _scrape(up.scheduler_metrics), _scrape(up.worker_metrics)
+    assert scheduler["vllm:generation_tokens_total"] >= 4
+    assert scheduler["vllm:time_to_first_token_seconds_count"] >= 1
+    assert scheduler["vllm:inter_token_latency_seconds_count"] >= 3
+    assert "vllm:kv_cache_usage_perc" in scheduler and "vllm:num_requests_waiting" in scheduler
+    assert worker["layerkv_worker_step_seconds_count"] >= 4
+    assert worker["layerkv_worker_kv_blocks_free"] > 0
+    assert not set(scheduler) & set(worker), "no series name on both services"
+    assert not any(n.startswith(("vllm:", "layerkv_ttft")) for n in worker), "the worker never sets these"
