@@ -140,6 +140,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             device=self._identity.device,
             dtype=self._identity.dtype,
             staging_blocks=e.kv_manager.staging.num_blocks,
+            vocab_size=e.model_config.vocab_size,
         )
 
     @grpc_errors
