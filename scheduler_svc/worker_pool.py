@@ -247,9 +247,12 @@ class WorkerPool:
             now = time.monotonic()
             if was_up or failing_since is None:
                 failing_since = now
+                # An address a RegisterWorker call brought and that never answered: that caller got
+                # the status, so a flood of bogus registrations does not flood the log.
+                quiet = handle.registered and not was_up and handle.description is None
                 if problem:
-                    log.warning("worker %s: %s (redialling every %.1f s)", handle.address, problem,
-                                self._retry_s)
+                    log.log(logging.DEBUG if quiet else logging.WARNING,
+                            "worker %s: %s (redialling every %.1f s)", handle.address, problem, self._retry_s)
             elif problem:
                 log.debug("worker %s: still unreachable: %s", handle.address, problem)
             if handle.registered and not handle.removed and now - failing_since >= self._registered_ttl_s:

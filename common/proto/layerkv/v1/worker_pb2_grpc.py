@@ -67,7 +67,8 @@ class WorkerServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def Dispatch(self, request, context):
-        """Start a request with a layer placement. RESOURCE_EXHAUSTED when it no longer fits.
+        """Start a request with a layer placement. RESOURCE_EXHAUSTED when it no longer fits,
+        ALREADY_EXISTS when the worker holds a request with this id, INVALID_ARGUMENT for bad values.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
