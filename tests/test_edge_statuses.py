@@ -17,7 +17,6 @@ import grpc
 import grpc.aio
 import pytest
 
-from common.logging_setup import RateLimitedLog
 from common.proto.layerkv.v1 import admin_pb2, scheduler_pb2
 from common.security import bearer_metadata
 from scheduler_svc.testing.fleet import Fleet, collect, generate_request, start_fleet
@@ -31,7 +30,7 @@ GET_REQUEST = "/layerkv.v1.SchedulerService/GetRequest"
 
 @pytest.fixture
 async def fleet(redis_url: str) -> AsyncIterator[Fleet]:
-    fleet = await start_fleet(redis_url, [StubWorker("w0")], registered_worker_ttl_s=1.0)
+    fleet = await start_fleet(redis_url, [StubWorker("w0")])
     yield fleet
     await fleet.close()
 
@@ -86,6 +85,8 @@ async def test_undecodable_and_unauthenticated_calls_log_one_line_each_without_t
 
 
 def test_rate_limited_log_counts_what_it_drops(caplog: pytest.LogCaptureFixture) -> None:
+    from common.logging_setup import RateLimitedLog
+
     now = [0.0]
     logger = logging.getLogger("test.ratelimit")
     limited = RateLimitedLog(logger, burst=2, window_s=10.0, clock=lambda: now[0])
@@ -148,8 +149,16 @@ async def test_register_worker_refuses_a_malformed_address(fleet: Fleet, address
 
 
 async def test_a_dead_registered_worker_is_dropped_with_one_log_line(
-    fleet: Fleet, caplog: pytest.LogCaptureFixture
+    redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    fleet = await start_fleet(redis_url, [StubWorker("w0")], registered_worker_ttl_s=1.0)
+    try:
+        await _dead_registration_is_dropped(fleet, caplog)
+    finally:
+        await fleet.close()
+
+
+async def _dead_registration_is_dropped(fleet: Fleet, caplog: pytest.LogCaptureFixture) -> None:
     late = StubWorker("late")
     await late.start()
     resp = await fleet.admin.RegisterWorker(admin_pb2.RegisterWorkerRequest(address=late.address), timeout=10)

@@ -115,12 +115,32 @@ async def test_mutual_tls_identity_guards_describe_and_get_tokenizer_too(tmp_pat
         await server.stop(0)
 
 
-async def test_scheduler_reaches_a_token_worker_and_refuses_out_of_vocabulary_prompts(
-    token_worker: WorkerServer, redis_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_scheduler_reaches_a_token_worker(token_worker: WorkerServer, redis_url: str) -> None:
     settings = SchedulerSettings.build(
         host="127.0.0.1", port=0, metrics_port=0, redis_url=redis_url, policy="fcfs-full",
         workers=[f"127.0.0.1:{token_worker.port}"], worker_token=WORKER_TOKEN, worker_retry_s=0.2,
+    )  # fmt: skip
+    scheduler, port = await create_scheduler(settings)
+    try:
+        handle = scheduler.core.pool.handles()[0]
+        await scheduler.core.pool.add_and_wait(handle.address, timeout_s=30)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            from common.proto.layerkv.v1 import scheduler_pb2_grpc
+
+            client = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+            tokens, final = await collect(client.Generate(token_request([1, 2, 3], 4), timeout=60))
+            assert len(tokens) == 4 and final is not None
+    finally:
+        await scheduler.stop(0)
+
+
+async def test_out_of_vocabulary_prompts_are_refused_before_the_stream(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = await _worker()
+    settings = SchedulerSettings.build(
+        host="127.0.0.1", port=0, metrics_port=0, redis_url=redis_url, policy="fcfs-full",
+        workers=[f"127.0.0.1:{worker.port}"], worker_retry_s=0.2,
     )  # fmt: skip
     scheduler, port = await create_scheduler(settings)
     try:
@@ -142,3 +162,4 @@ async def test_scheduler_reaches_a_token_worker_and_refuses_out_of_vocabulary_pr
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     finally:
         await scheduler.stop(0)
+        await worker.stop(0)
