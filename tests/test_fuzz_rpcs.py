@@ -380,5 +380,6 @@ async def test_fuzzed_messages_get_documented_statuses_and_bounded_logs(
     edge = [r for r in records if r.name == "common.grpc_errors"]
     windows = elapsed / 10.0 + 1  # grpc_errors.bad_input_log: 10 lines per 10 s
     assert len(edge) <= 10 * windows + 5, (len(edge), elapsed)
-    noisy = [r for r in records if r.levelno >= logging.WARNING]
-    assert len(noisy) <= MESSAGES / 20, [r.getMessage() for r in noisy[:20]]
+    # Everything else at INFO and above comes from the valid admin calls among them (policy swaps,
+    # drains): far fewer lines than messages.
+    assert len(records) <= MESSAGES / 20, [r.getMessage() for r in records[:20]]
