@@ -48,8 +48,14 @@ def _edge_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 
 async def test_undecodable_and_unauthenticated_calls_log_one_line_each_without_tracebacks(
-    redis_url: str, caplog: pytest.LogCaptureFixture
+    redis_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from common import grpc_errors
+    from common.logging_setup import RateLimitedLog
+
+    # A fresh budget: earlier tests in this process may have spent the current window's.
+    fresh = RateLimitedLog(grpc_errors.log, burst=10, window_s=10.0)
+    monkeypatch.setattr(grpc_errors, "bad_input_log", fresh)
     fleet = await start_fleet(redis_url, [StubWorker("w0")], api_token=API_TOKEN)
     caplog.set_level(logging.DEBUG)
     try:
