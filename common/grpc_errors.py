@@ -201,7 +201,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary(raw: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
                     request = admit_call(raw, context, method, deserialize, authorize)
-                except errors.LayerKVError as exc:
+                except Exception as exc:  # a refusal, an undecodable request, or a bug in the check
                     await abort_with(context, exc, method)
                 return await inner(request, context)
 
@@ -214,7 +214,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def stream(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
                     request = admit_call(raw, context, method, deserialize, authorize)
-                except errors.LayerKVError as exc:
+                except Exception as exc:  # a refusal, an undecodable request, or a bug in the check
                     await abort_with(context, exc, method)
                 async for item in inner_stream(request, context):
                     yield item

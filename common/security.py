@@ -193,7 +193,7 @@ def supplied_token(metadata: Iterable[Any]) -> str:
 def peer_common_name(context: grpc.aio.ServicerContext) -> str:
     """Common name of the client certificate of this call ("" without mutual TLS)."""
     names = list(context.auth_context().get("x509_common_name") or [])
-    return names[0].decode() if names else ""
+    return names[0].decode(errors="replace") if names else ""
 
 
 def warn_if_insecure(component: str, tls: TLSFiles, tokens: dict[str, str], mutual_expected: bool) -> None:
