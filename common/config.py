@@ -92,6 +92,11 @@ class SchedulerSettings(_Settings):
     worker_server_name: str = Field("", description="name expected in worker certificates (override)")
     admin_token: str = Field("", description="bearer token required on AdminService")
     api_token: str = Field("", description="bearer token required on SchedulerService (optional)")
+    worker_token: str = Field(
+        "", description="bearer token sent on every call to the workers (their --worker-token)")
+    registered_worker_ttl_s: float = Field(
+        60.0, gt=0,
+        description="a self-registered worker unreachable this long is dropped until it registers again")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request leaves it 0")
     round_interval_s: float = Field(0.005, gt=0, description="pause between idle scheduling rounds")
     worker_retry_s: float = Field(1.0, gt=0, description="delay before reconnecting to a down worker")
@@ -170,6 +175,8 @@ class WorkerSettings(_Settings):
     tls_ca: str = Field("", description="CA whose client certificates are required (mutual TLS)")
     scheduler_identity: str = Field("", description="only client-certificate common name allowed to dispatch")
     admin_token: str = Field("", description="token used when self-registering")
+    worker_token: str = Field(
+        "", description="bearer token required on every WorkerService call (the scheduler's --worker-token)")
 
     @model_validator(mode="after")
     def _check(self) -> WorkerSettings:

@@ -45,3 +45,15 @@ class PermissionDenied(LayerKVError):
 
 class Unsupported(InvalidArgument):
     """A model or option this build does not support (e.g. an unknown architecture)."""
+
+
+def quoted(value: str, limit: int = 64) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters of the value.
+
+    Ids and names in messages come from clients; an unbounded one would make the status details
+    larger than gRPC's metadata limit, and the client would get RESOURCE_EXHAUSTED instead of the
+    status the server meant.
+    """
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"

@@ -1,9 +1,11 @@
 """The one table from ``common.errors`` to gRPC status codes, and its use at the gRPC edge.
 
 Servers install ``ErrorInterceptor`` (or decorate a handler with ``grpc_errors``): a
-``LayerKVError`` becomes its status code with the error's message; any other exception becomes
-INTERNAL with a short message and is logged with its traceback, so Redis/torch exceptions never
-reach a client raw. Clients turn a failed call back into the same error class with
+``LayerKVError`` becomes its status code with the error's message (cut to a size gRPC can carry);
+any other exception becomes INTERNAL with a short message and is logged, rate-limited, so
+Redis/torch exceptions never reach a client raw. The interceptor also runs the access check
+before the request is decoded, and turns an undecodable message into INVALID_ARGUMENT with one
+rate-limited log line. Clients turn a failed call back into the same error class with
 ``error_from_rpc``.
 """
 
@@ -19,8 +21,20 @@ import grpc
 import grpc.aio
 
 from common import errors
+from common.logging_setup import RateLimitedLog
 
 log = logging.getLogger(__name__)
+
+# Status details travel in a trailer; one larger than the peer's metadata limit (8 KiB by
+# default) would reach the client as RESOURCE_EXHAUSTED instead of the status sent.
+MAX_DETAILS_CHARS = 1024
+
+# What clients can make a server log: one line per bad call at most, a few per window.
+bad_input_log = RateLimitedLog(log, burst=10, window_s=10.0)
+internal_log = RateLimitedLog(log, burst=5, window_s=60.0)
+
+# Checks a call before its request is decoded; raises Unauthenticated or PermissionDenied.
+Authorizer = Callable[[str, grpc.aio.ServicerContext], None]
 
 # The single mapping. Order matters only for subclasses: the most specific class is found first
 # by walking the exception's MRO.
@@ -71,12 +85,54 @@ def error_from_rpc(err: grpc.RpcError) -> errors.LayerKVError:
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
     """Abort the call with the status for ``exc`` (always raises)."""
     code = status_of(exc)
-    if code is grpc.StatusCode.INTERNAL:
-        log.exception("unexpected error in %s", method, exc_info=exc)
+    if code is grpc.StatusCode.INTERNAL:  # a bug: worth a traceback, but never one per call
+        internal_log.log(logging.ERROR, "unexpected error in %s: %r", method, exc, exc_info=exc)
         message = f"internal error in {method}: {type(exc).__name__}"
     else:
         message = str(exc) or type(exc).__name__
-    await context.abort(code, message)
+    await context.abort(code, clip_details(message))
+
+
+def clip_details(message: str) -> str:
+    """``message`` cut to ``MAX_DETAILS_CHARS`` (status details must fit a gRPC trailer)."""
+    if len(message) <= MAX_DETAILS_CHARS:
+        return message
+    return message[: MAX_DETAILS_CHARS - 20] + f"… ({len(message)} chars)"
+
+
+def _peer(context: grpc.aio.ServicerContext) -> str:
+    try:
+        return str(context.peer())
+    except Exception:  # a call whose transport is already gone
+        return "?"
+
+
+def admit_call(
+    raw: Any, context: grpc.aio.ServicerContext, method: str,
+    deserialize: Callable[[bytes], Any] | None, authorize: Authorizer | None,
+) -> Any:
+    """Access check first, then decode: a refused caller costs no parsing. Both failures are
+    logged one line each (rate-limited) and raised as the errors that map to their status."""
+    if authorize is not None:
+        try:
+            authorize(method, context)
+        except (errors.Unauthenticated, errors.PermissionDenied) as exc:
+            bad_input_log.log(logging.WARNING, "refused %s from %s: %s", method, _peer(context), exc)
+            raise
+    if deserialize is None:
+        return raw
+    try:
+        return deserialize(raw)
+    except Exception as exc:  # protobuf's DecodeError, or invalid UTF-8 in a string field
+        size = len(raw) if isinstance(raw, bytes | bytearray) else -1
+        bad_input_log.log(
+            logging.WARNING, "undecodable %s request (%d bytes) from %s: %s", method, size, _peer(context),
+            exc,
+        )
+        raise errors.InvalidArgument(
+            f"the {method} request is not a valid message (bad protobuf encoding or a string field "
+            f"that is not UTF-8; {size} bytes)"
+        ) from None
 
 
 _PASS_THROUGH = (grpc.aio.AbortError, GeneratorExit)
@@ -120,7 +176,14 @@ def wrap_handler(fn: F, name: str) -> F:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Applies ``grpc_errors`` to every unary-unary and unary-stream handler of a server."""
+    """Guards every unary-unary and unary-stream handler of a server.
+
+    Each handler gets its raw request bytes: ``authorize`` (if any) runs first, then the request is
+    decoded (undecodable → INVALID_ARGUMENT), then the handler runs with errors mapped to status.
+    """
+
+    def __init__(self, authorize: Authorizer | None = None) -> None:
+        self._authorize = authorize
 
     async def intercept_service(
         self,
@@ -131,18 +194,32 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        deserialize, authorize = handler.request_deserializer, self._authorize
         if handler.unary_unary is not None:
-            inner = handler.unary_unary
+            inner: Any = wrap_handler(handler.unary_unary, method)
+
+            async def unary(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    request = admit_call(raw, context, method, deserialize, authorize)
+                except Exception as exc:  # a refusal, an undecodable request, or a bug in the check
+                    await abort_with(context, exc, method)
+                return await inner(request, context)
+
             return grpc.unary_unary_rpc_method_handler(
-                wrap_handler(inner, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                unary, request_deserializer=None, response_serializer=handler.response_serializer
             )
         if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
+            inner_stream: Any = wrap_handler(handler.unary_stream, method)
+
+            async def stream(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    request = admit_call(raw, context, method, deserialize, authorize)
+                except Exception as exc:  # a refusal, an undecodable request, or a bug in the check
+                    await abort_with(context, exc, method)
+                async for item in inner_stream(request, context):
+                    yield item
+
             return grpc.unary_stream_rpc_method_handler(
-                wrap_handler(inner_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                stream, request_deserializer=None, response_serializer=handler.response_serializer
             )
-        return handler  # streaming-request methods are not used by this project
+        return handler  # streaming-request methods (server reflection) are not guarded

@@ -2,22 +2,25 @@
 
 TLS credentials come from PEM files: a server certificate turns TLS on; with a CA the server also
 requires client certificates signed by it (mutual TLS, used between the scheduler and its workers).
-``TokenAuthInterceptor`` demands ``authorization: Bearer <token>`` on the services it guards.
-``warn_if_insecure`` logs one clear warning at start-up for every protection that is off.
+``AccessGuard`` is the check a server's ``ErrorInterceptor`` runs on every call before decoding it:
+per service, a bearer token (``authorization: Bearer <token>``) and/or the common name the client
+certificate must carry. Channels opened with ``token`` send it on every call. ``warn_if_insecure``
+logs one clear warning at start-up for every protection that is off.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
 
-from common.errors import InvalidArgument
+from common.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +89,23 @@ def open_channel(
     key: str = "",
     server_name: str = "",
     options: Iterable[tuple[str, object]] = (),
+    token: str = "",
 ) -> grpc.aio.Channel:
     """An aio channel: TLS when ``ca`` is given (mutual with ``cert``/``key``), plaintext otherwise.
 
     ``server_name`` overrides the name checked against the server certificate (useful when the
-    address is an IP or a pod name not in the certificate).
+    address is an IP or a pod name not in the certificate). ``token`` is sent as a bearer token on
+    every call of the channel.
     """
     opts = list(options)
     if server_name:
         opts.append(("grpc.ssl_target_name_override", server_name))
+    interceptors = _token_interceptors(token) if token else None
     if ca or cert:
-        return grpc.aio.secure_channel(target, channel_credentials(ca, cert, key), options=opts)
-    return grpc.aio.insecure_channel(target, options=opts)
+        return grpc.aio.secure_channel(
+            target, channel_credentials(ca, cert, key), options=opts, interceptors=interceptors
+        )
+    return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
 
 
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
@@ -110,58 +118,82 @@ def service_of(method: str) -> str:
     return method.lstrip("/").split("/", 1)[0]
 
 
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on the calls of the given services.
+def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+    metadata = [m for m in (details.metadata or ()) if m[0] != AUTH_HEADER]
+    metadata.extend(bearer_metadata(token))
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, grpc.aio.Metadata(*metadata), details.credentials,
+        details.wait_for_ready,
+    )
 
-    ``tokens`` maps a full service name to its token; services not in the map are open.
+
+class _TokenUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_token(details, self._token), request)
+
+
+class _TokenStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_token(details, self._token), request)
+
+
+def _token_interceptors(token: str) -> list[Any]:
+    return [_TokenUnary(token), _TokenStream(token)]
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """Who may call one service: a bearer token and/or a client-certificate name ("" = not required)."""
+
+    token: str = ""
+    peer_name: str = ""
+
+
+class AccessGuard:
+    """The per-service access check (an ``Authorizer`` for ``common.grpc_errors.ErrorInterceptor``).
+
+    Services without a rule, or whose rule requires nothing, are open (health, reflection).
     """
 
-    def __init__(self, tokens: dict[str, str]) -> None:
-        self._tokens = {service: token for service, token in tokens.items() if token}
+    def __init__(self, rules: dict[str, AccessRule]) -> None:
+        self._rules = {name: rule for name, rule in rules.items() if rule.token or rule.peer_name}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        expected = self._tokens.get(service_of(handler_call_details.method))
-        if expected is None:
-            return await continuation(handler_call_details)
-        supplied = ""
-        for item in handler_call_details.invocation_metadata or ():
-            if item[0].lower() == AUTH_HEADER:
-                value = item[1] if isinstance(item[1], str) else item[1].decode()
-                supplied = value[len("Bearer ") :] if value.startswith("Bearer ") else ""
-        if supplied and hmac.compare_digest(supplied.encode(), expected.encode()):
-            return await continuation(handler_call_details)
-        handler = await continuation(handler_call_details)
-        return _deny(handler, handler_call_details.method, "missing" if not supplied else "wrong")
+    def __call__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        service = service_of(method)
+        rule = self._rules.get(service)
+        if rule is None:
+            return
+        if rule.token:
+            supplied = supplied_token(context.invocation_metadata() or ())
+            if not supplied or not hmac.compare_digest(supplied.encode(), rule.token.encode()):
+                raise Unauthenticated(f"{'wrong' if supplied else 'missing'} bearer token for {service}")
+        if rule.peer_name:
+            name = peer_common_name(context)
+            if name != rule.peer_name:
+                raise PermissionDenied(
+                    f"only {rule.peer_name!r} may call {service} (peer certificate name {name[:64]!r})"
+                )
 
 
-def _deny(handler: grpc.RpcMethodHandler | None, method: str, what: str) -> grpc.RpcMethodHandler:
-    message = f"{what} bearer token for {service_of(method)}"
-
-    async def deny_unary(request: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    async def deny_stream(request: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    deserializer = handler.request_deserializer if handler is not None else None
-    serializer = handler.response_serializer if handler is not None else None
-    if handler is not None and handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            deny_stream, request_deserializer=deserializer, response_serializer=serializer
-        )
-    return grpc.unary_unary_rpc_method_handler(
-        deny_unary, request_deserializer=deserializer, response_serializer=serializer
-    )
+def supplied_token(metadata: Iterable[Any]) -> str:
+    """The bearer token in call metadata ("" when there is none or it is not a bearer token)."""
+    for item in metadata:
+        if item[0].lower() == AUTH_HEADER:
+            value = item[1] if isinstance(item[1], str) else item[1].decode(errors="replace")
+            return value[len("Bearer ") :] if value.startswith("Bearer ") else ""
+    return ""
 
 
 def peer_common_name(context: grpc.aio.ServicerContext) -> str:
     """Common name of the client certificate of this call ("" without mutual TLS)."""
     names = list(context.auth_context().get("x509_common_name") or [])
-    return names[0].decode() if names else ""
+    return names[0].decode(errors="replace") if names else ""
 
 
 def warn_if_insecure(component: str, tls: TLSFiles, tokens: dict[str, str], mutual_expected: bool) -> None:

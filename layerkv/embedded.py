@@ -5,12 +5,18 @@ real deployment runs, so the embedded system exercises the real gRPC and Redis p
 their own process group (a terminal Ctrl-C reaches only this supervisor, which then stops them in
 order: workers, scheduler, Redis) and die with it if it is killed (Linux parent-death signal).
 Their logs go to files in a run folder that is printed, and kept when something fails.
+
+Secure by default where it costs nothing: every process binds loopback unless ``--host`` says
+otherwise, and the supervisor generates the client, admin and worker tokens (given to the children
+in their environment, never on a command line) and saves the client ones where the local
+``layerkv`` clients find them (``layerkv.credentials``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,6 +33,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.errors import Unavailable
 from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc
+from common.security import bearer_metadata
+from layerkv import credentials
 
 _STOP_GRACE_S = 10.0
 _RANDOM_PRESETS = ("tiny-llama", "llama3-8b-random")  # presets without trained weights
@@ -112,11 +120,27 @@ class Child:
             return ""
 
 
+@dataclass(frozen=True)
+class FleetTokens:
+    """The tokens ``layerkv up`` generates for its own processes (fresh for every run)."""
+
+    api: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # SchedulerService
+    admin: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # AdminService
+    worker: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # scheduler -> workers
+
+    def env(self, role: str) -> dict[str, str]:
+        """The ``LAYERKV_*`` variables of a child (tokens stay out of ``ps`` output)."""
+        common = {"LAYERKV_ADMIN_TOKEN": self.admin, "LAYERKV_WORKER_TOKEN": self.worker}
+        return {**common, "LAYERKV_API_TOKEN": self.api} if role == "scheduler" else common
+
+
 @dataclass
 class EmbeddedSystem:
     """The running children; ``stop`` ends them in reverse dependency order."""
 
     run_dir: Path
+    tokens: FleetTokens = field(default_factory=FleetTokens)
+    credentials_file: Path | None = None  # where the client tokens were saved
     children: list[Child] = field(default_factory=list)
     redis_url: str = ""
     scheduler_address: str = ""
@@ -124,9 +148,9 @@ class EmbeddedSystem:
     http_url: str = ""  # base URL of the OpenAI-compatible API, empty when off
     workers: list[tuple[str, str]] = field(default_factory=list)  # (gRPC address, metrics URL)
 
-    def spawn(self, name: str, argv: list[str]) -> Child:
+    def spawn(self, name: str, argv: list[str], env_extra: dict[str, str] | None = None) -> Child:
         log_path = self.run_dir / f"{name}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -191,7 +215,10 @@ def start(opts: EmbeddedOptions, system: EmbeddedSystem) -> None:
         argv += ["--http-port", str(http_port)]
     if opts.policy:
         argv += ["--policy", opts.policy]
-    system.spawn("scheduler", _layerkv(*argv))
+    system.spawn("scheduler", _layerkv(*argv), system.tokens.env("scheduler"))
+    system.credentials_file = credentials.save(
+        system.scheduler_address, credentials.Credentials(system.tokens.api, system.tokens.admin)
+    )
 
     for i in range(opts.workers):
         port, metrics = free_port(host), free_port(host)
@@ -203,13 +230,20 @@ def start(opts: EmbeddedOptions, system: EmbeddedSystem) -> None:
                             ("--gpu-kv-gib", opts.gpu_kv_gib), ("--host-kv-gib", opts.host_kv_gib)):
             if value is not None:
                 wargv += [flag, str(value)]
-        system.spawn(f"worker-{i}", _layerkv(*wargv))
+        system.spawn(f"worker-{i}", _layerkv(*wargv), system.tokens.env("worker"))
         system.workers.append((f"{host}:{port}", f"http://{host}:{metrics}/metrics"))
 
     deadline = time.monotonic() + opts.startup_timeout_s
     with grpc.insecure_channel(system.scheduler_address) as channel:
         _wait_serving(channel, system, deadline)
         _wait_workers(channel, opts.workers, system, deadline)
+
+
+def forget_credentials(system: EmbeddedSystem) -> None:
+    """Remove the saved client tokens (they die with this run's scheduler)."""
+    if system.credentials_file is not None and system.scheduler_address:
+        credentials.forget(system.scheduler_address)
+        system.credentials_file = None
 
 
 def _wait_tcp(host: str, port: int, system: EmbeddedSystem, timeout_s: float) -> None:
@@ -244,7 +278,9 @@ def _wait_workers(channel: grpc.Channel, expected: int, system: EmbeddedSystem, 
     while time.monotonic() < deadline:
         system.check_alive()
         try:
-            reply = stub.ListWorkers(admin_pb2.ListWorkersRequest(), timeout=2.0)
+            reply = stub.ListWorkers(
+                admin_pb2.ListWorkersRequest(), timeout=2.0, metadata=bearer_metadata(system.tokens.admin)
+            )
             healthy = sum(w.healthy for w in reply.workers)
             if healthy >= expected:
                 return
@@ -263,7 +299,9 @@ def _print_endpoints(system: EmbeddedSystem) -> None:
     for i, (address, metrics) in enumerate(system.workers):
         print(f"  worker-{i}           {address}  metrics {metrics}")
     print(f"  redis              {system.redis_url}")
-    print(f"  logs               {system.run_dir}", flush=True)
+    print(f"  logs               {system.run_dir}")
+    print(f"  tokens             {system.credentials_file} (used by layerkv generate/policy/workers;")
+    print("                     other clients send 'authorization: Bearer <api_token>')", flush=True)
 
 
 def run_embedded(opts: EmbeddedOptions) -> int:
@@ -285,7 +323,8 @@ def run_embedded(opts: EmbeddedOptions) -> int:
             if opts.model in _RANDOM_PRESETS:
                 print(f"(the {opts.model} preset has random weights: its answer is noise)")
             print(f"\nPrompt: {opts.prompt}\nAnswer: ", end="", flush=True)
-            code = remote_generate.run(system.scheduler_address, [opts.prompt], max_tokens=opts.max_tokens)
+            code = remote_generate.run(system.scheduler_address, [opts.prompt], max_tokens=opts.max_tokens,
+                                       api_token=system.tokens.api)
             ok = code == 0
             return code
         print(f"Try: layerkv generate --endpoint {system.scheduler_address} 'Hello'")
@@ -302,6 +341,7 @@ def run_embedded(opts: EmbeddedOptions) -> int:
     finally:
         print("stopping…", file=sys.stderr, flush=True)
         system.stop()
+        forget_credentials(system)
         signal.signal(signal.SIGTERM, previous)
         if ok:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -78,6 +78,9 @@ def worker(
     admin_token: Annotated[
         str, typer.Option(envvar=_env("admin_token"), help="token used when self-registering")
     ] = "",
+    worker_token: Annotated[
+        str, typer.Option(envvar=_env("worker_token"), help="bearer token required on every call")
+    ] = "",
     log_level: Annotated[str, typer.Option(envvar=_env("log_level"), help="logging level")] = "INFO",
 ) -> None:
     """Run one worker: a LayerKV engine behind the WorkerService gRPC API."""
@@ -96,7 +99,7 @@ def worker(
             advertise_address=advertise_address,
             tls_cert=tls_cert,
             tls_key=tls_key, tls_ca=tls_ca, scheduler_identity=scheduler_identity,
-            admin_token=admin_token,
+            admin_token=admin_token, worker_token=worker_token,
         )
         serve(settings)
     except LayerKVError as exc:

@@ -167,9 +167,14 @@ def run(
     server_name: str = "",
     out: TextIO | None = None,
 ) -> int:
-    """Entry point of ``layerkv generate --endpoint``; returns the process exit code."""
+    """Entry point of ``layerkv generate --endpoint``; returns the process exit code.
+
+    Without ``api_token`` the token ``layerkv up`` saved for this endpoint is used (if any)."""
     import uvloop
 
+    from layerkv import credentials
+
+    api_token = api_token or credentials.load(endpoint).api_token
     opts = RemoteOptions(
         max_tokens, temperature, top_p, top_k, seed, ignore_eos, api_token, tls_ca, server_name
     )

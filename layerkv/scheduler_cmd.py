@@ -37,6 +37,9 @@ def _admin_call(
     from common.grpc_errors import error_from_rpc
     from common.proto.layerkv.v1 import admin_pb2_grpc
     from common.security import bearer_metadata, open_channel
+    from layerkv import credentials
+
+    token = token or credentials.load(endpoint).admin_token  # the one `layerkv up` saved, if any
 
     async def run() -> T:
         async with open_channel(endpoint, ca=ca) as channel:
@@ -102,6 +105,13 @@ def scheduler(
     api_token: Annotated[
         str, typer.Option(envvar=_env("api_token"), help="bearer token required on SchedulerService")
     ] = "",
+    worker_token: Annotated[
+        str, typer.Option(envvar=_env("worker_token"), help="bearer token sent to the workers")
+    ] = "",
+    registered_worker_ttl_s: Annotated[
+        float, typer.Option(envvar=_env("registered_worker_ttl_s"),
+                            help="drop a self-registered worker unreachable this long, seconds")
+    ] = 60.0,
     log_level: Annotated[str, typer.Option(envvar=_env("log_level"), help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run the scheduler: client API, admin API, waiting queue, policies, worker fleet."""
@@ -116,6 +126,7 @@ def scheduler(
             retention_s=retention_s, workers=workers, workers_dns=workers_dns, policy=policy,
             policy_params=policy_params, policy_file=policy_file, queue_limit=queue_limit, tls_cert=tls_cert,
             tls_key=tls_key, tls_ca=tls_ca, admin_token=admin_token, api_token=api_token,
+            worker_token=worker_token, registered_worker_ttl_s=registered_worker_ttl_s,
         )  # fmt: skip
         import uvloop
 
@@ -198,13 +209,23 @@ def policy_set(
     }))  # fmt: skip
 
 
+workers_app = typer.Typer(
+    help="List the scheduler's workers; `drain`/`undrain` stop and resume dispatching to one.",
+    invoke_without_command=True,
+)
+
+
+@workers_app.callback()
 def workers_cmd(
+    ctx: typer.Context,
     endpoint: Endpoint = "127.0.0.1:50051",
     admin_token: AdminToken = "",
     tls_ca: TlsCa = "",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """The scheduler's workers: model, KV blocks per tier, running requests, health."""
+    if ctx.invoked_subcommand is not None:
+        return
     from google.protobuf.json_format import MessageToDict
 
     from common.proto.layerkv.v1 import admin_pb2
@@ -234,7 +255,47 @@ def workers_cmd(
     Console().print(table)
 
 
+WorkerId = Annotated[str, typer.Argument(help="worker id (see `layerkv workers`)")]
+
+
+def _set_draining(worker_id: str, draining: bool, endpoint: str, admin_token: str, tls_ca: str) -> None:
+    from common.proto.layerkv.v1 import admin_pb2
+
+    try:
+        if draining:
+            resp: Any = _admin_call(endpoint, admin_token, tls_ca, lambda s, md: s.DrainWorker(
+                admin_pb2.DrainWorkerRequest(worker_id=worker_id), metadata=md))  # fmt: skip
+        else:
+            resp = _admin_call(endpoint, admin_token, tls_ca, lambda s, md: s.UndrainWorker(
+                admin_pb2.UndrainWorkerRequest(worker_id=worker_id), metadata=md))  # fmt: skip
+    except LayerKVError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"{resp.worker.worker_id}\t{'draining' if resp.worker.draining else 'accepting'}")
+
+
+@workers_app.command("drain")
+def workers_drain(
+    worker_id: WorkerId,
+    endpoint: Endpoint = "127.0.0.1:50051",
+    admin_token: AdminToken = "",
+    tls_ca: TlsCa = "",
+) -> None:
+    """Stop dispatching to a worker; its running requests finish."""
+    _set_draining(worker_id, True, endpoint, admin_token, tls_ca)
+
+
+@workers_app.command("undrain")
+def workers_undrain(
+    worker_id: WorkerId,
+    endpoint: Endpoint = "127.0.0.1:50051",
+    admin_token: AdminToken = "",
+    tls_ca: TlsCa = "",
+) -> None:
+    """Dispatch to a drained worker again."""
+    _set_draining(worker_id, False, endpoint, admin_token, tls_ca)
+
+
 def register(app: typer.Typer) -> None:
     app.command("scheduler")(scheduler)
     app.add_typer(policy_app, name="policy")
-    app.command("workers")(workers_cmd)
+    app.add_typer(workers_app, name="workers")

@@ -76,6 +76,11 @@ async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) ->
         raise InvalidArgument("the request has no prompt (set text or token_ids)")
     if not prompt:
         raise InvalidArgument("the prompt is empty")
+    vocab = min((h.description.vocab_size for h in workers if h.description and h.description.vocab_size),
+                default=0)
+    outside = [t for t in prompt if t >= vocab] if vocab else []
+    if outside:
+        raise InvalidArgument(f"prompt token ids {outside[:5]} are outside the vocabulary [0, {vocab})")
     total = len(prompt) + sampling.max_tokens
     longest = max(h.description.max_model_len for h in workers if h.description is not None)
     if total > longest:

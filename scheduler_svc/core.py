@@ -75,8 +75,10 @@ class SchedulerCore:
                 settings.tls_cert if settings.tls_ca else "",
                 settings.tls_key if settings.tls_ca else "",
                 settings.worker_server_name,
+                settings.worker_token,
             ),
             retry_s=settings.worker_retry_s,
+            registered_ttl_s=settings.registered_worker_ttl_s,
         )
         self.policy: Policy = make_policy(settings.policy, settings.policy_params)
         self._wake = asyncio.Event()

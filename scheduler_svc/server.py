@@ -1,5 +1,7 @@
 """The scheduler's gRPC server: SchedulerService and AdminService over ``SchedulerCore``, plus
 standard health checking and server reflection, bearer tokens and TLS from the settings.
+The servicers only translate: every call is checked (tokens) and decoded by the ``ErrorInterceptor``
+before it reaches them, and their errors become status codes there.
 
 ``create_server(settings)`` builds and starts everything and returns ``(server, port)``;
 ``server.stop(grace)`` stops it in reverse order (RPCs, scheduling, workers, Redis).
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,11 +23,11 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 
 from common.config import SchedulerSettings
-from common.errors import InvalidArgument, NotFound
+from common.errors import InvalidArgument, NotFound, Unavailable, quoted
 from common.grpc_errors import ErrorInterceptor
 from common.metrics import ServiceMetrics, start_metrics_server
 from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from common.security import TokenAuthInterceptor, add_port, warn_if_insecure
+from common.security import AccessGuard, AccessRule, add_port, warn_if_insecure
 from common.store import Store, WorkerEntry
 from scheduler_svc.admission import lookup, submit
 from scheduler_svc.core import SchedulerCore
@@ -62,7 +65,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def _events(self, request_id: str, offset: int) -> AsyncIterator[dict[str, Any]]:
         state = await lookup(self.core, request_id)
         if state is None:
-            raise NotFound(f"unknown request id {request_id!r}")
+            raise NotFound(f"unknown request id {quoted(request_id)}")
         tokenizer = self._tokenizer()
         if offset > state.sampling.max_tokens:
             raise InvalidArgument(f"offset {offset} is past max_tokens ({state.sampling.max_tokens})")
@@ -95,7 +98,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> scheduler_pb2.GetRequestResponse:
         state = await lookup(self.core, request.request_id)
         if state is None:
-            raise NotFound(f"unknown request id {request.request_id!r}")
+            raise NotFound(f"unknown request id {quoted(request.request_id)}")
         return scheduler_pb2.GetRequestResponse(request=request_info(state.record, len(state.tokens)))
 
 
@@ -135,7 +138,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.SetPolicyResponse:
         if not request.policy.name:
             raise InvalidArgument("SetPolicy needs a policy name")
-        params = json_format.MessageToDict(request.policy.params) if request.policy.HasField("params") else {}
+        params = _params_of(request.policy.params) if request.policy.HasField("params") else {}
         previous, current = await self.core.set_policy(request.policy.name, _integral(params))
         return admin_pb2.SetPolicyResponse(previous=policy_spec(previous), current=policy_spec(current))
 
@@ -152,26 +155,87 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
         return worker_info(handle, self.core.ledger.get(handle.worker_id), running)
 
+    def _worker(self, worker_id: str) -> Any:
+        handle = self.core.pool.by_id(worker_id)
+        if handle is None:
+            raise NotFound(f"unknown worker id {quoted(worker_id)}")
+        return handle
+
     async def DrainWorker(
         self, request: admin_pb2.DrainWorkerRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.DrainWorkerResponse:
-        handle = self.core.pool.by_id(request.worker_id)
-        if handle is None:
-            raise NotFound(f"unknown worker id {request.worker_id!r}")
+        handle = self._worker(request.worker_id)
         handle.draining = True
         log.info("worker %s is draining", request.worker_id)
         return admin_pb2.DrainWorkerResponse(worker=self._info(handle))
 
+    async def UndrainWorker(
+        self, request: admin_pb2.UndrainWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.UndrainWorkerResponse:
+        handle = self._worker(request.worker_id)
+        if handle.draining:
+            handle.draining = False
+            log.info("worker %s accepts dispatches again", request.worker_id)
+            self.core.wake()  # waiting requests may fit it now
+        return admin_pb2.UndrainWorkerResponse(worker=self._info(handle))
+
     async def RegisterWorker(
         self, request: admin_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RegisterWorkerResponse:
-        address = request.address
-        host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise InvalidArgument(f"worker address {address!r} must be host:port")
-        handle = await self.core.pool.add_and_wait(address, registered=True)
+        address = check_worker_address(request.address)
+        pool = self.core.pool
+        known = any(h.address == address for h in pool.handles())
+        remaining = context.time_remaining()
+        timeout_s = 10.0 if remaining is None else max(0.0, min(10.0, remaining - 0.05))
+        try:
+            handle = await pool.add_and_wait(address, timeout_s=timeout_s, registered=True)
+        except Unavailable:
+            if not known:  # nobody answers there: do not keep dialling an address we never reached
+                await pool.remove(address)
+            raise
         await self.core.store.put_worker(WorkerEntry(handle.worker_id, address, registered=True))
         return admin_pb2.RegisterWorkerResponse(worker_id=handle.worker_id)
+
+
+MAX_ADDRESS_CHARS = 261  # a 253-character DNS name, ':' and a port; [IPv6] fits too
+
+
+def check_worker_address(address: str) -> str:
+    """``address`` when it is ``host:port`` with a port in 1..65535, else ``InvalidArgument``."""
+    host, sep, port = address.rpartition(":")
+    problem = ""
+    if len(address) > MAX_ADDRESS_CHARS:
+        problem = f"is longer than {MAX_ADDRESS_CHARS} characters"
+    elif not sep or not host:
+        problem = "must be host:port"
+    elif not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        problem = "must end in a port number 1..65535"
+    elif any(c.isspace() or not c.isprintable() or c in "/@?#" for c in host):
+        problem = "has a host with spaces, control or URL characters"
+    if problem:
+        raise InvalidArgument(f"worker address {quoted(address)} {problem}")
+    return address
+
+
+def _params_of(params: struct_pb2.Struct) -> dict[str, Any]:
+    """Struct → dict; a NaN or infinite number is refused naming the parameter (JSON has neither)."""
+
+    def check(value: struct_pb2.Value, path: str) -> None:
+        kind = value.WhichOneof("kind")
+        if kind == "number_value" and not math.isfinite(value.number_value):
+            raise InvalidArgument(
+                f"policy parameter {path} must be a finite number, got {value.number_value}"
+            )
+        if kind == "struct_value":
+            for key, inner in value.struct_value.fields.items():
+                check(inner, f"{path}.{key}")
+        elif kind == "list_value":
+            for i, inner in enumerate(value.list_value.values):
+                check(inner, f"{path}[{i}]")
+
+    for key, value in params.fields.items():
+        check(value, quoted(key))
+    return dict(json_format.MessageToDict(params))
 
 
 def _integral(params: dict[str, Any]) -> dict[str, Any]:
@@ -192,8 +256,12 @@ class SchedulerServer:
         self.core = SchedulerCore(settings, self.store, self.metrics)
         self.metrics.bind(CoreFleetView(self.core, settings.served_model_name))
         self.health = health_aio.HealthServicer()
-        tokens = {ADMIN_SERVICE: settings.admin_token, SCHEDULER_SERVICE: settings.api_token}
-        self.server = grpc.aio.server(interceptors=[TokenAuthInterceptor(tokens), ErrorInterceptor()])
+        guard = AccessGuard({
+            ADMIN_SERVICE: AccessRule(settings.admin_token),
+            SCHEDULER_SERVICE: AccessRule(settings.api_token),
+        })
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor(guard)])
+        self.core.pool.on_drop = self.store.remove_worker  # a registered worker the pool gave up on
         scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(SchedulerServicer(self.core), self.server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.core), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -223,7 +291,7 @@ class SchedulerServer:
         await self.server.start()
         for service in ("", SCHEDULER_SERVICE, ADMIN_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self.metrics_port = start_metrics_server(s.metrics_port, self.metrics.registry)
+        self.metrics_port = start_metrics_server(s.metrics_port, self.metrics.registry, s.host)
         if self.http is not None:
             self.http_port = await self.http.start()
         log.info("scheduler listening on %s:%d (policy %s)", s.host, self.port, self.core.policy.name)

@@ -5,7 +5,9 @@ or from a ``name:port`` DNS name re-resolved periodically (a Kubernetes headless
 address per pod). Each address gets one connection task: Describe + GetTokenizer, then the
 StreamEvents stream, whose events go to the listener. The worker is *up* from its first event (the
 subscription is live, so no event of a later dispatch can be missed) until the stream breaks;
-then it is *down*, the listener requeues its requests, and the task redials after a pause.
+then it is *down*, the listener requeues its requests, and the task redials after a pause. A
+self-registered address that stays unreachable for ``registered_ttl_s`` is dropped (its worker
+registers again when it is back); a streak of failed dials logs one warning, not one per retry.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,6 +54,7 @@ class ChannelSecurity:
     cert: str = ""
     key: str = ""
     server_name: str = ""
+    token: str = ""  # bearer token sent on every call (the workers' --worker-token)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class WorkerDescription:
     staging_blocks: int = 0  # GPU staging blocks for host-placed layers (0: not reported)
     preemption_mode: str = ""  # the worker's default when a request cannot grow ("": not reported)
     max_num_batched_tokens: int = 0  # per-step token budget of chunked prefill (0: not reported)
+    vocab_size: int = 0  # token ids a prompt may use are [0, vocab_size) (0: not reported)
 
 
 @dataclass(eq=False)
@@ -116,6 +122,7 @@ def describe_from_proto(d: worker_pb2.DescribeResponse) -> WorkerDescription:
         staging_blocks=d.staging_blocks,
         preemption_mode=d.preemption_mode,
         max_num_batched_tokens=d.max_num_batched_tokens,
+        vocab_size=d.vocab_size,
     )
 
 
@@ -128,8 +135,12 @@ class WorkerPool:
         security: ChannelSecurity,
         retry_s: float = 1.0,
         silence_limit_s: float = EVENT_SILENCE_LIMIT_S,
+        registered_ttl_s: float = 60.0,
     ) -> None:
         self._silence_limit_s = silence_limit_s
+        self._registered_ttl_s = registered_ttl_s
+        # Called with the address of a registered worker the pool gave up on (drop it from Redis).
+        self.on_drop: Callable[[str], Awaitable[None]] | None = None
         self._listener = listener
         self._security = security
         self._retry_s = retry_s
@@ -213,6 +224,7 @@ class WorkerPool:
             await asyncio.sleep(interval_s)
 
     async def _run(self, handle: WorkerHandle) -> None:
+        failing_since: float | None = None  # start of the current streak of failed sessions
         while not handle.removed:
             channel = open_channel(
                 handle.address,
@@ -221,20 +233,49 @@ class WorkerPool:
                 key=self._security.key,
                 server_name=self._security.server_name,
                 options=CHANNEL_OPTIONS,
+                token=self._security.token,
             )
+            problem = ""
             try:
                 await self._session(handle, channel)
             except grpc.aio.AioRpcError as err:
-                log.warning("worker %s: %s", handle.address, error_from_rpc(err))
+                problem = str(error_from_rpc(err))
             except LayerKVError as exc:
-                log.warning("worker %s: %s", handle.address, exc)
+                problem = str(exc)
             except Exception:  # a bug must not end the reconnect loop
                 log.exception("worker %s: unexpected error", handle.address)
             finally:
+                was_up = handle.healthy
                 await self._mark_down(handle)
                 await channel.close(None)
+            now = time.monotonic()
+            if was_up or failing_since is None:
+                failing_since = now
+                # An address a RegisterWorker call brought and that never answered: that caller got
+                # the status, so a flood of bogus registrations does not flood the log.
+                quiet = handle.registered and not was_up and handle.description is None
+                if problem:
+                    log.log(logging.DEBUG if quiet else logging.WARNING,
+                            "worker %s: %s (redialling every %.1f s)", handle.address, problem, self._retry_s)
+            elif problem:
+                log.debug("worker %s: still unreachable: %s", handle.address, problem)
+            if handle.registered and not handle.removed and now - failing_since >= self._registered_ttl_s:
+                log.warning("worker %s: registered, but unreachable for %.0f s: dropped until it registers "
+                            "again", handle.address, now - failing_since)
+                await self._drop(handle)
+                return
             if not handle.removed:
                 await asyncio.sleep(self._retry_s)
+
+    async def _drop(self, handle: WorkerHandle) -> None:
+        handle.removed = True
+        if self._by_address.get(handle.address) is handle:
+            del self._by_address[handle.address]
+        if self.on_drop is not None:
+            try:
+                await self.on_drop(handle.address)
+            except Exception as exc:  # the registry entry stays; the next scheduler drops it again
+                log.warning("worker %s: could not remove it from the registry: %s", handle.address, exc)
 
     async def _session(self, handle: WorkerHandle, channel: grpc.aio.Channel) -> None:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)

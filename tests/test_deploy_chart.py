@@ -250,7 +250,8 @@ def test_dns_discovery_points_the_scheduler_at_the_headless_service(chart: helm.
 ENV_VARIANTS: dict[str, dict[str, Any] | None] = {
     "default": None,
     "dns+blocks": {"workers": {"discovery": "both"}, "kv": {"gpuBlocks": 64, "hostBlocks": 128}},
-    "tokens": {"auth": {"enabled": True, "adminToken": "a", "requireApiToken": True, "apiToken": "b"}},
+    "tokens": {"auth": {"enabled": True, "adminToken": "a", "requireApiToken": True, "apiToken": "b",
+                        "requireWorkerToken": True, "workerToken": "w"}},
 }
 
 
@@ -386,6 +387,20 @@ def test_chart_made_token_secret_rolls_pods_on_change(chart: helm.Chart) -> None
     b_sched, b_work, _ = pods("second")
     assert secret["data"]["admin-token"] == "Zmlyc3Q="  # base64("first")
     assert a_sched != b_sched and a_work != b_work
+
+
+def test_worker_token_reaches_scheduler_and_workers_from_one_secret(chart: helm.Chart) -> None:
+    docs = render(chart, {"auth": {"enabled": True, "adminToken": "a", "requireWorkerToken": True,
+                                   "workerToken": "w"}})  # fmt: skip
+    secret = one(docs, "Secret", "-auth")
+    assert secret["data"]["worker-token"] == "dw=="  # base64("w")
+    for kind, suffix in (("Deployment", "-scheduler"), ("StatefulSet", "-workers")):
+        ref = env_of(container(one(docs, kind, suffix)))["LAYERKV_WORKER_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": secret["metadata"]["name"], "key": "worker-token"}
+    plain = render(chart, {"auth": {"enabled": True, "adminToken": "a"}})
+    assert "LAYERKV_WORKER_TOKEN" not in env_of(container(one(plain, "StatefulSet", "-workers")))
+    with pytest.raises(helm.HelmRenderError, match=r"set auth\.existingSecret or auth\.workerToken"):
+        render(chart, {"auth": {"enabled": True, "adminToken": "a", "requireWorkerToken": True}})
 
 
 def test_service_monitors_select_services(chart: helm.Chart) -> None:

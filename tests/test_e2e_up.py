@@ -1,6 +1,8 @@
 """``layerkv up``: the embedded system starts from nothing, answers, and stops cleanly.
 
-Run as real subprocesses with REDIS_URL unset, so ``up`` starts its own redis-server too.
+Run as real subprocesses with REDIS_URL unset, so ``up`` starts its own redis-server too. It is
+secure by default: loopback binds, generated tokens on every service (the workers included), the
+client tokens in a 0600 file that the ``layerkv`` clients find and that goes away with ``up``.
 """
 
 from __future__ import annotations
@@ -13,14 +15,53 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
+import grpc
+import pytest
+
+from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.fleet import REPO_ROOT
+
+
+@pytest.fixture(autouse=True)
+def credentials_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where ``up`` saves its tokens in these tests (not the user's own runtime folder)."""
+    folder = tmp_path / "credentials"
+    monkeypatch.setenv("LAYERKV_CREDENTIALS_DIR", str(folder))
+    return folder
 
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("LAYERKV_")}
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["LAYERKV_CREDENTIALS_DIR"] = os.environ["LAYERKV_CREDENTIALS_DIR"]
     return env
+
+
+def _check_secure_by_default(scheduler: str, workers: list[str], credentials_dir: Path) -> None:
+    """Every endpoint on loopback; without the generated tokens nothing answers, workers included."""
+    assert all(a.startswith("127.0.0.1:") for a in [scheduler, *workers])
+    (saved,) = credentials_dir.glob("endpoint-*.json")
+    assert saved.stat().st_mode & 0o777 == 0o600
+    with grpc.insecure_channel(scheduler) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            admin_pb2_grpc.AdminServiceStub(channel).DrainWorker(
+                admin_pb2.DrainWorkerRequest(worker_id="worker-0"), timeout=10
+            )
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    for address in workers:
+        with grpc.insecure_channel(address) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Describe(worker_pb2.DescribeRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Abort(worker_pb2.AbortRequest(request_id="x"), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as err:
+                next(iter(stub.StreamEvents(worker_pb2.StreamEventsRequest(), timeout=10)))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def _listening(address: str) -> bool:
@@ -68,7 +109,7 @@ def test_up_demo_answers_and_stops_everything() -> None:
     assert not any(_listening(a) for a in endpoints), "a service outlived `layerkv up --demo`"
 
 
-def test_up_serves_until_interrupted_and_generate_endpoint_streams() -> None:
+def test_up_serves_until_interrupted_and_generate_endpoint_streams(credentials_dir: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "layerkv", "up", "--workers", "2", "--port", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE,
@@ -91,6 +132,14 @@ def test_up_serves_until_interrupted_and_generate_endpoint_streams() -> None:
         output = "".join(lines)
         endpoints = _endpoints(output)
         assert len(endpoints) == 3, output
+        _check_secure_by_default(endpoints[0], endpoints[1:], credentials_dir)
+        # The operator commands find the admin token by themselves.
+        for args, expected in ((["drain", "worker-1"], "draining"), (["undrain", "worker-1"], "accepting")):
+            done = subprocess.run(
+                [sys.executable, "-m", "layerkv", "workers", *args, "--endpoint", endpoints[0]],
+                capture_output=True, text=True, timeout=60, env=_env(), cwd=REPO_ROOT,
+            )  # fmt: skip
+            assert done.returncode == 0 and done.stdout.split() == ["worker-1", expected], done.stderr
         gen = subprocess.run(
             [
                 sys.executable,
@@ -136,6 +185,7 @@ def test_up_serves_until_interrupted_and_generate_endpoint_streams() -> None:
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert proc.wait(60) == 0
         assert not any(_listening(a) for a in endpoints), "a service outlived Ctrl-C"
+        assert not list(credentials_dir.glob("endpoint-*.json")), "the tokens outlived `up`"
     finally:
         if proc.poll() is None:
             proc.kill()

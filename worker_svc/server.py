@@ -22,9 +22,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.config import WorkerSettings
+from common.grpc_errors import ErrorInterceptor
 from common.metrics import start_metrics_server
 from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc, worker_pb2, worker_pb2_grpc
-from common.security import add_port, bearer_metadata, open_channel, warn_if_insecure
+from common.security import AccessGuard, AccessRule, add_port, bearer_metadata, open_channel, warn_if_insecure
 from worker_svc import wire
 from worker_svc.engine_thread import EngineThread
 from worker_svc.events import EventHub
@@ -89,7 +90,10 @@ async def create_server(settings: WorkerSettings, engine: Any = None) -> tuple[W
     if engine is None:
         engine = await asyncio.to_thread(build_engine, settings)
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    # Every WorkerService call (Describe and GetTokenizer included) is checked before it is decoded:
+    # the worker answers only its scheduler when a token or a certificate name is configured.
+    guard = AccessGuard({SERVICE_NAME: AccessRule(settings.worker_token, settings.scheduler_identity)})
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[ErrorInterceptor(guard)])
     port = add_port(server, f"{settings.host}:{settings.port}", settings.tls)
     worker_id = settings.resolved_worker_id(port)
     metrics = WorkerMetrics(worker_id)
@@ -131,9 +135,12 @@ async def create_server(settings: WorkerSettings, engine: Any = None) -> tuple[W
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     warn_if_insecure(f"worker {worker_id}", settings.tls, {}, mutual_expected=True)
-    if settings.tls.enabled and not settings.scheduler_identity:
+    if not settings.worker_token and not settings.scheduler_identity:
+        log.warning("SECURITY: worker %s has neither --worker-token nor --scheduler-identity: any peer "
+                    "that reaches its port may read every request's tokens, dispatch and abort", worker_id)
+    elif settings.tls.enabled and not settings.scheduler_identity:
         log.warning("SECURITY: worker %s has no --scheduler-identity: any peer with a certificate "
-                    "signed by the CA may dispatch", worker_id)
+                    "signed by the CA and the worker token may dispatch", worker_id)
 
     running = WorkerServer(server, port, thread, servicer, health_servicer, metrics, worker_id)
     if settings.metrics_port:
@@ -153,6 +160,7 @@ async def _register_loop(settings: WorkerSettings, port: int, worker_id: str) ->
     stub = admin_pb2_grpc.AdminServiceStub(channel)
     delay = 0.2
     announced = False
+    failing = False  # one warning per streak of failures, not one per retry
     try:
         while True:
             try:
@@ -163,15 +171,18 @@ async def _register_loop(settings: WorkerSettings, port: int, worker_id: str) ->
                 )
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
-                log.warning("worker %s: registering with %s failed (%s): retrying", worker_id,
-                            settings.scheduler, code)
+                log.log(logging.DEBUG if failing else logging.WARNING,
+                        "worker %s: registering with %s failed (%s): retrying with backoff", worker_id,
+                        settings.scheduler, code)
+                failing = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
                 continue
-            if not announced:
+            if not announced or failing:
                 log.info("worker %s registered with scheduler %s as %s", worker_id, settings.scheduler,
                          address)
                 announced = True
+            failing = False
             delay = 0.2
             await asyncio.sleep(REREGISTER_S)
     finally:

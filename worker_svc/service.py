@@ -143,6 +143,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             staging_blocks=e.kv_manager.staging.num_blocks,
             preemption_mode=e.config.preemption_mode,
             max_num_batched_tokens=e.config.max_num_batched_tokens,
+            vocab_size=e.model_config.vocab_size,
         )
 
     @grpc_errors

@@ -81,7 +81,7 @@ def _system_for(opts: BenchOptions, policy: str, console: Console) -> Iterator[s
     if opts.endpoint:
         yield opts.endpoint
         return
-    from layerkv.embedded import EmbeddedSystem, start
+    from layerkv.embedded import EmbeddedSystem, forget_credentials, start
 
     f = opts.fleet
     run_dir = Path(tempfile.mkdtemp(prefix="layerkv-bench-"))
@@ -97,6 +97,7 @@ def _system_for(opts: BenchOptions, policy: str, console: Console) -> Iterator[s
         ok = True
     finally:
         system.stop()
+        forget_credentials(system)
         if ok:
             shutil.rmtree(run_dir, ignore_errors=True)
         else:
@@ -104,13 +105,16 @@ def _system_for(opts: BenchOptions, policy: str, console: Console) -> Iterator[s
 
 
 def _client(opts: BenchOptions, endpoint: str) -> ClientConfig:
+    from layerkv import credentials
+
+    saved = credentials.load(endpoint)  # an embedded system's generated tokens
     return ClientConfig(
         endpoint=endpoint,
         ttft_slo_s=opts.ttft_slo_s,
         tpot_slo_s=opts.tpot_slo_s,
         request_timeout_s=opts.request_timeout_s,
-        api_token=opts.api_token,
-        admin_token=opts.admin_token,
+        api_token=opts.api_token or saved.api_token,
+        admin_token=opts.admin_token or saved.admin_token,
     )
 
 

@@ -6,7 +6,11 @@ from common.proto.layerkv.v1 import admin_pb2 as layerkv_dot_v1_dot_admin__pb2
 
 
 class AdminServiceStub(object):
-    """Operator API of the scheduler. Requires the admin bearer token when one is configured.
+    """Operator API of the scheduler. Requires the admin bearer token when one is configured
+    (UNAUTHENTICATED otherwise, checked before the request is decoded). Errors: INVALID_ARGUMENT
+    (undecodable request, bad policy parameters such as NaN or Infinity, a malformed worker
+    address), NOT_FOUND (unknown policy or worker id), UNAVAILABLE (Redis or the worker is
+    unreachable).
     """
 
     def __init__(self, channel):
@@ -45,10 +49,19 @@ class AdminServiceStub(object):
                 request_serializer=layerkv_dot_v1_dot_admin__pb2.RegisterWorkerRequest.SerializeToString,
                 response_deserializer=layerkv_dot_v1_dot_admin__pb2.RegisterWorkerResponse.FromString,
                 )
+        self.UndrainWorker = channel.unary_unary(
+                '/layerkv.v1.AdminService/UndrainWorker',
+                request_serializer=layerkv_dot_v1_dot_admin__pb2.UndrainWorkerRequest.SerializeToString,
+                response_deserializer=layerkv_dot_v1_dot_admin__pb2.UndrainWorkerResponse.FromString,
+                )
 
 
 class AdminServiceServicer(object):
-    """Operator API of the scheduler. Requires the admin bearer token when one is configured.
+    """Operator API of the scheduler. Requires the admin bearer token when one is configured
+    (UNAUTHENTICATED otherwise, checked before the request is decoded). Errors: INVALID_ARGUMENT
+    (undecodable request, bad policy parameters such as NaN or Infinity, a malformed worker
+    address), NOT_FOUND (unknown policy or worker id), UNAVAILABLE (Redis or the worker is
+    unreachable).
     """
 
     def ListPolicies(self, request, context):
@@ -84,7 +97,16 @@ class AdminServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def RegisterWorker(self, request, context):
-        """A worker announces itself (self-registration).
+        """A worker announces itself (self-registration). The address must be host:port with a port in
+        1..65535 (INVALID_ARGUMENT otherwise); UNAVAILABLE when it cannot be reached. An address that
+        stays unreachable is dropped after the scheduler's --registered-worker-ttl-s.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndrainWorker(self, request, context):
+        """Dispatch to a drained worker again (the reverse of DrainWorker).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +145,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=layerkv_dot_v1_dot_admin__pb2.RegisterWorkerRequest.FromString,
                     response_serializer=layerkv_dot_v1_dot_admin__pb2.RegisterWorkerResponse.SerializeToString,
             ),
+            'UndrainWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndrainWorker,
+                    request_deserializer=layerkv_dot_v1_dot_admin__pb2.UndrainWorkerRequest.FromString,
+                    response_serializer=layerkv_dot_v1_dot_admin__pb2.UndrainWorkerResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'layerkv.v1.AdminService', rpc_method_handlers)
@@ -131,7 +158,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdminService(object):
-    """Operator API of the scheduler. Requires the admin bearer token when one is configured.
+    """Operator API of the scheduler. Requires the admin bearer token when one is configured
+    (UNAUTHENTICATED otherwise, checked before the request is decoded). Errors: INVALID_ARGUMENT
+    (undecodable request, bad policy parameters such as NaN or Infinity, a malformed worker
+    address), NOT_FOUND (unknown policy or worker id), UNAVAILABLE (Redis or the worker is
+    unreachable).
     """
 
     @staticmethod
@@ -233,5 +264,22 @@ class AdminService(object):
         return grpc.experimental.unary_unary(request, target, '/layerkv.v1.AdminService/RegisterWorker',
             layerkv_dot_v1_dot_admin__pb2.RegisterWorkerRequest.SerializeToString,
             layerkv_dot_v1_dot_admin__pb2.RegisterWorkerResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def UndrainWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/layerkv.v1.AdminService/UndrainWorker',
+            layerkv_dot_v1_dot_admin__pb2.UndrainWorkerRequest.SerializeToString,
+            layerkv_dot_v1_dot_admin__pb2.UndrainWorkerResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

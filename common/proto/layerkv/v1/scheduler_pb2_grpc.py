@@ -7,8 +7,11 @@ from common.proto.layerkv.v1 import scheduler_pb2 as layerkv_dot_v1_dot_schedule
 
 class SchedulerServiceStub(object):
     """The client API of the fleet. Errors are gRPC status codes with a message:
-    INVALID_ARGUMENT (bad prompt or sampling values), NOT_FOUND (unknown request id),
-    RESOURCE_EXHAUSTED (waiting queue full), UNAVAILABLE (no healthy worker).
+    INVALID_ARGUMENT (bad prompt or sampling values, token ids outside the vocabulary, an
+    undecodable request or a string field that is not UTF-8), NOT_FOUND (unknown request id),
+    RESOURCE_EXHAUSTED (waiting queue full), UNAVAILABLE (no healthy worker),
+    UNAUTHENTICATED (missing or wrong bearer token when --api-token is set). Generate and Attach
+    report these before the first message of the stream.
     """
 
     def __init__(self, channel):
@@ -41,8 +44,11 @@ class SchedulerServiceStub(object):
 
 class SchedulerServiceServicer(object):
     """The client API of the fleet. Errors are gRPC status codes with a message:
-    INVALID_ARGUMENT (bad prompt or sampling values), NOT_FOUND (unknown request id),
-    RESOURCE_EXHAUSTED (waiting queue full), UNAVAILABLE (no healthy worker).
+    INVALID_ARGUMENT (bad prompt or sampling values, token ids outside the vocabulary, an
+    undecodable request or a string field that is not UTF-8), NOT_FOUND (unknown request id),
+    RESOURCE_EXHAUSTED (waiting queue full), UNAVAILABLE (no healthy worker),
+    UNAUTHENTICATED (missing or wrong bearer token when --api-token is set). Generate and Attach
+    report these before the first message of the stream.
     """
 
     def Generate(self, request, context):
@@ -105,8 +111,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class SchedulerService(object):
     """The client API of the fleet. Errors are gRPC status codes with a message:
-    INVALID_ARGUMENT (bad prompt or sampling values), NOT_FOUND (unknown request id),
-    RESOURCE_EXHAUSTED (waiting queue full), UNAVAILABLE (no healthy worker).
+    INVALID_ARGUMENT (bad prompt or sampling values, token ids outside the vocabulary, an
+    undecodable request or a string field that is not UTF-8), NOT_FOUND (unknown request id),
+    RESOURCE_EXHAUSTED (waiting queue full), UNAVAILABLE (no healthy worker),
+    UNAUTHENTICATED (missing or wrong bearer token when --api-token is set). Generate and Attach
+    report these before the first message of the stream.
     """
 
     @staticmethod

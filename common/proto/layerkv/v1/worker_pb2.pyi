@@ -11,7 +11,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("worker_id", "model", "geometry", "gpu_blocks", "host_blocks", "cost_model", "max_model_len", "eos_token_id", "device", "dtype", "staging_blocks", "preemption_mode", "max_num_batched_tokens")
+    __slots__ = ("worker_id", "model", "geometry", "gpu_blocks", "host_blocks", "cost_model", "max_model_len", "eos_token_id", "device", "dtype", "staging_blocks", "preemption_mode", "max_num_batched_tokens", "vocab_size")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class DescribeResponse(_message.Message):
     STAGING_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PREEMPTION_MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     geometry: _types_pb2.KvGeometry
@@ -38,7 +39,8 @@ class DescribeResponse(_message.Message):
     staging_blocks: int
     preemption_mode: str
     max_num_batched_tokens: int
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., geometry: _Optional[_Union[_types_pb2.KvGeometry, _Mapping]] = ..., gpu_blocks: _Optional[int] = ..., host_blocks: _Optional[int] = ..., cost_model: _Optional[_Union[_types_pb2.CostModel, _Mapping]] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., staging_blocks: _Optional[int] = ..., preemption_mode: _Optional[str] = ..., max_num_batched_tokens: _Optional[int] = ...) -> None: ...
+    vocab_size: int
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., geometry: _Optional[_Union[_types_pb2.KvGeometry, _Mapping]] = ..., gpu_blocks: _Optional[int] = ..., host_blocks: _Optional[int] = ..., cost_model: _Optional[_Union[_types_pb2.CostModel, _Mapping]] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., staging_blocks: _Optional[int] = ..., preemption_mode: _Optional[str] = ..., max_num_batched_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class GetTokenizerRequest(_message.Message):
     __slots__ = ()

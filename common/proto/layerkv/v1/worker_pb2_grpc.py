@@ -6,7 +6,10 @@ from common.proto.layerkv.v1 import worker_pb2 as layerkv_dot_v1_dot_worker__pb2
 
 
 class WorkerServiceStub(object):
-    """The API a worker offers its scheduler (and nobody else: mutual TLS when configured).
+    """The API a worker offers its scheduler and nobody else: when the worker has a token
+    (--worker-token) or a scheduler identity (--scheduler-identity, mutual TLS), every call needs it
+    (UNAUTHENTICATED without the token, PERMISSION_DENIED for another certificate name), checked
+    before the request is decoded. An undecodable request is INVALID_ARGUMENT.
     """
 
     def __init__(self, channel):
@@ -43,7 +46,10 @@ class WorkerServiceStub(object):
 
 
 class WorkerServiceServicer(object):
-    """The API a worker offers its scheduler (and nobody else: mutual TLS when configured).
+    """The API a worker offers its scheduler and nobody else: when the worker has a token
+    (--worker-token) or a scheduler identity (--scheduler-identity, mutual TLS), every call needs it
+    (UNAUTHENTICATED without the token, PERMISSION_DENIED for another certificate name), checked
+    before the request is decoded. An undecodable request is INVALID_ARGUMENT.
     """
 
     def Describe(self, request, context):
@@ -61,7 +67,8 @@ class WorkerServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def Dispatch(self, request, context):
-        """Start a request with a layer placement. RESOURCE_EXHAUSTED when it no longer fits.
+        """Start a request with a layer placement. RESOURCE_EXHAUSTED when it no longer fits,
+        ALREADY_EXISTS when the worker holds a request with this id, INVALID_ARGUMENT for bad values.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,7 +124,10 @@ def add_WorkerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class WorkerService(object):
-    """The API a worker offers its scheduler (and nobody else: mutual TLS when configured).
+    """The API a worker offers its scheduler and nobody else: when the worker has a token
+    (--worker-token) or a scheduler identity (--scheduler-identity, mutual TLS), every call needs it
+    (UNAUTHENTICATED without the token, PERMISSION_DENIED for another certificate name), checked
+    before the request is decoded. An undecodable request is INVALID_ARGUMENT.
     """
 
     @staticmethod

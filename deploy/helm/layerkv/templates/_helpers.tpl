@@ -109,6 +109,13 @@ app.kubernetes.io/component: {{ .component }}
       name: {{ include "layerkv.authSecretName" . }}
       key: {{ .Values.auth.adminTokenKey }}
 {{- end }}
+{{- if and .Values.auth.enabled .Values.auth.requireWorkerToken }}
+- name: LAYERKV_WORKER_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "layerkv.authSecretName" . }}
+      key: {{ .Values.auth.workerTokenKey }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -169,5 +176,8 @@ workload template, so `helm template` and `helm install` stop with the message.
 {{- end }}
 {{- if and $v.auth.enabled $v.auth.requireApiToken (not $v.auth.existingSecret) (not $v.auth.apiToken) }}
 {{- fail "auth.requireApiToken is true: set auth.existingSecret or auth.apiToken" }}
+{{- end }}
+{{- if and $v.auth.enabled $v.auth.requireWorkerToken (not $v.auth.existingSecret) (not $v.auth.workerToken) }}
+{{- fail "auth.requireWorkerToken is true: set auth.existingSecret or auth.workerToken" }}
 {{- end }}
 {{- end }}
