@@ -329,8 +329,12 @@ def run_embedded(opts: EmbeddedOptions) -> int:
             return code
         print(f"Try: layerkv generate --endpoint {system.scheduler_address} 'Hello'")
         if system.http_url:
+            # Jupyter-style: a local fleet's token is printed for the user who started it, because
+            # HTTP clients (curl, the openai SDK) cannot read the credentials file themselves.
             print(f"  or: curl {system.http_url}/completions -H 'Content-Type: application/json' "
+                  f"-H 'Authorization: Bearer {system.tokens.api}' "
                   """-d '{"prompt": "Hello", "max_tokens": 16}'""")
+            print(f"  or any OpenAI client: base_url={system.http_url} api_key={system.tokens.api}")
         print("Ctrl-C stops everything.", flush=True)
         while True:
             system.check_alive()

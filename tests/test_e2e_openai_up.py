@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import openai
@@ -20,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc
+from common.security import bearer_metadata
 from tests.fleet import REPO_ROOT
 from tests.test_e2e_up import _env
 
@@ -33,14 +35,17 @@ class Up:
     http: str
     scheduler_metrics: str
     worker_metrics: str
+    env: dict[str, str]  # the children's environment, with where ``up`` saved its tokens
+    api_key: str  # the client token ``up`` generated (and printed for HTTP clients)
 
 
 @pytest.fixture(scope="module")
-def up() -> Iterator[Up]:
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    env = _env(tmp_path_factory.mktemp("credentials"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "layerkv", "up", "--workers", "1", "--port", "0", "--metrics-port", "0",
          "--http-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO_ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT,
     )  # fmt: skip
     lines: list[str] = []
     try:
@@ -59,9 +64,10 @@ def up() -> Iterator[Up]:
             "http": re.search(r"OpenAI API\s+(\S+)", out),
             "scheduler_metrics": re.search(r"scheduler metrics\s+(\S+)", out),
             "worker_metrics": re.search(r"worker-0\s+\S+\s+metrics (\S+)", out),
+            "api_key": re.search(r"api_key=(\S+)", out),
         }
         assert all(found.values()), out
-        yield Up(**{k: m.group(1) for k, m in found.items() if m is not None})
+        yield Up(**{k: m.group(1) for k, m in found.items() if m is not None}, env=env)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
     finally:
@@ -70,11 +76,11 @@ def up() -> Iterator[Up]:
             proc.wait()
 
 
-def _grpc_answer(endpoint: str, prompt: str, max_tokens: int) -> tuple[list[int], str]:
+def _grpc_answer(endpoint: str, env: dict[str, str], prompt: str, max_tokens: int) -> tuple[list[int], str]:
     gen = subprocess.run(
         [sys.executable, "-m", "layerkv", "generate", "--endpoint", endpoint, "--json", "--max-tokens",
          str(max_tokens), "--ignore-eos", prompt],
-        capture_output=True, text=True, timeout=120, env=_env(), cwd=REPO_ROOT,
+        capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT,
     )  # fmt: skip
     assert gen.returncode == 0, gen.stdout + gen.stderr
     (record,) = [json.loads(x) for x in gen.stdout.splitlines() if x.strip()]
@@ -92,7 +98,7 @@ def _scrape(url: str) -> dict[str, float]:
 
 
 def test_completions_match_the_grpc_api_streamed_and_not(up: Up) -> None:
-    client = openai.OpenAI(base_url=up.http, api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=up.http, api_key=up.api_key, max_retries=0)
     (model,) = [m.id for m in client.models.list().data]
     assert model == "tiny-llama"
     whole = client.completions.create(
@@ -107,33 +113,39 @@ def test_completions_match_the_grpc_api_streamed_and_not(up: Up) -> None:
     streamed = "".join(c.choices[0].text for c in stream if c.choices)
     assert streamed == whole.choices[0].text
     # gRPC's greedy answer to the same prompt: the same request path, the same text.
-    ids, text = _grpc_answer(up.grpc, "The quick brown fox", 8)
+    ids, text = _grpc_answer(up.grpc, up.env, "The quick brown fox", 8)
     assert len(ids) == 8 and text == whole.choices[0].text
     with pytest.raises(openai.BadRequestError) as bad:
         client.completions.create(model=model, prompt="Hi", max_tokens=-3)
     assert bad.value.body["type"] == "invalid_request_error" and bad.value.body["param"] == "max_tokens"
+    stranger = openai.OpenAI(base_url=up.http, api_key="not-the-token", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.completions.create(model=model, prompt="Hi", max_tokens=2)
 
 
-def _workers(endpoint: str) -> list[admin_pb2.WorkerInfo]:
-    with grpc.insecure_channel(endpoint) as channel:
-        reply = admin_pb2_grpc.AdminServiceStub(channel).ListWorkers(admin_pb2.ListWorkersRequest())
+def _workers(up: Up) -> list[admin_pb2.WorkerInfo]:
+    admin_token = json.loads(next(Path(up.env["LAYERKV_CREDENTIALS_DIR"]).glob("*.json")).read_text())
+    with grpc.insecure_channel(up.grpc) as channel:
+        reply = admin_pb2_grpc.AdminServiceStub(channel).ListWorkers(
+            admin_pb2.ListWorkersRequest(), metadata=bearer_metadata(admin_token["admin_token"])
+        )
         return list(reply.workers)
 
 
 def test_a_closed_stream_frees_its_blocks_on_the_worker(up: Up) -> None:
-    client = openai.OpenAI(base_url=up.http, api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=up.http, api_key=up.api_key, max_retries=0)
     stream = client.completions.create(
         model="tiny-llama", prompt="count " * 30, max_tokens=400, stream=True, extra_body=NO_EOS
     )
     for i, _ in enumerate(stream):
         if i == 2:
             break
-    (busy,) = _workers(up.grpc)
+    (busy,) = _workers(up)
     assert busy.running_request_ids and busy.gpu.free_blocks < busy.gpu.total_blocks
     stream.close()  # the client goes away mid-stream
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        (w,) = _workers(up.grpc)
+        (w,) = _workers(up)
         if not w.running_request_ids and w.gpu.free_blocks == w.gpu.total_blocks:
             break
         time.sleep(0.1)
@@ -141,7 +153,7 @@ def test_a_closed_stream_frees_its_blocks_on_the_worker(up: Up) -> None:
 
 
 def test_both_metrics_endpoints_after_real_requests(up: Up) -> None:
-    client = openai.OpenAI(base_url=up.http, api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=up.http, api_key=up.api_key, max_retries=0)
     client.completions.create(model="tiny-llama", prompt="metrics", max_tokens=4, extra_body=NO_EOS)
     scheduler, worker = _scrape(up.scheduler_metrics), _scrape(up.worker_metrics)
     assert scheduler["vllm:generation_tokens_total"] >= 4

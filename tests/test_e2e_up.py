@@ -32,10 +32,11 @@ def credentials_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-def _env() -> dict[str, str]:
+def _env(credentials_dir: Path | None = None) -> dict[str, str]:
+    """A child's environment: none of ours, and ``up``'s tokens saved in ``credentials_dir``."""
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("LAYERKV_")}
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["LAYERKV_CREDENTIALS_DIR"] = os.environ["LAYERKV_CREDENTIALS_DIR"]
+    env["LAYERKV_CREDENTIALS_DIR"] = str(credentials_dir or os.environ["LAYERKV_CREDENTIALS_DIR"])
     return env
 
 
