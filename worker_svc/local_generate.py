@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from common.chat_template import ChatMessage, apply_to_tokenizer
 from common.errors import InvalidArgument
 from common.placement import interleaved
 from common.types import Placement, SamplingParams
@@ -41,7 +42,8 @@ class _Answer:
 
 
 def run_local(config: EngineConfig, specs: list[PromptSpec], json_output: bool, placement: str | None = None,
-              gpu_layers: int | None = None, out: TextIO | None = None) -> int:
+              gpu_layers: int | None = None, out: TextIO | None = None, chat: bool = False) -> int:
+    """``chat``: each text prompt is one user message, rendered with the model's chat template."""
     stream = out or sys.stdout
     engine = Engine.from_config(config)
     layers = engine.geometry.num_layers
@@ -51,7 +53,10 @@ def run_local(config: EngineConfig, specs: list[PromptSpec], json_output: bool, 
                else interleaved(layers, gpu_layers) if gpu_layers is not None else None)
     answers: dict[str, _Answer] = {}
     for i, spec in enumerate(specs):
-        ids = spec.prompt_ids if spec.prompt_ids is not None else engine.tokenizer.encode(spec.text or "")
+        text = spec.text or ""
+        if chat and spec.prompt_ids is None:
+            text = apply_to_tokenizer(engine.tokenizer, [ChatMessage("user", text)])
+        ids = spec.prompt_ids if spec.prompt_ids is not None else engine.tokenizer.encode(text)
         chosen = Placement.from_letters(spec.placement, layers) if spec.placement else default
         rid = f"p{i}"
         engine.add_request(rid, ids, spec.sampling, chosen)

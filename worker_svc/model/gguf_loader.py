@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.errors import InvalidArgument, NotFound, Unsupported
+from common.errors import InvalidArgument, Unsupported
 from worker_svc.model.config import ModelConfig
-from worker_svc.model.gguf_tokenizer import GGUFVocab, build_tokenizer
+from worker_svc.model.gguf_tokenizer import GGUFVocab, build_tokenizer, open_gguf, read_metadata
 from worker_svc.model.llama import LlamaForCausalLM
 
 # GGUF architecture -> (our architecture name, q/k/v biases, q/k rows permuted by llama.cpp)
@@ -31,20 +31,6 @@ _LAYER_NAMES = {
     "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
-
-
-def read_metadata(reader: Any) -> dict[str, Any]:
-    """Every key/value of the file as Python values."""
-    return {name: field.contents() for name, field in reader.fields.items()}
-
-
-def open_gguf(path: Path) -> Any:
-    import gguf
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as exc:
-        raise InvalidArgument(f"{str(path)!r} is not a readable GGUF file: {exc}") from exc
 
 
 def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], vocab: GGUFVocab) -> ModelConfig:
@@ -127,8 +113,6 @@ def load_gguf(path: Path, name: str, device: torch.device, dtype: torch.dtype) -
     """A ``LoadedModel`` (model, config, tokenizer with chat template) from one GGUF file."""
     from worker_svc.model.loader import LoadedModel
 
-    if not path.is_file():
-        raise NotFound(f"GGUF file {str(path)!r} does not exist")
     reader = open_gguf(path)
     meta = read_metadata(reader)
     vocab = GGUFVocab.from_metadata(meta)

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
-from common.errors import Unsupported
+from common.errors import InvalidArgument, NotFound, Unsupported
 from common.tokenizer import HFTokenizer
 
 # llama.cpp token types (gguf.TokenType): CONTROL tokens are special, USER_DEFINED are added tokens.
@@ -31,6 +32,28 @@ _QWEN2_SPLIT = (
 )
 _PRE_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
                "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+
+
+def open_gguf(path: Path) -> Any:
+    """A ``gguf.GGUFReader`` (memory-mapped: tensors are read only when used)."""
+    import gguf
+
+    if not path.is_file():
+        raise NotFound(f"GGUF file {str(path)!r} does not exist")
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, OSError) as exc:
+        raise InvalidArgument(f"{str(path)!r} is not a readable GGUF file: {exc}") from exc
+
+
+def read_metadata(reader: Any) -> dict[str, Any]:
+    """Every key/value of the file as Python values."""
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def read_vocab(path: Path) -> GGUFVocab:
+    """The tokenizer metadata of a GGUF file, without touching its tensors."""
+    return GGUFVocab.from_metadata(read_metadata(open_gguf(path)))
 
 
 @dataclass(frozen=True)
