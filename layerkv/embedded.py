@@ -54,6 +54,8 @@ class EmbeddedOptions:
     shown_prompt: str = ""  # what to print as the prompt (the question of a chat-templated prompt)
     max_tokens: int = 32
     startup_timeout_s: float = 180.0
+    worker_args: tuple[str, ...] = ()  # more flags for every worker (they override the ones above)
+    scheduler_args: tuple[str, ...] = ()  # more flags for the scheduler
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -186,7 +188,7 @@ def start(opts: EmbeddedOptions, system: EmbeddedSystem) -> None:
             "--redis-url", system.redis_url, "--redis-prefix", f"layerkv-up-{sched_port}"]
     if opts.policy:
         argv += ["--policy", opts.policy]
-    system.spawn("scheduler", _layerkv(*argv))
+    system.spawn("scheduler", _layerkv(*argv, *opts.scheduler_args))
 
     for i in range(opts.workers):
         port, metrics = free_port(host), free_port(host)
@@ -198,7 +200,7 @@ def start(opts: EmbeddedOptions, system: EmbeddedSystem) -> None:
                             ("--gpu-kv-gib", opts.gpu_kv_gib), ("--host-kv-gib", opts.host_kv_gib)):
             if value is not None:
                 wargv += [flag, str(value)]
-        system.spawn(f"worker-{i}", _layerkv(*wargv))
+        system.spawn(f"worker-{i}", _layerkv(*wargv, *opts.worker_args))
         system.workers.append((f"{host}:{port}", f"http://{host}:{metrics}/metrics"))
 
     deadline = time.monotonic() + opts.startup_timeout_s
