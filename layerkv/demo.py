@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.chat_template import ChatMessage, apply_chat_template
+from common.chat_template import ChatMessage, ChatTemplate, render_chat
 from common.errors import NotFound
 from worker_svc.model.catalog import NAMED_MODELS, named_model_path
 
@@ -33,9 +33,9 @@ def chat_prompt(model: str, question: str) -> str:
     from worker_svc.model.gguf_tokenizer import read_vocab
 
     vocab = read_vocab(named_model_path(model))
-    return apply_chat_template(vocab.chat_template, [ChatMessage("user", question)],
-                               bos_token=vocab.token(vocab.bos_token_id),
-                               eos_token=vocab.token(vocab.eos_token_id))
+    template = ChatTemplate(vocab.chat_template, vocab.token(vocab.bos_token_id),
+                            vocab.token(vocab.eos_token_id))
+    return render_chat(template, [ChatMessage("user", question)])
 
 
 def demo_plan(model: str) -> DemoPlan:

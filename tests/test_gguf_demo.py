@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from common.chat_template import ChatMessage, apply_chat_template
+from common.chat_template import ChatMessage, ChatTemplate, render_chat
 from common.proto.layerkv.v1 import worker_pb2, worker_pb2_grpc
 from tests.fleet import REPO_ROOT, start_fleet
 from worker_svc.model.catalog import is_installed
@@ -64,8 +64,8 @@ def test_fleet_answers_paris_with_the_template_from_get_tokenizer(tmp_path: Path
                 worker_pb2.GetTokenizerRequest(), timeout=30)
         assert tok.kind == "hf" and tok.eos_token == "<|im_end|>" and tok.bos_token == "<|im_start|>"
         assert "<|im_start|>" in tok.chat_template
-        prompt = apply_chat_template(tok.chat_template, [ChatMessage("user", QUESTION)],
-                                     bos_token=tok.bos_token, eos_token=tok.eos_token)
+        prompt = render_chat(ChatTemplate(tok.chat_template, tok.bos_token, tok.eos_token),
+                             [ChatMessage("user", QUESTION)])
         proc = _layerkv("generate", "--endpoint", fleet.scheduler.address, "--json", "--max-tokens", "24",
                         prompt)
         assert proc.returncode == 0, proc.stdout + proc.stderr

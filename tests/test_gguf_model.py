@@ -70,7 +70,7 @@ def test_smollm2_metadata_gives_config_tokenizer_and_template(smollm2: tuple[Any
 
 
 def test_smollm2_chat_template_renders_like_transformers(smollm2: tuple[Any, Any, Any]) -> None:
-    from common.chat_template import ChatMessage, apply_to_tokenizer
+    from common.chat_template import ChatMessage, render_chat, template_of
 
     engine, _, hf_tok = smollm2
     for messages in ([ChatMessage("user", CHAT_QUESTIONS[0])],
@@ -78,7 +78,8 @@ def test_smollm2_chat_template_renders_like_transformers(smollm2: tuple[Any, Any
                       ChatMessage("assistant", "Hello!"), ChatMessage("user", CHAT_QUESTIONS[1])]):
         want = hf_tok.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
                                           add_generation_prompt=True, tokenize=False)
-        assert apply_to_tokenizer(engine.tokenizer, messages) == want
+        template = template_of(engine.tokenizer)
+        assert template is not None and render_chat(template, messages) == want
 
 
 @pytest.mark.parametrize(("kind", "index"), [("chat", 0), ("chat", 1), ("plain", 0), ("plain", 1)])
