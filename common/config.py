@@ -1,8 +1,10 @@
-"""Typed settings of the two services: every flag of docs/cli-contract.md, one field each.
+"""Typed settings of the services and of ``layerkv up``: the one source of their flags.
 
-The CLI (``layerkv scheduler`` / ``layerkv worker``) fills these from flags or ``LAYERKV_*``
-environment variables; ``from_env`` builds them from the environment alone (containers, tests).
-Cross-field checks name the bad values. Nothing here reads the environment at import time.
+The CLI options of ``layerkv scheduler`` / ``worker`` / ``up`` are generated from these fields (a flag
+and a ``LAYERKV_<FIELD>`` environment variable each, the description as help; ``layerkv/settings_cli.py``)
+and so is docs/cli-contract.md (``python -m layerkv.cli_contract``). ``from_env`` builds settings from
+the environment alone (containers, tests). Cross-field checks name the bad values. Nothing here reads
+the environment at import time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,14 @@ from common.errors import InvalidArgument
 from common.security import TLSFiles
 
 ENV_PREFIX = "LAYERKV_"
+# Environment variables honoured besides LAYERKV_<FIELD> (the conventional names).
+ENV_ALIASES: dict[str, tuple[str, ...]] = {"redis_url": ("REDIS_URL",)}
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+def env_names(field: str) -> tuple[str, ...]:
+    """The environment variables a setting is read from, in order of precedence."""
+    return (ENV_PREFIX + field.upper(), *ENV_ALIASES.get(field, ()))
 
 
 class _Settings(BaseModel):
@@ -30,10 +40,8 @@ class _Settings(BaseModel):
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for name in cls.model_fields:
-            raw = env.get(ENV_PREFIX + name.upper())
-            if raw is None and name == "redis_url":
-                raw = env.get("REDIS_URL")
-            if raw is not None and raw != "":
+            raw = next((env[n] for n in env_names(name) if env.get(n)), None)
+            if raw is not None:
                 values[name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.build(**values)
@@ -67,7 +75,8 @@ class SchedulerSettings(_Settings):
     """``layerkv scheduler``."""
 
     host: str = Field("0.0.0.0", description="listen address")
-    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (SchedulerService, AdminService, health, "
+                      "reflection); 0 picks a free one")
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")
     http_port: int | None = Field(
         None, le=65535, description="OpenAI-compatible HTTP API port; 0: a free one; unset or negative: off"
@@ -78,17 +87,20 @@ class SchedulerSettings(_Settings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", min_length=1, description="request state store")
     redis_prefix: str = Field("layerkv", pattern=r"^[A-Za-z0-9_.-]+$", description="Redis key namespace")
     retention_s: int = Field(86400, ge=1, description="TTL of finished request records and token logs")
-    workers: list[str] = Field(default_factory=list, description="worker addresses host:port")
+    workers: list[str] = Field(default_factory=list,
+                               description="worker addresses host:port, comma-separated")
     workers_dns: str = Field("", description="name:port of a headless Service, re-resolved periodically")
     workers_dns_interval_s: float = Field(5.0, gt=0, description="how often --workers-dns is re-resolved")
     policy: str = Field("layerkv", min_length=1, description="initial policy (one stored in Redis wins)")
     policy_params: dict[str, Any] = Field(default_factory=dict, description="initial policy parameters")
-    policy_file: str = Field("", description="YAML/JSON {name, params} file watched for changes")
+    policy_file: str = Field("", description="YAML/JSON {name, params} file watched for changes (a Helm "
+                             "ConfigMap); a change swaps the policy")
     policy_file_interval_s: float = Field(2.0, gt=0, description="how often --policy-file is checked")
     queue_limit: int = Field(10000, ge=1, description="waiting requests before RESOURCE_EXHAUSTED")
     tls_cert: str = Field("", description="server certificate PEM; TLS on when set")
     tls_key: str = Field("", description="server private key PEM")
-    tls_ca: str = Field("", description="CA of the workers' certificates; enables mutual TLS to workers")
+    tls_ca: str = Field("", description="CA of the workers' certificates; with it the scheduler dials "
+                        "workers with mutual TLS, its own cert/key as client certificate")
     worker_server_name: str = Field("", description="name expected in worker certificates (override)")
     admin_token: str = Field("", description="bearer token required on AdminService")
     api_token: str = Field("", description="bearer token required on SchedulerService (optional)")
@@ -100,6 +112,7 @@ class SchedulerSettings(_Settings):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request leaves it 0")
     round_interval_s: float = Field(0.005, gt=0, description="pause between idle scheduling rounds")
     worker_retry_s: float = Field(1.0, gt=0, description="delay before reconnecting to a down worker")
+    log_level: LogLevel = Field("INFO", description="logging level")
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -153,10 +166,12 @@ class WorkerSettings(_Settings):
     host: str = Field("0.0.0.0", description="listen address")
     port: int = Field(50061, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     metrics_port: int = Field(9091, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")
-    worker_id: str = Field("", description="stable id (StatefulSet pod name); empty: host name + port")
-    model: str = Field("tiny-llama", min_length=1, description="local HF folder or a built-in preset")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto, cpu or cuda")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="KV/model dtype")
+    worker_id: str = Field("", description="stable id (the StatefulSet pod name); empty: host name + port")
+    model: str = Field("tiny-llama", min_length=1, description="local HF folder, .gguf file, a model name "
+                       "(smollm2) or a built-in preset (tiny-llama)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="model and KV dtype; auto: bfloat16 on CUDA, float32 on CPU")
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
     gpu_blocks: int | None = Field(None, ge=0, description="GPU-tier blocks; None: automatic")
     host_blocks: int | None = Field(None, ge=0, description="host-tier blocks; None: automatic")
@@ -168,15 +183,29 @@ class WorkerSettings(_Settings):
         "recompute", description="how a request is preempted when KV growth finds no room (dispatch default)")
     max_num_batched_tokens: int = Field(
         2048, ge=1, le=1 << 20, description="tokens per engine step: decodes first, then prefill chunks")
+    max_model_len: int | None = Field(None, ge=1, description="cap on prompt + max_tokens; None: the model's")
+    max_num_seqs: int = Field(256, ge=1, description="most requests holding KV blocks at once")
+    max_prefill_tokens: int = Field(8192, ge=1, description="prompt tokens packed into one prefill step")
+    max_promotions_per_step: int = Field(2, ge=0,
+                                         description="host layers promoted back to GPU per decode step")
+    attention_backend: Literal["auto", "sdpa", "flash-attn"] = Field(
+        "auto", description="attention kernels; auto: flash-attn on CUDA when installed, else SDPA")
+    default_placement: Literal["auto", "all-gpu", "rule"] = Field(
+        "auto", description="placement of requests that name none")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of free CUDA memory used")
+    profile: bool = Field(False, description="measure the cost model (bandwidth, step times) at start-up")
+    seed: int = Field(0, ge=0, description="random weights of presets and default sampling seeds")
     scheduler: str = Field("", description="scheduler address to self-register with")
     advertise_address: str = Field("", description="address the scheduler should dial; empty: host:port")
     tls_cert: str = Field("", description="server certificate PEM; TLS on when set")
     tls_key: str = Field("", description="server private key PEM")
     tls_ca: str = Field("", description="CA whose client certificates are required (mutual TLS)")
-    scheduler_identity: str = Field("", description="only client-certificate common name allowed to dispatch")
+    scheduler_identity: str = Field("", description="with mutual TLS, the only client-certificate common "
+                                    "name allowed to dispatch")
     admin_token: str = Field("", description="token used when self-registering")
     worker_token: str = Field(
         "", description="bearer token required on every WorkerService call (the scheduler's --worker-token)")
+    log_level: LogLevel = Field("INFO", description="logging level")
 
     @model_validator(mode="after")
     def _check(self) -> WorkerSettings:
@@ -211,3 +240,42 @@ class WorkerSettings(_Settings):
 
     def resolved_advertise_address(self, bound_port: int) -> str:
         return self.advertise_address or f"{socket.gethostname()}:{bound_port}"
+
+
+# Fields of the services that ``layerkv up`` sets itself for each child (addresses, ids, TLS,
+# tokens); every other field of SchedulerSettings and WorkerSettings is also an ``up`` flag, passed
+# through to the children that have it.
+UP_SETS_PER_PROCESS = frozenset({
+    "host", "port", "metrics_port", "worker_id", "scheduler", "advertise_address", "redis_url",
+    "redis_prefix", "workers", "workers_dns", "tls_cert", "tls_key", "tls_ca", "worker_server_name",
+    "scheduler_identity", "admin_token", "api_token", "worker_token", "log_level",
+})
+
+
+class UpSettings(_Settings):
+    """``layerkv up``: its own settings (plus the services' pass-through ones, see ``up_passthrough``)."""
+
+    workers: int = Field(2, ge=1, le=64, description="number of worker processes")
+    model: str = Field("", description="model of every worker; empty: smollm2 for --demo when installed, "
+                                       "else the tiny-llama preset")
+    host: str = Field("127.0.0.1", min_length=1, description="listen address of every process")
+    port: int = Field(50051, ge=0, le=65535, description="scheduler gRPC port (taken or 0: a free one)")
+    metrics_port: int = Field(9090, ge=0, le=65535,
+                              description="scheduler /metrics port (taken or 0: a free one)")
+    http_port: int = Field(8000, le=65535,
+                           description="OpenAI HTTP API port (taken or 0: a free one; negative: off)")
+    redis_url: str = Field("", description="use this Redis instead of starting a redis-server")
+    demo: bool = Field(False, description="ask the model one question, print the answer, stop")
+    prompt: str = Field("", description="send this prompt, print the answer, stop")
+    max_tokens: int = Field(32, ge=1, description="tokens to generate for --demo/--prompt")
+    startup_timeout_s: float = Field(180.0, gt=0, description="give up when not ready after this")
+
+
+def up_passthrough() -> dict[str, list[type[_Settings]]]:
+    """Service fields that are also ``up`` flags -> the settings classes (children) that take them."""
+    out: dict[str, list[type[_Settings]]] = {}
+    for cls in (WorkerSettings, SchedulerSettings):
+        for name in cls.model_fields:
+            if name not in UP_SETS_PER_PROCESS and name not in UpSettings.model_fields:
+                out.setdefault(name, []).append(cls)
+    return out

@@ -3,7 +3,9 @@
 Two kinds travel over the wire (``WorkerService.GetTokenizer``): ``"bytes"``, the byte-level
 tokenizer of the built-in presets (ids 0..255 are raw bytes, then the special tokens), and
 ``"hf"``, a HuggingFace ``tokenizer.json`` run by the ``tokenizers`` library. The scheduler fetches
-the worker's tokenizer this way, so no shared filesystem is needed.
+the worker's tokenizer this way, so no shared filesystem is needed. A tokenizer also carries the
+model's Jinja chat template and the text of its BOS/EOS tokens (``chat_template``, ``bos_token``,
+``eos_token``; empty when the model has none), which travel in GetTokenizer's fields of those names.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 from common.errors import InvalidArgument, NotFound
 
@@ -21,6 +24,9 @@ class Tokenizer(ABC):
     kind: str
     bos_token_id: int | None
     eos_token_id: int | None
+    chat_template: str = ""  # Jinja template (HuggingFace convention); empty: the model has none
+    bos_token: str = ""  # what the template's ``bos_token`` renders as
+    eos_token: str = ""  # what the template's ``eos_token`` renders as
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -62,13 +68,15 @@ class HFTokenizer(Tokenizer):
 
     kind = "hf"
 
-    def __init__(self, tokenizer_json: str, bos_token_id: int | None, eos_token_id: int | None) -> None:
+    def __init__(self, tokenizer_json: str, bos_token_id: int | None, eos_token_id: int | None,
+                 chat_template: str = "", bos_token: str = "", eos_token: str = "") -> None:
         from tokenizers import Tokenizer as _Tokenizer
 
         self._json = tokenizer_json
         self._tok = _Tokenizer.from_str(tokenizer_json)
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
+        self.chat_template, self.bos_token, self.eos_token = chat_template, bos_token, eos_token
 
     def encode(self, text: str) -> list[int]:
         # The tokenizer.json post-processor adds BOS for models that want it (Llama does, Qwen2 doesn't).
@@ -82,8 +90,9 @@ class HFTokenizer(Tokenizer):
         return self.kind, json.dumps(payload).encode()
 
 
-def tokenizer_from_wire(kind: str, payload: bytes) -> Tokenizer:
-    """Rebuild a tokenizer sent by ``Tokenizer.to_wire``."""
+def tokenizer_from_wire(kind: str, payload: bytes, chat_template: str = "", bos_token: str = "",
+                        eos_token: str = "") -> Tokenizer:
+    """Rebuild a tokenizer sent by ``Tokenizer.to_wire`` (plus GetTokenizer's template fields)."""
     try:
         data = json.loads(payload.decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -91,7 +100,8 @@ def tokenizer_from_wire(kind: str, payload: bytes) -> Tokenizer:
     if kind == ByteTokenizer.kind:
         return ByteTokenizer(data["bos_token_id"], data["eos_token_id"])
     if kind == HFTokenizer.kind:
-        return HFTokenizer(data["json"], data.get("bos_token_id"), data.get("eos_token_id"))
+        return HFTokenizer(data["json"], data.get("bos_token_id"), data.get("eos_token_id"),
+                           chat_template, bos_token, eos_token)
     raise InvalidArgument(f"unknown tokenizer kind {kind!r} (expected 'bytes' or 'hf')")
 
 
@@ -104,7 +114,30 @@ def load_tokenizer(folder: str | Path, bos_token_id: int | None, eos_token_id: i
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise NotFound(f"no tokenizer.json in model folder {str(folder)!r}")
-    return HFTokenizer(path.read_text(encoding="utf-8"), bos_token_id, eos_token_id)
+    template, bos, eos = _folder_chat_template(Path(folder))
+    return HFTokenizer(path.read_text(encoding="utf-8"), bos_token_id, eos_token_id, template, bos, eos)
+
+
+def _folder_chat_template(folder: Path) -> tuple[str, str, str]:
+    """(chat_template, bos_token, eos_token) of a HF folder: ``chat_template.jinja`` or the template in
+    ``tokenizer_config.json``; empty strings when the folder has none."""
+    config: dict[str, Any] = {}
+    config_path = folder / "tokenizer_config.json"
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"{config_path} is not valid JSON: {exc}") from exc
+    jinja = folder / "chat_template.jinja"
+    template = jinja.read_text(encoding="utf-8") if jinja.is_file() else config.get("chat_template") or ""
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template", "") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), "")
+
+    def token_text(value: Any) -> str:  # a string, or an AddedToken dict {"content": ...}
+        return str(value.get("content", "")) if isinstance(value, dict) else str(value or "")
+
+    return str(template), token_text(config.get("bos_token")), token_text(config.get("eos_token"))
 
 
 class IncrementalDetokenizer:

@@ -60,8 +60,11 @@ class EmbeddedOptions:
     redis_url: str = ""  # empty: start a redis-server of our own
     policy: str = ""  # empty: the scheduler's default
     prompt: str = ""  # non-empty: send it, print the answer, stop
+    shown_prompt: str = ""  # what to print as the prompt (the question of a chat-templated prompt)
     max_tokens: int = 32
     startup_timeout_s: float = 180.0
+    worker_args: tuple[str, ...] = ()  # more flags for every worker (they override the ones above)
+    scheduler_args: tuple[str, ...] = ()  # more flags for the scheduler
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -215,7 +218,7 @@ def start(opts: EmbeddedOptions, system: EmbeddedSystem) -> None:
         argv += ["--http-port", str(http_port)]
     if opts.policy:
         argv += ["--policy", opts.policy]
-    system.spawn("scheduler", _layerkv(*argv), system.tokens.env("scheduler"))
+    system.spawn("scheduler", _layerkv(*argv, *opts.scheduler_args), system.tokens.env("scheduler"))
     system.credentials_file = credentials.save(
         system.scheduler_address, credentials.Credentials(system.tokens.api, system.tokens.admin)
     )
@@ -230,7 +233,7 @@ def start(opts: EmbeddedOptions, system: EmbeddedSystem) -> None:
                             ("--gpu-kv-gib", opts.gpu_kv_gib), ("--host-kv-gib", opts.host_kv_gib)):
             if value is not None:
                 wargv += [flag, str(value)]
-        system.spawn(f"worker-{i}", _layerkv(*wargv), system.tokens.env("worker"))
+        system.spawn(f"worker-{i}", _layerkv(*wargv, *opts.worker_args), system.tokens.env("worker"))
         system.workers.append((f"{host}:{port}", f"http://{host}:{metrics}/metrics"))
 
     deadline = time.monotonic() + opts.startup_timeout_s
@@ -322,7 +325,7 @@ def run_embedded(opts: EmbeddedOptions) -> int:
         if opts.prompt:
             if opts.model in _RANDOM_PRESETS:
                 print(f"(the {opts.model} preset has random weights: its answer is noise)")
-            print(f"\nPrompt: {opts.prompt}\nAnswer: ", end="", flush=True)
+            print(f"\nPrompt: {opts.shown_prompt or opts.prompt}\nAnswer: ", end="", flush=True)
             code = remote_generate.run(system.scheduler_address, [opts.prompt], max_tokens=opts.max_tokens,
                                        api_token=system.tokens.api)
             ok = code == 0

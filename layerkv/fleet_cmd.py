@@ -4,148 +4,82 @@
 scheduler and N workers as child processes, waits until the scheduler sees every worker healthy,
 prints the endpoints and runs until Ctrl-C/SIGTERM; with ``--demo`` or ``--prompt`` it sends one
 request, prints the streamed text and stops everything. torch is imported only by the worker
-processes.
+processes. The options of both commands are generated from common/config.py (``WorkerSettings``;
+``UpSettings`` plus every service setting ``up`` passes through to its children).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from common.errors import LayerKVError
 
+if TYPE_CHECKING:
+    from common.config import UpSettings
 
-def _env(name: str) -> str:
-    return "LAYERKV_" + name.upper().replace("-", "_")
 
-
-def worker(
-    host: Annotated[str, typer.Option(envvar=_env("host"), help="listen address")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(envvar=_env("port"), help="gRPC port (0: a free one)")] = 50061,
-    metrics_port: Annotated[
-        int, typer.Option(envvar=_env("metrics_port"), help="Prometheus /metrics port; 0 disables")
-    ] = 9091,
-    worker_id: Annotated[
-        str, typer.Option(envvar=_env("worker_id"), help="stable id; empty: host name:port")
-    ] = "",
-    model: Annotated[
-        str, typer.Option(envvar=_env("model"), help="local HF folder or a preset (tiny-llama)")
-    ] = "tiny-llama",
-    device: Annotated[str, typer.Option(envvar=_env("device"), help="auto, cpu or cuda")] = "auto",
-    dtype: Annotated[
-        str, typer.Option(envvar=_env("dtype"), help="auto, float32, float16 or bfloat16")
-    ] = "auto",
-    block_size: Annotated[int, typer.Option(envvar=_env("block_size"), help="tokens per KV block")] = 16,
-    gpu_blocks: Annotated[
-        int | None, typer.Option(envvar=_env("gpu_blocks"), help="GPU-tier blocks (default: auto)")
-    ] = None,
-    host_blocks: Annotated[
-        int | None, typer.Option(envvar=_env("host_blocks"), help="host-tier blocks (default: auto)")
-    ] = None,
-    staging_blocks: Annotated[
-        int | None, typer.Option(envvar=_env("staging_blocks"),
-                                 help="GPU staging blocks host-placed layers compute in (default: auto)")
-    ] = None,
-    gpu_kv_gib: Annotated[
-        float | None, typer.Option(envvar=_env("gpu_kv_gib"), help="GPU tier size in GiB")
-    ] = None,
-    host_kv_gib: Annotated[
-        float | None, typer.Option(envvar=_env("host_kv_gib"), help="host tier size in GiB")
-    ] = None,
-    preemption_mode: Annotated[
-        str, typer.Option(envvar=_env("preemption_mode"),
-                          help="when KV growth finds no room: recompute or swap-layers (dispatch default)")
-    ] = "recompute",
-    max_num_batched_tokens: Annotated[
-        int, typer.Option(envvar=_env("max_num_batched_tokens"),
-                          help="tokens per engine step: decodes first, then prefill chunks")
-    ] = 2048,
-    scheduler: Annotated[
-        str, typer.Option(envvar=_env("scheduler"), help="scheduler host:port to self-register with")
-    ] = "",
-    advertise_address: Annotated[
-        str, typer.Option(envvar=_env("advertise_address"), help="address the scheduler should dial")
-    ] = "",
-    tls_cert: Annotated[str, typer.Option(envvar=_env("tls_cert"), help="server certificate (PEM)")] = "",
-    tls_key: Annotated[str, typer.Option(envvar=_env("tls_key"), help="server private key (PEM)")] = "",
-    tls_ca: Annotated[
-        str, typer.Option(envvar=_env("tls_ca"), help="CA of client certificates (mutual TLS)")
-    ] = "",
-    scheduler_identity: Annotated[
-        str, typer.Option(envvar=_env("scheduler_identity"), help="only client CN allowed to dispatch")
-    ] = "",
-    admin_token: Annotated[
-        str, typer.Option(envvar=_env("admin_token"), help="token used when self-registering")
-    ] = "",
-    worker_token: Annotated[
-        str, typer.Option(envvar=_env("worker_token"), help="bearer token required on every call")
-    ] = "",
-    log_level: Annotated[str, typer.Option(envvar=_env("log_level"), help="logging level")] = "INFO",
-) -> None:
-    """Run one worker: a LayerKV engine behind the WorkerService gRPC API."""
+def _run_worker(values: dict[str, Any]) -> None:
     from common.config import WorkerSettings
     from common.logging_setup import setup_logging
-    from worker_svc.server import serve
 
-    setup_logging(log_level)
     try:
-        settings = WorkerSettings.build(
-            host=host, port=port, metrics_port=metrics_port, worker_id=worker_id, model=model,
-            device=device, dtype=dtype, block_size=block_size, gpu_blocks=gpu_blocks,
-            host_blocks=host_blocks, staging_blocks=staging_blocks, gpu_kv_gib=gpu_kv_gib,
-            host_kv_gib=host_kv_gib, preemption_mode=preemption_mode,
-            max_num_batched_tokens=max_num_batched_tokens, scheduler=scheduler,
-            advertise_address=advertise_address,
-            tls_cert=tls_cert,
-            tls_key=tls_key, tls_ca=tls_ca, scheduler_identity=scheduler_identity,
-            admin_token=admin_token, worker_token=worker_token,
-        )
+        settings = WorkerSettings.build(**values)
+        setup_logging(settings.log_level)
+        from worker_svc.server import serve
+
         serve(settings)
     except LayerKVError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
 
 
-def up(
-    workers: Annotated[int, typer.Option("--workers", min=1, help="number of worker processes")] = 2,
-    model: Annotated[str, typer.Option(envvar=_env("model"), help="model of every worker")] = "tiny-llama",
-    device: Annotated[str, typer.Option(help="worker device: auto, cpu or cuda")] = "auto",
-    dtype: Annotated[str, typer.Option(help="worker dtype")] = "auto",
-    block_size: Annotated[int, typer.Option(help="tokens per KV block")] = 16,
-    gpu_blocks: Annotated[int | None, typer.Option(help="GPU-tier blocks per worker")] = None,
-    host_blocks: Annotated[int | None, typer.Option(help="host-tier blocks per worker")] = None,
-    gpu_kv_gib: Annotated[float | None, typer.Option(help="GPU tier GiB per worker")] = None,
-    host_kv_gib: Annotated[float | None, typer.Option(help="host tier GiB per worker")] = None,
-    host: Annotated[str, typer.Option(help="listen address of every process")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="scheduler gRPC port (0: a free one)")] = 50051,
-    metrics_port: Annotated[int, typer.Option(help="scheduler /metrics port (0: a free one)")] = 9090,
-    http_port: Annotated[
-        int, typer.Option(help="OpenAI-compatible HTTP API port (0: a free one; negative: off)")
-    ] = 8000,
-    redis_url: Annotated[
-        str, typer.Option(envvar="REDIS_URL", help="use this Redis instead of starting one")
-    ] = "",
-    policy: Annotated[str, typer.Option(help="initial scheduling policy")] = "layerkv",
-    demo: Annotated[bool, typer.Option("--demo", help="send one request, print the answer, stop")] = False,
-    prompt: Annotated[str, typer.Option(help="send this prompt, print the answer, stop")] = "",
-    max_tokens: Annotated[int, typer.Option(help="tokens to generate for --demo/--prompt")] = 32,
-    startup_timeout_s: Annotated[float, typer.Option(help="give up when not ready after this")] = 180.0,
-) -> None:
-    """Start the embedded system: Redis, a scheduler and N workers; Ctrl-C stops everything."""
+@dataclass(frozen=True)
+class UpPlan:
+    """What ``layerkv up`` was asked for: its own settings and the flags each kind of child gets."""
+
+    settings: UpSettings
+    worker_args: tuple[str, ...]
+    scheduler_args: tuple[str, ...]
+
+
+def up_plan(values: dict[str, Any]) -> UpPlan:
+    """Validate ``up``'s options (the pass-through ones by the service settings that take them)."""
+    from common.config import SchedulerSettings, UpSettings, WorkerSettings
+    from layerkv.settings_cli import passthrough_argv, up_specs
+
+    specs = up_specs()
+    own = UpSettings.build(**{s.field: values[s.field] for s in specs.own if s.field in values})
+    for cls, child in ((WorkerSettings, specs.worker), (SchedulerSettings, specs.scheduler)):
+        cls.build(**{s.field: values.get(s.field, s.default) for s in child})  # names a bad value now
+    return UpPlan(own, tuple(passthrough_argv(specs.worker, values)),
+                  tuple(passthrough_argv(specs.scheduler, values)))
+
+
+def _run_up(values: dict[str, Any]) -> None:
     from common.logging_setup import setup_logging
+    from layerkv.demo import FALLBACK_MODEL, demo_plan
     from layerkv.embedded import EmbeddedOptions, run_embedded
 
     setup_logging("WARNING")
-    opts = EmbeddedOptions(
-        workers=workers, model=model, device=device, dtype=dtype, block_size=block_size,
-        gpu_blocks=gpu_blocks, host_blocks=host_blocks, gpu_kv_gib=gpu_kv_gib, host_kv_gib=host_kv_gib,
-        host=host, port=port, metrics_port=metrics_port, http_port=http_port, redis_url=redis_url,
-        policy=policy,
-        prompt=prompt or ("Hello from LayerKV!" if demo else ""), max_tokens=max_tokens,
-        startup_timeout_s=startup_timeout_s,
-    )
     try:
+        plan = up_plan(values)
+        up = plan.settings
+        model, prompt, shown = up.model, up.prompt, up.prompt
+        if up.demo and not prompt:
+            demo = demo_plan(model)
+            model, prompt, shown = demo.model, demo.prompt, demo.shown
+            if demo.note:
+                typer.echo(demo.note)
+        opts = EmbeddedOptions(
+            workers=up.workers, model=model or FALLBACK_MODEL, host=up.host, port=up.port,
+            metrics_port=up.metrics_port, http_port=up.http_port, redis_url=up.redis_url, prompt=prompt,
+            shown_prompt=shown,
+            max_tokens=up.max_tokens, startup_timeout_s=up.startup_timeout_s,
+            worker_args=plan.worker_args, scheduler_args=plan.scheduler_args,
+        )
         code = run_embedded(opts)
     except LayerKVError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -154,5 +88,10 @@ def up(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("worker")(worker)
-    app.command("up")(up)
+    from layerkv.settings_cli import settings_command, up_specs, worker_specs
+
+    app.command("worker")(settings_command(
+        worker_specs(), _run_worker, "Run one worker: a LayerKV engine behind the WorkerService gRPC API."))
+    app.command("up")(settings_command(
+        up_specs().all, _run_up,
+        "Start the embedded system: Redis, a scheduler and N workers; Ctrl-C stops everything."))

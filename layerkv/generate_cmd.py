@@ -55,7 +55,10 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def generate(
         texts: Annotated[list[str] | None, Arg(help="prompt texts (same as --prompt)")] = None,
-        model: Annotated[str, Opt(help="local HF folder or a preset (tiny-llama)")] = "tiny-llama",
+        model: Annotated[str, Opt(help="local HF folder, .gguf file, a name (smollm2) or a preset "
+                                       "(tiny-llama)")] = "tiny-llama",
+        chat: Annotated[bool, Opt("--chat", help="send each text prompt as a user message through the "
+                                                  "model's chat template")] = False,
         prompt: Annotated[list[str] | None, Opt(help="a text prompt (repeatable)")] = None,
         prompt_ids: Annotated[str | None, Opt("--prompt-ids", help="one prompt as ids: 1,2,3")] = None,
         batch: Annotated[Path | None, Opt(help="JSON Lines file, one prompt object per line")] = None,
@@ -92,6 +95,9 @@ def register(app: typer.Typer) -> None:
             if endpoint:
                 if prompt_ids or batch:
                     raise InvalidArgument("--endpoint takes text prompts only (not --prompt-ids or --batch)")
+                if chat:
+                    raise InvalidArgument("--chat runs in-process only: with --endpoint, use the scheduler's "
+                                          "HTTP /v1/chat/completions (or send the rendered prompt)")
                 if not texts_all:
                     raise InvalidArgument("give a prompt")
                 from layerkv import remote_generate
@@ -118,7 +124,8 @@ def register(app: typer.Typer) -> None:
             config = EngineConfig(model=model, device=device, dtype=dtype, block_size=block_size,
                                   gpu_blocks=gpu_blocks, host_blocks=host_blocks, preemption_mode=preemption,
                                   max_num_batched_tokens=max_num_batched_tokens)
-            code = run_local(config, specs, json_output, placement=placement, gpu_layers=gpu_layers)
+            code = run_local(config, specs, json_output, placement=placement, gpu_layers=gpu_layers,
+                             chat=chat)
         except LayerKVError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc

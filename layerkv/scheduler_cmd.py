@@ -1,5 +1,6 @@
 """``layerkv scheduler`` (the fleet brain) and the operator commands ``layerkv policy list|get|set``
-and ``layerkv workers``. Every flag is also an environment variable (docs/cli-contract.md)."""
+and ``layerkv workers``. The scheduler's options are generated from ``SchedulerSettings``
+(every one also an environment variable, docs/cli-contract.md)."""
 
 from __future__ import annotations
 
@@ -51,83 +52,13 @@ def _admin_call(
     return asyncio.run(run())
 
 
-def scheduler(
-    host: Annotated[str, typer.Option(envvar=_env("host"), help="listen address")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(envvar=_env("port"), help="gRPC port (0: a free one)")] = 50051,
-    metrics_port: Annotated[
-        int, typer.Option(envvar=_env("metrics_port"), help="Prometheus /metrics port; 0 disables")
-    ] = 9090,
-    http_port: Annotated[
-        int | None,
-        typer.Option(envvar=_env("http_port"), help="OpenAI HTTP API port (0: a free one; unset: off)"),
-    ] = None,
-    served_model_name: Annotated[
-        str,
-        typer.Option(envvar=_env("served_model_name"), help="model id of the HTTP API (default: workers')"),
-    ] = "",
-    redis_url: Annotated[
-        str, typer.Option(envvar=[_env("redis_url"), "REDIS_URL"], help="request state store")
-    ] = "redis://127.0.0.1:6379/0",
-    redis_prefix: Annotated[
-        str, typer.Option(envvar=_env("redis_prefix"), help="Redis key namespace")
-    ] = "layerkv",
-    retention_s: Annotated[
-        int, typer.Option(envvar=_env("retention_s"), help="TTL of finished request records, seconds")
-    ] = 86400,
-    workers: Annotated[
-        str, typer.Option(envvar=_env("workers"), help="comma-separated worker addresses host:port")
-    ] = "",
-    workers_dns: Annotated[
-        str, typer.Option(envvar=_env("workers_dns"), help="name:port of a headless Service (re-resolved)")
-    ] = "",
-    policy: Annotated[
-        str, typer.Option(envvar=_env("policy"), help="initial policy (a policy stored in Redis wins)")
-    ] = "layerkv",
-    policy_params: Annotated[
-        str, typer.Option(envvar=_env("policy_params"), help="initial policy parameters, JSON")
-    ] = "{}",
-    policy_file: Annotated[
-        str,
-        typer.Option(envvar=_env("policy_file"), help="YAML/JSON {name, params} file watched for changes"),
-    ] = "",
-    queue_limit: Annotated[
-        int, typer.Option(envvar=_env("queue_limit"), help="waiting requests before RESOURCE_EXHAUSTED")
-    ] = 10000,
-    tls_cert: Annotated[str, typer.Option(envvar=_env("tls_cert"), help="server certificate (PEM)")] = "",
-    tls_key: Annotated[str, typer.Option(envvar=_env("tls_key"), help="server private key (PEM)")] = "",
-    tls_ca: Annotated[
-        str,
-        typer.Option(envvar=_env("tls_ca"), help="CA of the workers' certificates: mutual TLS to workers"),
-    ] = "",
-    admin_token: Annotated[
-        str, typer.Option(envvar=_env("admin_token"), help="bearer token required on AdminService")
-    ] = "",
-    api_token: Annotated[
-        str, typer.Option(envvar=_env("api_token"), help="bearer token required on SchedulerService")
-    ] = "",
-    worker_token: Annotated[
-        str, typer.Option(envvar=_env("worker_token"), help="bearer token sent to the workers")
-    ] = "",
-    registered_worker_ttl_s: Annotated[
-        float, typer.Option(envvar=_env("registered_worker_ttl_s"),
-                            help="drop a self-registered worker unreachable this long, seconds")
-    ] = 60.0,
-    log_level: Annotated[str, typer.Option(envvar=_env("log_level"), help="DEBUG, INFO, WARNING")] = "INFO",
-) -> None:
-    """Run the scheduler: client API, admin API, waiting queue, policies, worker fleet."""
+def _run_scheduler(values: dict[str, Any]) -> None:
     from common.config import SchedulerSettings
     from common.logging_setup import setup_logging
 
-    setup_logging(log_level)
     try:
-        settings = SchedulerSettings.build(
-            host=host, port=port, metrics_port=metrics_port, http_port=http_port,
-            served_model_name=served_model_name, redis_url=redis_url, redis_prefix=redis_prefix,
-            retention_s=retention_s, workers=workers, workers_dns=workers_dns, policy=policy,
-            policy_params=policy_params, policy_file=policy_file, queue_limit=queue_limit, tls_cert=tls_cert,
-            tls_key=tls_key, tls_ca=tls_ca, admin_token=admin_token, api_token=api_token,
-            worker_token=worker_token, registered_worker_ttl_s=registered_worker_ttl_s,
-        )  # fmt: skip
+        settings = SchedulerSettings.build(**values)
+        setup_logging(settings.log_level)
         import uvloop
 
         from scheduler_svc.server import serve
@@ -296,6 +227,10 @@ def workers_undrain(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("scheduler")(scheduler)
+    from layerkv.settings_cli import scheduler_specs, settings_command
+
+    app.command("scheduler")(settings_command(
+        scheduler_specs(), _run_scheduler,
+        "Run the scheduler: client API, admin API, waiting queue, policies, worker fleet."))
     app.add_typer(policy_app, name="policy")
     app.add_typer(workers_app, name="workers")

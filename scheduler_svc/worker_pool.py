@@ -283,7 +283,8 @@ class WorkerPool:
         if not description.worker_id:
             raise Unavailable(f"worker at {handle.address} describes itself without a worker_id")
         wire = await stub.GetTokenizer(worker_pb2.GetTokenizerRequest(), timeout=30)
-        handle.tokenizer = tokenizer_from_wire(wire.kind, wire.tokenizer_json)
+        handle.tokenizer = tokenizer_from_wire(wire.kind, wire.tokenizer_json, wire.chat_template,
+                                               wire.bos_token, wire.eos_token)
         handle.description = description
         handle.stub = stub
         if handle.fitter is None or handle.fitter.profile != description.cost_model:

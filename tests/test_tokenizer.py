@@ -53,3 +53,32 @@ def test_tokenizer_survives_the_wire(tok) -> None:
 def test_unknown_wire_kind_is_rejected_with_its_name() -> None:
     with pytest.raises(InvalidArgument, match="sentencepiece"):
         tokenizer_from_wire("sentencepiece", b"{}")
+
+
+def test_chat_template_and_special_tokens_survive_the_wire() -> None:
+    tok = _word_level_tokenizer()
+    kind, payload = tok.to_wire()
+    other = tokenizer_from_wire(kind, payload, "{{ bos_token }}{{ messages[0]['content'] }}", "<s>", "</s>")
+    assert (other.chat_template, other.bos_token, other.eos_token) == (
+        "{{ bos_token }}{{ messages[0]['content'] }}", "<s>", "</s>")
+    plain = tokenizer_from_wire(kind, payload)
+    assert (plain.chat_template, plain.bos_token, plain.eos_token) == ("", "", "")
+
+
+def test_folder_tokenizer_reads_the_chat_template(tmp_path) -> None:
+    import json
+
+    from common.tokenizer import load_tokenizer
+
+    (tmp_path / "tokenizer.json").write_text(_word_level_tokenizer()._json)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+        "bos_token": {"content": "<s>", "special": True}, "eos_token": "</s>"}))
+    tok = load_tokenizer(tmp_path, None, 3)
+    assert tok.chat_template == "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
+    (tmp_path / "chat_template.jinja").write_text("{{ 'jinja file wins' }}")
+    assert load_tokenizer(tmp_path, None, 3).chat_template == "{{ 'jinja file wins' }}"
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(InvalidArgument, match=r"tokenizer_config\.json is not valid JSON"):
+        load_tokenizer(tmp_path, None, 3)

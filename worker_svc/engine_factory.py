@@ -1,10 +1,14 @@
-"""From the worker's settings (``layerkv worker`` flags) to an ``Engine``.
+"""From the worker's settings (``layerkv worker`` flags) to an ``Engine``: the one place that builds
+the EngineConfig of a worker.
 
-Only the worker process imports this module (it imports torch through the engine).
+Every ``WorkerSettings`` field whose name is an ``EngineConfig`` field is carried over, so an engine
+option added to both needs no change here. Only the worker process imports this module (it imports
+torch through the engine).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from common.config import WorkerSettings
@@ -14,19 +18,8 @@ def engine_config_from_settings(settings: WorkerSettings) -> Any:
     """The EngineConfig of the settings; "auto" device/dtype and GiB sizes are the engine's to resolve."""
     from worker_svc.engine_config import EngineConfig
 
-    return EngineConfig(
-        model=settings.model,
-        device=settings.device,
-        dtype=settings.dtype,
-        block_size=settings.block_size,
-        gpu_blocks=settings.gpu_blocks,
-        host_blocks=settings.host_blocks,
-        staging_blocks=settings.staging_blocks,
-        gpu_kv_gib=settings.gpu_kv_gib,
-        host_kv_gib=settings.host_kv_gib,
-        preemption_mode=settings.preemption_mode,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-    )
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    return EngineConfig(**{n: getattr(settings, n) for n in type(settings).model_fields if n in names})
 
 
 def engine_from_settings(settings: WorkerSettings) -> Any:

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from common.chat_template import ChatMessage, render_chat, template_of
 from common.errors import InvalidArgument
 from common.placement import interleaved
 from common.types import Placement, SamplingParams
@@ -42,7 +43,8 @@ class _Answer:
 
 
 def run_local(config: EngineConfig, specs: list[PromptSpec], json_output: bool, placement: str | None = None,
-              gpu_layers: int | None = None, out: TextIO | None = None) -> int:
+              gpu_layers: int | None = None, out: TextIO | None = None, chat: bool = False) -> int:
+    """``chat``: each text prompt is one user message, rendered with the model's chat template."""
     stream = out or sys.stdout
     engine = Engine.from_config(config)
     layers = engine.geometry.num_layers
@@ -50,9 +52,16 @@ def run_local(config: EngineConfig, specs: list[PromptSpec], json_output: bool, 
         raise InvalidArgument(f"--gpu-layers must be in [0, {layers}], got {gpu_layers}")
     default = (Placement.from_letters(placement, layers) if placement
                else interleaved(layers, gpu_layers) if gpu_layers is not None else None)
+    template = template_of(engine.tokenizer) if chat else None
+    if chat and template is None:
+        raise InvalidArgument(f"model {config.model!r} has no chat template: drop --chat and send a "
+                              f"plain prompt")
     answers: dict[str, _Answer] = {}
     for i, spec in enumerate(specs):
-        ids = spec.prompt_ids if spec.prompt_ids is not None else engine.tokenizer.encode(spec.text or "")
+        text = spec.text or ""
+        if template is not None and spec.prompt_ids is None:
+            text = render_chat(template, [ChatMessage("user", text)])
+        ids = spec.prompt_ids if spec.prompt_ids is not None else engine.tokenizer.encode(text)
         chosen = Placement.from_letters(spec.placement, layers) if spec.placement else default
         rid = f"p{i}"
         engine.add_request(rid, ids, spec.sampling, chosen)

@@ -100,8 +100,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._hub = hub
         self._metrics = metrics
         self._scheduler_identity = scheduler_identity
-        kind, payload = engine.tokenizer.to_wire()
-        self._tokenizer = worker_pb2.GetTokenizerResponse(kind=kind, tokenizer_json=payload)
+        tok = engine.tokenizer
+        kind, payload = tok.to_wire()
+        self._tokenizer = worker_pb2.GetTokenizerResponse(
+            kind=kind, tokenizer_json=payload, chat_template=tok.chat_template, bos_token=tok.bos_token,
+            eos_token=tok.eos_token)
         self._stopping = asyncio.Event()
 
     @property

@@ -1,1 +1,1 @@
-"""The Llama-family model: config, one readable model file, the safetensors loader."""
+"""The Llama-family model: config, one readable model file, the safetensors and GGUF loaders."""

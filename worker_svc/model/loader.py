@@ -1,5 +1,6 @@
 """Builds a model on a device: from a local HF folder (``*.safetensors``, sharded through
-``model.safetensors.index.json`` or not) or from a named preset with seeded random weights.
+``model.safetensors.index.json`` or not), from a GGUF file (a ``.gguf`` path, a folder holding one, or
+a model name such as ``smollm2``, see ``catalog``) or from a named preset with seeded random weights.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from common.errors import InvalidArgument, NotFound
 from common.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from worker_svc.model.catalog import NAMED_MODELS, named_model_path
 from worker_svc.model.config import PRESETS, ModelConfig
 from worker_svc.model.llama import LlamaForCausalLM
 
@@ -40,9 +42,15 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = 
         model = _random_model(config, device, dtype, seed)
         return LoadedModel(name, config, model, ByteTokenizer(config.bos_token_id or 256,
                                                                  config.eos_token_id or 257))
+    gguf_file = _gguf_file(name)
+    if gguf_file is not None:
+        from worker_svc.model.gguf_loader import load_gguf
+
+        return load_gguf(gguf_file, name, device, dtype)
     folder = Path(name)
     if not folder.is_dir():
-        raise NotFound(f"model {name!r} is neither a preset ({', '.join(PRESETS)}) nor a local folder")
+        raise NotFound(f"model {name!r} is neither a preset ({', '.join(PRESETS)}), a model name "
+                       f"({', '.join(NAMED_MODELS)}), a .gguf file nor a local folder")
     config = ModelConfig.from_folder(folder)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -58,6 +66,23 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = 
         # No tokenizer.json: the model still serves token ids; text decodes as bytes (best effort).
         tokenizer = ByteTokenizer(max(256, config.vocab_size), max(257, config.vocab_size + 1))
     return LoadedModel(str(folder), config, model, tokenizer)
+
+
+def _gguf_file(name: str) -> Path | None:
+    """The GGUF file ``name`` stands for: a model name, a ``.gguf`` path, or a folder with one GGUF
+    file and no config.json; None for anything else."""
+    if name in NAMED_MODELS:
+        return named_model_path(name)
+    path = Path(name)
+    if path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        files = sorted(path.glob("*.gguf"))
+        if len(files) > 1:
+            raise InvalidArgument(f"model folder {name!r} holds several GGUF files "
+                                  f"({', '.join(f.name for f in files)}): name one")
+        return files[0] if files else None
+    return None
 
 
 def _random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
