@@ -89,6 +89,10 @@ class SchedulerSettings(_Settings):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request leaves it 0")
     round_interval_s: float = Field(0.005, gt=0, description="pause between idle scheduling rounds")
     worker_retry_s: float = Field(1.0, gt=0, description="delay before reconnecting to a down worker")
+    disconnect_grace_s: float = Field(
+        1.0, ge=0, description="a request whose clients all went away is cancelled after this long")
+    worker_silence_s: float = Field(
+        15.0, gt=0, description="a worker whose event stream is silent this long is down (liveness)")
 
     @field_validator("workers", mode="before")
     @classmethod

@@ -1,13 +1,24 @@
-"""Conversions between the scheduler's typed state and the protobuf messages of its APIs."""
+"""Conversions between the scheduler's typed state and the protobuf messages of its APIs, and the
+decoding of worker events into typed values (the worker API's messages stop here)."""
 
 from __future__ import annotations
 
 from common import wire
-from common.proto.layerkv.v1 import admin_pb2, scheduler_pb2, types_pb2
+from common.errors import InvalidArgument
+from common.proto.layerkv.v1 import admin_pb2, scheduler_pb2, types_pb2, worker_pb2
 from common.store import RequestRecord
+from common.types import FinishReason, Placement
 from common.wire import cost_model_to_proto, geometry_to_proto, sampling_to_proto
-from scheduler_svc.ledger import WorkerBudget
+from scheduler_svc.ledger import TierReport, WorkerBudget
 from scheduler_svc.requests import FINISHED, RUNNING, WAITING, sampling_from_dict
+from scheduler_svc.worker_events import (
+    DispatchCommand,
+    RunningReport,
+    StepInfo,
+    StepKind,
+    TokenUpdate,
+    WorkerEvent,
+)
 from scheduler_svc.worker_pool import WorkerHandle
 
 # Records store the finish reason as its string value ("" while unfinished).
@@ -94,3 +105,70 @@ def worker_info(
         info.reserved_gpu_blocks = budget.gpu_reserved
         info.reserved_host_blocks = budget.host_reserved
     return info
+
+
+# ---- the worker API (the only scheduler code besides the connection pool that touches worker_pb2) ----
+
+_STEP_KINDS = {k.value: k for k in StepKind}
+_FINISH_OF_PROTO = {proto: reason for reason, proto in wire.FINISH_TO_PROTO.items()}
+
+
+def _tier(usage: types_pb2.TierUsage) -> TierReport:
+    return TierReport(usage.total_blocks, usage.free_blocks, tuple(usage.used_blocks_per_layer))
+
+
+def _placement(letters: str, num_layers: int) -> Placement:
+    try:
+        return Placement.from_letters(letters, num_layers)
+    except InvalidArgument:  # a worker that reports no placement: count it as all-GPU
+        return Placement.all_gpu(num_layers)
+
+
+def worker_event_from_proto(event: worker_pb2.StreamEventsResponse, num_layers: int) -> WorkerEvent:
+    """Decode one StreamEvents message (``num_layers`` of the worker's model, for placements)."""
+    step = None
+    if event.HasField("step"):
+        s = event.step
+        step = StepInfo(
+            _STEP_KINDS.get(s.kind, StepKind.UNKNOWN),
+            s.duration_s,
+            s.num_tokens,
+            s.bytes_offloaded,
+            s.bytes_loaded,
+            s.copy_wait_s,
+        )
+    return WorkerEvent(
+        tokens=tuple(
+            TokenUpdate(
+                u.request_id,
+                tuple(u.token_ids),
+                u.finished,
+                _FINISH_OF_PROTO.get(u.finish_reason, FinishReason.ERROR) if u.finished else None,
+                u.error,
+            )
+            for u in event.tokens
+        ),
+        running=tuple(
+            RunningReport(
+                r.request_id, _placement(r.placement, num_layers), r.decode_time_s, r.context_tokens
+            )
+            for r in event.running
+        ),
+        gpu=_tier(event.gpu) if event.HasField("gpu") else None,
+        host=_tier(event.host) if event.HasField("host") else None,
+        admitted=tuple(event.admitted_request_ids),
+        step=step,
+    )
+
+
+def dispatch_to_proto(command: DispatchCommand) -> worker_pb2.DispatchRequest:
+    return worker_pb2.DispatchRequest(
+        request_id=command.worker_request_id,
+        prompt_token_ids=list(command.prompt_ids),
+        sampling=sampling_to_proto(command.sampling, max_tokens=command.max_tokens),
+        placement=command.placement,
+    )
+
+
+def abort_to_proto(worker_request_id: str) -> worker_pb2.AbortRequest:
+    return worker_pb2.AbortRequest(request_id=worker_request_id)
