@@ -94,6 +94,12 @@ def scheduler(
     api_token: Annotated[
         str, typer.Option(envvar=_env("api_token"), help="bearer token required on SchedulerService")
     ] = "",
+    worker_silence_s: Annotated[
+        float, typer.Option(envvar=_env("worker_silence_s"), help="event stream silent this long: down")
+    ] = 15.0,
+    disconnect_grace_s: Annotated[
+        float, typer.Option(envvar=_env("disconnect_grace_s"), help="cancel after clients left this long")
+    ] = 1.0,
     log_level: Annotated[str, typer.Option(envvar=_env("log_level"), help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run the scheduler: client API, admin API, waiting queue, policies, worker fleet."""
@@ -107,6 +113,7 @@ def scheduler(
             retention_s=retention_s, workers=workers, workers_dns=workers_dns, policy=policy,
             policy_params=policy_params, policy_file=policy_file, queue_limit=queue_limit, tls_cert=tls_cert,
             tls_key=tls_key, tls_ca=tls_ca, admin_token=admin_token, api_token=api_token,
+            worker_silence_s=worker_silence_s, disconnect_grace_s=disconnect_grace_s,
         )  # fmt: skip
         import uvloop
 
