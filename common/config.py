@@ -163,6 +163,8 @@ class WorkerSettings(_Settings):
     tls_key: str = Field("", description="server private key PEM")
     tls_ca: str = Field("", description="CA whose client certificates are required (mutual TLS)")
     scheduler_identity: str = Field("", description="only client-certificate common name allowed to dispatch")
+    scheduler_lease_s: float = Field(
+        30.0, ge=0, description="no scheduler subscribed this long: abort every request (0 disables)")
     admin_token: str = Field("", description="token used when self-registering")
 
     @model_validator(mode="after")

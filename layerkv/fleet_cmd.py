@@ -70,6 +70,9 @@ def worker(
     admin_token: Annotated[
         str, typer.Option(envvar=_env("admin_token"), help="token used when self-registering")
     ] = "",
+    scheduler_lease_s: Annotated[
+        float, typer.Option(envvar=_env("scheduler_lease_s"), help="no scheduler this long: abort all")
+    ] = 30.0,
     log_level: Annotated[str, typer.Option(envvar=_env("log_level"), help="logging level")] = "INFO",
 ) -> None:
     """Run one worker: a LayerKV engine behind the WorkerService gRPC API."""
@@ -86,7 +89,7 @@ def worker(
             host_kv_gib=host_kv_gib, scheduler=scheduler, advertise_address=advertise_address,
             tls_cert=tls_cert,
             tls_key=tls_key, tls_ca=tls_ca, scheduler_identity=scheduler_identity,
-            admin_token=admin_token,
+            admin_token=admin_token, scheduler_lease_s=scheduler_lease_s,
         )
         serve(settings)
     except LayerKVError as exc:
