@@ -151,3 +151,34 @@ async def test_a_token_reaches_the_client_only_after_it_is_saved(redis_url: str)
     finally:
         gate.set()
         await fleet.close()
+
+
+class SlowReplyWorker(StubWorker):
+    """Takes the first dispatch, then answers it too late (the scheduler's call times out)."""
+
+    slow_once: bool = True
+
+    async def Dispatch(self, request, context):  # type: ignore[no-untyped-def]
+        reply = await super().Dispatch(request, context)
+        if self.slow_once:
+            self.slow_once = False
+            await asyncio.sleep(1.0)
+        return reply
+
+
+async def test_a_dispatch_timing_out_after_acceptance_is_rerun_under_a_new_attempt(redis_url: str) -> None:
+    worker = SlowReplyWorker("w0", step_s=0.01)
+    fleet = await start_fleet(redis_url, [worker])
+    fleet.server.core.client._timeout_s = 0.3  # type: ignore[attr-defined]
+    try:
+        tokens, final = await asyncio.wait_for(
+            collect(fleet.client.Generate(generate_request([8, 9], 30, request_id="late"))), 20
+        )
+        assert tokens == expected_tokens([8, 9], 30) and final.finish_reason == types_pb2.FINISH_REASON_LENGTH
+        assert worker.dispatched[:2] == ["late@0", "late@1"]  # the accepted attempt's id is never reused
+        deadline = time.monotonic() + 5
+        while "late@0" not in worker.aborted:  # the attempt it took late is stopped there
+            assert time.monotonic() < deadline, worker.aborted
+            await asyncio.sleep(0.02)
+    finally:
+        await fleet.close()
