@@ -137,7 +137,12 @@ class SchedulerCore:
         """Run a worker RPC in the background, keeping a reference until it ends."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # never die silently
+            log.error("background task failed", exc_info=task.exception())
 
     async def _abort(self, worker_id: str, worker_rid: str) -> None:
         await self.scheduling.abort(worker_id, worker_rid)

@@ -221,7 +221,12 @@ class SchedulerServer:
         await self._set_health(self.store.reachable)
         # NOT_SERVING while Redis is unreachable (requests cannot be saved), SERVING once it is back.
         loop = asyncio.get_running_loop()
-        self.store.on_reachability(lambda ok: self._health_tasks.add(loop.create_task(self._set_health(ok))))
+        def follow(reachable: bool) -> None:
+            task = loop.create_task(self._set_health(reachable))
+            self._health_tasks.add(task)
+            task.add_done_callback(self._health_tasks.discard)
+
+        self.store.on_reachability(follow)
         self.metrics_port = start_metrics_server(s.metrics_port, self.metrics.registry)
         log.info("scheduler listening on %s:%d (policy %s)", s.host, self.port, self.core.policy.name)
         return self.port
