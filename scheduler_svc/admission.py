@@ -114,7 +114,10 @@ async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) ->
         existing = await lookup(core, request_id)
         if existing is None:
             raise NotFound(f"request {request_id!r} vanished while being created")
-        return Admitted(existing, created=False)
+        if request_id not in core.requests and existing.record == record:
+            created = True  # our own create, retried after its reply was lost: it is ours to admit
+        else:
+            return Admitted(existing, created=False)
     state = RequestState(record, sampling)
     core.admit(state)  # the queue limit was checked above
     return Admitted(state, created=True)

@@ -19,11 +19,10 @@ from common.config import SchedulerSettings
 from common.metrics import ServiceMetrics
 from common.store import Store
 from common.tokenizer import Tokenizer
-from common.types import FinishReason
 from scheduler_svc import wire
 from scheduler_svc.intake import EventIntake
 from scheduler_svc.ledger import Ledger
-from scheduler_svc.lifecycle import Batch, Lifecycle
+from scheduler_svc.lifecycle import Lifecycle
 from scheduler_svc.policies.base import FleetSnapshot, Policy
 from scheduler_svc.policies.registry import make_policy, policy_params
 from scheduler_svc.requests import RequestState, StreamChunk, StreamFinal, stream_from
@@ -183,12 +182,6 @@ class SchedulerCore:
             await self.cancel(state.request_id)
         except Exception as exc:  # it ends anyway at max_tokens
             log.warning("cancelling abandoned request %s failed: %s", state.request_id, exc)
-
-    def finish_now(self, state: RequestState, reason: FinishReason, error: str = "") -> None:
-        """End a request from outside the mechanism (e.g. it can never fit); saved in the background."""
-        batch = Batch()
-        self.lifecycle.finish(state, reason, batch, error)
-        self._spawn(self.lifecycle.commit(batch))
 
     # ---- policies ----
     async def set_policy(self, name: str, params: dict[str, object]) -> tuple[Policy, Policy]:

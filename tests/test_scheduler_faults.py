@@ -182,3 +182,25 @@ async def test_a_dispatch_timing_out_after_acceptance_is_rerun_under_a_new_attem
             await asyncio.sleep(0.02)
     finally:
         await fleet.close()
+
+
+async def test_a_create_retried_after_its_reply_was_lost_still_runs(redis_url: str) -> None:
+    """The store retries a create whose reply was lost: the retry finds the record it wrote itself
+    (not another client's), and the request must still be admitted and run."""
+    worker = StubWorker("w0", step_s=0.01)
+    fleet = await start_fleet(redis_url, [worker])
+    store = fleet.server.store
+    create = store.create_request
+
+    async def reply_lost(record, score):  # type: ignore[no-untyped-def]
+        await create(record, score)  # applied, but the caller never heard back...
+        return await create(record, score)  # ...so the store's retry answers "exists"
+
+    store.create_request = reply_lost  # type: ignore[method-assign]
+    try:
+        tokens, final = await asyncio.wait_for(
+            collect(fleet.client.Generate(generate_request([2, 3], 12, request_id="lost-reply"))), 10
+        )
+        assert tokens == expected_tokens([2, 3], 12) and final.finish_reason == types_pb2.FINISH_REASON_LENGTH
+    finally:
+        await fleet.close()
