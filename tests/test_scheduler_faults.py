@@ -172,9 +172,9 @@ async def test_a_dispatch_timing_out_after_acceptance_is_rerun_under_a_new_attem
     fleet.server.core.client._timeout_s = 0.3  # type: ignore[attr-defined]
     try:
         tokens, final = await asyncio.wait_for(
-            collect(fleet.client.Generate(generate_request([8, 9], 30, request_id="late"))), 20
+            collect(fleet.client.Generate(generate_request([8, 9], 100, request_id="late"))), 20
         )
-        assert tokens == expected_tokens([8, 9], 30) and final.finish_reason == types_pb2.FINISH_REASON_LENGTH
+        assert tokens == expected_tokens([8, 9], 100) and final.finish_reason == types_pb2.FINISH_REASON_LENGTH
         assert worker.dispatched[:2] == ["late@0", "late@1"]  # the accepted attempt's id is never reused
         deadline = time.monotonic() + 5
         while "late@0" not in worker.aborted:  # the attempt it took late is stopped there
