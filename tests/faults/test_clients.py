@@ -71,6 +71,7 @@ async def test_client_disconnect_mid_stream_cancels_the_request(fleet: FaultFlee
         assert time.monotonic() < deadline, "the abandoned request kept running"
         await asyncio.sleep(0.1)
     assert info.finish_reason == types_pb2.FINISH_REASON_ABORT and info.output_tokens < LONG
+    await asyncio.to_thread(assert_healed, fleet, 30)
 
 
 async def test_client_deadline_cancels_the_request(fleet: FaultFleet) -> None:
