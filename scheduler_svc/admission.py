@@ -13,13 +13,12 @@ import uuid
 from dataclasses import dataclass
 
 from common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from common.kv_budget import never_fits
 from common.proto.layerkv.v1 import scheduler_pb2
 from common.store import RequestRecord
 from common.wire import sampling_from_proto
 from scheduler_svc.core import SchedulerCore
+from scheduler_svc.fit_check import never_fits_anywhere
 from scheduler_svc.requests import WAITING, RequestState, sampling_from_dict, sampling_to_dict
-from scheduler_svc.worker_pool import WorkerDescription
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 
@@ -81,11 +80,11 @@ async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) ->
             f"prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) is {total} tokens, "
             f"more than the longest the workers accept ({longest})"
         )
-    limits = [_never_fits(core, h.description, total) for h in workers if h.description is not None]
-    if all(limits):
+    limit = never_fits_anywhere(core.policy, [h.description for h in workers if h.description], total)
+    if limit is not None:
         raise InvalidArgument(
             f"a request of {len(prompt)} prompt + {sampling.max_tokens} output tokens can never be held by "
-            f"any worker under policy {core.policy.name!r}: {'; '.join(str(x) for x in limits)}"
+            f"any worker {limit}"
         )
     slo = request.slo
     for name, has, value in (
@@ -121,16 +120,3 @@ async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) ->
     state = RequestState(record, sampling)
     core.admit(state)  # the queue limit was checked above
     return Admitted(state, created=True)
-
-
-def _never_fits(core: SchedulerCore, d: WorkerDescription, total: int) -> str | None:
-    """Why worker ``d`` could never hold ``total`` tokens under the active policy, or None."""
-    placement = core.policy.reservation(d.geometry.num_layers)
-    if placement is not None:
-        reason = never_fits(d.geometry, total, placement, d.capacity, d.staging_blocks or 10**9)
-        return f"worker {d.worker_id} {reason}" if reason else None
-    need = d.geometry.blocks_for(total) * d.geometry.num_layers
-    if need > d.capacity.gpu_blocks + d.capacity.host_blocks:
-        return (f"worker {d.worker_id} needs {need} blocks for {total} tokens, "
-                f"it has {d.capacity.gpu_blocks} GPU + {d.capacity.host_blocks} host")
-    return None

@@ -19,10 +19,12 @@ from common.config import SchedulerSettings
 from common.metrics import ServiceMetrics
 from common.store import Store
 from common.tokenizer import Tokenizer
+from common.types import FinishReason
 from scheduler_svc import wire
+from scheduler_svc.fit_check import never_fits_anywhere
 from scheduler_svc.intake import EventIntake
 from scheduler_svc.ledger import Ledger
-from scheduler_svc.lifecycle import Lifecycle
+from scheduler_svc.lifecycle import Batch, Lifecycle
 from scheduler_svc.policies.base import FleetSnapshot, Policy
 from scheduler_svc.policies.registry import make_policy, policy_params
 from scheduler_svc.requests import RequestState, StreamChunk, StreamFinal, stream_from
@@ -190,8 +192,23 @@ class SchedulerCore:
         await self.store.set_policy(policy.name, policy_params(policy))
         previous, self.policy = self.policy, policy
         log.info("policy %s -> %s %s", previous.name, policy.name, policy_params(policy))
+        await self._end_never_fitting()
         self.wake()
         return previous, policy
+
+    async def _end_never_fitting(self) -> None:
+        """After a swap: waiting requests no worker could ever hold under the new policy end now
+        (with an error naming the limit) instead of waiting until their client gives up."""
+        workers = [h.description for h in self.pool.handles() if h.accepting and h.description is not None]
+        batch = Batch()
+        for request_id in list(self.queue):
+            state = self.requests[request_id]
+            limit = never_fits_anywhere(self.policy, workers, len(state.context_ids) + state.remaining_tokens)
+            if limit is not None:
+                self.lifecycle.finish(
+                    state, FinishReason.ERROR, batch, f"can never be held by any worker {limit}"
+                )
+        await self.lifecycle.commit(batch)
 
     # ---- rounds ----
     async def _schedule_loop(self) -> None:

@@ -174,7 +174,9 @@ async def test_a_dispatch_timing_out_after_acceptance_is_rerun_under_a_new_attem
         tokens, final = await asyncio.wait_for(
             collect(fleet.client.Generate(generate_request([8, 9], 100, request_id="late"))), 20
         )
-        assert tokens == expected_tokens([8, 9], 100) and final.finish_reason == types_pb2.FINISH_REASON_LENGTH
+        assert (
+            tokens == expected_tokens([8, 9], 100) and final.finish_reason == types_pb2.FINISH_REASON_LENGTH
+        )
         assert worker.dispatched[:2] == ["late@0", "late@1"]  # the accepted attempt's id is never reused
         deadline = time.monotonic() + 5
         while "late@0" not in worker.aborted:  # the attempt it took late is stopped there
@@ -202,5 +204,26 @@ async def test_a_create_retried_after_its_reply_was_lost_still_runs(redis_url: s
             collect(fleet.client.Generate(generate_request([2, 3], 12, request_id="lost-reply"))), 10
         )
         assert tokens == expected_tokens([2, 3], 12) and final.finish_reason == types_pb2.FINISH_REASON_LENGTH
+    finally:
+        await fleet.close()
+
+
+async def test_a_policy_swap_ends_waiting_requests_that_can_never_fit(redis_url: str) -> None:
+    """Under least-loaded a long request waits (host layers would hold it); a swap to fcfs-full,
+    under which no worker could ever hold it, ends it at once with an error naming the limit."""
+    from common.proto.layerkv.v1 import admin_pb2
+
+    worker = StubWorker("w0", step_s=0.01)
+    worker.gpu_blocks, worker.host_blocks = 192, 4096
+    worker.refuse_next = 10**9  # keep it waiting
+    fleet = await start_fleet(redis_url, [worker], policy="least-loaded")
+    try:
+        task = asyncio.ensure_future(collect(fleet.client.Generate(generate_request([7] * 1024, 128))))
+        while not worker.refused:
+            await asyncio.sleep(0.01)
+        await fleet.admin.SetPolicy(admin_pb2.SetPolicyRequest(policy=admin_pb2.PolicySpec(name="fcfs-full")))
+        tokens, final = await asyncio.wait_for(task, 5)
+        assert tokens == [] and final.finish_reason == types_pb2.FINISH_REASON_ERROR
+        assert "GPU blocks" in final.error and "fcfs-full" in final.error
     finally:
         await fleet.close()
