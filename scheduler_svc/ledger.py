@@ -13,7 +13,6 @@ between these states; a finish, an abort, a refusal or a lost worker drops it. "
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -21,7 +20,7 @@ from common import kv_budget
 from common.errors import InvalidArgument
 from common.kv_budget import BlockDemand
 from common.types import KVGeometry, Placement, Tier, TierCapacity
-from scheduler_svc.worker_report import TierReport, WorkerReport
+from scheduler_svc.worker_events import TierReport, WorkerEvent
 
 __all__ = ["HoldState", "Holding", "Ledger", "Reservation", "TierReport", "WorkerBudget"]
 
@@ -234,7 +233,7 @@ class Ledger:
         budget = self._workers.get(worker_id)
         return budget is not None and budget.holdings.pop(request_id, None) is not None
 
-    def apply_report(self, worker_id: str, report: WorkerReport) -> None:
+    def apply_report(self, worker_id: str, report: WorkerEvent) -> None:
         """One worker event: usage replaced, requests moved between reserved, held and waiting.
 
         A dispatch is confirmed when the worker lists it as admitted, running or waiting; from then
@@ -246,7 +245,7 @@ class Ledger:
             return
         for request_id in report.finished:
             budget.holdings.pop(request_id, None)
-        running = {r.request_id: r for r in report.running}
+        running = {r.worker_request_id: r for r in report.running}
         waiting = set(report.waiting)
         admitted = set(report.admitted)
         layers = budget.geometry.num_layers
@@ -267,9 +266,8 @@ class Ledger:
                 # the token sampled last is stored by the next step: the KV holds one fewer
                 stored = seen.context_tokens - 1 if seen.tokens_generated else seen.context_tokens
                 h.kv_tokens = max(h.kv_tokens, stored)
-                if seen.placement:
-                    with contextlib.suppress(InvalidArgument):  # a malformed report keeps the last
-                        h.placement = Placement.from_letters(seen.placement, layers)
+                if seen.placement.num_layers == layers:
+                    h.placement = seen.placement
         if report.gpu is not None:
             budget.gpu = report.gpu
         if report.host is not None:

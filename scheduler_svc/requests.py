@@ -2,7 +2,10 @@
 
 ``RequestState`` is the in-memory twin of the Redis record; clients (``Generate`` and every
 ``Attach``) stream from its token list, each from its own offset, so a re-attached client gets
-exactly the tokens it has not seen. The worker-side id of a dispatch is ``<id>@<attempt>``: after a
+exactly the tokens it has not seen. Streams see only what is saved: tokens and the final message
+become visible when ``publish()`` is called after the Redis commit that holds them (persist before
+send), so a scheduler crash can never regenerate a continuation other than the one a client saw.
+The worker-side id of a dispatch is ``<id>@<attempt>``: after a
 requeue the new attempt has a new id, and events of an old attempt are recognised as stale.
 """
 
@@ -83,6 +86,15 @@ class RequestState:
     tokens: list[int] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: bool = False
+    published: int = -1  # tokens streams may send (saved in Redis); -1: all given at construction
+    closed: bool = False  # the final message may be sent (the finish is saved)
+    streams: int = 0  # client streams attached now
+
+    def __post_init__(self) -> None:
+        # Built from Redis (recovery, a finished request) or new: everything it holds is saved.
+        if self.published < 0:
+            self.published = len(self.tokens)
+        self.closed = self.finished
 
     @property
     def request_id(self) -> str:
@@ -110,6 +122,15 @@ class RequestState:
         old, self.changed = self.changed, asyncio.Event()
         old.set()
 
+    def publish(self, saved_tokens: int | None, finish_saved: bool) -> None:
+        """A commit saved the token log up to ``saved_tokens`` (None: no tokens) and, with
+        ``finish_saved``, the finish: let the streams send that much."""
+        published = max(self.published, saved_tokens or 0)
+        closed = self.closed or (finish_saved and self.finished)
+        if (published, closed) != (self.published, self.closed):
+            self.published, self.closed = published, closed
+            self.notify()
+
     def finish(self, reason: FinishReason, error: str = "", now: float | None = None) -> None:
         record = self.record
         record.status = FINISHED
@@ -117,26 +138,25 @@ class RequestState:
         record.error = error
         record.finish_time = now if now is not None else time.time()
         record.output_tokens = len(self.tokens)
-        self.notify()
 
 
 async def stream_from(
     state: RequestState, offset: int, tokenizer: Tokenizer | None
 ) -> AsyncIterator[StreamChunk | StreamFinal]:
-    """Chunks from ``offset`` on as they arrive, then the final message."""
+    """Chunks from ``offset`` on as they are saved, then the final message once the finish is."""
     detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
     if detokenizer is not None and offset:
         detokenizer.push(state.tokens[:offset])  # context, so the first delta is decoded correctly
     position = offset
     while True:
         changed = state.changed  # taken before checking, so no notification slips between
-        if position < len(state.tokens):
-            new = state.tokens[position:]
+        if position < state.published:
+            new = state.tokens[position : state.published]
             text = detokenizer.push(new) if detokenizer is not None else ""
             yield StreamChunk(position, tuple(new), text)
             position += len(new)
             continue
-        if state.finished:
+        if state.closed and position >= len(state.tokens):
             tail = detokenizer.flush() if detokenizer is not None else ""
             if tail:  # text held back as an incomplete character: the output ends here
                 yield StreamChunk(position, (), tail)

@@ -36,7 +36,7 @@ from scheduler_svc.openai_api.server import http_server
 from scheduler_svc.policies.base import Policy
 from scheduler_svc.policies.registry import describe_policies, policy_params
 from scheduler_svc.policy_file import PolicyFileWatcher
-from scheduler_svc.requests import StreamChunk, StreamFinal, stored_stream, stream_from
+from scheduler_svc.requests import StreamChunk, StreamFinal, stored_stream
 from scheduler_svc.wire import final_from_record, request_info, worker_info
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             raise InvalidArgument(f"offset {offset} is past max_tokens ({state.sampling.max_tokens})")
         live = self.core.requests.get(request_id) is state
         items = (
-            stream_from(state, offset, tokenizer)
+            self.core.stream(state, offset, tokenizer)
             if live
             else _iterate(stored_stream(state.record, state.tokens, offset, tokenizer))
         )
@@ -279,6 +279,8 @@ class SchedulerServer:
         self.port = 0
         self.metrics_port = 0
         self.http_port = 0
+        self._stopping = False
+        self._health_tasks: set[asyncio.Task[None]] = set()  # referenced until done
 
     async def start(self) -> int:
         s = self.settings
@@ -289,13 +291,28 @@ class SchedulerServer:
         self.watcher.start()
         self.port = add_port(self.server, s.listen_address, s.tls)
         await self.server.start()
-        for service in ("", SCHEDULER_SERVICE, ADMIN_SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(self.store.reachable)
+        # NOT_SERVING while Redis is unreachable (requests cannot be saved), SERVING once it is back.
+        loop = asyncio.get_running_loop()
+        def follow(reachable: bool) -> None:
+            task = loop.create_task(self._set_health(reachable))
+            self._health_tasks.add(task)
+            task.add_done_callback(self._health_tasks.discard)
+
+        self.store.on_reachability(follow)
         self.metrics_port = start_metrics_server(s.metrics_port, self.metrics.registry, s.host)
         if self.http is not None:
             self.http_port = await self.http.start()
         log.info("scheduler listening on %s:%d (policy %s)", s.host, self.port, self.core.policy.name)
         return self.port
+
+    async def _set_health(self, serving: bool) -> None:
+        if self._stopping:
+            return
+        reply = health_pb2.HealthCheckResponse
+        status = reply.SERVING if serving else reply.NOT_SERVING
+        for service in ("", SCHEDULER_SERVICE, ADMIN_SERVICE):
+            await self.health.set(service, status)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Freeze the state first (no more rounds, no more worker events), then end the RPCs: what

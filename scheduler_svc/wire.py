@@ -1,19 +1,26 @@
-"""Conversions between the scheduler's typed state and the protobuf messages of its APIs.
-
-Worker events are decoded here into ``scheduler_svc.worker_report`` values (step kind as an enum),
-so nothing past this module reads a ``StreamEventsResponse``.
-"""
+"""Conversions between the scheduler's typed state and the protobuf messages of its APIs, and the
+decoding of worker events into typed values (the worker API's messages stop here)."""
 
 from __future__ import annotations
 
 from common import wire
+from common.errors import InvalidArgument
 from common.proto.layerkv.v1 import admin_pb2, scheduler_pb2, types_pb2, worker_pb2
 from common.store import RequestRecord
+from common.types import FinishReason, Placement
 from common.wire import cost_model_to_proto, geometry_to_proto, sampling_to_proto
 from scheduler_svc.ledger import WorkerBudget
 from scheduler_svc.requests import FINISHED, RUNNING, WAITING, sampling_from_dict
+from scheduler_svc.worker_events import (
+    DispatchCommand,
+    RunningReport,
+    StepInfo,
+    StepKind,
+    TierReport,
+    TokenUpdate,
+    WorkerEvent,
+)
 from scheduler_svc.worker_pool import WorkerHandle
-from scheduler_svc.worker_report import RunningInfo, StepInfo, StepKind, TierReport, WorkerReport
 
 # Records store the finish reason as its string value ("" while unfinished).
 FINISH_TO_PROTO = {reason.value: proto for reason, proto in wire.FINISH_TO_PROTO.items()}
@@ -102,46 +109,80 @@ def worker_info(
     return info
 
 
-def tier_from_proto(usage: types_pb2.TierUsage) -> TierReport:
+# ---- the worker API (the only scheduler code besides the connection pool that touches worker_pb2) ----
+
+_STEP_KINDS = {k.value: k for k in StepKind}
+_FINISH_OF_PROTO = {proto: reason for reason, proto in wire.FINISH_TO_PROTO.items()}
+
+
+def _tier(usage: types_pb2.TierUsage) -> TierReport:
     return TierReport(usage.total_blocks, usage.free_blocks, tuple(usage.used_blocks_per_layer))
 
 
-def step_kind_from_wire(kind: str) -> StepKind:
-    """The step's kind; one this build does not know counts as idle (no timing to fit)."""
+def _placement(letters: str, num_layers: int) -> Placement:
     try:
-        return StepKind(kind)
-    except ValueError:
-        return StepKind.IDLE
+        return Placement.from_letters(letters, num_layers)
+    except InvalidArgument:  # a worker that reports no placement: count it as all-GPU
+        return Placement.all_gpu(num_layers)
 
 
-def step_from_proto(step: worker_pb2.StepReport) -> StepInfo:
-    return StepInfo(
-        step=step.step,
-        kind=step_kind_from_wire(step.kind),
-        duration_s=step.duration_s,
-        num_tokens=step.num_tokens,
-        bytes_offloaded=step.bytes_offloaded,
-        bytes_loaded=step.bytes_loaded,
-        copy_wait_s=step.copy_wait_s,
-        num_prefill_tokens=step.num_prefill_tokens,
-        num_decode_requests=step.num_decode_requests,
-        num_preemptions=step.num_preemptions,
-        num_swapped_layers=step.num_swapped_layers,
-    )
-
-
-def worker_report_from_proto(event: worker_pb2.StreamEventsResponse) -> WorkerReport:
-    """One worker event as typed values."""
-    return WorkerReport(
-        admitted=tuple(event.admitted_request_ids),
-        finished=tuple(u.request_id for u in event.tokens if u.finished),
+def worker_event_from_proto(event: worker_pb2.StreamEventsResponse, num_layers: int) -> WorkerEvent:
+    """Decode one StreamEvents message (``num_layers`` of the worker's model, for placements)."""
+    step = None
+    if event.HasField("step"):
+        s = event.step
+        step = StepInfo(
+            step=s.step,
+            kind=_STEP_KINDS.get(s.kind, StepKind.UNKNOWN),
+            duration_s=s.duration_s,
+            num_tokens=s.num_tokens,
+            bytes_offloaded=s.bytes_offloaded,
+            bytes_loaded=s.bytes_loaded,
+            copy_wait_s=s.copy_wait_s,
+            num_prefill_tokens=s.num_prefill_tokens,
+            num_decode_requests=s.num_decode_requests,
+            num_preemptions=s.num_preemptions,
+            num_swapped_layers=s.num_swapped_layers,
+        )
+    return WorkerEvent(
+        tokens=tuple(
+            TokenUpdate(
+                u.request_id,
+                tuple(u.token_ids),
+                u.finished,
+                _FINISH_OF_PROTO.get(u.finish_reason, FinishReason.ERROR) if u.finished else None,
+                u.error,
+            )
+            for u in event.tokens
+        ),
         running=tuple(
-            RunningInfo(r.request_id, r.tokens_generated, r.decode_time_s, r.context_tokens, r.placement)
+            RunningReport(
+                r.request_id,
+                _placement(r.placement, num_layers),
+                r.decode_time_s,
+                r.context_tokens,
+                r.tokens_generated,
+            )
             for r in event.running
         ),
+        gpu=_tier(event.gpu) if event.HasField("gpu") else None,
+        host=_tier(event.host) if event.HasField("host") else None,
+        admitted=tuple(event.admitted_request_ids),
+        step=step,
         waiting=tuple(event.waiting_request_ids),
         preempted=tuple(event.preempted_request_ids),
-        gpu=tier_from_proto(event.gpu) if event.HasField("gpu") else None,
-        host=tier_from_proto(event.host) if event.HasField("host") else None,
-        step=step_from_proto(event.step) if event.HasField("step") else None,
     )
+
+
+def dispatch_to_proto(command: DispatchCommand) -> worker_pb2.DispatchRequest:
+    return worker_pb2.DispatchRequest(
+        request_id=command.worker_request_id,
+        prompt_token_ids=list(command.prompt_ids),
+        sampling=sampling_to_proto(command.sampling, max_tokens=command.max_tokens),
+        placement=command.placement,
+        preemption=command.preemption.value,
+    )
+
+
+def abort_to_proto(worker_request_id: str) -> worker_pb2.AbortRequest:
+    return worker_pb2.AbortRequest(request_id=worker_request_id)

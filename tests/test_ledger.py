@@ -11,11 +11,18 @@ from common import kv_budget
 from common.errors import ResourceExhausted
 from common.kv_budget import BlockDemand
 from common.proto.layerkv.v1 import types_pb2, worker_pb2
-from common.types import KVGeometry, Placement, Tier, TierCapacity
+from common.types import FinishReason, KVGeometry, Placement, Tier, TierCapacity
 from scheduler_svc.ledger import HoldState, Ledger
 from scheduler_svc.testing.stub_worker import STUB_GEOMETRY, StubWorker
-from scheduler_svc.wire import worker_report_from_proto
-from scheduler_svc.worker_report import RunningInfo, StepInfo, StepKind, TierReport, WorkerReport
+from scheduler_svc.wire import worker_event_from_proto
+from scheduler_svc.worker_events import (
+    RunningReport,
+    StepInfo,
+    StepKind,
+    TierReport,
+    TokenUpdate,
+    WorkerEvent,
+)
 
 GEOMETRY = KVGeometry(num_layers=4, num_kv_heads=1, head_dim=8, block_size=4, dtype_bytes=4)
 ALL_GPU = Placement.all_gpu(4)
@@ -28,8 +35,18 @@ def usage(gpu_per_layer: int, host_per_layer: int = 0) -> dict[str, TierReport]:
     }
 
 
-def running(request_id: str, context: int, generated: int) -> RunningInfo:
-    return RunningInfo(request_id, generated, 0.0, context, "GGGG")
+def running(request_id: str, context: int, generated: int) -> RunningReport:
+    return RunningReport(request_id, ALL_GPU, 0.0, context, generated)
+
+
+def WorkerReport(finished: tuple[str, ...] = (), **fields: object) -> WorkerEvent:
+    """A worker event from its parts; ``finished`` requests end in it."""
+    ended = tuple(TokenUpdate(rid, (), True, FinishReason.STOP) for rid in finished)
+    return WorkerEvent(tokens=ended, **fields)  # type: ignore[arg-type]
+
+
+def worker_report_from_proto(event: worker_pb2.StreamEventsResponse) -> WorkerEvent:
+    return worker_event_from_proto(event, STUB_GEOMETRY.num_layers)
 
 
 def test_one_request_life_through_every_state() -> None:

@@ -48,3 +48,26 @@ def test_logprob_is_of_raw_distribution_even_when_sampling() -> None:
     raw = torch.log_softmax(LOGITS[0], -1)
     tok = sample(LOGITS, [SamplingParams(temperature=0.3, top_k=3)], [make_generator(1)])[0]
     assert math.isclose(tok.logprob, raw[tok.token_id].item(), rel_tol=1e-6)
+
+
+def test_seeded_draws_depend_only_on_seed_and_absolute_position() -> None:
+    """A rerun from prompt + the tokens already generated (a requeue) continues the same stream."""
+    params = SamplingParams(temperature=1.0)
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(3))
+    first = make_generator(11, position=4)  # a 4-token prompt
+    full = [sample(logits, [params], [first])[0].token_id for _ in range(12)]
+    rerun = make_generator(11, position=4 + 5)  # the prompt plus the 5 tokens already streamed
+    rest = [sample(logits, [params], [rerun])[0].token_id for _ in range(7)]
+    assert rest == full[5:]
+    assert len(set(full)) > 1  # really sampling, not a constant stream
+
+
+def test_greedy_rows_keep_positions_in_step_in_a_mixed_batch() -> None:
+    params = [SamplingParams(), SamplingParams(temperature=1.0)]
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(4))
+    gens = [make_generator(1, 3), make_generator(2, 3)]
+    out = [sample(logits, params, gens) for _ in range(3)]
+    assert all(o[0].token_id == int(logits[0].argmax()) for o in out)  # greedy stays exact
+    alone = make_generator(2, 3)
+    solo = [sample(logits[1:], [params[1]], [alone])[0].token_id for _ in range(3)]
+    assert [o[1].token_id for o in out] == solo

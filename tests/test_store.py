@@ -3,11 +3,15 @@ recovery listing, workers and policy, namespace isolation."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 import redis.asyncio as aioredis
 
 from common.errors import Unavailable
-from common.store import RequestRecord, Store, StoreBatch, WorkerEntry, batch_tokens
+from common.store import RequestRecord, RetryPolicy, Store, StoreBatch, WorkerEntry, batch_tokens
+from layerkv.testing.redis_server import RedisServer
 
 
 def record(request_id: str, status: str = "waiting") -> RequestRecord:
@@ -116,7 +120,7 @@ async def test_workers_and_policy(store: Store) -> None:
 async def test_unreachable_redis_is_unavailable() -> None:
     from tests.conftest import free_port
 
-    store = Store(f"redis://127.0.0.1:{free_port()}/0")
+    store = Store(f"redis://127.0.0.1:{free_port()}/0", retry=RetryPolicy(read_deadline_s=0.5))
     try:
         with pytest.raises(Unavailable, match="Redis"):
             await store.ping()
@@ -124,3 +128,40 @@ async def test_unreachable_redis_is_unavailable() -> None:
             await store.get_request("x")
     finally:
         await store.close()
+
+
+async def test_a_commit_waits_out_a_redis_restart_and_reachability_follows(tmp_path: Path) -> None:
+    """The mechanism's writes retry until Redis is back (nothing raised, nothing lost); the
+    reachability listener sees it go and come back."""
+    server = RedisServer(tmp_path, appendonly=True).start()
+    store = Store(server.url, prefix="t3")
+    seen: list[bool] = []
+    store.on_reachability(seen.append)
+    try:
+        await store.create_request(record("a"), 1.0)
+        server.kill()
+        batch = StoreBatch()
+        batch_tokens(batch, "a", [1, 2, 3], offset=0)
+        commit = asyncio.create_task(store.commit(batch))
+        await asyncio.sleep(1.0)
+        assert not commit.done() and seen == [False]
+        server.start()
+        await asyncio.wait_for(commit, 15)
+        assert seen == [False, True]
+        assert await store.get_tokens("a") == [1, 2, 3]
+    finally:
+        await store.close()
+        server.stop()
+
+
+async def test_replaying_an_applied_append_adds_nothing(store: Store) -> None:
+    """A retried pipeline that Redis had applied (the reply was lost) must not duplicate tokens."""
+    await store.create_request(record("a"), 1.0)
+    batch = StoreBatch()
+    batch_tokens(batch, "a", [5, 6], offset=0)
+    await store.commit(batch)
+    await store.commit(batch)  # the replay
+    later = StoreBatch()
+    batch_tokens(later, "a", [7], offset=2)
+    await store.commit(later)
+    assert await store.get_tokens("a") == [5, 6, 7]

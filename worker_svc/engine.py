@@ -160,7 +160,8 @@ class Engine:
             raise InvalidArgument(f"preemption {preemption!r} must be recompute, swap-layers or empty")
         self.validate(prompt_ids, sampling, placement)
         seed = sampling.seed if sampling.seed is not None else next(self._seeds)
-        req = Request(request_id, [int(t) for t in prompt_ids], sampling, placement, make_generator(seed),
+        gen = make_generator(seed, len(prompt_ids))  # draws keyed by (seed, absolute position)
+        req = Request(request_id, [int(t) for t in prompt_ids], sampling, placement, gen,
                       time.perf_counter(), self.eos_token_id, preemption or self.config.preemption_mode)
         self._requests[request_id] = req
         self._waiting.append(req)

@@ -1,7 +1,10 @@
 """Picks each request's next token from its logits: greedy, temperature, top-k, top-p, per-request seed.
 
 Log-probs are always those of the model's raw distribution (before temperature and cuts), so they
-are comparable across sampling settings and with HuggingFace ``compute_transition_scores``.
+are comparable across sampling settings and with HuggingFace ``compute_transition_scores``. The
+random draw of a token depends only on (seed, absolute position of the token in prompt + output):
+a request rerun from its prompt plus the tokens already generated (a requeue) continues the very
+stream the first run would have produced.
 """
 
 from __future__ import annotations
@@ -19,8 +22,38 @@ class SampledToken:
     logprob: float
 
 
-def make_generator(seed: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(seed)
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The generator seed of the draw at ``position`` (splitmix64 of the pair; < 2**63)."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+class PositionalGenerator(torch.Generator):
+    """A CPU generator re-seeded for every token from (seed, absolute position of that token)."""
+
+    def __new__(cls, seed: int, position: int = 0) -> PositionalGenerator:
+        return super().__new__(cls, device="cpu")  # type: ignore[call-arg]
+
+    def __init__(self, seed: int, position: int = 0) -> None:
+        self.base_seed = seed
+        self.position = position  # absolute position of the next token: len(prompt) + len(output)
+
+    def next_draw(self) -> torch.Generator:
+        """Seeded for the token at ``position``; advances to the next position."""
+        self.manual_seed(position_seed(self.base_seed, self.position))
+        self.position += 1
+        return self
+
+
+def make_generator(seed: int, position: int = 0) -> torch.Generator:
+    """The random stream of one request whose next token is at absolute ``position`` (its prompt
+    length: a rerun from prompt + generated tokens passes the longer length and continues)."""
+    return PositionalGenerator(seed, position)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
@@ -30,8 +63,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     greedy_ids = logits.argmax(dim=-1)  # [B]
     picked: list[int] = greedy_ids.tolist()
     for row, p in enumerate(params):
+        gen = generators[row]
+        if isinstance(gen, PositionalGenerator):
+            gen = gen.next_draw()  # every row advances, greedy or not: positions stay absolute
         if not p.greedy:
-            picked[row] = _sample_row(logits[row].cpu(), p, generators[row])
+            picked[row] = _sample_row(logits[row].cpu(), p, gen)
     chosen = torch.tensor(picked, device=logits.device)
     lp = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
     return [SampledToken(t, float(v)) for t, v in zip(picked, lp, strict=True)]

@@ -4,7 +4,10 @@ Every engine call goes through the ``EngineThread`` (never on the event loop). A
 validated, then checked and enqueued in one command on the engine thread, so no step can take the
 blocks between the check and the enqueue: a dispatch that no longer fits is refused with
 RESOURCE_EXHAUSTED ("no room"), never overcommitted. With mutual TLS and a scheduler identity, only
-that client certificate may dispatch, abort or subscribe.
+that client certificate may dispatch, abort or subscribe. The scheduler holds a lease through its
+StreamEvents subscription: when no subscriber has been connected for ``lease_s`` (the scheduler
+died, or declared this worker down and went away), every running request is aborted, so a worker
+nobody listens to stops spending blocks on attempts that have been rerun elsewhere.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ log = logging.getLogger(__name__)
 # A StreamEvents subscriber gets the current state at least this often while the engine is idle,
 # so the scheduler can tell a quiet worker from a dead one.
 HEARTBEAT_S = 2.0
+# How long the worker keeps running requests with no scheduler subscribed (longer than a scheduler
+# restart or reconnect takes: the events meanwhile are buffered for it).
+LEASE_S = 30.0
 
 MAX_REQUEST_ID_LEN = 256
 
@@ -93,6 +99,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         hub: EventHub,
         metrics: WorkerMetrics,
         scheduler_identity: str = "",
+        lease_s: float = LEASE_S,
     ) -> None:
         self._identity = identity
         self._engine = engine  # read only for immutable attributes; every call goes through the thread
@@ -106,6 +113,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             kind=kind, tokenizer_json=payload, chat_template=tok.chat_template, bos_token=tok.bos_token,
             eos_token=tok.eos_token)
         self._stopping = asyncio.Event()
+        self._lease_s = lease_s
+        self._lease_timer: asyncio.TimerHandle | None = None
+        self._lease_tasks: set[asyncio.Task[None]] = set()
+        self.leases_expired = 0
 
     @property
     def hub(self) -> EventHub:
@@ -217,6 +228,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if self._thread.failed is not None:  # a scheduler must see this worker as down, not idle
             raise Unavailable(f"worker {self._identity.worker_id!r} failed: {self._thread.failed}")
         q = self._hub.subscribe()
+        if self._lease_timer is not None:  # a scheduler is back: the lease holds
+            self._lease_timer.cancel()
+            self._lease_timer = None
         try:
             while not self._stopping.is_set():
                 try:
@@ -228,3 +242,33 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 yield event
         finally:
             self._hub.unsubscribe(q)
+            if not self._hub.subscribers:
+                self._start_lease()
+
+    def _start_lease(self) -> None:
+        if self._lease_s <= 0 or self._stopping.is_set() or self._lease_timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def expire() -> None:
+            self._lease_timer = None
+            task = loop.create_task(self._lease_expired())
+            self._lease_tasks.add(task)
+            task.add_done_callback(self._lease_tasks.discard)
+
+        self._lease_timer = loop.call_later(self._lease_s, expire)
+
+    async def _lease_expired(self) -> None:
+        """No scheduler for a whole lease: abort everything it may have rerun elsewhere."""
+        if self._hub.subscribers or self._stopping.is_set():
+            return
+        ids = [r.request_id for r in self._hub.state.running]
+        if not ids:
+            return
+        self.leases_expired += 1
+        try:
+            aborted = await self._thread.call(lambda e: [rid for rid in ids if e.abort(rid)])
+        except Unavailable as exc:  # the engine stopped: nothing runs any more
+            log.warning("lease expired but the engine is gone: %s", exc)
+            return
+        log.warning("no scheduler subscribed for %.0f s: aborted %d requests", self._lease_s, len(aborted))

@@ -21,7 +21,7 @@ from common.types import SamplingParams
 from common.wire import sampling_to_proto
 from scheduler_svc.admission import lookup, submit
 from scheduler_svc.core import SchedulerCore
-from scheduler_svc.requests import StreamChunk, StreamFinal, stored_stream, stream_from
+from scheduler_svc.requests import StreamChunk, StreamFinal, stored_stream
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class CoreGateway:
         if state is None:
             raise NotFound(f"unknown request id {request_id!r}")
         if self._core.requests.get(request_id) is state:
-            async for item in stream_from(state, 0, self.tokenizer()):
+            async for item in self._core.stream(state, 0, self.tokenizer()):
                 yield item
         else:  # finished and evicted from memory: the rest comes from Redis
             for item in stored_stream(state.record, state.tokens, 0, self.tokenizer()):

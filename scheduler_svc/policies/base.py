@@ -149,3 +149,8 @@ class Policy(ABC):
         Each proposal must fit the snapshot's free budget *after* the proposals before it in the
         same list (the policy accounts for its own proposals); the mechanism re-checks anyway.
         """
+
+    def reservation(self, num_layers: int) -> Placement | None:
+        """The placement this policy reserves a request under on an empty worker, when it is fixed
+        (admission refuses at once what could never fit it); None: it adapts the placement."""
+        return None

@@ -38,6 +38,9 @@ class FcfsFullPolicy(Policy):
     )
     Params: ClassVar[type[PolicyParams]] = FcfsFullParams
 
+    def reservation(self, num_layers: int) -> Placement | None:
+        return Placement.all_gpu(num_layers)
+
     def schedule(self, fleet: FleetSnapshot) -> Sequence[Dispatch]:
         free = {w.worker_id: w.gpu_blocks_free for w in fleet.workers if w.accepting}
         workers = [w for w in fleet.workers if w.accepting]

@@ -1,0 +1,274 @@
+"""The scheduling round: snapshot the fleet, ask the policy, re-check, reserve, save, dispatch.
+
+A round builds a read-only ``FleetSnapshot``, asks the active policy for proposals, re-checks each
+one (the request still waits, the worker accepts, the ledger has room, no refusal backoff is
+pending), reserves, saves and sends the dispatch through the injected ``WorkerClient``. A refusal
+releases the reservation and backs the (request, worker) pair off exponentially; a dispatch whose
+outcome is unknown spends its attempt id (the request is requeued as a new attempt and the old one
+aborted), so a late acceptance can never run under the id of the live attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from common.types import FinishReason, Tier
+from scheduler_svc.ledger import Ledger
+from scheduler_svc.lifecycle import Batch, Lifecycle
+from scheduler_svc.policies.base import (
+    Dispatch,
+    FleetSnapshot,
+    Policy,
+    PreemptionMode,
+    RunningRequest,
+    WaitingRequest,
+    WorkerSnapshot,
+)
+from scheduler_svc.requests import RUNNING, WAITING, RequestState, split_worker_request_id
+from scheduler_svc.worker_client import (
+    DispatchOutcomeUnknown,
+    DispatchRefused,
+    DispatchRejected,
+    DispatchUnsent,
+    WorkerClient,
+)
+from scheduler_svc.worker_events import DispatchCommand, RunningReport
+from scheduler_svc.worker_pool import WorkerHandle, WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff of refused dispatches, per (request, worker)."""
+
+    first_s: float = 0.05
+    max_s: float = 2.0
+
+    def delay(self, refusals: int) -> float:
+        return min(self.max_s, self.first_s * 2 ** max(0, refusals - 1))
+
+
+class Rounds:
+    """Scheduling rounds and the dispatches they send."""
+
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        ledger: Ledger,
+        pool: WorkerPool,
+        client: WorkerClient,
+        policy: Callable[[], Policy],
+        running_of: Callable[[str], tuple[RunningReport, ...]],
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        wake: Callable[[], None],
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.lifecycle = lifecycle
+        self.ledger = ledger
+        self.pool = pool
+        self.client = client
+        self._policy = policy
+        self._running_of = running_of
+        self._spawn = spawn
+        self._wake = wake
+        self.backoff = backoff or Backoff()
+        self._refused: dict[tuple[str, str], tuple[int, float]] = {}  # -> (refusals, not before)
+        self.rounds = 0
+
+    # ---- snapshot ----
+    def snapshot(self) -> FleetSnapshot:
+        lc = self.lifecycle
+        waiting = []
+        for request_id in lc.queue:
+            s = lc.requests[request_id]
+            r = s.record
+            waiting.append(
+                WaitingRequest(
+                    request_id,
+                    len(s.context_ids),
+                    s.remaining_tokens,
+                    r.arrival_time,
+                    r.ttft_slo_s,
+                    r.tpot_slo_s,
+                )
+            )
+        workers = []
+        for h in self.pool.handles():
+            budget = self.ledger.get(h.worker_id) if h.healthy else None
+            if budget is None or h.description is None:
+                continue
+            workers.append(
+                WorkerSnapshot(
+                    worker_id=h.worker_id,
+                    geometry=budget.geometry,
+                    gpu_blocks_total=budget.capacity.gpu_blocks,
+                    host_blocks_total=budget.capacity.host_blocks,
+                    gpu_blocks_free=budget.gpu_free,
+                    host_blocks_free=budget.host_free,
+                    max_model_len=h.description.max_model_len,
+                    cost_model=h.fitter.model() if h.fitter is not None else h.description.cost_model,
+                    running=self._running(h),
+                    accepting=h.accepting,
+                    staging_blocks_total=h.description.staging_blocks,
+                    host_used_per_layer=budget.committed_per_layer(Tier.HOST),
+                    max_num_batched_tokens=h.description.max_num_batched_tokens,
+                    requests_held=budget.num_requests,
+                    requests_preempted=budget.num_preempted,
+                )
+            )
+        return FleetSnapshot(time.time(), tuple(waiting), tuple(workers))
+
+    def _running(self, h: WorkerHandle) -> tuple[RunningRequest, ...]:
+        out = []
+        for r in self._running_of(h.worker_id):
+            request_id, attempt = split_worker_request_id(r.worker_request_id)
+            s = self.lifecycle.requests.get(request_id)
+            if s is None or s.finished or attempt != s.record.requeues:
+                continue
+            out.append(
+                RunningRequest(
+                    request_id,
+                    len(s.record.prompt_ids),
+                    s.sampling.max_tokens,
+                    len(s.tokens),
+                    r.decode_time_s,
+                    s.record.tpot_slo_s,
+                    r.placement,
+                )
+            )
+        return tuple(out)
+
+    # ---- the round ----
+    async def schedule_round(self) -> int:
+        """One round; returns the number of dispatches sent."""
+        self.rounds += 1
+        lc = self.lifecycle
+        if lc.frozen or not len(lc.queue):
+            return 0
+        snapshot = self.snapshot()
+        if not snapshot.workers:
+            return 0
+        batch = Batch()
+        sends = []
+        now = time.time()
+        for proposal in self._policy().schedule(snapshot):
+            state = self._check(proposal)
+            if state is None:
+                continue
+            record = state.record
+            record.status, record.worker_id, record.placement = (
+                RUNNING,
+                proposal.worker_id,
+                proposal.placement.letters,
+            )
+            record.dispatch_time = record.dispatch_time or now
+            lc.queue.remove(record.request_id)
+            batch.update(record, "status", "worker_id", "placement", "dispatch_time")
+            batch.dequeued.add(record.request_id)
+            batch.running.add(record.request_id)
+            sends.append((state, proposal.preemption))
+        lc.metrics.queue_length.set(len(lc.queue))
+        if not sends:
+            return 0
+        await lc.commit(batch)
+        for state, preemption in sends:
+            self._spawn(self._dispatch(state, state.worker_request_id, state.record.worker_id, preemption))
+        return len(sends)
+
+    def _check(self, proposal: Dispatch) -> RequestState | None:
+        """The mechanism's re-check of one proposal; reserves the blocks when it passes."""
+        lc = self.lifecycle
+        state = lc.requests.get(proposal.request_id)
+        if state is None or state.record.status != WAITING or proposal.request_id not in lc.queue:
+            return None
+        handle = self.pool.by_id(proposal.worker_id)
+        if handle is None or not handle.accepting or handle.description is None:
+            return None
+        refused = self._refused.get((proposal.request_id, proposal.worker_id))
+        if refused is not None and time.monotonic() < refused[1]:
+            return None  # refused there a moment ago: wait out its backoff
+        total = len(state.context_ids) + state.remaining_tokens
+        if total > handle.description.max_model_len:
+            return None
+        reservation = self.ledger.try_reserve(
+            proposal.worker_id,
+            state.worker_request_id,
+            len(state.context_ids),
+            proposal.placement,
+            max_tokens=state.remaining_tokens,
+            headroom_tokens=proposal.headroom_tokens,
+        )
+        return state if reservation is not None else None
+
+    async def _dispatch(
+        self,
+        state: RequestState,
+        worker_rid: str,
+        worker_id: str,
+        preemption: PreemptionMode = PreemptionMode.WORKER_DEFAULT,
+    ) -> None:
+        lc = self.lifecycle
+        command = DispatchCommand(
+            worker_rid,
+            tuple(state.context_ids),
+            state.sampling,
+            state.remaining_tokens,
+            state.record.placement,
+            preemption,
+        )
+        try:
+            await self.client.dispatch(worker_id, command)
+        except (DispatchRefused, DispatchRejected, DispatchUnsent, DispatchOutcomeUnknown) as err:
+            self.ledger.release(worker_id, worker_rid)
+            if isinstance(err, DispatchOutcomeUnknown):  # it may run there: never reuse the id
+                self._spawn(self.abort(worker_id, worker_rid))
+            if state.finished or state.worker_request_id != worker_rid:
+                return
+            batch = Batch()
+            if isinstance(err, DispatchRefused):
+                lc.metrics.dispatches_refused.labels(worker_id).inc()
+                self._refuse(state.request_id, worker_id)
+                lc.back_to_queue(state, batch)
+            elif isinstance(err, DispatchRejected):
+                lc.finish(state, FinishReason.ERROR, batch, str(err))
+            elif isinstance(err, DispatchOutcomeUnknown):
+                log.warning(
+                    "dispatch of %s to %s failed after sending (%s); requeued as a new attempt",
+                    worker_rid,
+                    worker_id,
+                    err,
+                )
+                lc.requeue(state, batch)
+            else:
+                log.warning("dispatch of %s to %s failed: %s", worker_rid, worker_id, err)
+                lc.back_to_queue(state, batch)
+            await lc.commit(batch)
+            self._wake()
+            return
+        self._refused.pop((state.request_id, worker_id), None)
+        lc.metrics.dispatches.labels(worker_id).inc()
+        if state.record.requeues == 0:  # queueing ends when a worker takes the request
+            lc.metrics.queue_time.observe(state.record.dispatch_time - state.record.arrival_time)
+        if state.finished:  # cancelled while the dispatch was in flight
+            await self.abort(worker_id, worker_rid)
+
+    def _refuse(self, request_id: str, worker_id: str) -> None:
+        count = self._refused.get((request_id, worker_id), (0, 0.0))[0] + 1
+        delay = self.backoff.delay(count)
+        self._refused[(request_id, worker_id)] = (count, time.monotonic() + delay)
+        asyncio.get_running_loop().call_later(delay, self._wake)
+        if len(self._refused) > 100_000:  # bounded: forget the oldest backoffs
+            for key in list(self._refused)[:50_000]:
+                del self._refused[key]
+
+    async def abort(self, worker_id: str, worker_rid: str) -> None:
+        try:
+            await self.client.abort(worker_id, worker_rid)
+        except Exception as exc:  # the worker reports it again if it still runs it
+            log.warning("abort of %s on %s failed: %s", worker_rid, worker_id, exc)
