@@ -15,16 +15,17 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 
 from common.proto.layerkv.v1 import worker_pb2, worker_pb2_grpc
+from common.security import bearer_metadata
 from layerkv.bench.report import RequestResult
 from layerkv.bench.runner import ClientConfig, run_workload, set_policy, wait_ready
 from layerkv.bench.workload import BenchRequest
-from layerkv.embedded import EmbeddedOptions, EmbeddedSystem, start
+from layerkv.embedded import EmbeddedOptions, EmbeddedSystem, forget_credentials, start
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ def our_system(cfg: OurSystemConfig, policy: str) -> Iterator[EmbeddedSystem]:
         yield system
         ok = True
     finally:
+        forget_credentials(system)
         system.stop()
         if ok:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -92,20 +94,22 @@ def our_system(cfg: OurSystemConfig, policy: str) -> Iterator[EmbeddedSystem]:
 class _PreemptionCounter:
     """Sums ``StepReport.num_preemptions`` from a worker's event stream while a run lasts."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, token: str) -> None:
         self.address = address
+        self.metadata = bearer_metadata(token)  # the worker answers only its scheduler's token
         self.total = 0
         self.mode = ""
 
     async def describe(self) -> None:
         async with grpc.aio.insecure_channel(self.address) as channel:
             reply = await worker_pb2_grpc.WorkerServiceStub(channel).Describe(
-                worker_pb2.DescribeRequest(), timeout=10.0)
+                worker_pb2.DescribeRequest(), timeout=10.0, metadata=self.metadata)
         self.mode = str(reply.preemption_mode)
 
     async def follow(self) -> None:
         async with grpc.aio.insecure_channel(self.address) as channel:
-            events = worker_pb2_grpc.WorkerServiceStub(channel).StreamEvents(worker_pb2.StreamEventsRequest())
+            events = worker_pb2_grpc.WorkerServiceStub(channel).StreamEvents(worker_pb2.StreamEventsRequest(),
+                                                                              metadata=self.metadata)
             async for event in events:
                 if event.HasField("step"):
                     self.total += int(event.step.num_preemptions)
@@ -122,8 +126,10 @@ def run_ours(
 ) -> OurRun:
     """Run ``requests`` on a fresh system with ``policy``; the warm-up requests go first, one at a time."""
     with our_system(cfg, policy) as system:
-        config = client(system.scheduler_address)
-        counter = _PreemptionCounter(system.workers[0][0])
+        # the embedded system generated its own tokens (secure by default): the client uses them
+        config = replace(client(system.scheduler_address), api_token=system.tokens.api,
+                                     admin_token=system.tokens.admin)
+        counter = _PreemptionCounter(system.workers[0][0], system.tokens.worker)
 
         async def run() -> list[RequestResult]:
             await wait_ready(config)
