@@ -36,6 +36,7 @@ from benchmarks.openai_client_plan import (  # noqa: E402
     our_up_argv,
     parse_result,
     read_endpoint,
+    summary_block,
 )
 from benchmarks.vs_vllm_report import format_rows  # noqa: E402
 from benchmarks.vs_vllm_settings import VLLM_BLOCK_TOKENS, KvBudget, vllm_blocks_for  # noqa: E402
@@ -140,8 +141,7 @@ def run_client(run: ClientRun, api_key: str | None, log_path: Path) -> Path:
     result.unlink(missing_ok=True)
     with open(log_path, "w") as sink:
         proc = subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT, env=env, check=False)
-    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
-    print(tail, flush=True)
+    print(summary_block(log_path.read_text(errors="replace")), flush=True)
     if proc.returncode != 0 or not result.is_file():
         raise RuntimeError(f"vllm bench serve failed (exit {proc.returncode}); log {log_path}")
     return result

@@ -133,6 +133,17 @@ def parse_result(text: str) -> ClientResult:
                         total_output_tokens=int(doc.get("total_output_tokens", 0)), latencies_ms=lat)
 
 
+def summary_block(log_text: str) -> str:
+    """The client's own result block (between its ``=`` rules); the log's tail when it has none
+    (then it failed, and the tail says why). Drops what follows, e.g. nanobind's leak report."""
+    lines = log_text.splitlines()
+    start = next((i for i, ln in enumerate(lines) if "Serving Benchmark Result" in ln), None)
+    if start is None:
+        return "\n".join(lines[-25:])
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("=====")), len(lines) - 1)
+    return "\n".join(lines[start:end + 1])
+
+
 _LABELS = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E"}
 
 

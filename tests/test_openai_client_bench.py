@@ -21,6 +21,7 @@ from benchmarks.openai_client_plan import (
     our_up_argv,
     parse_result,
     read_endpoint,
+    summary_block,
 )
 from benchmarks.vs_vllm_settings import KvBudget
 
@@ -145,3 +146,14 @@ def test_cli_refuses_a_block_size_that_does_not_divide_vllms() -> None:
     with pytest.raises(SystemExit):
         parse_args(["--block-size", "12"])
     assert parse_args(["--num-prompts", "5"]).num_prompts == 5
+
+
+def test_summary_block_keeps_the_result_and_drops_trailing_noise() -> None:
+    log = "\n".join(["Starting main benchmark run...", "============ Serving Benchmark Result ============",
+                     "Successful requests:  40", "Mean TTFT (ms):  127.50", "=" * 50,
+                     "nanobind: leaked 4 instances!"])
+    block = summary_block(log)
+    assert block.splitlines()[0].startswith("====") and "Mean TTFT (ms):  127.50" in block
+    assert "nanobind" not in block and "Starting" not in block
+    failed = "\n".join(f"line {i}" for i in range(40)) + "\nValueError: boom"
+    assert summary_block(failed).splitlines()[-1] == "ValueError: boom"  # no block: the tail says why
