@@ -94,9 +94,12 @@ def _drain(stream: object, sink: object, lines: list[str]) -> None:
 
 
 @contextmanager
-def our_stack(stack: OurStack, log_path: Path, timeout_s: float = 600.0) -> Iterator[Endpoint]:
+def our_stack(stack: OurStack, log_path: Path, timeout_s: float = 600.0,
+              extra_env: dict[str, str] | None = None) -> Iterator[Endpoint]:
     """``layerkv up`` as a child process; yields the HTTP endpoint it prints, then stops it (SIGTERM)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # none of the caller's LAYERKV_* settings or REDIS_URL: the command line alone decides the stack
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("LAYERKV_")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(extra_env or {}))
     argv = our_up_argv(sys.executable, stack)
     log(f"starting ours: {' '.join(argv[1:])} (log {log_path})")
     lines: list[str] = []

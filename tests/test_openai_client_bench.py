@@ -8,9 +8,10 @@ import json
 import math
 from pathlib import Path
 
+import httpx
 import pytest
 
-from benchmarks.openai_client_bench import parse_args
+from benchmarks.openai_client_bench import our_stack, parse_args
 from benchmarks.openai_client_plan import (
     SERVED_NAME,
     ClientRun,
@@ -157,3 +158,25 @@ def test_summary_block_keeps_the_result_and_drops_trailing_noise() -> None:
     assert "nanobind" not in block and "Starting" not in block
     failed = "\n".join(f"line {i}" for i in range(40)) + "\nValueError: boom"
     assert summary_block(failed).splitlines()[-1] == "ValueError: boom"  # no block: the tail says why
+
+
+@pytest.mark.slow
+def test_our_stack_starts_layerkv_up_and_yields_a_working_endpoint(tmp_path: Path) -> None:
+    # A real `layerkv up` (tiny random preset, so no model folder is needed): the endpoint read from
+    # its banner serves the OpenAI API under the served name with the printed key, and only with it.
+    stack = OurStack(model_dir=Path("tiny-llama"), budget=KvBudget(4, 2, 16), host_blocks=64,
+                     staging_blocks=8, max_model_len=128, policy="layerkv")
+    log = tmp_path / "up.log"
+    with our_stack(stack, log, timeout_s=240, extra_env={"LAYERKV_CREDENTIALS_DIR": str(tmp_path)}) as ep:
+        models = httpx.get(f"{ep.api_url}/models", headers={"Authorization": f"Bearer {ep.api_key}"})
+        assert models.status_code == 200, models.text
+        assert [m["id"] for m in models.json()["data"]] == [SERVED_NAME]
+        assert httpx.get(f"{ep.api_url}/models").status_code == 401
+        reply = httpx.post(f"{ep.base_url}/v1/completions", timeout=60,
+                           headers={"Authorization": f"Bearer {ep.api_key}"},
+                           json={"model": SERVED_NAME, "prompt": "Hi", "max_tokens": 3, "ignore_eos": True})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == 3
+    with pytest.raises(httpx.HTTPError):  # stopped: nothing listens there any more
+        httpx.get(f"{ep.api_url}/models", timeout=2)
+    assert "LayerKV is up" in log.read_text()
