@@ -35,6 +35,7 @@ from benchmarks.openai_client_plan import (  # noqa: E402
     comparison_rows,
     our_up_argv,
     parse_result,
+    progress_of,
     read_endpoint,
     summary_block,
 )
@@ -143,7 +144,20 @@ def run_client(run: ClientRun, api_key: str | None, log_path: Path) -> Path:
     result = run.result_dir / run.result_filename
     result.unlink(missing_ok=True)
     with open(log_path, "w") as sink:
-        proc = subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT, env=env, check=False)
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env)
+        start = next_note = time.monotonic()
+        try:
+            while proc.poll() is None:
+                time.sleep(1.0)
+                if time.monotonic() >= next_note + 15.0:  # the client's own bar goes to its log
+                    next_note = time.monotonic()
+                    done = progress_of(log_path.read_text(errors="replace"))
+                    log(f"client running {next_note - start:.0f} s: {done or 'starting'} requests done")
+        finally:
+            if proc.poll() is None:  # interrupted: the client must not outlive us
+                proc.terminate()
+                proc.wait(30)
     print(summary_block(log_path.read_text(errors="replace")), flush=True)
     if proc.returncode != 0 or not result.is_file():
         raise RuntimeError(f"vllm bench serve failed (exit {proc.returncode}); log {log_path}")
@@ -182,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ours = parse_result(ours_path.read_text())
     log(f"ours: {ours.completed} completed, {ours.failed} failed in {ours.duration_s:.0f} s")
     if args.skip_vllm:
+        log(f"--skip-vllm: no comparison; our result is {ours_path}")
         return 0
 
     from benchmarks.vs_vllm_real import VllmServerConfig, vllm_server

@@ -144,6 +144,15 @@ def summary_block(log_text: str) -> str:
     return "\n".join(lines[start:end + 1])
 
 
+_TQDM = re.compile(r"(\d+)/(\d+) \[")
+
+
+def progress_of(log_text: str) -> str | None:
+    """The client's latest tqdm count ("12/40") in its log so far; None before its bar starts."""
+    found = _TQDM.findall(log_text[-4000:])
+    return f"{found[-1][0]}/{found[-1][1]}" if found else None
+
+
 _LABELS = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E"}
 
 

@@ -21,6 +21,7 @@ from benchmarks.openai_client_plan import (
     comparison_rows,
     our_up_argv,
     parse_result,
+    progress_of,
     read_endpoint,
     summary_block,
 )
@@ -158,6 +159,12 @@ def test_summary_block_keeps_the_result_and_drops_trailing_noise() -> None:
     assert "nanobind" not in block and "Starting" not in block
     failed = "\n".join(f"line {i}" for i in range(40)) + "\nValueError: boom"
     assert summary_block(failed).splitlines()[-1] == "ValueError: boom"  # no block: the tail says why
+
+
+def test_progress_of_reads_the_latest_tqdm_count() -> None:
+    assert progress_of("Starting main benchmark run...") is None
+    bar = "  2%|▎         | 1/40 [00:01<00:59,  1.52s/it]  5%|▌         | 2/40 [00:02<00:52,  1.39s/it]"
+    assert progress_of(bar) == "2/40"
 
 
 @pytest.mark.slow
