@@ -3,8 +3,9 @@
 ``SchedulerCore`` wires three pieces that talk through typed values: the request lifecycle
 (``lifecycle.py``: admit, cancel, finish, requeue, recover, saving), the scheduling round
 (``rounds.py``) and worker-event intake (``intake.py``, fed ``WorkerEvent`` values decoded by
-``wire.py``). The store and the worker client are injected, so the core runs without gRPC in
-tests. The servicers only translate between their messages and these calls.
+``wire.py``). The store, the worker registry (as a factory given the core as its listener) and
+the worker client are injected, so the core runs without gRPC in tests. The servicers only
+translate between their messages and these calls.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from common.metrics import ServiceMetrics
 from common.store import Store
 from common.tokenizer import Tokenizer
 from common.types import FinishReason
-from scheduler_svc import wire
 from scheduler_svc.fit_check import never_fits_anywhere
 from scheduler_svc.intake import EventIntake
 from scheduler_svc.ledger import Ledger
@@ -30,8 +30,15 @@ from scheduler_svc.policies.registry import make_policy, policy_params
 from scheduler_svc.requests import RequestState, StreamChunk, StreamFinal, stream_from
 from scheduler_svc.rounds import Rounds
 from scheduler_svc.waiting_queue import WaitingQueue
-from scheduler_svc.worker_client import GrpcWorkerClient, WorkerClient
-from scheduler_svc.worker_pool import ChannelSecurity, WorkerHandle, WorkerPool
+from scheduler_svc.worker_client import ChannelSecurity, GrpcWorkerClient, WorkerClient
+from scheduler_svc.worker_events import WorkerEvent
+from scheduler_svc.worker_pool import (
+    RegistryFactory,
+    WorkerHandle,
+    WorkerListener,
+    WorkerPool,
+    WorkerRegistry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +52,16 @@ class SchedulerCore:
         store: Store,
         metrics: ServiceMetrics,
         client: WorkerClient | None = None,
+        pool: RegistryFactory | None = None,
     ) -> None:
+        """``pool`` builds the worker registry (default: a gRPC ``WorkerPool`` dialling with the
+        settings' security); ``client`` sends dispatches and aborts (default: over that registry)."""
         self.settings = settings
         self.store = store
         self.metrics = metrics
         self.ledger = Ledger()
         self.lifecycle = Lifecycle(store, self.ledger, metrics, settings.queue_limit, self.wake)
-        self.pool = WorkerPool(
-            self,
-            ChannelSecurity(
-                settings.tls_ca,
-                settings.tls_cert if settings.tls_ca else "",
-                settings.tls_key if settings.tls_ca else "",
-                settings.worker_server_name,
-                settings.worker_token,
-            ),
-            retry_s=settings.worker_retry_s,
-            registered_ttl_s=settings.registered_worker_ttl_s,
-            silence_limit_s=settings.worker_silence_s,
-        )
+        self.pool: WorkerRegistry = (pool or self._grpc_pool)(self)
         self.client: WorkerClient = client if client is not None else GrpcWorkerClient(self.pool)
         self.policy: Policy = make_policy(settings.policy, settings.policy_params)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -82,6 +80,22 @@ class SchedulerCore:
         self._loop_task: asyncio.Task[None] | None = None
         self._monitor_task: asyncio.Task[None] | None = None
         self.stopped = False
+
+    def _grpc_pool(self, listener: WorkerListener) -> WorkerRegistry:
+        settings = self.settings
+        return WorkerPool(
+            listener,
+            ChannelSecurity(
+                settings.tls_ca,
+                settings.tls_cert if settings.tls_ca else "",
+                settings.tls_key if settings.tls_ca else "",
+                settings.worker_server_name,
+                settings.worker_token,
+            ),
+            retry_s=settings.worker_retry_s,
+            registered_ttl_s=settings.registered_worker_ttl_s,
+            silence_limit_s=settings.worker_silence_s,
+        )
 
     # ---- the state the servicers and admission read ----
     @property
@@ -243,7 +257,5 @@ class SchedulerCore:
         except Exception:
             log.exception("requeueing the requests of worker %s failed", worker.worker_id)
 
-    async def worker_event(self, worker: WorkerHandle, event: Any) -> None:
-        """``event`` is the worker's StreamEventsResponse, decoded here by ``wire``."""
-        num_layers = worker.description.geometry.num_layers if worker.description else 0
-        await self.intake.worker_event(worker, wire.worker_event_from_proto(event, num_layers))
+    async def worker_event(self, worker: WorkerHandle, event: WorkerEvent) -> None:
+        await self.intake.worker_event(worker, event)

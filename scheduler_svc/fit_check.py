@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from common.kv_budget import never_fits
 from scheduler_svc.policies.base import Policy
-from scheduler_svc.worker_pool import WorkerDescription
+from scheduler_svc.worker_events import WorkerDescription
 
 
 def never_fits_reason(policy: Policy, d: WorkerDescription, total: int) -> str | None:

@@ -38,7 +38,7 @@ from scheduler_svc.worker_client import (
     WorkerClient,
 )
 from scheduler_svc.worker_events import DispatchCommand, RunningReport
-from scheduler_svc.worker_pool import WorkerHandle, WorkerPool
+from scheduler_svc.worker_pool import WorkerHandle, WorkerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Rounds:
         self,
         lifecycle: Lifecycle,
         ledger: Ledger,
-        pool: WorkerPool,
+        pool: WorkerRegistry,
         client: WorkerClient,
         policy: Callable[[], Policy],
         running_of: Callable[[str], tuple[RunningReport, ...]],

@@ -1,14 +1,24 @@
-"""Conversions between the scheduler's typed state and the protobuf messages of its APIs, and the
-decoding of worker events into typed values (the worker API's messages stop here)."""
+"""Conversions between the scheduler's typed state and the protobuf messages of its APIs. It is the
+only scheduler code that builds or reads the worker API's messages: descriptions, tokenizers and
+events are decoded into typed values here, dispatches and aborts encoded (they stop here)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from common import wire
 from common.errors import InvalidArgument
 from common.proto.layerkv.v1 import admin_pb2, scheduler_pb2, types_pb2, worker_pb2
 from common.store import RequestRecord
-from common.types import FinishReason, Placement
-from common.wire import cost_model_to_proto, geometry_to_proto, sampling_to_proto
+from common.tokenizer import Tokenizer, tokenizer_from_wire
+from common.types import FinishReason, Placement, TierCapacity
+from common.wire import (
+    cost_model_from_proto,
+    cost_model_to_proto,
+    geometry_from_proto,
+    geometry_to_proto,
+    sampling_to_proto,
+)
 from scheduler_svc.ledger import WorkerBudget
 from scheduler_svc.requests import FINISHED, RUNNING, WAITING, sampling_from_dict
 from scheduler_svc.worker_events import (
@@ -18,9 +28,12 @@ from scheduler_svc.worker_events import (
     StepKind,
     TierReport,
     TokenUpdate,
+    WorkerDescription,
     WorkerEvent,
 )
-from scheduler_svc.worker_pool import WorkerHandle
+
+if TYPE_CHECKING:  # the pool dials through worker_client, which encodes with this module
+    from scheduler_svc.worker_pool import WorkerHandle
 
 # Records store the finish reason as its string value ("" while unfinished).
 FINISH_TO_PROTO = {reason.value: proto for reason, proto in wire.FINISH_TO_PROTO.items()}
@@ -109,7 +122,32 @@ def worker_info(
     return info
 
 
-# ---- the worker API (the only scheduler code besides the connection pool that touches worker_pb2) ----
+# ---- the worker API (the only scheduler code that touches worker_pb2) ----
+
+DESCRIBE_REQUEST = worker_pb2.DescribeRequest()
+TOKENIZER_REQUEST = worker_pb2.GetTokenizerRequest()
+EVENTS_REQUEST = worker_pb2.StreamEventsRequest()
+
+
+def describe_from_proto(d: worker_pb2.DescribeResponse) -> WorkerDescription:
+    return WorkerDescription(
+        worker_id=d.worker_id,
+        model=d.model,
+        geometry=geometry_from_proto(d.geometry),
+        capacity=TierCapacity(d.gpu_blocks, d.host_blocks),
+        cost_model=cost_model_from_proto(d.cost_model),
+        max_model_len=d.max_model_len,
+        eos_token_id=d.eos_token_id,
+        staging_blocks=d.staging_blocks,
+        preemption_mode=d.preemption_mode,
+        max_num_batched_tokens=d.max_num_batched_tokens,
+        vocab_size=d.vocab_size,
+    )
+
+
+def tokenizer_from_proto(t: worker_pb2.GetTokenizerResponse) -> Tokenizer:
+    return tokenizer_from_wire(t.kind, t.tokenizer_json, t.chat_template, t.bos_token, t.eos_token)
+
 
 _STEP_KINDS = {k.value: k for k in StepKind}
 _FINISH_OF_PROTO = {proto: reason for reason, proto in wire.FINISH_TO_PROTO.items()}

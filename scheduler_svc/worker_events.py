@@ -1,8 +1,9 @@
-"""Typed values exchanged with workers: their event stream, decoded once at the edge, and dispatches.
+"""Typed values exchanged with workers: their description, their event stream, and dispatches.
 
-``scheduler_svc/wire.py`` turns each ``StreamEventsResponse`` into a ``WorkerEvent`` (placements
-as ``Placement``, step kinds as ``StepKind``) and a ``DispatchCommand`` into its request; the
-scheduler's mechanism (intake, ledger, metrics, cost fit) only ever sees these.
+``scheduler_svc/wire.py`` turns a ``DescribeResponse`` into a ``WorkerDescription``, each
+``StreamEventsResponse`` into a ``WorkerEvent`` (placements as ``Placement``, step kinds as
+``StepKind``) and a ``DispatchCommand`` into its request; the scheduler's mechanism (pool, intake,
+ledger, metrics, cost fit) only ever sees these.
 """
 
 from __future__ import annotations
@@ -10,8 +11,25 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from common.types import FinishReason, Placement, SamplingParams
+from common.types import CostModel, FinishReason, KVGeometry, Placement, SamplingParams, TierCapacity
 from scheduler_svc.policies.base import PreemptionMode
+
+
+@dataclass(frozen=True)
+class WorkerDescription:
+    """What a worker said about itself on connect (``Describe``)."""
+
+    worker_id: str
+    model: str
+    geometry: KVGeometry
+    capacity: TierCapacity
+    cost_model: CostModel
+    max_model_len: int
+    eos_token_id: int
+    staging_blocks: int = 0  # GPU staging blocks for host-placed layers (0: not reported)
+    preemption_mode: str = ""  # the worker's default when a request cannot grow ("": not reported)
+    max_num_batched_tokens: int = 0  # per-step token budget of chunked prefill (0: not reported)
+    vocab_size: int = 0  # token ids a prompt may use are [0, vocab_size) (0: not reported)
 
 
 class StepKind(enum.Enum):

@@ -1,13 +1,14 @@
-"""The worker registry and its clients: who the workers are, how to reach them, whether they live.
+"""The worker registry: who the workers are, how to reach them, whether they live.
 
 Workers come from configured addresses, from self-registration (``AdminService.RegisterWorker``)
 or from a ``name:port`` DNS name re-resolved periodically (a Kubernetes headless Service lists one
-address per pod). Each address gets one connection task: Describe + GetTokenizer, then the
-StreamEvents stream, whose events go to the listener. The worker is *up* from its first event (the
-subscription is live, so no event of a later dispatch can be missed) until the stream breaks;
-then it is *down*, the listener requeues its requests, and the task redials after a pause. A
-self-registered address that stays unreachable for ``registered_ttl_s`` is dropped (its worker
-registers again when it is back); a streak of failed dials logs one warning, not one per retry.
+address per pod). Each address gets one connection task: a ``WorkerConnection`` (its calls live in
+``worker_client.py``) describes the worker, fetches its tokenizer and subscribes to its typed
+events, which go to the listener. The worker is *up* from its first event (the subscription is
+live, so no event of a later dispatch can be missed) until the stream breaks; then it is *down*,
+the listener requeues its requests, and the task redials after a pause. A self-registered address
+that stays unreachable for ``registered_ttl_s`` is dropped (its worker registers again when it is
+back); a streak of failed dials logs one warning, not one per retry.
 """
 
 from __future__ import annotations
@@ -21,73 +22,33 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import grpc
-import grpc.aio
-
 from common.errors import LayerKVError, Unavailable
-from common.grpc_errors import error_from_rpc
-from common.proto.layerkv.v1 import worker_pb2, worker_pb2_grpc
-from common.security import open_channel
-from common.tokenizer import Tokenizer, tokenizer_from_wire
-from common.types import CostModel, KVGeometry, TierCapacity
-from common.wire import cost_model_from_proto, geometry_from_proto
+from common.tokenizer import Tokenizer
 from scheduler_svc.cost_fit import CostFitter
+from scheduler_svc.worker_client import ChannelSecurity, WorkerConnection
+from scheduler_svc.worker_events import WorkerDescription, WorkerEvent
 
 log = logging.getLogger(__name__)
 
-CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),  # tokenizer.json of large models
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-)
 # A worker sends its state at least every few seconds even when idle (a heartbeat); a stream
 # silent for longer is a worker whose host vanished without closing the TCP connection. (HTTP/2
 # keepalive pings would need every worker server to allow them: "too many pings" otherwise.)
 EVENT_SILENCE_LIMIT_S = 15.0
 
 
-@dataclass(frozen=True)
-class ChannelSecurity:
-    """How the scheduler dials workers (mutual TLS when ``ca`` is set)."""
-
-    ca: str = ""
-    cert: str = ""
-    key: str = ""
-    server_name: str = ""
-    token: str = ""  # bearer token sent on every call (the workers' --worker-token)
-
-
-@dataclass(frozen=True)
-class WorkerDescription:
-    """What a worker said about itself on connect."""
-
-    worker_id: str
-    model: str
-    geometry: KVGeometry
-    capacity: TierCapacity
-    cost_model: CostModel
-    max_model_len: int
-    eos_token_id: int
-    staging_blocks: int = 0  # GPU staging blocks for host-placed layers (0: not reported)
-    preemption_mode: str = ""  # the worker's default when a request cannot grow ("": not reported)
-    max_num_batched_tokens: int = 0  # per-step token budget of chunked prefill (0: not reported)
-    vocab_size: int = 0  # token ids a prompt may use are [0, vocab_size) (0: not reported)
-
-
 @dataclass(eq=False)
 class WorkerHandle:
-    """One worker address and, once connected, its description, stub and health."""
+    """One worker address and, once connected, its description, connection and health."""
 
     address: str
     registered: bool = False
     description: WorkerDescription | None = None
     tokenizer: Tokenizer | None = None
-    stub: worker_pb2_grpc.WorkerServiceStub | None = None
+    connection: WorkerConnection | None = None  # of the latest session
     healthy: bool = False
     draining: bool = False
     removed: bool = False
     fitter: CostFitter | None = None
-    last_running: tuple[worker_pb2.RunningRequest, ...] = ()  # from the latest event
     up: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -101,29 +62,39 @@ class WorkerHandle:
 
 
 class WorkerListener(Protocol):
-    """What the scheduler core does with worker lifecycle and events."""
+    """What the scheduler core does with worker lifecycle and (typed) events."""
 
     async def worker_up(self, worker: WorkerHandle) -> None: ...
 
-    async def worker_event(self, worker: WorkerHandle, event: worker_pb2.StreamEventsResponse) -> None: ...
+    async def worker_event(self, worker: WorkerHandle, event: WorkerEvent) -> None: ...
 
     async def worker_down(self, worker: WorkerHandle) -> None: ...
 
 
-def describe_from_proto(d: worker_pb2.DescribeResponse) -> WorkerDescription:
-    return WorkerDescription(
-        worker_id=d.worker_id,
-        model=d.model,
-        geometry=geometry_from_proto(d.geometry),
-        capacity=TierCapacity(d.gpu_blocks, d.host_blocks),
-        cost_model=cost_model_from_proto(d.cost_model),
-        max_model_len=d.max_model_len,
-        eos_token_id=d.eos_token_id,
-        staging_blocks=d.staging_blocks,
-        preemption_mode=d.preemption_mode,
-        max_num_batched_tokens=d.max_num_batched_tokens,
-        vocab_size=d.vocab_size,
-    )
+class WorkerRegistry(Protocol):
+    """What the core and the servicers use of the pool (``WorkerPool``, or a fake in tests)."""
+
+    on_drop: Callable[[str], Awaitable[None]] | None
+
+    def handles(self) -> list[WorkerHandle]: ...
+
+    def by_id(self, worker_id: str) -> WorkerHandle | None: ...
+
+    def add(self, address: str, registered: bool = False) -> WorkerHandle: ...
+
+    async def add_and_wait(
+        self, address: str, timeout_s: float = 10.0, registered: bool = False
+    ) -> WorkerHandle: ...
+
+    async def remove(self, address: str) -> None: ...
+
+    def start_dns(self, name_port: str, interval_s: float) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+# Builds the registry that reports to the given listener (the core passes itself).
+RegistryFactory = Callable[[WorkerListener], WorkerRegistry]
 
 
 class WorkerPool:
@@ -226,20 +197,10 @@ class WorkerPool:
     async def _run(self, handle: WorkerHandle) -> None:
         failing_since: float | None = None  # start of the current streak of failed sessions
         while not handle.removed:
-            channel = open_channel(
-                handle.address,
-                ca=self._security.ca,
-                cert=self._security.cert,
-                key=self._security.key,
-                server_name=self._security.server_name,
-                options=CHANNEL_OPTIONS,
-                token=self._security.token,
-            )
+            connection = WorkerConnection(handle.address, self._security)
             problem = ""
             try:
-                await self._session(handle, channel)
-            except grpc.aio.AioRpcError as err:
-                problem = str(error_from_rpc(err))
+                await self._session(handle, connection)
             except LayerKVError as exc:
                 problem = str(exc)
             except Exception:  # a bug must not end the reconnect loop
@@ -247,7 +208,7 @@ class WorkerPool:
             finally:
                 was_up = handle.healthy
                 await self._mark_down(handle)
-                await channel.close(None)
+                await connection.close()
             now = time.monotonic()
             if was_up or failing_since is None:
                 failing_since = now
@@ -277,39 +238,27 @@ class WorkerPool:
             except Exception as exc:  # the registry entry stays; the next scheduler drops it again
                 log.warning("worker %s: could not remove it from the registry: %s", handle.address, exc)
 
-    async def _session(self, handle: WorkerHandle, channel: grpc.aio.Channel) -> None:
-        stub = worker_pb2_grpc.WorkerServiceStub(channel)
-        description = describe_from_proto(await stub.Describe(worker_pb2.DescribeRequest(), timeout=10))
+    async def _session(self, handle: WorkerHandle, connection: WorkerConnection) -> None:
+        description = await connection.describe()
         if not description.worker_id:
             raise Unavailable(f"worker at {handle.address} describes itself without a worker_id")
-        wire = await stub.GetTokenizer(worker_pb2.GetTokenizerRequest(), timeout=30)
-        handle.tokenizer = tokenizer_from_wire(wire.kind, wire.tokenizer_json, wire.chat_template,
-                                               wire.bos_token, wire.eos_token)
+        handle.tokenizer = await connection.tokenizer()
         handle.description = description
-        handle.stub = stub
+        handle.connection = connection
         if handle.fitter is None or handle.fitter.profile != description.cost_model:
             handle.fitter = CostFitter(description.cost_model)
-        stream = stub.StreamEvents(worker_pb2.StreamEventsRequest())
-        events = stream.__aiter__()
         first = True
-        while True:
-            try:
-                event = await asyncio.wait_for(events.__anext__(), self._silence_limit_s)
-            except StopAsyncIteration:
-                break
-            except asyncio.TimeoutError as exc:
-                stream.cancel()
-                raise Unavailable(
-                    f"worker at {handle.address} sent no event for {self._silence_limit_s:.0f} s"
-                ) from exc
-            if self._closing:
-                return
-            if first:  # the subscription is live: dispatches from now on cannot lose an event
-                first = False
-                handle.healthy = True
-                await self._listener.worker_up(handle)
-                handle.up.set()
-            await self._listener.worker_event(handle, event)
+        events = connection.events(description.geometry.num_layers, self._silence_limit_s)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if self._closing:
+                    return
+                if first:  # the subscription is live: dispatches from now on cannot lose an event
+                    first = False
+                    handle.healthy = True
+                    await self._listener.worker_up(handle)
+                    handle.up.set()
+                await self._listener.worker_event(handle, event)
         raise Unavailable(f"worker {description.worker_id} at {handle.address} closed its event stream")
 
     async def _mark_down(self, handle: WorkerHandle) -> None:

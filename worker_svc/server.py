@@ -123,8 +123,7 @@ async def create_server(settings: WorkerSettings, engine: Any = None) -> tuple[W
         device=str(getattr(engine, "device", settings.device)),
         dtype=str(getattr(engine, "dtype", settings.dtype)),
     )
-    servicer = WorkerServicer(identity, engine, thread, hub, metrics, settings.scheduler_identity,
-                              lease_s=settings.scheduler_lease_s)
+    servicer = WorkerServicer(identity, engine, thread, hub, metrics, lease_s=settings.scheduler_lease_s)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -3,11 +3,12 @@
 Every engine call goes through the ``EngineThread`` (never on the event loop). A dispatch is
 validated, then checked and enqueued in one command on the engine thread, so no step can take the
 blocks between the check and the enqueue: a dispatch that no longer fits is refused with
-RESOURCE_EXHAUSTED ("no room"), never overcommitted. With mutual TLS and a scheduler identity, only
-that client certificate may dispatch, abort or subscribe. The scheduler holds a lease through its
-StreamEvents subscription: when no subscriber has been connected for ``lease_s`` (the scheduler
-died, or declared this worker down and went away), every running request is aborted, so a worker
-nobody listens to stops spending blocks on attempts that have been rerun elsewhere.
+RESOURCE_EXHAUSTED ("no room"), never overcommitted. Who may call is checked at the edge, before
+any handler (``worker_svc/server.py``: the token and scheduler identity guard every RPC). The
+scheduler holds a lease through its StreamEvents subscription: when no subscriber has been
+connected for ``lease_s`` (the scheduler died, or declared this worker down and went away), every
+running request is aborted, so a worker nobody listens to stops spending blocks on attempts that
+have been rerun elsewhere.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from typing import Any
 
 import grpc.aio
 
-from common.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
+from common.errors import InvalidArgument, ResourceExhausted, Unavailable
 from common.grpc_errors import grpc_errors
 from common.proto.layerkv.v1 import worker_pb2, worker_pb2_grpc
-from common.security import peer_common_name
 from common.types import Placement, SamplingParams
 from common.wire import cost_model_to_proto, geometry_to_proto
 from worker_svc import wire
@@ -98,7 +98,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         thread: EngineThread,
         hub: EventHub,
         metrics: WorkerMetrics,
-        scheduler_identity: str = "",
         lease_s: float = LEASE_S,
     ) -> None:
         self._identity = identity
@@ -106,7 +105,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._thread = thread
         self._hub = hub
         self._metrics = metrics
-        self._scheduler_identity = scheduler_identity
         tok = engine.tokenizer
         kind, payload = tok.to_wire()
         self._tokenizer = worker_pb2.GetTokenizerResponse(
@@ -126,16 +124,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         """End every StreamEvents call (graceful shutdown)."""
         self._stopping.set()
         self._hub.close()
-
-    def _check_scheduler(self, context: grpc.aio.ServicerContext) -> None:
-        if not self._scheduler_identity:
-            return
-        name = peer_common_name(context)
-        if name != self._scheduler_identity:
-            raise PermissionDenied(
-                f"only the scheduler {self._scheduler_identity!r} may call this worker "
-                f"(peer certificate name {name!r})"
-            )
 
     @grpc_errors
     async def Describe(
@@ -170,7 +158,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def Dispatch(
         self, request: worker_pb2.DispatchRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.DispatchResponse:
-        self._check_scheduler(context)
         rid = request.request_id
         if not rid or len(rid) > MAX_REQUEST_ID_LEN:
             raise InvalidArgument(f"request_id must be 1..{MAX_REQUEST_ID_LEN} characters, got {len(rid)}")
@@ -215,7 +202,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def Abort(
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.AbortResponse:
-        self._check_scheduler(context)
         rid = request.request_id
         aborted = await self._thread.call(lambda e: bool(e.abort(rid)))
         return worker_pb2.AbortResponse(aborted=aborted)
@@ -224,7 +210,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def StreamEvents(
         self, request: worker_pb2.StreamEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.StreamEventsResponse]:
-        self._check_scheduler(context)
         if self._thread.failed is not None:  # a scheduler must see this worker as down, not idle
             raise Unavailable(f"worker {self._identity.worker_id!r} failed: {self._thread.failed}")
         q = self._hub.subscribe()
