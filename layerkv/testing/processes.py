@@ -21,13 +21,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc
 from common.security import bearer_metadata
 from layerkv.testing.ports import free_port
+from layerkv.testing.signals import ChildProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 TINY = "tiny-llama"
 
 
 @dataclass
-class ServiceProcess:
+class ServiceProcess(ChildProcess):
     """A ``layerkv scheduler`` or ``layerkv worker`` child process."""
 
     name: str
@@ -108,27 +109,6 @@ class ServiceProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
-
-    def kill(self) -> None:
-        """SIGKILL (nothing is flushed) and reap."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait()
-
-    def pause(self) -> None:
-        """SIGSTOP: a hung process (its sockets stay open, nothing answers)."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def restart(self) -> ServiceProcess:
-        """SIGKILL, then the same command line again (same port, same log file)."""
-        self.kill()
-        return self.start()
 
 
 def worker_process(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from common.errors import Unavailable
 from layerkv.testing.ports import free_port, wait_tcp
+from layerkv.testing.signals import ChildProcess
 
 
 def redis_server_binary() -> str:
@@ -34,7 +35,7 @@ def redis_argv(port: int, folder: Path, host: str = "127.0.0.1", appendonly: boo
             "--appendonly", "yes" if appendonly else "no", "--dir", str(folder)]  # fmt: skip
 
 
-class RedisServer:
+class RedisServer(ChildProcess):
     """One redis-server child process."""
 
     def __init__(
@@ -60,25 +61,6 @@ class RedisServer:
             self.proc.kill()
             raise RuntimeError(f"redis-server did not start on port {self.port}")
         return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def pause(self) -> None:
-        """SIGSTOP: connections stay open, nothing answers (a stalled Redis)."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def restart(self) -> None:
-        """SIGKILL, then the same command line again (same port, same data folder)."""
-        self.kill()
-        self.start()
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
