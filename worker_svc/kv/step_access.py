@@ -52,6 +52,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _kv_index(rows: torch.Tensor) -> torch.Tensor:
+    """Block ids [L, B, M] -> rows of the cache seen as [2N, bs*Hkv*D]: [L, 2 * B * M], K rows then V."""
+    return torch.stack((rows * 2, rows * 2 + 1), dim=1).reshape(rows.shape[0], -1)
+
+
 class StepAccess:
     """Segments of ``tables`` (same order): request ``i`` computes ``lens[i]`` tokens from ``starts[i]``."""
 
@@ -78,7 +83,7 @@ class StepAccess:
         self.cu_seqlens = torch.tensor(cu, dtype=torch.int32).to(self.device)  # [B+1]
         self.context_lens = torch.tensor(self.ends, dtype=torch.int32).to(self.device)  # [B]
         self._staged: dict[int, _StagedLayer] = {}
-        self._prebuilt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prebuilt: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._prebuild()
 
     def _wait(self, handle: CopyHandle) -> None:
@@ -103,7 +108,8 @@ class StepAccess:
         slots = rows[:, self._tok_row, self._tok_block]  # [L', T]
         rows_dev = rows.to(torch.int32).to(self.device)  # [L', B, M]
         slots_dev = slots.to(self.device)
-        self._prebuilt = {layer: (rows_dev[j], slots_dev[j]) for j, layer in enumerate(layers)}
+        index_dev = _kv_index(rows).to(self.device)  # [L', 2 * B * M]
+        self._prebuilt = {layer: (rows_dev[j], slots_dev[j], index_dev[j]) for j, layer in enumerate(layers)}
 
     def _prefetch(self, layer: int) -> None:
         """Stream layer ``layer``'s host-home KV into staging blocks (one copy call for all requests)."""
@@ -138,11 +144,12 @@ class StepAccess:
             if lb.pending is not None and lb.reads_gpu_blocks:  # promotion in flight: wait for it
                 self._wait(lb.pending)
         if layer in self._prebuilt and not staged.ids:
-            block_table, slot_blocks = self._prebuilt[layer]
+            block_table, slot_blocks, kv_index = self._prebuilt[layer]
         else:
             rows = self._rows([staged.ids.get(t.request_id, t.layers[layer].gpu_blocks) for t in self.tables])
             slot_blocks = rows[self._tok_row, self._tok_block].to(self.device)  # [T]
             block_table = rows.to(torch.int32).to(self.device)  # [B, M]
+            kv_index = _kv_index(rows[None])[0].to(self.device)  # [2 * B * M]
         if self.fresh:
             meta = AttentionMetadata(is_prefill=True, slot_blocks=slot_blocks, slot_offsets=self.offsets,
                                      seq_lens=self.lens, cu_seqlens=self.cu_seqlens)
@@ -150,7 +157,7 @@ class StepAccess:
             meta = AttentionMetadata(
                 is_prefill=False, slot_blocks=slot_blocks, slot_offsets=self.offsets, seq_lens=self.lens,
                 cu_seqlens=self.cu_seqlens, block_table=block_table, context_lens=self.context_lens,
-                max_context=max(self.ends), context_list=self.ends)
+                max_context=max(self.ends), context_list=self.ends, kv_index=kv_index)
         return self.kv.gpu, meta
 
     def end_layer(self, layer: int) -> None:
