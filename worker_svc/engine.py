@@ -31,6 +31,7 @@ from worker_svc.kv.kv_cache import KVCache
 from worker_svc.kv.manager import KVCacheManager
 from worker_svc.kv.offload import CopyEngine, make_copy_engine
 from worker_svc.kv.step_access import CopyStats, StepAccess
+from worker_svc.kv.table_buffer import BlockTableBuffer
 from worker_svc.model.loader import LoadedModel, load_model, parse_dtype
 from worker_svc.outputs import KVUsage, RequestOutput, RunningState, StepOutput, StepStats
 from worker_svc.preemption import Preemptor, StepCounts
@@ -76,6 +77,7 @@ class Engine:
         self.kv_manager = KVCacheManager(self.geometry, sizes.gpu_blocks, sizes.host_blocks,
                                          sizes.staging_blocks)
         self.copy_engine = copy_engine or make_copy_engine(device)
+        self.block_tables = BlockTableBuffer(mc.num_layers)  # persistent, updated by what changed
         self.backend = select_backend(device, dtype, config.attention_backend)
         self.cost_model = CostModel()
         self._waiting: deque[Request] = deque()  # no blocks; recompute-preempted ones at the front
@@ -327,7 +329,7 @@ class Engine:
         access: StepAccess | None = None
         try:
             access = StepAccess(tables, starts, lens, self.kv, self.kv_manager,  # type: ignore[arg-type]
-                                self.copy_engine, stats)
+                                self.copy_engine, stats, self.block_tables)
             dev = self.device
             logits = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
                                 torch.tensor([ends[i] - 1 for i in sampled], dtype=torch.int64, device=dev),

@@ -39,6 +39,7 @@ class LayerBlockTable:
     blocks_per_layer: int  # grows on demand as the request's context crosses block boundaries
     layers: list[LayerBlocks]
     num_tokens: int = 0  # slots already holding K/V
+    version: int = 0  # bumped whenever a layer's blocks or residency change other than by growth
 
     @property
     def letters(self) -> str:

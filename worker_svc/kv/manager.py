@@ -159,6 +159,7 @@ class KVCacheManager:
         self._free(Tier.GPU, lb.gpu_blocks, layer)
         lb.gpu_blocks, lb.host_blocks = [], ids
         lb.home, lb.residency = Tier.HOST, Residency.HOST
+        table.version += 1
         return filled * self.geometry.bytes_per_block
 
     # ---- release ---------------------------------------------------------------------------
@@ -198,6 +199,7 @@ class KVCacheManager:
         filled = self.geometry.blocks_for(table.num_tokens)
         lb.gpu_blocks = ids
         lb.residency = Residency.LOADING
+        table.version += 1
         lb.pending = copy.copy_blocks(host_tensor, lb.host_blocks[:filled], gpu_tensor,  # type: ignore[arg-type]
                                       ids[:filled])
         return filled * self.geometry.bytes_per_block
@@ -209,7 +211,7 @@ class KVCacheManager:
             for layer, lb in enumerate(table.layers):
                 if lb.pending is None or not lb.pending.done():
                     continue
-                lb.pending = None
+                lb.pending = None  # no version bump: what attention reads (which blocks) is unchanged
                 if lb.residency is Residency.STORING:
                     lb.residency = Residency.HOST
                 elif lb.residency is Residency.LOADING:  # promotion done: the host copy is stale now

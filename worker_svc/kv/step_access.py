@@ -21,6 +21,7 @@ from worker_svc.kv.block_table import LayerBlockTable
 from worker_svc.kv.kv_cache import KVCache
 from worker_svc.kv.manager import KVCacheManager
 from worker_svc.kv.offload import CopyEngine, CopyHandle
+from worker_svc.kv.table_buffer import BlockTableBuffer
 
 
 @dataclass
@@ -61,7 +62,8 @@ class StepAccess:
     """Segments of ``tables`` (same order): request ``i`` computes ``lens[i]`` tokens from ``starts[i]``."""
 
     def __init__(self, tables: list[LayerBlockTable], starts: list[int], lens: list[int], kv: KVCache,
-                 manager: KVCacheManager, copy: CopyEngine, stats: CopyStats) -> None:
+                 manager: KVCacheManager, copy: CopyEngine, stats: CopyStats,
+                 buffer: BlockTableBuffer) -> None:
         assert tables and len(tables) == len(starts) == len(lens), "one segment per request"
         self.tables, self.starts, self.lens = tables, starts, lens
         self.kv, self.manager, self.copy, self.stats = kv, manager, copy, stats
@@ -73,17 +75,22 @@ class StepAccess:
         # Only whole prompts from slot 0: attention can use the fresh K/V, no block table needed.
         self.fresh = all(s == 0 for s in starts)
         self.max_blocks = max(_cdiv(e, self.bs) for e in self.ends)
-        self._tok_row = torch.repeat_interleave(torch.arange(len(tables)), torch.tensor(lens))  # [T]
-        pos = torch.cat([torch.arange(s, e) for s, e in zip(starts, self.ends, strict=True)])  # [T]
+        lens_t = torch.tensor(lens)
+        self._tok_row = torch.repeat_interleave(torch.arange(len(tables)), lens_t)  # [T]
+        cu = torch.zeros(len(lens) + 1, dtype=torch.int64)
+        torch.cumsum(lens_t, 0, out=cu[1:])  # [B+1]
+        # Position of every token: its request's start plus its index inside the segment.
+        first = torch.tensor(starts) - cu[:-1]  # [B]
+        pos = torch.arange(int(cu[-1])) + torch.repeat_interleave(first, lens_t)  # [T]
         self._tok_block = pos // self.bs  # [T] which of its request's blocks
         self.offsets = (pos % self.bs).to(self.device)  # [T]
-        cu = [0]
-        for n in lens:
-            cu.append(cu[-1] + n)
-        self.cu_seqlens = torch.tensor(cu, dtype=torch.int32).to(self.device)  # [B+1]
+        self.cu_seqlens = cu.to(torch.int32).to(self.device)  # [B+1]
         self.context_lens = torch.tensor(self.ends, dtype=torch.int32).to(self.device)  # [B]
         self._staged: dict[int, _StagedLayer] = {}
         self._prebuilt: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        row_index = buffer.rows_for(tables, manager.tables)  # [B]
+        self._rows_all = buffer.ids[:, row_index, :self.max_blocks]  # [L, B, M] GPU-read block ids
+        self._host_read = buffer.host_read[:, row_index]  # [L, B]
         self._prebuild()
 
     def _wait(self, handle: CopyHandle) -> None:
@@ -94,22 +101,18 @@ class StepAccess:
             self.stats.wait_s += time.perf_counter() - start
         handle.order_compute_after()
 
-    def _rows(self, ids_per_request: list[list[int]]) -> torch.Tensor:
-        """Block ids [B, M] int64 on the host, padded with block 0."""
-        m = self.max_blocks
-        return torch.tensor([(ids[:m] + [0] * m)[:m] for ids in ids_per_request], dtype=torch.int64)
-
     def _prebuild(self) -> None:
         """Tables of every layer that all requests read in their own GPU blocks, in one transfer."""
-        layers = [i for i in range(self.num_layers) if all(t.layers[i].gpu_blocks for t in self.tables)]
-        if not layers:
+        layers = torch.nonzero(~self._host_read.any(dim=1))[:, 0]  # [L']
+        if not layers.numel():
             return
-        rows = torch.stack([self._rows([t.layers[i].gpu_blocks for t in self.tables]) for i in layers])
+        rows = self._rows_all[layers]  # [L', B, M]
         slots = rows[:, self._tok_row, self._tok_block]  # [L', T]
         rows_dev = rows.to(torch.int32).to(self.device)  # [L', B, M]
         slots_dev = slots.to(self.device)
         index_dev = _kv_index(rows).to(self.device)  # [L', 2 * B * M]
-        self._prebuilt = {layer: (rows_dev[j], slots_dev[j], index_dev[j]) for j, layer in enumerate(layers)}
+        self._prebuilt = {layer: (rows_dev[j], slots_dev[j], index_dev[j])
+                          for j, layer in enumerate(layers.tolist())}
 
     def _prefetch(self, layer: int) -> None:
         """Stream layer ``layer``'s host-home KV into staging blocks (one copy call for all requests)."""
@@ -146,7 +149,11 @@ class StepAccess:
         if layer in self._prebuilt and not staged.ids:
             block_table, slot_blocks, kv_index = self._prebuilt[layer]
         else:
-            rows = self._rows([staged.ids.get(t.request_id, t.layers[layer].gpu_blocks) for t in self.tables])
+            rows = self._rows_all[layer].clone()  # [B, M]
+            for i, table in enumerate(self.tables):
+                ids = staged.ids.get(table.request_id)
+                if ids is not None:
+                    rows[i, :len(ids)] = torch.tensor(ids)  # staging ids (as many as its end needs, <= M)
             slot_blocks = rows[self._tok_row, self._tok_block].to(self.device)  # [T]
             block_table = rows.to(torch.int32).to(self.device)  # [B, M]
             kv_index = _kv_index(rows[None])[0].to(self.device)  # [2 * B * M]
