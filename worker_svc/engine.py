@@ -27,6 +27,7 @@ from common.tokenizer import Tokenizer
 from common.types import CostModel, FinishReason, KVGeometry, Placement, SamplingParams, TierCapacity
 from worker_svc.attention import select_backend
 from worker_svc.engine_config import EngineConfig, size_tiers
+from worker_svc.kv.id_tensor import id_tensor
 from worker_svc.kv.kv_cache import KVCache
 from worker_svc.kv.manager import KVCacheManager
 from worker_svc.kv.offload import CopyEngine, make_copy_engine
@@ -331,9 +332,8 @@ class Engine:
             access = StepAccess(tables, starts, lens, self.kv, self.kv_manager,  # type: ignore[arg-type]
                                 self.copy_engine, stats, self.block_tables)
             dev = self.device
-            logits = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
-                                torch.tensor([ends[i] - 1 for i in sampled], dtype=torch.int64, device=dev),
-                                access, self.backend)
+            logits = self.model(id_tensor(ids).to(dev), id_tensor(positions).to(dev),
+                                id_tensor([ends[i] - 1 for i in sampled]).to(dev), access, self.backend)
             tokens = sample(logits, [batch[i].sampling for i in sampled],
                             [batch[i].generator for i in sampled]) if sampled else []
         except Exception as exc:  # a failed forward fails its batch, never the engine

@@ -33,13 +33,18 @@ class BlockPool:
         """``n`` block ids, or ``None`` (and nothing taken) when fewer are free."""
         if n > len(self._free):
             return None
-        ids = [self._free.pop() for _ in range(n)]
+        ids = self._free[len(self._free) - n:][::-1]  # the top of the stack, lowest id first
+        del self._free[len(self._free) - n:]
         self._free_set.difference_update(ids)
         return ids
 
     def free(self, ids: list[int]) -> None:
-        for i in ids:
-            assert self.first_id <= i < self.first_id + self.num_blocks, f"block {i} is not from this pool"
-            assert i not in self._free_set, f"block {i} freed twice"
+        if not ids:
+            return
+        low, high = min(ids), max(ids)
+        assert self.first_id <= low and high < self.first_id + self.num_blocks, \
+            f"block {low if low < self.first_id else high} is not from this pool"
+        assert self._free_set.isdisjoint(ids), \
+            f"blocks {sorted(self._free_set.intersection(ids))} freed twice"
         self._free.extend(sorted(ids, reverse=True))
         self._free_set.update(ids)

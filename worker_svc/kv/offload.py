@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 
 from worker_svc.kv.block_pool import BlockPool
+from worker_svc.kv.id_tensor import run_starts
 
 
 class CopyHandle(Protocol):
@@ -57,16 +58,12 @@ class CopyRun:
 
 
 def coalesce(src_ids: list[int], dst_ids: list[int]) -> list[CopyRun]:
-    """Group block pairs into runs where both sides are consecutive ids."""
+    """Group block pairs into runs where both sides are consecutive ids (found with array ops: a
+    step's copy lists can hold every block of a layer's context)."""
     assert len(src_ids) == len(dst_ids), "source and destination block lists differ in length"
-    runs: list[CopyRun] = []
-    for s, d in zip(src_ids, dst_ids, strict=True):
-        if runs and runs[-1].src + runs[-1].length == s and runs[-1].dst + runs[-1].length == d:
-            last = runs[-1]
-            runs[-1] = CopyRun(last.src, last.dst, last.length + 1)
-        else:
-            runs.append(CopyRun(s, d, 1))
-    return runs
+    starts = run_starts(src_ids, dst_ids)
+    ends = [*starts[1:], len(src_ids)] if starts else []
+    return [CopyRun(src_ids[a], dst_ids[a], b - a) for a, b in zip(starts, ends, strict=True)]
 
 
 class CopyEngine:

@@ -18,6 +18,7 @@ import torch
 
 from worker_svc.attention import AttentionMetadata
 from worker_svc.kv.block_table import LayerBlockTable
+from worker_svc.kv.id_tensor import id_tensor
 from worker_svc.kv.kv_cache import KVCache
 from worker_svc.kv.manager import KVCacheManager
 from worker_svc.kv.offload import CopyEngine, CopyHandle
@@ -58,6 +59,14 @@ def _kv_index(rows: torch.Tensor) -> torch.Tensor:
     return torch.stack((rows * 2, rows * 2 + 1), dim=1).reshape(rows.shape[0], -1)
 
 
+def _ragged_index(rows: list[int], counts: list[int], width: int) -> torch.Tensor:
+    """Flat positions of the first ``counts[k]`` entries of row ``rows[k]`` of a [*, width] tensor."""
+    n = id_tensor(counts)
+    first = id_tensor(rows) * width  # [K]
+    starts = torch.cumsum(n, 0) - n  # [K] where each row's entries begin in the flat list
+    return torch.arange(int(n.sum())) + torch.repeat_interleave(first - starts, n)  # [sum(counts)]
+
+
 class StepAccess:
     """Segments of ``tables`` (same order): request ``i`` computes ``lens[i]`` tokens from ``starts[i]``."""
 
@@ -75,17 +84,17 @@ class StepAccess:
         # Only whole prompts from slot 0: attention can use the fresh K/V, no block table needed.
         self.fresh = all(s == 0 for s in starts)
         self.max_blocks = max(_cdiv(e, self.bs) for e in self.ends)
-        lens_t = torch.tensor(lens)
+        lens_t = id_tensor(lens)
         self._tok_row = torch.repeat_interleave(torch.arange(len(tables)), lens_t)  # [T]
         cu = torch.zeros(len(lens) + 1, dtype=torch.int64)
         torch.cumsum(lens_t, 0, out=cu[1:])  # [B+1]
         # Position of every token: its request's start plus its index inside the segment.
-        first = torch.tensor(starts) - cu[:-1]  # [B]
+        first = id_tensor(starts) - cu[:-1]  # [B]
         pos = torch.arange(int(cu[-1])) + torch.repeat_interleave(first, lens_t)  # [T]
         self._tok_block = pos // self.bs  # [T] which of its request's blocks
         self.offsets = (pos % self.bs).to(self.device)  # [T]
         self.cu_seqlens = cu.to(torch.int32).to(self.device)  # [B+1]
-        self.context_lens = torch.tensor(self.ends, dtype=torch.int32).to(self.device)  # [B]
+        self.context_lens = id_tensor(self.ends).to(torch.int32).to(self.device)  # [B]
         self._staged: dict[int, _StagedLayer] = {}
         self._prebuilt: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         row_index = buffer.rows_for(tables, manager.tables)  # [B]
@@ -150,10 +159,16 @@ class StepAccess:
             block_table, slot_blocks, kv_index = self._prebuilt[layer]
         else:
             rows = self._rows_all[layer].clone()  # [B, M]
+            # The staging ids of the host-read requests, in one tensor write (each has as many as its
+            # end needs, <= M; the rest of its row stays block 0).
+            which, counts, flat = [], [], []
             for i, table in enumerate(self.tables):
                 ids = staged.ids.get(table.request_id)
                 if ids is not None:
-                    rows[i, :len(ids)] = torch.tensor(ids)  # staging ids (as many as its end needs, <= M)
+                    which.append(i)
+                    counts.append(len(ids))
+                    flat += ids
+            rows.view(-1)[_ragged_index(which, counts, self.max_blocks)] = id_tensor(flat)
             slot_blocks = rows[self._tok_row, self._tok_block].to(self.device)  # [T]
             block_table = rows.to(torch.int32).to(self.device)  # [B, M]
             kv_index = _kv_index(rows[None])[0].to(self.device)  # [2 * B * M]

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
 from worker_svc.kv.block_table import LayerBlockTable
+from worker_svc.kv.id_tensor import id_tensor
 
 
 @dataclass
@@ -53,7 +55,7 @@ class BlockTableBuffer:
             elif row.blocks < table.blocks_per_layer:
                 self._write(row, row.blocks)
             out.append(row.index)
-        return torch.tensor(out, dtype=torch.int64)
+        return id_tensor(out)
 
     def _take_row(self, live: Mapping[str, LayerBlockTable]) -> int:
         if not self._free:
@@ -87,5 +89,6 @@ class BlockTableBuffer:
         if n > start:
             pad = [0] * (n - start)
             tail = [lb.gpu_blocks[start:n] if lb.reads_gpu_blocks else pad for lb in table.layers]
-            self.ids[:, row.index, start:n] = torch.tensor(tail, dtype=torch.int64)  # [L, n - start]
+            flat = id_tensor(list(chain.from_iterable(tail)))
+            self.ids[:, row.index, start:n] = flat.view(len(tail), n - start)  # [L, n - start]
         row.blocks = n
