@@ -35,6 +35,9 @@ from worker_svc.model.config import ModelConfig
 from worker_svc.model.loader import LoadedModel, _random_model
 
 
+_SLACK = 64  # output tokens beyond the timed steps: the first requests decode while the last prefill
+
+
 class NoKernelModel:
     """Stands in for the model: visits each layer's KV access, computes nothing."""
 
@@ -59,7 +62,7 @@ def build(num_layers: int, batch: int, context: int, steps: int, block_size: int
     mc = tiny_config(num_layers)
     loaded = LoadedModel("tiny-hidden", mc, _random_model(mc, torch.device("cpu"), torch.float32, 0),
                          ByteTokenizer(256, 257))
-    per_request = -(-(context + steps + 1) // block_size)  # blocks per layer
+    per_request = -(-(context + steps + _SLACK) // block_size)  # blocks per layer
     gpu_layers, host = num_layers - host_layers, host_layers
     config = EngineConfig(block_size=block_size, gpu_blocks=batch * per_request * gpu_layers + 1,
                           host_blocks=batch * per_request * host + 1,
@@ -81,7 +84,7 @@ def measure(num_layers: int, batch: int, context: int, steps: int, block_size: i
     placement = Placement.from_letters(letters, num_layers)
     for i in range(batch):
         engine.add_request(f"r{i}", [1 + (i + t) % 60 for t in range(context)],
-                           SamplingParams(max_tokens=steps + 1, ignore_eos=True), placement)
+                           SamplingParams(max_tokens=steps + _SLACK, ignore_eos=True), placement)
     while any(r.output_ids == [] for r in engine._requests.values()):
         engine.step()  # prefill
     times = []

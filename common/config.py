@@ -157,6 +157,9 @@ class WorkerSettings(_Settings):
         "recompute", description="how a request is preempted when KV growth finds no room (dispatch default)")
     max_num_batched_tokens: int = Field(
         2048, ge=1, le=1 << 20, description="tokens per engine step: decodes first, then prefill chunks")
+    threads: int = Field(
+        0, ge=0, le=1024,
+        description="torch intra-op threads; 0: the cores this process may use (its CPU affinity)")
     scheduler: str = Field("", description="scheduler address to self-register with")
     advertise_address: str = Field("", description="address the scheduler should dial; empty: host:port")
     tls_cert: str = Field("", description="server certificate PEM; TLS on when set")

@@ -61,6 +61,9 @@ def worker(
         int, typer.Option(envvar=_env("max_num_batched_tokens"),
                           help="tokens per engine step: decodes first, then prefill chunks")
     ] = 2048,
+    threads: Annotated[
+        int, typer.Option(envvar=_env("threads"), help="torch threads; 0: the cores this process may use")
+    ] = 0,
     scheduler: Annotated[
         str, typer.Option(envvar=_env("scheduler"), help="scheduler host:port to self-register with")
     ] = "",
@@ -92,7 +95,7 @@ def worker(
             device=device, dtype=dtype, block_size=block_size, gpu_blocks=gpu_blocks,
             host_blocks=host_blocks, staging_blocks=staging_blocks, gpu_kv_gib=gpu_kv_gib,
             host_kv_gib=host_kv_gib, preemption_mode=preemption_mode,
-            max_num_batched_tokens=max_num_batched_tokens, scheduler=scheduler,
+            max_num_batched_tokens=max_num_batched_tokens, threads=threads, scheduler=scheduler,
             advertise_address=advertise_address,
             tls_cert=tls_cert,
             tls_key=tls_key, tls_ca=tls_ca, scheduler_identity=scheduler_identity,
