@@ -1,6 +1,6 @@
 """The persistent block-table buffer equals tables rebuilt from scratch after any mix of admission,
 growth, swap-out, promotion, preemption (release and re-admission under the same id) and finish,
-and writes only what changed."""
+and writes only what changed; the KV manager's tracked staging demand stays equal to a recount."""
 
 from __future__ import annotations
 
@@ -83,6 +83,7 @@ def test_buffer_equals_rebuild_after_random_sequences(seed: int) -> None:
             mgr.release(rid)
             if mgr.allocate(rid, tokens[rid], Placement.all_gpu(LAYERS)) is not None:
                 mgr.tables[rid].num_tokens = tokens[rid]
+        assert mgr._staging_demand() == mgr.derived_staging_demand()  # tracked counts stay exact
         batch = [r for r in mgr.tables if rnd.random() < 0.7]
         if batch:
             assert_buffer_matches(buffer, mgr, batch)

@@ -297,6 +297,8 @@ class Engine:
         return plan, admitted, failed
 
     def _promote(self, stats: CopyStats) -> None:
+        if not self.kv_manager.has_host_reads:
+            return  # nothing to promote: skip the per-request bookkeeping below
         # Keep a block of growth per GPU-read layer of every request that will still grow, so a
         # promotion does not take the room the next decode grows into (and preempt to get it back).
         growing = {r.request_id for r in self._running if r.table is not None and r.table.blocks_per_layer

@@ -101,6 +101,8 @@ class StepAccess:
         self._rows_all = buffer.ids[:, row_index, :self.max_blocks]  # [L, B, M] GPU-read block ids
         self._host_read = buffer.host_read[:, row_index]  # [L, B]
         self._prebuild()
+        batch = {id(t) for t in tables}
+        self._loading = [(t, layer) for t, layer in manager.loading() if id(t) in batch]
 
     def _wait(self, handle: CopyHandle) -> None:
         """Order compute after a copy; count host time only when it is not already done."""
@@ -128,10 +130,10 @@ class StepAccess:
         staged = _StagedLayer()
         src: list[int] = []
         dst: list[int] = []
-        for table, start, end in zip(self.tables, self.starts, self.ends, strict=True):
+        host_rows = [] if layer in self._prebuilt else torch.nonzero(self._host_read[layer])[:, 0].tolist()
+        for i in host_rows:
+            table, start, end = self.tables[i], self.starts[i], self.ends[i]
             lb = table.layers[layer]
-            if lb.reads_gpu_blocks:
-                continue
             ids = self.manager.staging.allocate(_cdiv(end, self.bs))
             staged.ids[table.request_id] = ids
             filled = _cdiv(start, self.bs)
@@ -151,9 +153,9 @@ class StepAccess:
         staged = self._staged[layer]
         if staged.load is not None:
             self._wait(staged.load)
-        for table in self.tables:
-            lb = table.layers[layer]
-            if lb.pending is not None and lb.reads_gpu_blocks:  # promotion in flight: wait for it
+        for table, loading in self._loading:
+            lb = table.layers[loading]
+            if loading == layer and lb.pending is not None:  # a promotion in flight: wait for it
                 self._wait(lb.pending)
         if layer in self._prebuilt and not staged.ids:
             block_table, slot_blocks, kv_index = self._prebuilt[layer]
@@ -200,7 +202,7 @@ class StepAccess:
         for table in self.tables:
             ids = staged.ids.get(table.request_id)
             if ids is not None:
-                table.layers[layer].pending = handle  # its host blocks are being written
+                self.manager.set_pending(table, layer, handle)  # its host blocks are being written
                 self.manager.staging.release_after(ids, handle)
 
     def abandon(self) -> None:
