@@ -34,7 +34,7 @@ def assert_buffer_matches(buffer: BlockTableBuffer, mgr: KVCacheManager, batch: 
     for table, row in zip(tables, rows.tolist(), strict=True):
         ids, host = rebuilt(table)
         n = table.blocks_per_layer
-        assert torch.equal(buffer.ids[:, row, :n], ids), table.request_id
+        assert torch.equal(buffer.ids[:, row, :n].long(), ids), table.request_id
         assert not buffer.ids[:, row, n:].any()  # padded with block 0 beyond its blocks
         assert torch.equal(buffer.host_read[:, row], host)
 

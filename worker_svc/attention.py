@@ -29,8 +29,6 @@ class AttentionMetadata:
     context_lens: torch.Tensor | None = None  # [B] int32 tokens each request attends to, new ones included
     max_context: int = 0
     context_list: list[int] | None = None  # context_lens on the host (chunks longer than one token)
-    kv_index: torch.Tensor | None = None  # [2 * B * M] int64 rows of the cache viewed as [2N, bs*Hkv*D]:
-    # the K rows of block_table (2 * id) row-major, then its V rows (2 * id + 1)
 
 
 class AttentionBackend:
@@ -69,25 +67,24 @@ class AttentionBackend:
         self._work: torch.Tensor | None = None  # gather workspace, reused by every layer and step
 
     def _gather(self, cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row's K and V, each [B, M * bs, Hkv, D], copied from the cache in one index_select.
-
-        ``kv_index`` names rows of the cache seen as [N * 2, bs * Hkv * D] (block ``b``'s K is row
-        ``2b``, its V ``2b + 1``), so no per-request or per-block work happens here. The copy goes
-        into a persistent workspace: a fresh tensor this size per layer costs more in page faults
-        than the copy itself."""
-        assert meta.block_table is not None and meta.kv_index is not None
+        """Every row's K and V, each [B, M * bs, Hkv, D], copied from the cache by two index_selects
+        (the K halves of the blocks of ``block_table``, then the V halves), with no per-request or
+        per-block work. The copy goes into a persistent workspace: a fresh tensor this size per
+        layer costs more in page faults than the copy itself."""
+        assert meta.block_table is not None
         b, m = meta.block_table.shape
-        bs, hkv, d = cache.shape[2:]
-        flat = cache.view(cache.shape[0] * 2, bs * hkv * d)  # [2N, bs * Hkv * D]
-        n = meta.kv_index.numel()
-        if (self._work is None or self._work.shape[0] < n or self._work.shape[1] != flat.shape[1]
+        block = cache.shape[2:]  # (bs, Hkv, D)
+        n = b * m
+        if (self._work is None or self._work.shape[1] < n or self._work.shape[2:] != block
                 or self._work.dtype != cache.dtype or self._work.device != cache.device):
-            self._work = torch.empty((max(n, 2 * (self._work.shape[0] if self._work is not None else 0)),
-                                      flat.shape[1]), dtype=cache.dtype, device=cache.device)
-        work = self._work[:n]
-        torch.index_select(flat, 0, meta.kv_index, out=work)
-        kv = work.view(2, b, m * bs, hkv, d)
-        return kv[0], kv[1]  # [B, S, Hkv, D] each
+            grown = max(n, 2 * self._work.shape[1]) if self._work is not None else n
+            self._work = torch.empty((2, grown, *block), dtype=cache.dtype, device=cache.device)
+        ids = meta.block_table.reshape(-1)  # [B * M]
+        torch.index_select(cache[:, 0], 0, ids, out=self._work[0, :n])
+        torch.index_select(cache[:, 1], 0, ids, out=self._work[1, :n])
+        k = self._work[0, :n].view(b, m * block[0], *block[1:])
+        v = self._work[1, :n].view(b, m * block[0], *block[1:])
+        return k, v  # [B, S, Hkv, D] each
 
     def decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Each request's new tokens over its cached context, causally. q [T, H, D] -> [T, H, D].

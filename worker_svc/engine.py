@@ -78,7 +78,7 @@ class Engine:
         self.kv_manager = KVCacheManager(self.geometry, sizes.gpu_blocks, sizes.host_blocks,
                                          sizes.staging_blocks)
         self.copy_engine = copy_engine or make_copy_engine(device)
-        self.block_tables = BlockTableBuffer(mc.num_layers)  # persistent, updated by what changed
+        self.block_tables = BlockTableBuffer(mc.num_layers, device=device)  # persistent, updated by changes
         self.backend = select_backend(device, dtype, config.attention_backend)
         self.cost_model = CostModel()
         self._waiting: deque[Request] = deque()  # no blocks; recompute-preempted ones at the front

@@ -54,11 +54,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _kv_index(rows: torch.Tensor) -> torch.Tensor:
-    """Block ids [L, B, M] -> rows of the cache seen as [2N, bs*Hkv*D]: [L, 2 * B * M], K rows then V."""
-    return torch.stack((rows * 2, rows * 2 + 1), dim=1).reshape(rows.shape[0], -1)
-
-
 def _ragged_index(rows: list[int], counts: list[int], width: int) -> torch.Tensor:
     """Flat positions of the first ``counts[k]`` entries of row ``rows[k]`` of a [*, width] tensor."""
     n = id_tensor(counts)
@@ -91,15 +86,17 @@ class StepAccess:
         # Position of every token: its request's start plus its index inside the segment.
         first = id_tensor(starts) - cu[:-1]  # [B]
         pos = torch.arange(int(cu[-1])) + torch.repeat_interleave(first, lens_t)  # [T]
-        self._tok_block = pos // self.bs  # [T] which of its request's blocks
+        self._tok_row = self._tok_row.to(self.device)
+        self._tok_block = (pos // self.bs).to(self.device)  # [T] which of its request's blocks
         self.offsets = (pos % self.bs).to(self.device)  # [T]
         self.cu_seqlens = cu.to(torch.int32).to(self.device)  # [B+1]
         self.context_lens = id_tensor(self.ends).to(torch.int32).to(self.device)  # [B]
         self._staged: dict[int, _StagedLayer] = {}
-        self._prebuilt: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._prebuilt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         row_index = buffer.rows_for(tables, manager.tables)  # [B]
-        self._rows_all = buffer.ids[:, row_index, :self.max_blocks]  # [L, B, M] GPU-read block ids
-        self._host_read = buffer.host_read[:, row_index]  # [L, B]
+        # [L, B, M] int32 GPU-read block ids of every layer, gathered on the device in one op
+        self._rows_all = buffer.ids[:, row_index.to(self.device), :self.max_blocks]
+        self._host_read = buffer.host_read[:, row_index]  # [L, B] on the host
         self._prebuild()
         batch = {id(t) for t in tables}
         self._loading = [(t, layer) for t, layer in manager.loading() if id(t) in batch]
@@ -113,17 +110,15 @@ class StepAccess:
         handle.order_compute_after()
 
     def _prebuild(self) -> None:
-        """Tables of every layer that all requests read in their own GPU blocks, in one transfer."""
-        layers = torch.nonzero(~self._host_read.any(dim=1))[:, 0]  # [L']
-        if not layers.numel():
+        """Tables and slots of every layer that all requests read in their own GPU blocks, at once."""
+        layers = torch.nonzero(~self._host_read.any(dim=1))[:, 0].tolist()
+        if not layers:
             return
-        rows = self._rows_all[layers]  # [L', B, M]
+        rows = self._rows_all  # [L', B, M]
+        if len(layers) < self.num_layers:
+            rows = rows[torch.tensor(layers, device=self.device)]
         slots = rows[:, self._tok_row, self._tok_block]  # [L', T]
-        rows_dev = rows.to(torch.int32).to(self.device)  # [L', B, M]
-        slots_dev = slots.to(self.device)
-        index_dev = _kv_index(rows).to(self.device)  # [L', 2 * B * M]
-        self._prebuilt = {layer: (rows_dev[j], slots_dev[j], index_dev[j])
-                          for j, layer in enumerate(layers.tolist())}
+        self._prebuilt = {layer: (rows[j], slots[j]) for j, layer in enumerate(layers)}
 
     def _prefetch(self, layer: int) -> None:
         """Stream layer ``layer``'s host-home KV into staging blocks (one copy call for all requests)."""
@@ -158,7 +153,7 @@ class StepAccess:
             if loading == layer and lb.pending is not None:  # a promotion in flight: wait for it
                 self._wait(lb.pending)
         if layer in self._prebuilt and not staged.ids:
-            block_table, slot_blocks, kv_index = self._prebuilt[layer]
+            block_table, slot_blocks = self._prebuilt[layer]
         else:
             rows = self._rows_all[layer].clone()  # [B, M]
             # The staging ids of the host-read requests, in one tensor write (each has as many as its
@@ -170,10 +165,10 @@ class StepAccess:
                     which.append(i)
                     counts.append(len(ids))
                     flat += ids
-            rows.view(-1)[_ragged_index(which, counts, self.max_blocks)] = id_tensor(flat)
-            slot_blocks = rows[self._tok_row, self._tok_block].to(self.device)  # [T]
-            block_table = rows.to(torch.int32).to(self.device)  # [B, M]
-            kv_index = _kv_index(rows[None])[0].to(self.device)  # [2 * B * M]
+            where = _ragged_index(which, counts, self.max_blocks).to(self.device)
+            rows.view(-1)[where] = id_tensor(flat).to(device=self.device, dtype=torch.int32)
+            slot_blocks = rows[self._tok_row, self._tok_block]  # [T]
+            block_table = rows  # [B, M]
         if self.fresh:
             meta = AttentionMetadata(is_prefill=True, slot_blocks=slot_blocks, slot_offsets=self.offsets,
                                      seq_lens=self.lens, cu_seqlens=self.cu_seqlens)
@@ -181,7 +176,7 @@ class StepAccess:
             meta = AttentionMetadata(
                 is_prefill=False, slot_blocks=slot_blocks, slot_offsets=self.offsets, seq_lens=self.lens,
                 cu_seqlens=self.cu_seqlens, block_table=block_table, context_lens=self.context_lens,
-                max_context=max(self.ends), context_list=self.ends, kv_index=kv_index)
+                max_context=max(self.ends), context_list=self.ends)
         return self.kv.gpu, meta
 
     def end_layer(self, layer: int) -> None:

@@ -29,9 +29,13 @@ class _Row:
 
 
 class BlockTableBuffer:
-    def __init__(self, num_layers: int, rows: int = 8, blocks: int = 16) -> None:
+    def __init__(self, num_layers: int, rows: int = 8, blocks: int = 16,
+                 device: torch.device | None = None) -> None:
         self.num_layers = num_layers
-        self.ids = torch.zeros((num_layers, rows, blocks), dtype=torch.int64)  # [L, R, M]
+        self.device = device or torch.device("cpu")
+        # [L, R, M] int32 on the device: a step's tables are gathered there, and an update is a
+        # small write of the blocks that changed
+        self.ids = torch.zeros((num_layers, rows, blocks), dtype=torch.int32, device=self.device)
         self.host_read = torch.zeros((num_layers, rows), dtype=torch.bool)  # [L, R] layer read via staging
         self._rows: dict[str, _Row] = {}
         self._free: list[int] = list(range(rows - 1, -1, -1))
@@ -65,7 +69,7 @@ class BlockTableBuffer:
                     self._free.append(row.index)
         if not self._free:
             layers, r, m = self.ids.shape
-            grown = torch.zeros((layers, 2 * r, m), dtype=torch.int64)
+            grown = torch.zeros((layers, 2 * r, m), dtype=torch.int32, device=self.device)
             grown[:, :r] = self.ids
             self.ids = grown
             host = torch.zeros((layers, 2 * r), dtype=torch.bool)
@@ -80,7 +84,7 @@ class BlockTableBuffer:
         n = table.blocks_per_layer
         if n > self.ids.shape[2]:
             layers, r, m = self.ids.shape
-            grown = torch.zeros((layers, r, max(n, 2 * m)), dtype=torch.int64)
+            grown = torch.zeros((layers, r, max(n, 2 * m)), dtype=torch.int32, device=self.device)
             grown[:, :, :m] = self.ids
             self.ids = grown
         if start == 0:
@@ -89,6 +93,6 @@ class BlockTableBuffer:
         if n > start:
             pad = [0] * (n - start)
             tail = [lb.gpu_blocks[start:n] if lb.reads_gpu_blocks else pad for lb in table.layers]
-            flat = id_tensor(list(chain.from_iterable(tail)))
+            flat = id_tensor(list(chain.from_iterable(tail))).to(device=self.device, dtype=torch.int32)
             self.ids[:, row.index, start:n] = flat.view(len(tail), n - start)  # [L, n - start]
         row.blocks = n
