@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from worker_svc.kv.block_pool import BlockPool
-from worker_svc.kv.id_tensor import run_starts
+from worker_svc.kv.id_tensor import id_tensor, run_starts
 
 
 class CopyHandle(Protocol):
@@ -71,10 +71,20 @@ class CopyEngine:
 
     def copy_blocks(self, src: torch.Tensor, src_ids: list[int], dst: torch.Tensor,
                     dst_ids: list[int]) -> CopyHandle:
-        """Copy blocks ``src[src_ids]`` into ``dst[dst_ids]``; tensors are [N, 2, bs, Hkv, D]."""
-        for run in coalesce(src_ids, dst_ids):
+        """Copy blocks ``src[src_ids]`` into ``dst[dst_ids]``; tensors are [N, 2, bs, Hkv, D].
+
+        Few runs: one slice copy each. Many (a batch's contexts, each its own run): one gather and
+        one scatter, as the per-call cost of hundreds of small copies exceeds the extra pass."""
+        runs = coalesce(src_ids, dst_ids)
+        if len(runs) > _MANY_RUNS:
+            dst.index_copy_(0, id_tensor(dst_ids), src.index_select(0, id_tensor(src_ids)))
+            return DoneHandle()
+        for run in runs:
             dst[run.dst:run.dst + run.length].copy_(src[run.src:run.src + run.length])
         return DoneHandle()
+
+
+_MANY_RUNS = 8  # CPU copies: above this many runs, index ops beat a slice copy per run
 
 
 class CudaEventHandle:
