@@ -34,8 +34,12 @@ from worker_svc.kv.step_access import StepAccess
 from worker_svc.model.config import ModelConfig
 from worker_svc.model.loader import LoadedModel, _random_model
 
+BATCHED_TOKENS = 1 << 16  # tokens per step while prefilling
 
-_SLACK = 64  # output tokens beyond the timed steps: the first requests decode while the last prefill
+
+def slack(batch: int, context: int) -> int:
+    """Output tokens beyond the timed steps: the first requests decode while the last ones prefill."""
+    return 8 + batch * context // BATCHED_TOKENS
 
 
 class NoKernelModel:
@@ -62,13 +66,13 @@ def build(num_layers: int, batch: int, context: int, steps: int, block_size: int
     mc = tiny_config(num_layers)
     loaded = LoadedModel("tiny-hidden", mc, _random_model(mc, torch.device("cpu"), torch.float32, 0),
                          ByteTokenizer(256, 257))
-    per_request = -(-(context + steps + _SLACK) // block_size)  # blocks per layer
+    per_request = -(-(context + steps + slack(batch, context)) // block_size)  # blocks per layer
     gpu_layers, host = num_layers - host_layers, host_layers
     config = EngineConfig(block_size=block_size, gpu_blocks=batch * per_request * gpu_layers + 1,
                           host_blocks=batch * per_request * host + 1,
                           staging_blocks=2 * batch * per_request + 1 if host else 1,
-                          max_num_seqs=max(batch, 1), max_num_batched_tokens=1 << 16,
-                          max_prefill_tokens=1 << 16, max_promotions_per_step=0)
+                          max_num_seqs=max(batch, 1), max_num_batched_tokens=BATCHED_TOKENS,
+                          max_prefill_tokens=BATCHED_TOKENS, max_promotions_per_step=0)
     engine = Engine(config, loaded, torch.device("cpu"), torch.float32)
     engine.model = NoKernelModel(num_layers, mc.vocab_size)  # type: ignore[assignment]
     return engine
@@ -84,7 +88,8 @@ def measure(num_layers: int, batch: int, context: int, steps: int, block_size: i
     placement = Placement.from_letters(letters, num_layers)
     for i in range(batch):
         engine.add_request(f"r{i}", [1 + (i + t) % 60 for t in range(context)],
-                           SamplingParams(max_tokens=steps + _SLACK, ignore_eos=True), placement)
+                           SamplingParams(max_tokens=steps + slack(batch, context), ignore_eos=True),
+                           placement)
     while any(r.output_ids == [] for r in engine._requests.values()):
         engine.step()  # prefill
     times = []
