@@ -31,6 +31,7 @@ def assert_buffer_matches(buffer: BlockTableBuffer, mgr: KVCacheManager, batch: 
     tables = [mgr.tables[r] for r in batch]
     rows = buffer.rows_for(tables, mgr.tables)
     assert len(set(rows.tolist())) == len(rows)  # one row per request
+    assert buffer.in_order == (rows.tolist() == list(range(len(rows))))
     for table, row in zip(tables, rows.tolist(), strict=True):
         ids, host = rebuilt(table)
         n = table.blocks_per_layer

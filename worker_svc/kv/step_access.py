@@ -94,9 +94,14 @@ class StepAccess:
         self._staged: dict[int, _StagedLayer] = {}
         self._prebuilt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         row_index = buffer.rows_for(tables, manager.tables)  # [B]
-        # [L, B, M] int32 GPU-read block ids of every layer, gathered on the device in one op
-        self._rows_all = buffer.ids[:, row_index.to(self.device), :self.max_blocks]
-        self._host_read = buffer.host_read[:, row_index]  # [L, B] on the host
+        # [L, B, M] int32 GPU-read block ids of every layer: a view when the batch holds rows
+        # 0..B-1 in order (a steady batch), else gathered on the device in one op
+        if buffer.in_order:
+            self._rows_all = buffer.ids[:, :len(tables), :self.max_blocks]
+            self._host_read = buffer.host_read[:, :len(tables)]  # [L, B] on the host
+        else:
+            self._rows_all = buffer.ids[:, row_index.to(self.device), :self.max_blocks]
+            self._host_read = buffer.host_read[:, row_index]
         self._prebuild()
         batch = {id(t) for t in tables}
         self._loading = [(t, layer) for t, layer in manager.loading() if id(t) in batch]
@@ -155,7 +160,7 @@ class StepAccess:
         if layer in self._prebuilt and not staged.ids:
             block_table, slot_blocks = self._prebuilt[layer]
         else:
-            rows = self._rows_all[layer].clone()  # [B, M]
+            rows = self._rows_all[layer].clone(memory_format=torch.contiguous_format)  # [B, M]
             # The staging ids of the host-read requests, in one tensor write (each has as many as its
             # end needs, <= M; the rest of its row stays block 0).
             which, counts, flat = [], [], []

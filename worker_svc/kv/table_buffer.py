@@ -39,6 +39,7 @@ class BlockTableBuffer:
         self.host_read = torch.zeros((num_layers, rows), dtype=torch.bool)  # [L, R] layer read via staging
         self._rows: dict[str, _Row] = {}
         self._free: list[int] = list(range(rows - 1, -1, -1))
+        self.in_order = False  # the last ``rows_for`` gave rows 0..B-1 in batch order
 
     def rows_for(self, tables: Sequence[LayerBlockTable],
                  live: Mapping[str, LayerBlockTable]) -> torch.Tensor:
@@ -59,6 +60,7 @@ class BlockTableBuffer:
             elif row.blocks < table.blocks_per_layer:
                 self._write(row, row.blocks)
             out.append(row.index)
+        self.in_order = out == list(range(len(out)))  # rows 0..B-1: a step can take a view
         return id_tensor(out)
 
     def _take_row(self, live: Mapping[str, LayerBlockTable]) -> int:
