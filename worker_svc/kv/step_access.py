@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from itertools import chain
 
 import torch
 
@@ -52,6 +53,9 @@ class _StagedLayer:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+_FEW_ROWS = 4  # host-read rows of a layer up to which staging ids are written row by row
 
 
 def _ragged_index(rows: list[int], counts: list[int], width: int) -> torch.Tensor:
@@ -116,7 +120,11 @@ class StepAccess:
 
     def _prebuild(self) -> None:
         """Tables and slots of every layer that all requests read in their own GPU blocks, at once."""
-        layers = torch.nonzero(~self._host_read.any(dim=1))[:, 0].tolist()
+        # (layer, row) of every host-read segment, grouped by layer: the staging work of the step
+        self._host_rows: dict[int, list[int]] = {}
+        for layer, row in torch.nonzero(self._host_read).tolist():
+            self._host_rows.setdefault(layer, []).append(row)
+        layers = [i for i in range(self.num_layers) if i not in self._host_rows]
         if not layers:
             return
         rows = self._rows_all  # [L', B, M]
@@ -130,8 +138,7 @@ class StepAccess:
         staged = _StagedLayer()
         src: list[int] = []
         dst: list[int] = []
-        host_rows = [] if layer in self._prebuilt else torch.nonzero(self._host_read[layer])[:, 0].tolist()
-        for i in host_rows:
+        for i in self._host_rows.get(layer, []):
             table, start, end = self.tables[i], self.starts[i], self.ends[i]
             lb = table.layers[layer]
             ids = self.manager.staging.allocate(_cdiv(end, self.bs))
@@ -163,15 +170,16 @@ class StepAccess:
             rows = self._rows_all[layer].clone(memory_format=torch.contiguous_format)  # [B, M]
             # The staging ids of the host-read requests, in one tensor write (each has as many as its
             # end needs, <= M; the rest of its row stays block 0).
-            which, counts, flat = [], [], []
-            for i, table in enumerate(self.tables):
-                ids = staged.ids.get(table.request_id)
-                if ids is not None:
-                    which.append(i)
-                    counts.append(len(ids))
-                    flat += ids
-            where = _ragged_index(which, counts, self.max_blocks).to(self.device)
-            rows.view(-1)[where] = id_tensor(flat).to(device=self.device, dtype=torch.int32)
+            which = self._host_rows[layer]
+            if len(which) <= _FEW_ROWS:  # a write per row costs less than building the ragged index
+                for i in which:
+                    ids = staged.ids[self.tables[i].request_id]
+                    rows[i, :len(ids)] = id_tensor(ids).to(device=self.device, dtype=torch.int32)
+            else:
+                lists = [staged.ids[self.tables[i].request_id] for i in which]
+                where = _ragged_index(which, [len(ids) for ids in lists], self.max_blocks).to(self.device)
+                flat = id_tensor(list(chain.from_iterable(lists)))
+                rows.view(-1)[where] = flat.to(device=self.device, dtype=torch.int32)
             slot_blocks = rows[self._tok_row, self._tok_block]  # [T]
             block_table = rows  # [B, M]
         if self.fresh:
