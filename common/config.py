@@ -199,6 +199,9 @@ class WorkerSettings(_Settings):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of free CUDA memory used")
     profile: bool = Field(False, description="measure the cost model (bandwidth, step times) at start-up")
     seed: int = Field(0, ge=0, description="random weights of presets and default sampling seeds")
+    threads: int = Field(
+        0, ge=0, le=1024,
+        description="torch intra-op threads; 0: the cores this process may use (its CPU affinity)")
     scheduler: str = Field("", description="scheduler address to self-register with")
     advertise_address: str = Field("", description="address the scheduler should dial; empty: host:port")
     tls_cert: str = Field("", description="server certificate PEM; TLS on when set")

@@ -34,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.errors import Unavailable
 from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc
 from common.security import bearer_metadata
+from common.threads import threads_for
 from layerkv import credentials
 from layerkv.testing.ports import free_port, port_or_free, wait_tcp
 from layerkv.testing.redis_server import redis_argv
@@ -197,7 +198,9 @@ def start(opts: EmbeddedOptions, system: EmbeddedSystem) -> None:
         wargv = ["worker", "--host", host, "--port", str(port), "--metrics-port", str(metrics),
                  "--worker-id", f"worker-{i}", "--model", opts.model, "--device", opts.device,
                  "--dtype", opts.dtype, "--block-size", str(opts.block_size),
-                 "--scheduler", system.scheduler_address, "--advertise-address", f"{host}:{port}"]
+                 "--scheduler", system.scheduler_address, "--advertise-address", f"{host}:{port}",
+                 # the workers share this machine's cores: each takes its share, never all of them
+                 "--threads", str(threads_for(0, sharing=opts.workers))]
         for flag, value in (("--gpu-blocks", opts.gpu_blocks), ("--host-blocks", opts.host_blocks),
                             ("--gpu-kv-gib", opts.gpu_kv_gib), ("--host-kv-gib", opts.host_kv_gib)):
             if value is not None:

@@ -63,15 +63,39 @@ class AttentionBackend:
             start += n
         return torch.cat(outs, dim=0)
 
+    def __init__(self) -> None:
+        self._work: torch.Tensor | None = None  # gather workspace, reused by every layer and step
+
+    def _gather(self, cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's K and V, each [B, M * bs, Hkv, D], copied from the cache by two index_selects
+        (the K halves of the blocks of ``block_table``, then the V halves), with no per-request or
+        per-block work. The copy goes into a persistent workspace: a fresh tensor this size per
+        layer costs more in page faults than the copy itself."""
+        assert meta.block_table is not None
+        b, m = meta.block_table.shape
+        block = cache.shape[2:]  # (bs, Hkv, D)
+        n = b * m
+        if (self._work is None or self._work.shape[1] < n or self._work.shape[2:] != block
+                or self._work.dtype != cache.dtype or self._work.device != cache.device):
+            grown = max(n, 2 * self._work.shape[1]) if self._work is not None else n
+            self._work = torch.empty((2, grown, *block), dtype=cache.dtype, device=cache.device)
+        ids = meta.block_table.reshape(-1)  # [B * M]
+        torch.index_select(cache[:, 0], 0, ids, out=self._work[0, :n])
+        torch.index_select(cache[:, 1], 0, ids, out=self._work[1, :n])
+        k = self._work[0, :n].view(b, m * block[0], *block[1:])
+        v = self._work[1, :n].view(b, m * block[0], *block[1:])
+        return k, v  # [B, S, Hkv, D] each
+
     def decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Each request's new tokens over its cached context, causally. q [T, H, D] -> [T, H, D].
 
         One-token segments (decodes) go through one batched call; each longer segment (a prefill
-        chunk after earlier chunks) attends to its blocks with a causal mask offset by its start.
+        chunk after earlier chunks) attends to its gathered rows with a causal mask offset by its start.
         """
         assert meta.block_table is not None and meta.context_lens is not None
+        k_all, v_all = self._gather(cache, meta)  # [B, S, Hkv, D]
         if all(n == 1 for n in meta.seq_lens):
-            return self._decode_rows(q, cache, meta.block_table, meta.context_lens)
+            return self._decode_rows(q, k_all, v_all, meta)
         assert meta.context_list is not None
         out = torch.empty_like(q)
         starts = [0]
@@ -81,34 +105,40 @@ class AttentionBackend:
         if singles:
             rows = torch.tensor(singles, device=q.device)
             toks = torch.tensor([starts[i] for i in singles], device=q.device)
-            out[toks] = self._decode_rows(q[toks], cache, meta.block_table[rows], meta.context_lens[rows])
-        bs = cache.shape[2]
+            mask = self._mask(meta.context_lens[rows], k_all.shape[1])
+            out[toks] = self._attend(q[toks], k_all[rows], v_all[rows], mask)
         for i, n in enumerate(meta.seq_lens):
             if n == 1:
                 continue
             ctx = meta.context_list[i]
-            blocks = meta.block_table[i, :-(-ctx // bs)].long()
-            k = cache[blocks, 0].reshape(-1, *cache.shape[3:])[:ctx].transpose(0, 1)  # [Hkv, S, D]
-            v = cache[blocks, 1].reshape(-1, *cache.shape[3:])[:ctx].transpose(0, 1)
+            k = k_all[i, :ctx].transpose(0, 1)  # [Hkv, S, D]
+            v = v_all[i, :ctx].transpose(0, 1)
             qs = q[starts[i]:starts[i + 1]].transpose(0, 1)  # [H, n, D]
             query_pos = torch.arange(ctx - n, ctx, device=q.device)
-            mask = torch.arange(ctx, device=q.device)[None, :] <= query_pos[:, None]  # [n, S]
-            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, enable_gqa=True)
+            causal = torch.arange(ctx, device=q.device)[None, :] <= query_pos[:, None]  # [n, S]
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=causal, enable_gqa=True)
             out[starts[i]:starts[i + 1]] = o.transpose(0, 1)
         return out
 
-    def _decode_rows(self, q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
-                     context_lens: torch.Tensor) -> torch.Tensor:
-        """One new token per row over its cached context. q [B, H, D], block_table [B, M] -> [B, H, D]."""
-        b, m = block_table.shape
-        bs = cache.shape[2]
-        gathered = cache[block_table.long()]  # [B, M, 2, bs, Hkv, D]
-        k = gathered[:, :, 0].reshape(b, m * bs, *cache.shape[3:]).transpose(1, 2)  # [B, Hkv, S, D]
-        v = gathered[:, :, 1].reshape(b, m * bs, *cache.shape[3:]).transpose(1, 2)
-        pos = torch.arange(m * bs, device=cache.device)
-        mask = (pos[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
-        o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, enable_gqa=True)
-        return o[:, :, 0, :]  # [B, H, D]
+    @staticmethod
+    def _mask(context_lens: torch.Tensor, s: int) -> torch.Tensor:
+        pos = torch.arange(s, device=context_lens.device)
+        return (pos[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
+
+    def _decode_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     meta: AttentionMetadata) -> torch.Tensor:
+        """One new token per row. q [B, H, D], k/v [B, S, Hkv, D] -> [B, H, D]."""
+        if q.shape[0] == 1:  # one row: attend to exactly its context, no mask needed
+            return self._attend(q, k[:, :meta.max_context], v[:, :meta.max_context], None)
+        assert meta.context_lens is not None
+        return self._attend(q, k, v, self._mask(meta.context_lens, k.shape[1]))
+
+    @staticmethod
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q [B, H, D], k/v [B, S, Hkv, D] (strided views are fine) -> [B, H, D]."""
+        o = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, enable_gqa=True)
+        return o[:, :, 0, :]
 
 
 class FlashAttnBackend(AttentionBackend):
@@ -118,6 +148,7 @@ class FlashAttnBackend(AttentionBackend):
     name = "flash-attn"
 
     def __init__(self) -> None:
+        super().__init__()
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
         self._varlen = flash_attn_varlen_func

@@ -27,10 +27,12 @@ from common.tokenizer import Tokenizer
 from common.types import CostModel, FinishReason, KVGeometry, Placement, SamplingParams, TierCapacity
 from worker_svc.attention import select_backend
 from worker_svc.engine_config import EngineConfig, size_tiers
+from worker_svc.kv.id_tensor import id_tensor
 from worker_svc.kv.kv_cache import KVCache
 from worker_svc.kv.manager import KVCacheManager
 from worker_svc.kv.offload import CopyEngine, make_copy_engine
 from worker_svc.kv.step_access import CopyStats, StepAccess
+from worker_svc.kv.table_buffer import BlockTableBuffer
 from worker_svc.model.loader import LoadedModel, load_model, parse_dtype
 from worker_svc.outputs import KVUsage, RequestOutput, RunningState, StepOutput, StepStats
 from worker_svc.preemption import Preemptor, StepCounts
@@ -76,6 +78,7 @@ class Engine:
         self.kv_manager = KVCacheManager(self.geometry, sizes.gpu_blocks, sizes.host_blocks,
                                          sizes.staging_blocks)
         self.copy_engine = copy_engine or make_copy_engine(device)
+        self.block_tables = BlockTableBuffer(mc.num_layers, device=device)  # persistent, updated by changes
         self.backend = select_backend(device, dtype, config.attention_backend)
         self.cost_model = CostModel()
         self._waiting: deque[Request] = deque()  # no blocks; recompute-preempted ones at the front
@@ -295,6 +298,8 @@ class Engine:
         return plan, admitted, failed
 
     def _promote(self, stats: CopyStats) -> None:
+        if not self.kv_manager.has_host_reads:
+            return  # nothing to promote: skip the per-request bookkeeping below
         # Keep a block of growth per GPU-read layer of every request that will still grow, so a
         # promotion does not take the room the next decode grows into (and preempt to get it back).
         growing = {r.request_id for r in self._running if r.table is not None and r.table.blocks_per_layer
@@ -328,11 +333,10 @@ class Engine:
         access: StepAccess | None = None
         try:
             access = StepAccess(tables, starts, lens, self.kv, self.kv_manager,  # type: ignore[arg-type]
-                                self.copy_engine, stats)
+                                self.copy_engine, stats, self.block_tables)
             dev = self.device
-            logits = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
-                                torch.tensor([ends[i] - 1 for i in sampled], dtype=torch.int64, device=dev),
-                                access, self.backend)
+            logits = self.model(id_tensor(ids).to(dev), id_tensor(positions).to(dev),
+                                id_tensor([ends[i] - 1 for i in sampled]).to(dev), access, self.backend)
             tokens = sample(logits, [batch[i].sampling for i in sampled],
                             [batch[i].generator for i in sampled]) if sampled else []
         except Exception as exc:  # a failed forward fails its batch, never the engine

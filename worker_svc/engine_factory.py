@@ -23,6 +23,10 @@ def engine_config_from_settings(settings: WorkerSettings) -> Any:
 
 
 def engine_from_settings(settings: WorkerSettings) -> Any:
+    import torch
+
+    from common.threads import threads_for
     from worker_svc.engine import Engine
 
+    torch.set_num_threads(threads_for(settings.threads))  # process-wide: the engine thread too
     return Engine.from_config(engine_config_from_settings(settings))

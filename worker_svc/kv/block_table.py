@@ -39,11 +39,17 @@ class LayerBlockTable:
     blocks_per_layer: int  # grows on demand as the request's context crosses block boundaries
     layers: list[LayerBlocks]
     num_tokens: int = 0  # slots already holding K/V
+    version: int = 0  # bumped whenever a layer's blocks or residency change other than by growth
+
+    _letters: tuple[int, str] = (-1, "")  # (version, letters): residency changes bump the version
 
     @property
     def letters(self) -> str:
         """Current placement: G for a layer attention reads in GPU blocks without a copy, else H."""
-        return "".join("G" if lb.residency is Residency.GPU else "H" for lb in self.layers)
+        if self._letters[0] != self.version:
+            self._letters = (self.version, "".join("G" if lb.residency is Residency.GPU else "H"
+                                                   for lb in self.layers))
+        return self._letters[1]
 
     def host_layers(self) -> list[int]:
         return [i for i, lb in enumerate(self.layers) if lb.home is Tier.HOST]

@@ -41,14 +41,21 @@ class KVCacheManager:
         self.tables: dict[str, LayerBlockTable] = {}
         self._used = {Tier.GPU: [0] * self.num_layers, Tier.HOST: [0] * self.num_layers}
         self._deferred: list[_DeferredFree] = []
+        # Host-read blocks per layer (what may need staging), kept up to date by every change below
+        # rather than derived from all tables on each check (growth checks it once per request).
+        self._host_read = [0] * self.num_layers
+        self._pending: dict[tuple[int, int], LayerBlockTable] = {}  # (id(table), layer) with a copy set
 
     # ---- checks ----------------------------------------------------------------------------
     def _staging_demand(self) -> list[int]:
         """Host-placed blocks per layer that may need staging: host-home layers not being promoted.
 
-        Derived from the tables on every check rather than tracked, so that finishing a request
-        while one of its layers is being promoted cannot count the same blocks twice.
-        """
+        Tracked: a layer counts while it does not read GPU blocks, so finishing a request while one
+        of its layers is being promoted (already uncounted) cannot count the same blocks twice."""
+        return list(self._host_read)
+
+    def derived_staging_demand(self) -> list[int]:
+        """``_staging_demand`` recomputed from every table (what the tracked counts must equal)."""
         demand = [0] * self.num_layers
         for table in self.tables.values():
             for layer, lb in enumerate(table.layers):
@@ -84,6 +91,7 @@ class KVCacheManager:
                 layers.append(LayerBlocks(Tier.GPU, Residency.GPU, gpu_blocks=ids))
             else:
                 layers.append(LayerBlocks(Tier.HOST, Residency.HOST, host_blocks=ids))
+                self._host_read[layer] += per_layer
         table = LayerBlockTable(request_id, per_layer, layers)
         self.tables[request_id] = table
         return table
@@ -106,6 +114,8 @@ class KVCacheManager:
 
     def grow(self, table: LayerBlockTable, to_tokens: int) -> bool:
         """Add blocks so every layer holds ``to_tokens`` tokens; ``False`` (nothing taken) if no room."""
+        if to_tokens <= table.blocks_per_layer * self.geometry.block_size:
+            return True  # most decode steps: the last block has room
         need = self.growth_demand(table, to_tokens)
         if need.gpu_blocks == need.host_blocks == 0:
             return True
@@ -116,6 +126,7 @@ class KVCacheManager:
                 lb.gpu_blocks += self._take(Tier.GPU, need.gpu_per_layer[layer], layer)
             else:
                 lb.host_blocks += self._take(Tier.HOST, need.host_per_layer[layer], layer)
+                self._host_read[layer] += need.host_per_layer[layer]
         table.blocks_per_layer += max(need.gpu_per_layer + need.host_per_layer)
         return True
 
@@ -159,6 +170,8 @@ class KVCacheManager:
         self._free(Tier.GPU, lb.gpu_blocks, layer)
         lb.gpu_blocks, lb.host_blocks = [], ids
         lb.home, lb.residency = Tier.HOST, Residency.HOST
+        self._host_read[layer] += table.blocks_per_layer
+        table.version += 1
         return filled * self.geometry.bytes_per_block
 
     # ---- release ---------------------------------------------------------------------------
@@ -167,6 +180,8 @@ class KVCacheManager:
         still uses)."""
         table = self.tables.pop(request_id)
         for layer, lb in enumerate(table.layers):
+            if not lb.reads_gpu_blocks:
+                self._host_read[layer] -= table.blocks_per_layer
             pending = lb.pending if lb.pending is not None and not lb.pending.done() else None
             for tier, ids in ((Tier.GPU, lb.gpu_blocks), (Tier.HOST, lb.host_blocks)):
                 if not ids:
@@ -181,8 +196,15 @@ class KVCacheManager:
         self._used[tier][layer] -= len(ids)
 
     # ---- promotion -------------------------------------------------------------------------
+    @property
+    def has_host_reads(self) -> bool:
+        """Some layer of some request is read through staging (the only kind a promotion can move)."""
+        return any(self._host_read)
+
     def promotable(self, request_ids: set[str] | None = None) -> list[tuple[LayerBlockTable, int]]:
         """Host layers (of ``request_ids``, or all) with no copy in flight, oldest request first."""
+        if not self.has_host_reads:
+            return []
         return [(t, layer) for t in self.tables.values() for layer, lb in enumerate(t.layers)
                 if lb.home is Tier.HOST and lb.residency is Residency.HOST
                 and (request_ids is None or t.request_id in request_ids)]
@@ -198,24 +220,41 @@ class KVCacheManager:
         filled = self.geometry.blocks_for(table.num_tokens)
         lb.gpu_blocks = ids
         lb.residency = Residency.LOADING
-        lb.pending = copy.copy_blocks(host_tensor, lb.host_blocks[:filled], gpu_tensor,  # type: ignore[arg-type]
-                                      ids[:filled])
+        self._host_read[layer] -= table.blocks_per_layer
+        table.version += 1
+        load = copy.copy_blocks(host_tensor, lb.host_blocks[:filled], gpu_tensor, ids[:filled])  # type: ignore[arg-type]
+        self.set_pending(table, layer, load)
         return filled * self.geometry.bytes_per_block
 
     # ---- copy completion -------------------------------------------------------------------
+    def set_pending(self, table: LayerBlockTable, layer: int, handle: CopyHandle) -> None:
+        """``handle`` ends a copy of ``table``'s layer; ``poll`` settles it (only layers set here)."""
+        table.layers[layer].pending = handle
+        self._pending[(id(table), layer)] = table
+
+    def loading(self) -> list[tuple[LayerBlockTable, int]]:
+        """(table, layer) of the promotions still in flight."""
+        return [(t, layer) for (_, layer), t in self._pending.items()
+                if t.layers[layer].residency is Residency.LOADING]
+
     def poll(self) -> None:
         """Finish transient residencies and deferred frees whose copies are done."""
-        for table in self.tables.values():
-            for layer, lb in enumerate(table.layers):
-                if lb.pending is None or not lb.pending.done():
-                    continue
-                lb.pending = None
-                if lb.residency is Residency.STORING:
-                    lb.residency = Residency.HOST
-                elif lb.residency is Residency.LOADING:  # promotion done: the host copy is stale now
-                    self._free(Tier.HOST, lb.host_blocks, layer)
-                    lb.host_blocks = []
-                    lb.home, lb.residency = Tier.GPU, Residency.GPU
+        for key, table in list(self._pending.items()):
+            layer = key[1]
+            lb = table.layers[layer]
+            if lb.pending is not None and not lb.pending.done():
+                continue
+            del self._pending[key]
+            lb.pending = None  # a finished request's table is settled too, harmlessly
+            if lb.residency is Residency.STORING:
+                lb.residency = Residency.HOST
+                table.version += 1
+            elif lb.residency is Residency.LOADING and self.tables.get(table.request_id) is table:
+                # promotion done: the host copy is stale now
+                self._free(Tier.HOST, lb.host_blocks, layer)
+                lb.host_blocks = []
+                lb.home, lb.residency = Tier.GPU, Residency.GPU
+                table.version += 1
         still = []
         for d in self._deferred:
             if d.handle.done():
@@ -229,7 +268,7 @@ class KVCacheManager:
     def copies_in_flight(self) -> bool:
         self.poll()
         return bool(self._deferred) or not self.staging.idle or any(
-            lb.pending is not None for t in self.tables.values() for lb in t.layers)
+            self.tables.get(t.request_id) is t for t in self._pending.values())
 
     def usage(self) -> KVUsage:
         return KVUsage(

@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 
 from worker_svc.kv.block_pool import BlockPool
+from worker_svc.kv.id_tensor import id_tensor, run_starts
 
 
 class CopyHandle(Protocol):
@@ -57,16 +58,12 @@ class CopyRun:
 
 
 def coalesce(src_ids: list[int], dst_ids: list[int]) -> list[CopyRun]:
-    """Group block pairs into runs where both sides are consecutive ids."""
+    """Group block pairs into runs where both sides are consecutive ids (found with array ops: a
+    step's copy lists can hold every block of a layer's context)."""
     assert len(src_ids) == len(dst_ids), "source and destination block lists differ in length"
-    runs: list[CopyRun] = []
-    for s, d in zip(src_ids, dst_ids, strict=True):
-        if runs and runs[-1].src + runs[-1].length == s and runs[-1].dst + runs[-1].length == d:
-            last = runs[-1]
-            runs[-1] = CopyRun(last.src, last.dst, last.length + 1)
-        else:
-            runs.append(CopyRun(s, d, 1))
-    return runs
+    starts = run_starts(src_ids, dst_ids)
+    ends = [*starts[1:], len(src_ids)] if starts else []
+    return [CopyRun(src_ids[a], dst_ids[a], b - a) for a, b in zip(starts, ends, strict=True)]
 
 
 class CopyEngine:
@@ -74,10 +71,20 @@ class CopyEngine:
 
     def copy_blocks(self, src: torch.Tensor, src_ids: list[int], dst: torch.Tensor,
                     dst_ids: list[int]) -> CopyHandle:
-        """Copy blocks ``src[src_ids]`` into ``dst[dst_ids]``; tensors are [N, 2, bs, Hkv, D]."""
-        for run in coalesce(src_ids, dst_ids):
+        """Copy blocks ``src[src_ids]`` into ``dst[dst_ids]``; tensors are [N, 2, bs, Hkv, D].
+
+        Few runs: one slice copy each. Many (a batch's contexts, each its own run): one gather and
+        one scatter, as the per-call cost of hundreds of small copies exceeds the extra pass."""
+        runs = coalesce(src_ids, dst_ids)
+        if len(runs) > _MANY_RUNS:
+            dst.index_copy_(0, id_tensor(dst_ids), src.index_select(0, id_tensor(src_ids)))
+            return DoneHandle()
+        for run in runs:
             dst[run.dst:run.dst + run.length].copy_(src[run.src:run.src + run.length])
         return DoneHandle()
+
+
+_MANY_RUNS = 8  # CPU copies: above this many runs, index ops beat a slice copy per run
 
 
 class CudaEventHandle:

@@ -1,0 +1,110 @@
+"""The persistent block-table buffer equals tables rebuilt from scratch after any mix of admission,
+growth, swap-out, promotion, preemption (release and re-admission under the same id) and finish,
+and writes only what changed; the KV manager's tracked staging demand stays equal to a recount."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from common.types import KVGeometry, Placement, Residency, Tier
+from worker_svc.kv.block_table import LayerBlockTable
+from worker_svc.kv.manager import KVCacheManager
+from worker_svc.kv.offload import CopyEngine
+from worker_svc.kv.table_buffer import BlockTableBuffer
+
+LAYERS = 4
+GEOMETRY = KVGeometry(LAYERS, 1, 2, 4, 4)
+
+
+def rebuilt(table: LayerBlockTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block ids attention reads [L, n] and host-read flags [L], from the table's lists."""
+    n = table.blocks_per_layer
+    ids = torch.tensor([lb.gpu_blocks[:n] if lb.reads_gpu_blocks else [0] * n for lb in table.layers],
+                       dtype=torch.int64).reshape(LAYERS, n)
+    return ids, torch.tensor([not lb.reads_gpu_blocks for lb in table.layers])
+
+
+def assert_buffer_matches(buffer: BlockTableBuffer, mgr: KVCacheManager, batch: list[str]) -> None:
+    tables = [mgr.tables[r] for r in batch]
+    rows = buffer.rows_for(tables, mgr.tables)
+    assert len(set(rows.tolist())) == len(rows)  # one row per request
+    assert buffer.in_order == (rows.tolist() == list(range(len(rows))))
+    for table, row in zip(tables, rows.tolist(), strict=True):
+        ids, host = rebuilt(table)
+        n = table.blocks_per_layer
+        assert torch.equal(buffer.ids[:, row, :n].long(), ids), table.request_id
+        assert not buffer.ids[:, row, n:].any()  # padded with block 0 beyond its blocks
+        assert torch.equal(buffer.host_read[:, row], host)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_buffer_equals_rebuild_after_random_sequences(seed: int) -> None:
+    rnd = random.Random(seed)
+    mgr = KVCacheManager(GEOMETRY, gpu_blocks=60, host_blocks=60, staging_blocks=40)
+    gpu = torch.zeros(100, 2, 4, 1, 2)
+    host = torch.zeros(60, 2, 4, 1, 2)
+    copy = CopyEngine()
+    buffer = BlockTableBuffer(LAYERS, rows=2, blocks=2)  # small, so rows and blocks both grow
+    tokens: dict[str, int] = {}
+    for _ in range(300):
+        op = rnd.choice(["admit", "grow", "grow", "grow", "swap", "promote", "finish", "readmit"])
+        live = list(mgr.tables)
+        if op == "admit" or not live:
+            rid = f"r{rnd.randrange(12)}"
+            if rid not in mgr.tables:
+                n = rnd.randint(1, 9)
+                letters = "".join(rnd.choice("GH") for _ in range(LAYERS))
+                if mgr.allocate(rid, n, Placement.from_letters(letters, LAYERS)) is not None:
+                    tokens[rid] = n
+                    mgr.tables[rid].num_tokens = n
+        elif op == "grow":
+            rid = rnd.choice(live)
+            to = tokens[rid] + rnd.randint(1, 5)
+            if mgr.grow(mgr.tables[rid], to):
+                tokens[rid] = to
+                mgr.tables[rid].num_tokens = to
+        elif op == "swap":
+            table = mgr.tables[rnd.choice(live)]
+            layers = mgr.swap_candidates(table)
+            if layers:
+                mgr.swap_out(table, layers[0], copy, gpu, host)
+        elif op == "promote":
+            options = mgr.promotable()
+            if options:
+                table, layer = rnd.choice(options)
+                mgr.start_promotion(table, layer, copy, gpu, host)
+            mgr.poll()
+        elif op == "finish":
+            mgr.release(rnd.choice(live))
+        else:  # recompute preemption: released, then admitted again under the same id
+            rid = rnd.choice(live)
+            mgr.release(rid)
+            if mgr.allocate(rid, tokens[rid], Placement.all_gpu(LAYERS)) is not None:
+                mgr.tables[rid].num_tokens = tokens[rid]
+        assert mgr._staging_demand() == mgr.derived_staging_demand()  # tracked counts stay exact
+        batch = [r for r in mgr.tables if rnd.random() < 0.7]
+        if batch:
+            assert_buffer_matches(buffer, mgr, batch)
+    assert buffer.ids.shape[1] > 2 and buffer.ids.shape[2] > 2
+
+
+def test_growth_writes_only_the_new_tail_and_rows_are_reused() -> None:
+    mgr = KVCacheManager(GEOMETRY, gpu_blocks=40, host_blocks=40, staging_blocks=20)
+    buffer = BlockTableBuffer(LAYERS, rows=1, blocks=8)
+    table = mgr.allocate("a", 8, Placement.from_letters("GHGG", LAYERS))
+    assert table is not None
+    row = int(buffer.rows_for([table], mgr.tables)[0])
+    buffer.ids[0, row, 0] = -7  # a marker: a tail write must leave earlier blocks alone
+    assert mgr.grow(table, 9)
+    buffer.rows_for([table], mgr.tables)
+    assert buffer.ids[0, row, 0] == -7 and buffer.ids[0, row, 2] == table.layers[0].gpu_blocks[2]
+    assert table.layers[1].home is Tier.HOST and table.layers[1].residency is Residency.HOST
+    mgr.release("a")
+    other = mgr.allocate("b", 4, Placement.all_gpu(LAYERS))
+    assert other is not None
+    assert int(buffer.rows_for([other], mgr.tables)[0]) == row  # the finished request's row, reclaimed
+    assert buffer.ids.shape[1] == 1
+    assert_buffer_matches(buffer, mgr, ["b"])
