@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,23 +41,12 @@ from common.proto.layerkv.v1 import (  # noqa: E402
     worker_pb2,
     worker_pb2_grpc,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from layerkv.testing.ports import free_port, wait_tcp  # noqa: E402
 
 
 def wait_port(port: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout_s} s")
+    if not wait_tcp("127.0.0.1", port, timeout_s):
+        raise RuntimeError(f"nothing listens on port {port} after {timeout_s} s")
 
 
 def request(prompt_tokens: int, max_tokens: int, request_id: str = "") -> scheduler_pb2.GenerateRequest:

@@ -25,6 +25,7 @@ import httpx
 
 from layerkv.bench.report import RequestResult
 from layerkv.bench.workload import BenchRequest
+from layerkv.testing.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -80,18 +81,10 @@ def serve_env(cfg: VllmServerConfig) -> dict[str, str]:
     return env
 
 
-def _free_port(host: str) -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def vllm_server(cfg: VllmServerConfig) -> Iterator[str]:
     """A running ``vllm serve``; yields its base URL and stops its whole process group."""
-    port = _free_port(cfg.host)
+    port = free_port(cfg.host)
     base = f"http://{cfg.host}:{port}"
     print(f"[vllm] starting vllm serve ({cfg.num_gpu_blocks} blocks of {cfg.block_size} tokens, "
           f"{cfg.omp_threads} OMP thread(s)); log {cfg.log_path}", flush=True)

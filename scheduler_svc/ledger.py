@@ -103,22 +103,33 @@ class WorkerBudget:
     holdings: dict[str, Holding] = field(default_factory=dict)
     preemptions: int = 0  # requests the worker reported preempted, since it came up
     swapped_layers: int = 0
+    # (pending, headroom) summed over the holdings, until they change: a round reads the free
+    # counts once per proposal and per worker, and re-summing every holding each time made a round
+    # quadratic in the requests a worker holds.
+    _totals: tuple[BlockDemand, BlockDemand] | None = field(default=None, repr=False, compare=False)
 
-    def _sum(self, which: str) -> BlockDemand:
-        total = BlockDemand.zero(self.geometry.num_layers)
-        for h in self.holdings.values():
-            total = total + (h.pending(self.geometry) if which == "pending" else h.headroom(self.geometry))
-        return total
+    def changed(self) -> None:
+        """The holdings changed (added, dropped, or moved state): sum them again when next read."""
+        self._totals = None
+
+    def _sums(self) -> tuple[BlockDemand, BlockDemand]:
+        if self._totals is None:
+            pending = headroom = BlockDemand.zero(self.geometry.num_layers)
+            for h in self.holdings.values():
+                pending = pending + h.pending(self.geometry)
+                headroom = headroom + h.headroom(self.geometry)
+            self._totals = (pending, headroom)
+        return self._totals
 
     @property
     def pending(self) -> BlockDemand:
         """Blocks promised but not in the report: unconfirmed dispatches and preempted requests."""
-        return self._sum("pending")
+        return self._sums()[0]
 
     @property
     def headroom(self) -> BlockDemand:
         """Growth headroom the policies asked for, beyond the blocks in use."""
-        return self._sum("headroom")
+        return self._sums()[1]
 
     @property
     def gpu_reserved(self) -> int:
@@ -226,12 +237,16 @@ class Ledger:
             if not kv_budget.staging_fits(with_new, budget.staging_blocks):
                 return None
         budget.holdings[request_id] = holding
+        budget.changed()
         return reservation
 
     def release(self, worker_id: str, request_id: str) -> bool:
         """Stop counting a request: it finished, was aborted or refused (its blocks are free)."""
         budget = self._workers.get(worker_id)
-        return budget is not None and budget.holdings.pop(request_id, None) is not None
+        if budget is None or budget.holdings.pop(request_id, None) is None:
+            return False
+        budget.changed()
+        return True
 
     def apply_report(self, worker_id: str, report: WorkerEvent) -> None:
         """One worker event: usage replaced, requests moved between reserved, held and waiting.
@@ -268,6 +283,7 @@ class Ledger:
                 h.kv_tokens = max(h.kv_tokens, stored)
                 if seen.placement.num_layers == layers:
                     h.placement = seen.placement
+        budget.changed()
         if report.gpu is not None:
             budget.gpu = report.gpu
         if report.host is not None:
