@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc
 from common.security import bearer_metadata
 from tests.fleet import REPO_ROOT
-from tests.test_e2e_up import _env
+from tests.test_e2e_up import _env, read_until_up
 from worker_svc.model.catalog import is_installed
 
 pytestmark = pytest.mark.slow
@@ -49,18 +49,8 @@ def _start_up(env: dict[str, str], *extra: str) -> Iterator[Up]:
          "--http-port", "0", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT,
     )  # fmt: skip
-    lines: list[str] = []
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C stops everything" in line:
-                break
-        out = "".join(lines)
+        out = read_until_up(proc)
         found = {
             "grpc": re.search(r"scheduler gRPC\s+(\S+)", out),
             "http": re.search(r"OpenAI API\s+(\S+)", out),

@@ -40,6 +40,21 @@ def _env(credentials_dir: Path | None = None) -> dict[str, str]:
     return env
 
 
+def read_until_up(proc: subprocess.Popen[str], timeout_s: float = 240) -> str:
+    """What ``layerkv up`` printed until it said it is up (or ended, or ``timeout_s`` passed)."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    return "".join(lines)
+
+
 def _check_secure_by_default(scheduler: str, workers: list[str], credentials_dir: Path) -> None:
     """Every endpoint on loopback; without the generated tokens nothing answers, workers included."""
     assert all(a.startswith("127.0.0.1:") for a in [scheduler, *workers])
@@ -127,18 +142,8 @@ def test_up_serves_until_interrupted_and_generate_endpoint_streams(credentials_d
         env=_env(),
         cwd=REPO_ROOT,
     )
-    lines: list[str] = []
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C stops everything" in line:
-                break
-        output = "".join(lines)
+        output = read_until_up(proc)
         endpoints = _endpoints(output)
         assert len(endpoints) == 3, output
         _check_secure_by_default(endpoints[0], endpoints[1:], credentials_dir)
