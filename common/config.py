@@ -197,7 +197,13 @@ class WorkerSettings(_Settings):
     default_placement: Literal["auto", "all-gpu", "rule"] = Field(
         "auto", description="placement of requests that name none")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of free CUDA memory used")
-    profile: bool = Field(False, description="measure the cost model (bandwidth, step times) at start-up")
+    profile: Literal["off", "startup", "file"] = Field(
+        "startup", description="cost model: startup measures it (copy bandwidth, prefill and decode step "
+        "times; about a second on tiny-llama); file loads --profile-file, measuring and saving it when "
+        "missing; off advertises built-in defaults")
+    profile_file: str = Field("", description="saved profile (JSON) of --profile file")
+    profile_budget_s: float = Field(
+        2.0, gt=0, le=600, description="soft time limit of one profile: repeats stop once it is spent")
     seed: int = Field(0, ge=0, description="random weights of presets and default sampling seeds")
     threads: int = Field(
         0, ge=0, le=1024,
@@ -234,6 +240,11 @@ class WorkerSettings(_Settings):
             raise ValueError(f"--tls-ca={self.tls_ca!r} needs --tls-cert/--tls-key")
         if self.scheduler_identity and not self.tls_ca:
             raise ValueError(f"--scheduler-identity={self.scheduler_identity!r} needs mutual TLS (--tls-ca)")
+        if self.profile == "file" and not self.profile_file:
+            raise ValueError("--profile file needs --profile-file PATH (where the profile is saved)")
+        if self.profile_file and self.profile != "file":
+            raise ValueError(f"--profile-file={self.profile_file!r} is read only with --profile file "
+                             f"(got --profile {self.profile})")
         if self.scheduler:
             _check_host_port(self.scheduler, "--scheduler")
         if self.advertise_address:

@@ -1,6 +1,6 @@
 """Conversions between the shared domain types and their protobuf messages (torch-free).
 
-Both services speak these messages (sampling, finish reasons, KV geometry, cost model), so the
+Both services speak these messages (sampling, finish reasons, KV geometry, cost model and its profile), so the
 mapping lives once here; each service's own ``wire`` module converts only what is its alone.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from common.cost_profile import ProfileInfo, ProfileSource
 from common.errors import InvalidArgument
 from common.proto.layerkv.v1 import types_pb2
 from common.types import CostModel, FinishReason, KVGeometry, SamplingParams
@@ -77,3 +78,16 @@ def cost_model_from_proto(c: types_pb2.CostModel) -> CostModel:
         if not values[name]:
             del values[name]
     return CostModel(**values)
+
+
+_SOURCES = {s.value: s for s in ProfileSource}
+
+
+def profile_info_to_proto(info: ProfileInfo) -> types_pb2.ProfileInfo:
+    return types_pb2.ProfileInfo(source=info.source.value, duration_s=info.duration_s,
+                                 measured_unix_s=info.measured_unix_s)
+
+
+def profile_info_from_proto(p: types_pb2.ProfileInfo) -> ProfileInfo:
+    """An unset or unknown source (an older or newer worker) reads as the defaults."""
+    return ProfileInfo(_SOURCES.get(p.source, ProfileSource.DEFAULT), p.duration_s, p.measured_unix_s)

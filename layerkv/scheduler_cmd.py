@@ -141,7 +141,8 @@ def policy_set(
 
 
 workers_app = typer.Typer(
-    help="List the scheduler's workers; `drain`/`undrain` stop and resume dispatching to one.",
+    help="List the scheduler's workers; `drain`/`undrain` stop and resume dispatching to one; `profile` "
+    "re-measures an idle worker's cost model.",
     invoke_without_command=True,
 )
 
@@ -154,7 +155,9 @@ def workers_cmd(
     tls_ca: TlsCa = "",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
-    """The scheduler's workers: model, KV blocks per tier, running requests, health."""
+    """The scheduler's workers: model, KV blocks per tier, running requests, health, and the cost
+    model: how it was profiled, the batch-1 decode step as fitted online (and as profiled), and the
+    fit's mean relative error on recent decode / prefill steps."""
     if ctx.invoked_subcommand is not None:
         return
     from google.protobuf.json_format import MessageToDict
@@ -174,7 +177,8 @@ def workers_cmd(
 
     table = Table(title="workers")
     for column in ("id", "address", "model", "layers", "GPU free/total", "host free/total", "reserved G/H",
-                   "running", "state"):  # fmt: skip
+                   "running", "state", "profile", "decode b=1 ms fit (profiled)",
+                   "fit error decode/prefill"):  # fmt: skip
         table.add_column(column)
     for w in resp.workers:
         state = "draining" if w.draining else ("healthy" if w.healthy else "down")
@@ -182,8 +186,28 @@ def workers_cmd(
             w.worker_id, w.address, w.model, str(w.geometry.num_layers),
             f"{w.gpu.free_blocks}/{w.gpu.total_blocks}", f"{w.host.free_blocks}/{w.host.total_blocks}",
             f"{w.reserved_gpu_blocks}/{w.reserved_host_blocks}", str(len(w.running_request_ids)), state,
+            *_cost_columns(w),
         )  # fmt: skip
     Console().print(table)
+
+
+def _cost_columns(w: Any) -> tuple[str, str, str]:
+    """Profile source, the batch-1 decode step (current fit, and as profiled), and the fit's error."""
+    from common.wire import cost_model_from_proto
+
+    source = w.profile.source or "default"
+    if source != "default":
+        source += f" {w.profile.duration_s:.1f}s"
+    fit = cost_model_from_proto(w.cost_model).decode_step_s(1, 0) * 1e3
+    profiled = cost_model_from_proto(w.profiled_cost_model).decode_step_s(1, 0) * 1e3
+    f = w.fit
+    error = (f"{_percent(f.decode_error, f.decode_steps)} / {_percent(f.prefill_error, f.prefill_steps)}"
+             f" (last {f.window})")
+    return source, f"{fit:.2f} ({profiled:.2f})", error
+
+
+def _percent(error: float, steps: int) -> str:
+    return f"{error * 100:.0f}% of {steps}" if steps else "-"
 
 
 WorkerId = Annotated[str, typer.Argument(help="worker id (see `layerkv workers`)")]
@@ -224,6 +248,29 @@ def workers_undrain(
 ) -> None:
     """Dispatch to a drained worker again."""
     _set_draining(worker_id, False, endpoint, admin_token, tls_ca)
+
+
+@workers_app.command("profile")
+def workers_profile(
+    worker_id: WorkerId,
+    endpoint: Endpoint = "127.0.0.1:50051",
+    admin_token: AdminToken = "",
+    tls_ca: TlsCa = "",
+) -> None:
+    """Re-measure an idle worker's cost model and restart the scheduler's fit from it (refused while
+    the worker holds requests: drain it first and wait for them to finish)."""
+    from common.cost_profile import describe_cost
+    from common.proto.layerkv.v1 import admin_pb2
+    from common.wire import cost_model_from_proto
+
+    try:
+        resp = _admin_call(endpoint, admin_token, tls_ca, lambda s, md: s.ProfileWorker(
+            admin_pb2.ProfileWorkerRequest(worker_id=worker_id), metadata=md, timeout=900))  # fmt: skip
+    except LayerKVError as exc:
+        raise _fail(exc) from exc
+    w = resp.worker
+    typer.echo(f"{w.worker_id}\tprofiled in {w.profile.duration_s:.2f} s\t"
+               f"{describe_cost(cost_model_from_proto(w.profiled_cost_model))}")
 
 
 def register(app: typer.Typer) -> None:

@@ -8,12 +8,15 @@ from the profile (the profile is the prior, so a feature that never varies keeps
 coefficient). The device-to-host bandwidth is estimated from prefills that offloaded KV. A mixed
 step (chunked prefill: prompt chunks and decodes in one batch) is split: its decodes are charged
 at the current decode fit and the rest of its time is a prefill sample of its prompt tokens.
-Pure Python: no torch, no numpy.
+Each step is first predicted by the fit as it stands, so ``report()`` gives the fit's honest
+(one-step-ahead) mean relative error over a recent window of steps, per kind. A re-profiled worker
+gets a new fitter: the fit restarts from the new profile. Pure Python: no torch, no numpy.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, replace
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -62,6 +65,31 @@ class CostFitParams(BaseModel):
     bandwidth_alpha: float = Field(
         default=0.2, gt=0.0, le=1.0, description="EWMA weight of a new bandwidth sample"
     )
+    error_window: int = Field(
+        default=64, ge=1, le=100_000, description="recent steps of each kind the reported error averages"
+    )
+
+
+@dataclass(frozen=True)
+class FitError:
+    """Prediction error of one kind of step over the recent window."""
+
+    steps: int  # steps in the window
+    mean_relative_error: float  # mean |predicted - measured| / measured (0 with no steps)
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """How well the fit predicts a worker's steps (``layerkv workers`` shows it)."""
+
+    decode: FitError
+    prefill: FitError  # prefill and mixed steps
+    window: int  # most steps of each kind the window holds
+    steps_fitted: int  # steps observed since the fit (re)started from the profile
+
+
+def _error(window: deque[float]) -> FitError:
+    return FitError(len(window), sum(window) / len(window) if window else 0.0)
 
 
 class CostFitter:
@@ -92,26 +120,51 @@ class CostFitter:
         self._xtx = [[0.0] * 4 for _ in range(4)]  # sum of w x x^T
         self._xty = [0.0] * 4  # sum of w x y
         self._theta: list[float] | None = list(self._prior)  # cached solution; None when stale
+        self._errors = {kind: deque[float](maxlen=self.params.error_window) for kind in ("decode", "prefill")}
+        self.steps_fitted = 0
+
+    def report(self) -> FitReport:
+        return FitReport(_error(self._errors["decode"]), _error(self._errors["prefill"]),
+                         self.params.error_window, self.steps_fitted)
+
+    def _record_error(self, kind: str, predicted_s: float, measured_s: float) -> None:
+        self._errors[kind].append(abs(predicted_s - measured_s) / measured_s)
+        self.steps_fitted += 1
 
     def observe(self, step: StepTiming) -> None:
         """Fold one step's measurement into the fit; steps with no useful timing are ignored."""
+        if step.kind not in ("prefill", "decode", "mixed"):
+            raise InvalidArgument(f"step kind must be 'prefill', 'decode' or 'mixed', got {step.kind!r}")
+        if not (math.isfinite(step.duration_s) and step.duration_s > 0.0):
+            return
         if step.kind == "mixed":
+            if step.num_prefill_tokens > 0:
+                self._record_error("prefill", self.predict(step), step.duration_s)
             self._observe_mixed(step)
             return
-        if not (math.isfinite(step.duration_s) and step.duration_s > 0.0) or step.num_tokens <= 0:
+        if step.num_tokens <= 0:
             return
+        self._record_error(step.kind, self.predict(step), step.duration_s)
         if step.kind == "prefill":
             self._observe_prefill(step)
-        elif step.kind == "decode":
-            self._observe_decode(step)
         else:
-            raise InvalidArgument(f"step kind must be 'prefill', 'decode' or 'mixed', got {step.kind!r}")
+            self._observe_decode(step)
+
+    def predict(self, step: StepTiming) -> float:
+        """The step's time as the current fit predicts it (what the policies would have charged)."""
+        model = self.model()
+        if step.kind == "decode":
+            return model.decode_step_s(step.num_tokens, step.context_tokens, step.bytes_loaded)
+        if step.kind == "mixed":
+            return (model.decode_step_s(step.num_decode_requests, step.context_tokens, step.bytes_loaded)
+                    + model.prefill_s(step.num_prefill_tokens))
+        return model.prefill_s(step.num_tokens)
 
     def _observe_mixed(self, step: StepTiming) -> None:
         # The decodes cost what the decode fit says (their context and loads are the step's); what
         # remains is the prefill of the chunks. Only that part is learnt: the split is a model, and
         # refitting decode from it would feed the prefill's error back into the decode fit.
-        if not math.isfinite(step.duration_s) or step.num_prefill_tokens <= 0:
+        if step.num_prefill_tokens <= 0:
             return
         model = self.model()
         decode_s = model.decode_step_s(step.num_decode_requests, step.context_tokens, step.bytes_loaded)

@@ -23,6 +23,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 
 from common.config import SchedulerSettings
+from common.cost_profile import describe_cost
 from common.errors import InvalidArgument, NotFound, Unavailable, quoted
 from common.grpc_errors import ErrorInterceptor
 from common.metrics import ServiceMetrics, start_metrics_server
@@ -178,6 +179,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             log.info("worker %s accepts dispatches again", request.worker_id)
             self.core.wake()  # waiting requests may fit it now
         return admin_pb2.UndrainWorkerResponse(worker=self._info(handle))
+
+    async def ProfileWorker(
+        self, request: admin_pb2.ProfileWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ProfileWorkerResponse:
+        handle = self._worker(request.worker_id)
+        connection = handle.connection
+        if not handle.healthy or connection is None:
+            raise Unavailable(f"worker {quoted(request.worker_id)} is down: it cannot be profiled now")
+        # The worker refuses (FAILED_PRECONDITION) unless idle; it is the one that knows.
+        profile = await connection.profile()
+        if handle.connection is connection and handle.description is not None:  # still that session
+            handle.adopt_profile(profile)
+        log.info("worker %s re-profiled in %.2f s: %s", request.worker_id, profile.info.duration_s,
+                 describe_cost(profile.cost_model))
+        return admin_pb2.ProfileWorkerResponse(worker=self._info(handle))
 
     async def RegisterWorker(
         self, request: admin_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from common import wire
+from common.cost_profile import CostProfile
 from common.errors import InvalidArgument
 from common.proto.layerkv.v1 import admin_pb2, scheduler_pb2, types_pb2, worker_pb2
 from common.store import RequestRecord
@@ -17,8 +18,11 @@ from common.wire import (
     cost_model_to_proto,
     geometry_from_proto,
     geometry_to_proto,
+    profile_info_from_proto,
+    profile_info_to_proto,
     sampling_to_proto,
 )
+from scheduler_svc.cost_fit import FitReport
 from scheduler_svc.ledger import WorkerBudget
 from scheduler_svc.requests import FINISHED, RUNNING, WAITING, sampling_from_dict
 from scheduler_svc.worker_events import (
@@ -107,6 +111,10 @@ def worker_info(
         # the cost model as refitted from this worker's step timings, else as it described itself
         model = handle.fitter.model() if handle.fitter is not None else d.cost_model
         info.cost_model.CopyFrom(cost_model_to_proto(model))
+        info.profiled_cost_model.CopyFrom(cost_model_to_proto(d.cost_model))
+        info.profile.CopyFrom(profile_info_to_proto(d.profile))
+    if handle.fitter is not None:
+        info.fit.CopyFrom(fit_report_to_proto(handle.fitter.report()))
     if budget is not None:
         for report, target in ((budget.gpu, info.gpu), (budget.host, info.host)):
             target.CopyFrom(
@@ -120,6 +128,14 @@ def worker_info(
         info.reserved_gpu_blocks = budget.gpu_reserved + budget.headroom.gpu_blocks
         info.reserved_host_blocks = budget.host_reserved + budget.headroom.host_blocks
     return info
+
+
+def fit_report_to_proto(r: FitReport) -> admin_pb2.CostFitReport:
+    return admin_pb2.CostFitReport(
+        decode_error=r.decode.mean_relative_error, decode_steps=r.decode.steps,
+        prefill_error=r.prefill.mean_relative_error, prefill_steps=r.prefill.steps,
+        window=r.window, steps_fitted=r.steps_fitted,
+    )
 
 
 # ---- the worker API (the only scheduler code that touches worker_pb2) ----
@@ -142,7 +158,15 @@ def describe_from_proto(d: worker_pb2.DescribeResponse) -> WorkerDescription:
         preemption_mode=d.preemption_mode,
         max_num_batched_tokens=d.max_num_batched_tokens,
         vocab_size=d.vocab_size,
+        profile=profile_info_from_proto(d.profile),
     )
+
+
+PROFILE_REQUEST = worker_pb2.ProfileRequest()
+
+
+def profile_from_proto(p: worker_pb2.ProfileResponse) -> CostProfile:
+    return CostProfile(cost_model_from_proto(p.cost_model), profile_info_from_proto(p.profile))
 
 
 def tokenizer_from_proto(t: worker_pb2.GetTokenizerResponse) -> Tokenizer:

@@ -1,5 +1,5 @@
 """The scheduler's gRPC calls into workers: one ``WorkerConnection`` per worker session (Describe,
-GetTokenizer, StreamEvents, Dispatch, Abort, every message converted by ``wire``), and the
+GetTokenizer, StreamEvents, Dispatch, Abort, Profile, every message converted by ``wire``), and the
 ``WorkerClient`` protocol the core dispatches through, so it can be tested without gRPC.
 
 Outcomes are typed: a refused dispatch (no room) and a rejected one (bad request) were certainly
@@ -17,6 +17,7 @@ from typing import Protocol
 import grpc
 import grpc.aio
 
+from common.cost_profile import CostProfile
 from common.errors import LayerKVError, Unavailable
 from common.grpc_errors import error_from_rpc
 from common.proto.layerkv.v1 import worker_pb2_grpc
@@ -29,6 +30,9 @@ DISPATCH_TIMEOUT_S = 30.0
 ABORT_TIMEOUT_S = 10.0
 DESCRIBE_TIMEOUT_S = 10.0
 TOKENIZER_TIMEOUT_S = 30.0
+# A profile is bounded by the worker's --profile-budget-s, but its first pass always runs (longer
+# on a large model).
+PROFILE_TIMEOUT_S = 600.0
 CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),  # tokenizer.json of large models
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -115,6 +119,14 @@ class WorkerConnection:
             except grpc.aio.AioRpcError as err:
                 raise error_from_rpc(err) from err
             yield wire.worker_event_from_proto(message, num_layers)
+
+    async def profile(self) -> CostProfile:
+        """Re-profile the worker (its new cost model); ``FailedPrecondition`` while it holds requests."""
+        try:
+            reply = await self._stub.Profile(wire.PROFILE_REQUEST, timeout=PROFILE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err) from err
+        return wire.profile_from_proto(reply)
 
     async def dispatch(self, command: DispatchCommand, timeout_s: float = DISPATCH_TIMEOUT_S) -> None:
         try:

@@ -9,8 +9,9 @@ ledger, metrics, cost fit) only ever sees these.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from common.cost_profile import ProfileInfo
 from common.types import CostModel, FinishReason, KVGeometry, Placement, SamplingParams, TierCapacity
 from scheduler_svc.policies.base import PreemptionMode
 
@@ -30,6 +31,7 @@ class WorkerDescription:
     preemption_mode: str = ""  # the worker's default when a request cannot grow ("": not reported)
     max_num_batched_tokens: int = 0  # per-step token budget of chunked prefill (0: not reported)
     vocab_size: int = 0  # token ids a prompt may use are [0, vocab_size) (0: not reported)
+    profile: ProfileInfo = field(default_factory=ProfileInfo)  # how cost_model was obtained
 
 
 class StepKind(enum.Enum):

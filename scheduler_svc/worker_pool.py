@@ -19,9 +19,10 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from common.cost_profile import CostProfile
 from common.errors import LayerKVError, Unavailable
 from common.tokenizer import Tokenizer
 from scheduler_svc.cost_fit import CostFitter
@@ -59,6 +60,12 @@ class WorkerHandle:
     @property
     def accepting(self) -> bool:
         return self.healthy and not self.draining and not self.removed
+
+    def adopt_profile(self, profile: CostProfile) -> None:
+        """The worker was re-profiled: describe it with the new cost model and restart the fit there."""
+        assert self.description is not None, f"worker {self.address} re-profiled before describing itself"
+        self.description = replace(self.description, cost_model=profile.cost_model, profile=profile.info)
+        self.fitter = CostFitter(profile.cost_model)
 
 
 class WorkerListener(Protocol):

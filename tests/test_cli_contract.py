@@ -89,10 +89,10 @@ def test_scheduler_flags_and_env_reach_the_settings(monkeypatch: pytest.MonkeyPa
 
 def test_up_passes_changed_service_settings_to_the_children() -> None:
     values = {s.field: s.default for s in up_specs().all}
-    values.update(workers=3, block_size=8, profile=True, queue_limit=5, dtype="float32")
+    values.update(workers=3, block_size=8, profile="off", queue_limit=5, dtype="float32")
     plan = fleet_cmd.up_plan(values)
     assert plan.settings.workers == 3
-    assert set(plan.worker_args) == {"--block-size", "8", "--profile", "--dtype", "float32"}
+    assert set(plan.worker_args) == {"--block-size", "8", "--profile", "off", "--dtype", "float32"}
     assert plan.scheduler_args == ("--queue-limit", "5")
     with pytest.raises(Exception, match="block_size"):
         fleet_cmd.up_plan({**values, "block_size": 0})
@@ -105,8 +105,9 @@ def test_engine_config_carries_every_engine_setting_of_the_worker() -> None:
     shared = {f.name for f in dataclasses.fields(EngineConfig)} & set(WorkerSettings.model_fields)
     assert {"model", "block_size", "max_num_seqs", "default_placement", "seed"} <= shared
     settings = WorkerSettings.build(model="smollm2", block_size=8, gpu_blocks=10, max_num_seqs=3,
-                                    max_prefill_tokens=99, default_placement="all-gpu", profile=True, seed=4,
-                                    gpu_memory_utilization=0.5, attention_backend="sdpa", max_model_len=77)
+                                    max_prefill_tokens=99, default_placement="all-gpu", profile="file", seed=4,
+                                    gpu_memory_utilization=0.5, attention_backend="sdpa", max_model_len=77,
+                                    profile_file="saved.json", profile_budget_s=0.5)
     config = engine_config_from_settings(settings)
     for name in shared:
         assert getattr(config, name) == getattr(settings, name), name

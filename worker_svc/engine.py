@@ -21,10 +21,11 @@ from collections.abc import Sequence
 import torch
 
 from common import kv_budget
-from common.errors import AlreadyExists, InvalidArgument
+from common.cost_profile import CostProfile
+from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from common.placement import interleaved, min_resident_layers, rule_placement
 from common.tokenizer import Tokenizer
-from common.types import CostModel, FinishReason, KVGeometry, Placement, SamplingParams, TierCapacity
+from common.types import FinishReason, KVGeometry, Placement, SamplingParams, TierCapacity
 from worker_svc.attention import select_backend
 from worker_svc.engine_config import EngineConfig, size_tiers
 from worker_svc.kv.id_tensor import id_tensor
@@ -80,7 +81,8 @@ class Engine:
         self.copy_engine = copy_engine or make_copy_engine(device)
         self.block_tables = BlockTableBuffer(mc.num_layers, device=device)  # persistent, updated by changes
         self.backend = select_backend(device, dtype, config.attention_backend)
-        self.cost_model = CostModel()
+        self.cost_profile = CostProfile()  # the defaults until profiled (below)
+        self.cost_model = self.cost_profile.cost_model
         self._waiting: deque[Request] = deque()  # no blocks; recompute-preempted ones at the front
         self._running: list[Request] = []  # holding blocks, in admission order
         self._admissions = itertools.count(1)
@@ -89,10 +91,11 @@ class Engine:
         self._aborted: list[Request] = []
         self._step = 0
         self._seeds = itertools.count(config.seed * 1_000_003 + 1)
-        if config.profile:
-            from worker_svc.profiler import profile_cost_model
+        if config.profile != "off":
+            from worker_svc.profiler import startup_profile
 
-            self.cost_model = profile_cost_model(self)
+            self.cost_profile = startup_profile(self)
+            self.cost_model = self.cost_profile.cost_model
 
     @classmethod
     def from_config(cls, config: EngineConfig, copy_engine: CopyEngine | None = None) -> Engine:
@@ -372,9 +375,14 @@ class Engine:
             r.bytes_offloaded = r.bytes_loaded = 0
         return outputs
 
-    def profile(self) -> CostModel:
-        """Re-measure the cost model (only while idle) and use it from now on."""
-        from worker_svc.profiler import profile_cost_model
+    def profile(self) -> CostProfile:
+        """Re-measure the cost model and use it from now on; ``FailedPrecondition`` unless idle."""
+        from worker_svc.profiler import measure_profile
 
-        self.cost_model = profile_cost_model(self)
-        return self.cost_model
+        if self.has_work():
+            raise FailedPrecondition(
+                f"the worker is not idle (it holds {len(self._requests)} requests): a profile measures an "
+                "idle engine; drain the worker and retry once its requests have finished")
+        self.cost_profile = measure_profile(self)
+        self.cost_model = self.cost_profile.cost_model
+        return self.cost_profile

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.cost_profile import PROFILE_MODES
 from common.errors import InvalidArgument
 
 PLACEMENT_DEFAULTS = ("auto", "all-gpu", "rule")
@@ -32,7 +33,9 @@ class EngineConfig:
     max_promotions_per_step: int = 2  # host layers promoted back to GPU per decode step
     attention_backend: str = "auto"  # auto | sdpa | flash-attn
     default_placement: str = "auto"  # for requests without a placement: auto | all-gpu | rule
-    profile: bool = False  # measure the cost model at start-up (bandwidth, prefill and decode timings)
+    profile: str = "off"  # cost model at start-up: off (defaults) | startup (measure) | file (load/save)
+    profile_file: str = ""  # the saved profile of profile="file"
+    profile_budget_s: float = 2.0  # soft time limit of one profile
     gpu_memory_utilization: float = 0.9  # share of free CUDA memory the engine may use
 
     def __post_init__(self) -> None:
@@ -60,6 +63,12 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "sdpa", "flash-attn"):
             raise InvalidArgument(
                 f"attention_backend {self.attention_backend!r} must be auto, sdpa or flash-attn")
+        if self.profile not in PROFILE_MODES:
+            raise InvalidArgument(f"profile {self.profile!r} must be one of {', '.join(PROFILE_MODES)}")
+        if self.profile == "file" and not self.profile_file:
+            raise InvalidArgument("profile='file' needs profile_file (where the profile is saved)")
+        if not self.profile_budget_s > 0.0:
+            raise InvalidArgument(f"profile_budget_s must be > 0, got {self.profile_budget_s}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise InvalidArgument(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

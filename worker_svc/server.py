@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.config import WorkerSettings
+from common.cost_profile import describe_cost
 from common.grpc_errors import ErrorInterceptor
 from common.metrics import start_metrics_server
 from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -148,6 +149,11 @@ async def create_server(settings: WorkerSettings, engine: Any = None) -> tuple[W
     if settings.scheduler:
         running._tasks.append(asyncio.create_task(_register_loop(settings, port, worker_id)))
     log.info("worker %s serving %s on port %d", worker_id, identity.model, port)
+    profile = getattr(engine, "cost_profile", None)
+    if profile is not None:
+        how = {"default": "defaults, --profile off", "file": f"loaded from {settings.profile_file}"}.get(
+            profile.info.source.value, f"measured in {profile.info.duration_s:.2f} s")
+        log.info("worker %s cost model (%s): %s", worker_id, how, describe_cost(profile.cost_model))
     return running, port
 
 

@@ -21,11 +21,12 @@ from typing import Any
 
 import grpc.aio
 
+from common.cost_profile import describe_cost
 from common.errors import InvalidArgument, ResourceExhausted, Unavailable
 from common.grpc_errors import grpc_errors
 from common.proto.layerkv.v1 import worker_pb2, worker_pb2_grpc
 from common.types import Placement, SamplingParams
-from common.wire import cost_model_to_proto, geometry_to_proto
+from common.wire import cost_model_to_proto, geometry_to_proto, profile_info_to_proto
 from worker_svc import wire
 from worker_svc.engine_thread import EngineThread
 from worker_svc.events import EventHub
@@ -89,7 +90,7 @@ def _admit(
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    """Describe, GetTokenizer, Dispatch, StreamEvents and Abort over one engine thread."""
+    """Describe, GetTokenizer, Dispatch, StreamEvents, Abort and Profile over one engine thread."""
 
     def __init__(
         self,
@@ -129,7 +130,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def Describe(
         self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.DescribeResponse:
-        cost = await self._thread.call(lambda e: e.cost_model)  # refitted online: read it on its thread
+        # a re-profile replaces it on the engine thread: read it there
+        cost, profile = await self._thread.call(lambda e: (e.cost_model, e.cost_profile.info))
         e = self._engine
         return worker_pb2.DescribeResponse(
             worker_id=self._identity.worker_id,
@@ -146,7 +148,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             preemption_mode=e.config.preemption_mode,
             max_num_batched_tokens=e.config.max_num_batched_tokens,
             vocab_size=e.model_config.vocab_size,
+            profile=profile_info_to_proto(profile),
         )
+
+    @grpc_errors
+    async def Profile(
+        self, request: worker_pb2.ProfileRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ProfileResponse:
+        # One command on the engine thread: no dispatch can slip in between the idle check and the
+        # measurement (dispatches wait behind it, a second or so), and no step runs meanwhile.
+        profile = await self._thread.call(lambda e: e.profile())
+        log.info("worker %s re-profiled in %.2f s: %s", self._identity.worker_id, profile.info.duration_s,
+                 describe_cost(profile.cost_model))
+        return worker_pb2.ProfileResponse(cost_model=cost_model_to_proto(profile.cost_model),
+                                          profile=profile_info_to_proto(profile.info))
 
     @grpc_errors
     async def GetTokenizer(

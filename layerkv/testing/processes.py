@@ -143,6 +143,10 @@ def worker_process(
         str(host_blocks),
         "--advertise-address",
         f"127.0.0.1:{port}",
+        # Most fleets test behaviour, not timing: skip the start-up profile (a later --profile in
+        # ``extra`` wins).
+        "--profile",
+        "off",
         *extra,
     ]
     if scheduler:

@@ -16,7 +16,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from common.proto.layerkv.v1 import types_pb2 as layerkv_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16layerkv/v1/admin.proto\x12\nlayerkv.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x16layerkv/v1/types.proto\"C\n\nPolicySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"v\n\nPolicyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1a\n\x12params_schema_json\x18\x03 \x01(\t\x12)\n\x08\x64\x65\x66\x61ults\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x15\n\x13ListPoliciesRequest\"@\n\x14ListPoliciesResponse\x12(\n\x08policies\x18\x01 \x03(\x0b\x32\x16.layerkv.v1.PolicyInfo\"\x12\n\x10GetPolicyRequest\";\n\x11GetPolicyResponse\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.layerkv.v1.PolicySpec\":\n\x10SetPolicyRequest\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.layerkv.v1.PolicySpec\"f\n\x11SetPolicyResponse\x12(\n\x08previous\x18\x01 \x01(\x0b\x32\x16.layerkv.v1.PolicySpec\x12\'\n\x07\x63urrent\x18\x02 \x01(\x0b\x32\x16.layerkv.v1.PolicySpec\"\xd8\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12(\n\x08geometry\x18\x04 \x01(\x0b\x32\x16.layerkv.v1.KvGeometry\x12\"\n\x03gpu\x18\x05 \x01(\x0b\x32\x15.layerkv.v1.TierUsage\x12#\n\x04host\x18\x06 \x01(\x0b\x32\x15.layerkv.v1.TierUsage\x12\x1b\n\x13reserved_gpu_blocks\x18\x07 \x01(\r\x12\x1c\n\x14reserved_host_blocks\x18\x08 \x01(\r\x12\x1b\n\x13running_request_ids\x18\t \x03(\t\x12\x0f\n\x07healthy\x18\n \x01(\x08\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\x12)\n\ncost_model\x18\x0c \x01(\x0b\x32\x15.layerkv.v1.CostModel\"\x14\n\x12ListWorkersRequest\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.layerkv.v1.WorkerInfo\"\'\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"=\n\x13\x44rainWorkerResponse\x12&\n\x06worker\x18\x01 \x01(\x0b\x32\x16.layerkv.v1.WorkerInfo\"(\n\x15RegisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"+\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\")\n\x14UndrainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"?\n\x15UndrainWorkerResponse\x12&\n\x06worker\x18\x01 \x01(\x0b\x32\x16.layerkv.v1.WorkerInfo2\xc4\x04\n\x0c\x41\x64minService\x12Q\n\x0cListPolicies\x12\x1f.layerkv.v1.ListPoliciesRequest\x1a .layerkv.v1.ListPoliciesResponse\x12H\n\tGetPolicy\x12\x1c.layerkv.v1.GetPolicyRequest\x1a\x1d.layerkv.v1.GetPolicyResponse\x12H\n\tSetPolicy\x12\x1c.layerkv.v1.SetPolicyRequest\x1a\x1d.layerkv.v1.SetPolicyResponse\x12N\n\x0bListWorkers\x12\x1e.layerkv.v1.ListWorkersRequest\x1a\x1f.layerkv.v1.ListWorkersResponse\x12N\n\x0b\x44rainWorker\x12\x1e.layerkv.v1.DrainWorkerRequest\x1a\x1f.layerkv.v1.DrainWorkerResponse\x12W\n\x0eRegisterWorker\x12!.layerkv.v1.RegisterWorkerRequest\x1a\".layerkv.v1.RegisterWorkerResponse\x12T\n\rUndrainWorker\x12 .layerkv.v1.UndrainWorkerRequest\x1a!.layerkv.v1.UndrainWorkerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16layerkv/v1/admin.proto\x12\nlayerkv.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x16layerkv/v1/types.proto\"C\n\nPolicySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"v\n\nPolicyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1a\n\x12params_schema_json\x18\x03 \x01(\t\x12)\n\x08\x64\x65\x66\x61ults\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x15\n\x13ListPoliciesRequest\"@\n\x14ListPoliciesResponse\x12(\n\x08policies\x18\x01 \x03(\x0b\x32\x16.layerkv.v1.PolicyInfo\"\x12\n\x10GetPolicyRequest\";\n\x11GetPolicyResponse\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.layerkv.v1.PolicySpec\":\n\x10SetPolicyRequest\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.layerkv.v1.PolicySpec\"f\n\x11SetPolicyResponse\x12(\n\x08previous\x18\x01 \x01(\x0b\x32\x16.layerkv.v1.PolicySpec\x12\'\n\x07\x63urrent\x18\x02 \x01(\x0b\x32\x16.layerkv.v1.PolicySpec\"\xde\x03\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12(\n\x08geometry\x18\x04 \x01(\x0b\x32\x16.layerkv.v1.KvGeometry\x12\"\n\x03gpu\x18\x05 \x01(\x0b\x32\x15.layerkv.v1.TierUsage\x12#\n\x04host\x18\x06 \x01(\x0b\x32\x15.layerkv.v1.TierUsage\x12\x1b\n\x13reserved_gpu_blocks\x18\x07 \x01(\r\x12\x1c\n\x14reserved_host_blocks\x18\x08 \x01(\r\x12\x1b\n\x13running_request_ids\x18\t \x03(\t\x12\x0f\n\x07healthy\x18\n \x01(\x08\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\x12)\n\ncost_model\x18\x0c \x01(\x0b\x32\x15.layerkv.v1.CostModel\x12\x32\n\x13profiled_cost_model\x18\r \x01(\x0b\x32\x15.layerkv.v1.CostModel\x12(\n\x07profile\x18\x0e \x01(\x0b\x32\x17.layerkv.v1.ProfileInfo\x12&\n\x03\x66it\x18\x0f \x01(\x0b\x32\x19.layerkv.v1.CostFitReport\"\x8f\x01\n\rCostFitReport\x12\x14\n\x0c\x64\x65\x63ode_error\x18\x01 \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x02 \x01(\r\x12\x15\n\rprefill_error\x18\x03 \x01(\x01\x12\x15\n\rprefill_steps\x18\x04 \x01(\r\x12\x0e\n\x06window\x18\x05 \x01(\r\x12\x14\n\x0csteps_fitted\x18\x06 \x01(\x04\"\x14\n\x12ListWorkersRequest\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.layerkv.v1.WorkerInfo\"\'\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"=\n\x13\x44rainWorkerResponse\x12&\n\x06worker\x18\x01 \x01(\x0b\x32\x16.layerkv.v1.WorkerInfo\"(\n\x15RegisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"+\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\")\n\x14UndrainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"?\n\x15UndrainWorkerResponse\x12&\n\x06worker\x18\x01 \x01(\x0b\x32\x16.layerkv.v1.WorkerInfo\")\n\x14ProfileWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"?\n\x15ProfileWorkerResponse\x12&\n\x06worker\x18\x01 \x01(\x0b\x32\x16.layerkv.v1.WorkerInfo2\x9a\x05\n\x0c\x41\x64minService\x12Q\n\x0cListPolicies\x12\x1f.layerkv.v1.ListPoliciesRequest\x1a .layerkv.v1.ListPoliciesResponse\x12H\n\tGetPolicy\x12\x1c.layerkv.v1.GetPolicyRequest\x1a\x1d.layerkv.v1.GetPolicyResponse\x12H\n\tSetPolicy\x12\x1c.layerkv.v1.SetPolicyRequest\x1a\x1d.layerkv.v1.SetPolicyResponse\x12N\n\x0bListWorkers\x12\x1e.layerkv.v1.ListWorkersRequest\x1a\x1f.layerkv.v1.ListWorkersResponse\x12N\n\x0b\x44rainWorker\x12\x1e.layerkv.v1.DrainWorkerRequest\x1a\x1f.layerkv.v1.DrainWorkerResponse\x12W\n\x0eRegisterWorker\x12!.layerkv.v1.RegisterWorkerRequest\x1a\".layerkv.v1.RegisterWorkerResponse\x12T\n\rUndrainWorker\x12 .layerkv.v1.UndrainWorkerRequest\x1a!.layerkv.v1.UndrainWorkerResponse\x12T\n\rProfileWorker\x12 .layerkv.v1.ProfileWorkerRequest\x1a!.layerkv.v1.ProfileWorkerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,23 +40,29 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_SETPOLICYRESPONSE']._serialized_start=511
   _globals['_SETPOLICYRESPONSE']._serialized_end=613
   _globals['_WORKERINFO']._serialized_start=616
-  _globals['_WORKERINFO']._serialized_end=960
-  _globals['_LISTWORKERSREQUEST']._serialized_start=962
-  _globals['_LISTWORKERSREQUEST']._serialized_end=982
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=984
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1046
-  _globals['_DRAINWORKERREQUEST']._serialized_start=1048
-  _globals['_DRAINWORKERREQUEST']._serialized_end=1087
-  _globals['_DRAINWORKERRESPONSE']._serialized_start=1089
-  _globals['_DRAINWORKERRESPONSE']._serialized_end=1150
-  _globals['_REGISTERWORKERREQUEST']._serialized_start=1152
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=1192
-  _globals['_REGISTERWORKERRESPONSE']._serialized_start=1194
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=1237
-  _globals['_UNDRAINWORKERREQUEST']._serialized_start=1239
-  _globals['_UNDRAINWORKERREQUEST']._serialized_end=1280
-  _globals['_UNDRAINWORKERRESPONSE']._serialized_start=1282
-  _globals['_UNDRAINWORKERRESPONSE']._serialized_end=1345
-  _globals['_ADMINSERVICE']._serialized_start=1348
-  _globals['_ADMINSERVICE']._serialized_end=1928
+  _globals['_WORKERINFO']._serialized_end=1094
+  _globals['_COSTFITREPORT']._serialized_start=1097
+  _globals['_COSTFITREPORT']._serialized_end=1240
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1242
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1262
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1264
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1326
+  _globals['_DRAINWORKERREQUEST']._serialized_start=1328
+  _globals['_DRAINWORKERREQUEST']._serialized_end=1367
+  _globals['_DRAINWORKERRESPONSE']._serialized_start=1369
+  _globals['_DRAINWORKERRESPONSE']._serialized_end=1430
+  _globals['_REGISTERWORKERREQUEST']._serialized_start=1432
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=1472
+  _globals['_REGISTERWORKERRESPONSE']._serialized_start=1474
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=1517
+  _globals['_UNDRAINWORKERREQUEST']._serialized_start=1519
+  _globals['_UNDRAINWORKERREQUEST']._serialized_end=1560
+  _globals['_UNDRAINWORKERRESPONSE']._serialized_start=1562
+  _globals['_UNDRAINWORKERRESPONSE']._serialized_end=1625
+  _globals['_PROFILEWORKERREQUEST']._serialized_start=1627
+  _globals['_PROFILEWORKERREQUEST']._serialized_end=1668
+  _globals['_PROFILEWORKERRESPONSE']._serialized_start=1670
+  _globals['_PROFILEWORKERRESPONSE']._serialized_end=1733
+  _globals['_ADMINSERVICE']._serialized_start=1736
+  _globals['_ADMINSERVICE']._serialized_end=2402
 # @@protoc_insertion_point(module_scope)

@@ -62,7 +62,7 @@ class SetPolicyResponse(_message.Message):
     def __init__(self, previous: _Optional[_Union[PolicySpec, _Mapping]] = ..., current: _Optional[_Union[PolicySpec, _Mapping]] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "address", "model", "geometry", "gpu", "host", "reserved_gpu_blocks", "reserved_host_blocks", "running_request_ids", "healthy", "draining", "cost_model")
+    __slots__ = ("worker_id", "address", "model", "geometry", "gpu", "host", "reserved_gpu_blocks", "reserved_host_blocks", "running_request_ids", "healthy", "draining", "cost_model", "profiled_cost_model", "profile", "fit")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,9 @@ class WorkerInfo(_message.Message):
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     COST_MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROFILED_COST_MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    FIT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     model: str
@@ -87,7 +90,26 @@ class WorkerInfo(_message.Message):
     healthy: bool
     draining: bool
     cost_model: _types_pb2.CostModel
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., geometry: _Optional[_Union[_types_pb2.KvGeometry, _Mapping]] = ..., gpu: _Optional[_Union[_types_pb2.TierUsage, _Mapping]] = ..., host: _Optional[_Union[_types_pb2.TierUsage, _Mapping]] = ..., reserved_gpu_blocks: _Optional[int] = ..., reserved_host_blocks: _Optional[int] = ..., running_request_ids: _Optional[_Iterable[str]] = ..., healthy: bool = ..., draining: bool = ..., cost_model: _Optional[_Union[_types_pb2.CostModel, _Mapping]] = ...) -> None: ...
+    profiled_cost_model: _types_pb2.CostModel
+    profile: _types_pb2.ProfileInfo
+    fit: CostFitReport
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., geometry: _Optional[_Union[_types_pb2.KvGeometry, _Mapping]] = ..., gpu: _Optional[_Union[_types_pb2.TierUsage, _Mapping]] = ..., host: _Optional[_Union[_types_pb2.TierUsage, _Mapping]] = ..., reserved_gpu_blocks: _Optional[int] = ..., reserved_host_blocks: _Optional[int] = ..., running_request_ids: _Optional[_Iterable[str]] = ..., healthy: bool = ..., draining: bool = ..., cost_model: _Optional[_Union[_types_pb2.CostModel, _Mapping]] = ..., profiled_cost_model: _Optional[_Union[_types_pb2.CostModel, _Mapping]] = ..., profile: _Optional[_Union[_types_pb2.ProfileInfo, _Mapping]] = ..., fit: _Optional[_Union[CostFitReport, _Mapping]] = ...) -> None: ...
+
+class CostFitReport(_message.Message):
+    __slots__ = ("decode_error", "decode_steps", "prefill_error", "prefill_steps", "window", "steps_fitted")
+    DECODE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FITTED_FIELD_NUMBER: _ClassVar[int]
+    decode_error: float
+    decode_steps: int
+    prefill_error: float
+    prefill_steps: int
+    window: int
+    steps_fitted: int
+    def __init__(self, decode_error: _Optional[float] = ..., decode_steps: _Optional[int] = ..., prefill_error: _Optional[float] = ..., prefill_steps: _Optional[int] = ..., window: _Optional[int] = ..., steps_fitted: _Optional[int] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()
@@ -130,6 +152,18 @@ class UndrainWorkerRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class UndrainWorkerResponse(_message.Message):
+    __slots__ = ("worker",)
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    worker: WorkerInfo
+    def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ...) -> None: ...
+
+class ProfileWorkerRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class ProfileWorkerResponse(_message.Message):
     __slots__ = ("worker",)
     WORKER_FIELD_NUMBER: _ClassVar[int]
     worker: WorkerInfo

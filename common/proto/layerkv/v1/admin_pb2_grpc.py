@@ -54,6 +54,11 @@ class AdminServiceStub(object):
                 request_serializer=layerkv_dot_v1_dot_admin__pb2.UndrainWorkerRequest.SerializeToString,
                 response_deserializer=layerkv_dot_v1_dot_admin__pb2.UndrainWorkerResponse.FromString,
                 )
+        self.ProfileWorker = channel.unary_unary(
+                '/layerkv.v1.AdminService/ProfileWorker',
+                request_serializer=layerkv_dot_v1_dot_admin__pb2.ProfileWorkerRequest.SerializeToString,
+                response_deserializer=layerkv_dot_v1_dot_admin__pb2.ProfileWorkerResponse.FromString,
+                )
 
 
 class AdminServiceServicer(object):
@@ -112,6 +117,15 @@ class AdminServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProfileWorker(self, request, context):
+        """Re-measure a worker's cost model (WorkerService.Profile) and restart the scheduler's online fit
+        from it. FAILED_PRECONDITION while the worker holds requests (drain it and wait), UNAVAILABLE
+        when it is down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +163,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.UndrainWorker,
                     request_deserializer=layerkv_dot_v1_dot_admin__pb2.UndrainWorkerRequest.FromString,
                     response_serializer=layerkv_dot_v1_dot_admin__pb2.UndrainWorkerResponse.SerializeToString,
+            ),
+            'ProfileWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProfileWorker,
+                    request_deserializer=layerkv_dot_v1_dot_admin__pb2.ProfileWorkerRequest.FromString,
+                    response_serializer=layerkv_dot_v1_dot_admin__pb2.ProfileWorkerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -281,5 +300,22 @@ class AdminService(object):
         return grpc.experimental.unary_unary(request, target, '/layerkv.v1.AdminService/UndrainWorker',
             layerkv_dot_v1_dot_admin__pb2.UndrainWorkerRequest.SerializeToString,
             layerkv_dot_v1_dot_admin__pb2.UndrainWorkerResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ProfileWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/layerkv.v1.AdminService/ProfileWorker',
+            layerkv_dot_v1_dot_admin__pb2.ProfileWorkerRequest.SerializeToString,
+            layerkv_dot_v1_dot_admin__pb2.ProfileWorkerResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

@@ -81,6 +81,16 @@ class CostModel(_message.Message):
     correction: float
     def __init__(self, d2h_bytes_per_s: _Optional[float] = ..., h2d_bytes_per_s: _Optional[float] = ..., prefill_base_s: _Optional[float] = ..., prefill_per_token_s: _Optional[float] = ..., prefill_per_token2_s: _Optional[float] = ..., decode_base_s: _Optional[float] = ..., decode_per_request_s: _Optional[float] = ..., decode_per_context_token_s: _Optional[float] = ..., correction: _Optional[float] = ...) -> None: ...
 
+class ProfileInfo(_message.Message):
+    __slots__ = ("source", "duration_s", "measured_unix_s")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    duration_s: float
+    measured_unix_s: float
+    def __init__(self, source: _Optional[str] = ..., duration_s: _Optional[float] = ..., measured_unix_s: _Optional[float] = ...) -> None: ...
+
 class TierUsage(_message.Message):
     __slots__ = ("total_blocks", "free_blocks", "used_blocks_per_layer")
     TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]

@@ -11,7 +11,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("worker_id", "model", "geometry", "gpu_blocks", "host_blocks", "cost_model", "max_model_len", "eos_token_id", "device", "dtype", "staging_blocks", "preemption_mode", "max_num_batched_tokens", "vocab_size")
+    __slots__ = ("worker_id", "model", "geometry", "gpu_blocks", "host_blocks", "cost_model", "max_model_len", "eos_token_id", "device", "dtype", "staging_blocks", "preemption_mode", "max_num_batched_tokens", "vocab_size", "profile")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class DescribeResponse(_message.Message):
     PREEMPTION_MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     geometry: _types_pb2.KvGeometry
@@ -40,7 +41,8 @@ class DescribeResponse(_message.Message):
     preemption_mode: str
     max_num_batched_tokens: int
     vocab_size: int
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., geometry: _Optional[_Union[_types_pb2.KvGeometry, _Mapping]] = ..., gpu_blocks: _Optional[int] = ..., host_blocks: _Optional[int] = ..., cost_model: _Optional[_Union[_types_pb2.CostModel, _Mapping]] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., staging_blocks: _Optional[int] = ..., preemption_mode: _Optional[str] = ..., max_num_batched_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    profile: _types_pb2.ProfileInfo
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., geometry: _Optional[_Union[_types_pb2.KvGeometry, _Mapping]] = ..., gpu_blocks: _Optional[int] = ..., host_blocks: _Optional[int] = ..., cost_model: _Optional[_Union[_types_pb2.CostModel, _Mapping]] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., staging_blocks: _Optional[int] = ..., preemption_mode: _Optional[str] = ..., max_num_batched_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., profile: _Optional[_Union[_types_pb2.ProfileInfo, _Mapping]] = ...) -> None: ...
 
 class GetTokenizerRequest(_message.Message):
     __slots__ = ()
@@ -171,3 +173,15 @@ class AbortResponse(_message.Message):
     ABORTED_FIELD_NUMBER: _ClassVar[int]
     aborted: bool
     def __init__(self, aborted: bool = ...) -> None: ...
+
+class ProfileRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ProfileResponse(_message.Message):
+    __slots__ = ("cost_model", "profile")
+    COST_MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    cost_model: _types_pb2.CostModel
+    profile: _types_pb2.ProfileInfo
+    def __init__(self, cost_model: _Optional[_Union[_types_pb2.CostModel, _Mapping]] = ..., profile: _Optional[_Union[_types_pb2.ProfileInfo, _Mapping]] = ...) -> None: ...

@@ -43,6 +43,11 @@ class WorkerServiceStub(object):
                 request_serializer=layerkv_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
                 response_deserializer=layerkv_dot_v1_dot_worker__pb2.AbortResponse.FromString,
                 )
+        self.Profile = channel.unary_unary(
+                '/layerkv.v1.WorkerService/Profile',
+                request_serializer=layerkv_dot_v1_dot_worker__pb2.ProfileRequest.SerializeToString,
+                response_deserializer=layerkv_dot_v1_dot_worker__pb2.ProfileResponse.FromString,
+                )
 
 
 class WorkerServiceServicer(object):
@@ -88,6 +93,14 @@ class WorkerServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Profile(self, request, context):
+        """Re-measure the cost model (a second or so on the tiny preset) and advertise it from now on.
+        Only while idle: FAILED_PRECONDITION while the worker holds requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +128,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=layerkv_dot_v1_dot_worker__pb2.AbortRequest.FromString,
                     response_serializer=layerkv_dot_v1_dot_worker__pb2.AbortResponse.SerializeToString,
+            ),
+            'Profile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Profile,
+                    request_deserializer=layerkv_dot_v1_dot_worker__pb2.ProfileRequest.FromString,
+                    response_serializer=layerkv_dot_v1_dot_worker__pb2.ProfileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -212,5 +230,22 @@ class WorkerService(object):
         return grpc.experimental.unary_unary(request, target, '/layerkv.v1.WorkerService/Abort',
             layerkv_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
             layerkv_dot_v1_dot_worker__pb2.AbortResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def Profile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/layerkv.v1.WorkerService/Profile',
+            layerkv_dot_v1_dot_worker__pb2.ProfileRequest.SerializeToString,
+            layerkv_dot_v1_dot_worker__pb2.ProfileResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
