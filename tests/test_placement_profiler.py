@@ -26,7 +26,7 @@ from worker_svc.kv.offload import CopyEngine, CopyHandle
 from worker_svc.model.loader import load_model
 from worker_svc.server import create_server
 
-SLOW_LINK_BYTES_PER_S = 4e6  # a link this slow cannot hide a 512-token prompt's layers under its prefill
+SLOW_LINK_BYTES_PER_S = 1e6  # a link this slow cannot hide a 512-token prompt's layers under its prefill
 SLOW_FORWARD_S = 0.05  # well above a tiny-llama step, even on a busy machine
 
 
