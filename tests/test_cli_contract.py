@@ -105,9 +105,9 @@ def test_engine_config_carries_every_engine_setting_of_the_worker() -> None:
     shared = {f.name for f in dataclasses.fields(EngineConfig)} & set(WorkerSettings.model_fields)
     assert {"model", "block_size", "max_num_seqs", "default_placement", "seed"} <= shared
     settings = WorkerSettings.build(model="smollm2", block_size=8, gpu_blocks=10, max_num_seqs=3,
-                                    max_prefill_tokens=99, default_placement="all-gpu", profile="file", seed=4,
+                                    max_prefill_tokens=99, default_placement="all-gpu", seed=4,
                                     gpu_memory_utilization=0.5, attention_backend="sdpa", max_model_len=77,
-                                    profile_file="saved.json", profile_budget_s=0.5)
+                                    profile="file", profile_file="saved.json", profile_budget_s=0.5)
     config = engine_config_from_settings(settings)
     for name in shared:
         assert getattr(config, name) == getattr(settings, name), name

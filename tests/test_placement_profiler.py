@@ -80,11 +80,12 @@ def test_profile_off_keeps_the_defaults_and_says_so() -> None:
 
 async def described(engine: Engine) -> WorkerDescription:
     """Start a worker on port 0 around ``engine`` and decode its Describe as the scheduler does."""
-    settings = WorkerSettings.build(host="127.0.0.1", port=0, metrics_port=0, worker_id="w-prof", profile="off")
+    settings = WorkerSettings.build(host="127.0.0.1", port=0, metrics_port=0, worker_id="w-prof")
     server, port = await create_server(settings, engine=engine)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        reply = await worker_pb2_grpc.WorkerServiceStub(channel).Describe(worker_pb2.DescribeRequest(), timeout=30)
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        reply = await stub.Describe(worker_pb2.DescribeRequest(), timeout=30)
         return describe_from_proto(reply)
     finally:
         await channel.close(None)
@@ -115,8 +116,8 @@ async def test_a_slow_link_is_advertised_and_gets_more_gpu_layers(normal_engine:
     assert slow.cost_model.h2d_bytes_per_s < 2 * SLOW_LINK_BYTES_PER_S
     assert normal.cost_model.d2h_bytes_per_s > 10 * slow.cost_model.d2h_bytes_per_s
     prompt = 512
-    fast_place = placement_for(prompt, 16, snapshot(normal), normal.capacity.gpu_blocks, normal.capacity.host_blocks)
-    slow_place = placement_for(prompt, 16, snapshot(slow), slow.capacity.gpu_blocks, slow.capacity.host_blocks)
+    fast_place = placement_for(prompt, 16, snapshot(normal), normal.capacity.gpu_blocks, 512)
+    slow_place = placement_for(prompt, 16, snapshot(slow), slow.capacity.gpu_blocks, 512)
     assert fast_place is not None and slow_place is not None
     # The offload of a host layer no longer hides under the prefill: the rule keeps more on the GPU.
     assert slow_place.gpu_layers > fast_place.gpu_layers, (fast_place, slow_place)

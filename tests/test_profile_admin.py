@@ -113,13 +113,13 @@ async def test_busy_worker_refuses_to_profile_naming_the_problem(system: System)
             break
         await asyncio.sleep(0.01)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await system.admin.ProfileWorker(admin_pb2.ProfileWorkerRequest(worker_id="w-prof"), timeout=TIMEOUT_S)
+        await system.admin.ProfileWorker(admin_pb2.ProfileWorkerRequest(worker_id="w-prof"), timeout=60)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "not idle" in (err.value.details() or "") and "drain" in (err.value.details() or "")
     assert (await system.info()).profile.source == "default"  # nothing changed
     call.cancel()
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await system.admin.ProfileWorker(admin_pb2.ProfileWorkerRequest(worker_id="nobody"), timeout=TIMEOUT_S)
+        await system.admin.ProfileWorker(admin_pb2.ProfileWorkerRequest(worker_id="nobody"), timeout=60)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nobody" in (err.value.details() or "")
 
 
