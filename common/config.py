@@ -203,7 +203,8 @@ class WorkerSettings(_Settings):
         "missing; off advertises built-in defaults")
     profile_file: str = Field("", description="saved profile (JSON) of --profile file")
     profile_budget_s: float = Field(
-        2.0, gt=0, le=600, description="soft time limit of one profile: repeats stop once it is spent")
+        1.0, gt=0, le=600, description="soft time limit of one profile: one pass always runs, repeats "
+        "only while it lasts")
     seed: int = Field(0, ge=0, description="random weights of presets and default sampling seeds")
     threads: int = Field(
         0, ge=0, le=1024,

@@ -35,7 +35,7 @@ class EngineConfig:
     default_placement: str = "auto"  # for requests without a placement: auto | all-gpu | rule
     profile: str = "off"  # cost model at start-up: off (defaults) | startup (measure) | file (load/save)
     profile_file: str = ""  # the saved profile of profile="file"
-    profile_budget_s: float = 2.0  # soft time limit of one profile
+    profile_budget_s: float = 1.0  # soft time limit of one profile (one pass always runs)
     gpu_memory_utilization: float = 0.9  # share of free CUDA memory the engine may use
 
     def __post_init__(self) -> None:
