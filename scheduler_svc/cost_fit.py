@@ -28,6 +28,8 @@ from common.types import CostModel
 # conditioned: context in units of 1024 tokens, host-to-device bytes in units of 100 MB.
 _CONTEXT_SCALE = 1024.0
 _BYTES_SCALE = 1e8
+# A prediction re-solves the decode fit itself once this many decode steps came in unsolved.
+_RESOLVE_AFTER = 8
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ class CostFitter:
         self._xtx = [[0.0] * 4 for _ in range(4)]  # sum of w x x^T
         self._xty = [0.0] * 4  # sum of w x y
         self._theta: list[float] | None = list(self._prior)  # cached solution; None when stale
+        self._solved = list(self._prior)  # the last solution, stale or not (predictions use it)
+        self._unsolved_decodes = 0  # decode steps folded in since the last solve
         self._errors = {kind: deque[float](maxlen=self.params.error_window) for kind in ("decode", "prefill")}
         self.steps_fitted = 0
 
@@ -151,14 +155,30 @@ class CostFitter:
             self._observe_decode(step)
 
     def predict(self, step: StepTiming) -> float:
-        """The step's time as the current fit predicts it (what the policies would have charged)."""
-        model = self.model()
+        """The step's time as the fit last solved predicts it: what the policies charged for it.
+
+        The decode coefficients are those of the last solve (a round's snapshot solves them), not
+        re-solved per step, which would double the fit's cost on the scheduler's event path; they
+        are re-solved here only when no round did for ``_RESOLVE_AFTER`` decode steps (a stretch of
+        decodes with nothing waiting), so the error stays that of a current fit."""
+        if self._theta is None and self._unsolved_decodes >= _RESOLVE_AFTER:
+            self._decode_coefficients()
+        base, per_request, per_context, per_bytes = self._solved
+
+        def decode_s(batch: int) -> float:
+            return (base + per_request * batch + per_context * step.context_tokens / _CONTEXT_SCALE
+                    + per_bytes * step.bytes_loaded / _BYTES_SCALE)
+
+        def prefill_s(n: int) -> float:
+            p = self.profile
+            raw = p.prefill_base_s + p.prefill_per_token_s * n + p.prefill_per_token2_s * n * n
+            return self.correction * raw
+
         if step.kind == "decode":
-            return model.decode_step_s(step.num_tokens, step.context_tokens, step.bytes_loaded)
+            return decode_s(step.num_tokens)
         if step.kind == "mixed":
-            return (model.decode_step_s(step.num_decode_requests, step.context_tokens, step.bytes_loaded)
-                    + model.prefill_s(step.num_prefill_tokens))
-        return model.prefill_s(step.num_tokens)
+            return decode_s(step.num_decode_requests) + prefill_s(step.num_prefill_tokens)
+        return prefill_s(step.num_tokens)
 
     def _observe_mixed(self, step: StepTiming) -> None:
         # The decodes cost what the decode fit says (their context and loads are the step's); what
@@ -209,6 +229,7 @@ class CostFitter:
             for j in range(4):
                 self._xtx[i][j] = lam * self._xtx[i][j] + x[i] * x[j]
         self._theta = None
+        self._unsolved_decodes += 1
         self.decode_samples += 1
 
     def _decode_coefficients(self) -> list[float]:
@@ -232,7 +253,8 @@ class CostFitter:
             # A negative time per unit is noise around zero: pin the most negative one and refit
             # the rest, so the remaining coefficients still explain the measurements together.
             fixed.add(min(negative, key=lambda i: theta[i]))
-        self._theta = theta
+        self._theta = self._solved = theta
+        self._unsolved_decodes = 0
         return theta
 
     def model(self) -> CostModel:

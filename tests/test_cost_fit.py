@@ -8,7 +8,7 @@ import pytest
 
 from common.errors import InvalidArgument
 from common.types import CostModel
-from scheduler_svc.cost_fit import CostFitParams, CostFitter, StepTiming
+from scheduler_svc.cost_fit import CostFitParams, CostFitter, FitError, FitReport, StepTiming
 
 PROFILE = CostModel(
     d2h_bytes_per_s=5e9,
@@ -150,3 +150,34 @@ def test_fresh_fitter_reproduces_the_profile() -> None:
     assert fitted.decode_step_s(5, 3000, 10_000_000) == pytest.approx(
         PROFILE.decode_step_s(5, 3000, 10_000_000)
     )
+
+
+def test_fit_reports_its_one_step_ahead_error_over_a_window() -> None:
+    # The profile says 10 ms per decode step and 0.1 ms per prompt token; the worker is twice as slow.
+    fitter = CostFitter(CostModel(decode_base_s=0.01, prefill_per_token_s=1e-4),
+                        CostFitParams(error_window=16))
+    assert fitter.report() == FitReport(FitError(0, 0.0), FitError(0, 0.0), 16, 0)
+    fitter.observe(StepTiming("decode", 0.02, 1, 100))
+    fitter.observe(StepTiming("prefill", 0.02, 100))
+    first = fitter.report()
+    # Each step was predicted before it was folded in: 10 ms against 20 ms measured is 50 % off.
+    assert first.decode == FitError(1, pytest.approx(0.5))
+    assert first.prefill == FitError(1, pytest.approx(0.5))
+    assert first.steps_fitted == 2
+    for _ in range(40):
+        fitter.observe(StepTiming("decode", 0.02, 1, 100))
+        fitter.observe(StepTiming("mixed", 0.04, 101, 100, num_prefill_tokens=100, num_decode_requests=1))
+    learnt = fitter.report()
+    # The window holds the last 16 of each kind (mixed steps count as prefill), and the fit caught up.
+    assert learnt.decode.steps == 16 and learnt.prefill.steps == 16 and learnt.steps_fitted == 82
+    assert learnt.decode.mean_relative_error < 0.05 and learnt.prefill.mean_relative_error < 0.05
+    # A re-profiled worker gets a new fitter: its report starts empty again.
+    assert CostFitter(fitter.model()).report().steps_fitted == 0
+
+
+def test_fit_error_does_not_count_steps_without_a_timing() -> None:
+    fitter = CostFitter(CostModel())
+    fitter.observe(StepTiming("decode", 0.0, 1, 10))
+    fitter.observe(StepTiming("decode", float("nan"), 1, 10))
+    fitter.observe(StepTiming("prefill", 0.01, 0))
+    assert fitter.report().steps_fitted == 0
