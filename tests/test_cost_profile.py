@@ -111,3 +111,9 @@ def test_file_mode_measures_and_saves_once_then_loads(tmp_path: Path) -> None:
     assert second.cost_profile.info.measured_unix_s == first.cost_profile.info.measured_unix_s
     with pytest.raises(InvalidArgument, match=r"was measured for .*block_size=16.*block_size=8"):
         _engine(path, block_size=8)  # another engine: never applied to it
+
+
+def test_an_unwritable_profile_file_is_named_in_the_error(tmp_path: Path) -> None:
+    (tmp_path / "plain-file").write_text("")
+    with pytest.raises(InvalidArgument, match=r"cannot write profile file .*plain-file/profile\.json"):
+        _engine(tmp_path / "plain-file" / "profile.json")  # its folder is a file

@@ -164,7 +164,7 @@ def profile_cost_model(engine: Engine, budget_s: float = 1.0,
     if len(rows) >= 3:
         base, per_token, per_token2 = _lstsq(rows, ys)
     else:  # one or two lengths (a tiny engine): a line through them
-        base, per_token = _lstsq([r[:2] for r in rows], ys) if len(rows) == 2 else (0.0, ys[0] / lengths[0])
+        base, per_token = _lstsq([r[:2] for r in rows], ys) if len(rows) == 2 else (0.0, ys[0] / rows[0][1])
         per_token2 = 0.0
     points = sorted(decode_s)
     if len(points) >= 3:
@@ -196,7 +196,10 @@ def measure_profile(engine: Engine) -> CostProfile:
     info = ProfileInfo(ProfileSource.MEASURED, time.perf_counter() - begin, started)
     profile = CostProfile(cost, info, profile_key(engine))
     if engine.config.profile == "file":
-        profile.save(engine.config.profile_file)
+        try:
+            profile.save(engine.config.profile_file)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot write profile file {engine.config.profile_file!r}: {exc}") from exc
     return profile
 
 
