@@ -65,11 +65,13 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "/layerkv.v1.AdminService/DrainWorker": ALWAYS | {C.NOT_FOUND},
     "/layerkv.v1.AdminService/UndrainWorker": ALWAYS | {C.NOT_FOUND},
     "/layerkv.v1.AdminService/RegisterWorker": ALWAYS | {C.UNAVAILABLE, C.DEADLINE_EXCEEDED},
+    "/layerkv.v1.AdminService/ProfileWorker": ALWAYS | {C.NOT_FOUND, C.FAILED_PRECONDITION, C.UNAVAILABLE},
     "/layerkv.v1.WorkerService/Describe": ALWAYS,
     "/layerkv.v1.WorkerService/GetTokenizer": ALWAYS,
     "/layerkv.v1.WorkerService/Dispatch": ALWAYS | {C.RESOURCE_EXHAUSTED, C.ALREADY_EXISTS},
     "/layerkv.v1.WorkerService/StreamEvents": ALWAYS | STREAMS,
     "/layerkv.v1.WorkerService/Abort": ALWAYS,
+    "/layerkv.v1.WorkerService/Profile": ALWAYS | {C.FAILED_PRECONDITION},
 }
 
 
@@ -103,6 +105,7 @@ def _rpcs() -> list[Rpc]:
             ),
         ),
         "Abort": (worker_pb2.AbortRequest(request_id="fz"),),
+        "ProfileWorker": (admin_pb2.ProfileWorkerRequest(worker_id="w-fuzz"),),
     }
     out: list[Rpc] = []
     for module, service, token, target in (

@@ -104,6 +104,11 @@ async def test_idle_worker_is_reprofiled_and_the_fit_restarts_from_it(system: Sy
     # And it keeps serving.
     tokens, _ = await collect(system.client.Generate(generate_request([5] * 10, 4)))
     assert len(tokens) == 4
+    # A profile holds dispatches while it runs: another one right away is refused, saying why.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await system.admin.ProfileWorker(admin_pb2.ProfileWorkerRequest(worker_id="w-prof"), timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "at most one re-profile per 10 s" in (err.value.details() or "")
 
 
 async def test_busy_worker_refuses_to_profile_naming_the_problem(system: System) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import grpc.aio
 
 from common.cost_profile import describe_cost
-from common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from common.grpc_errors import grpc_errors
 from common.proto.layerkv.v1 import worker_pb2, worker_pb2_grpc
 from common.types import Placement, SamplingParams
@@ -43,6 +44,9 @@ HEARTBEAT_S = 2.0
 LEASE_S = 30.0
 
 MAX_REQUEST_ID_LEN = 256
+# A profile holds the engine thread (dispatches wait) for up to its budget: re-profiles on request
+# are at most one per this many seconds, so a looping admin client cannot starve the engine.
+PROFILE_MIN_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._lease_timer: asyncio.TimerHandle | None = None
         self._lease_tasks: set[asyncio.Task[None]] = set()
         self.leases_expired = 0
+        self._profiling = False
+        self._last_profile_s = -PROFILE_MIN_INTERVAL_S  # monotonic end of the last re-profile
 
     @property
     def hub(self) -> EventHub:
@@ -155,9 +161,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def Profile(
         self, request: worker_pb2.ProfileRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ProfileResponse:
-        # One command on the engine thread: no dispatch can slip in between the idle check and the
-        # measurement (dispatches wait behind it, a second or so), and no step runs meanwhile.
-        profile = await self._thread.call(lambda e: e.profile())
+        since = time.monotonic() - self._last_profile_s
+        if self._profiling or since < PROFILE_MIN_INTERVAL_S:
+            raise FailedPrecondition(
+                "a re-profile is running" if self._profiling else
+                f"the worker was re-profiled {since:.1f} s ago: at most one re-profile per "
+                f"{PROFILE_MIN_INTERVAL_S:.0f} s (each holds dispatches for its duration)")
+        self._profiling = True
+        try:
+            # One command on the engine thread: no dispatch can slip in between the idle check and
+            # the measurement (dispatches wait behind it, a second or so), and no step runs meanwhile.
+            profile = await self._thread.call(lambda e: e.profile())
+        finally:
+            self._profiling = False
+        self._last_profile_s = time.monotonic()
         log.info("worker %s re-profiled in %.2f s: %s", self._identity.worker_id, profile.info.duration_s,
                  describe_cost(profile.cost_model))
         return worker_pb2.ProfileResponse(cost_model=cost_model_to_proto(profile.cost_model),

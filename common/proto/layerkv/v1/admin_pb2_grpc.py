@@ -119,8 +119,8 @@ class AdminServiceServicer(object):
 
     def ProfileWorker(self, request, context):
         """Re-measure a worker's cost model (WorkerService.Profile) and restart the scheduler's online fit
-        from it. FAILED_PRECONDITION while the worker holds requests (drain it and wait), UNAVAILABLE
-        when it is down.
+        from it. FAILED_PRECONDITION while the worker holds requests (drain it and wait) or was
+        re-profiled less than 10 s ago, UNAVAILABLE when it is down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -95,7 +95,8 @@ class WorkerServiceServicer(object):
 
     def Profile(self, request, context):
         """Re-measure the cost model (a second or so on the tiny preset) and advertise it from now on.
-        Only while idle: FAILED_PRECONDITION while the worker holds requests.
+        Only while idle: FAILED_PRECONDITION while the worker holds requests, while a re-profile runs,
+        or within 10 s of the last re-profile (each holds dispatches for its duration).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
