@@ -7,6 +7,7 @@ client tokens in a 0600 file that the ``layerkv`` clients find and that goes awa
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -154,6 +155,14 @@ def test_up_serves_until_interrupted_and_generate_endpoint_streams(credentials_d
                 capture_output=True, text=True, timeout=60, env=_env(), cwd=REPO_ROOT,
             )  # fmt: skip
             assert done.returncode == 0 and done.stdout.split() == ["worker-1", expected], done.stderr
+        # Every worker of `layerkv up` profiled its cost model at start-up, and advertises it.
+        listed = subprocess.run(
+            [sys.executable, "-m", "layerkv", "workers", "--json", "--endpoint", endpoints[0]],
+            capture_output=True, text=True, timeout=60, env=_env(), cwd=REPO_ROOT,
+        )  # fmt: skip
+        assert listed.returncode == 0, listed.stderr
+        profiles = [w["profile"] for w in json.loads(listed.stdout)]
+        assert [p["source"] for p in profiles] == ["measured", "measured"], profiles
         gen = subprocess.run(
             [
                 sys.executable,
@@ -176,8 +185,6 @@ def test_up_serves_until_interrupted_and_generate_endpoint_streams(credentials_d
             cwd=REPO_ROOT,
         )
         assert gen.returncode == 0, gen.stdout + gen.stderr
-        import json
-
         records = [json.loads(x) for x in gen.stdout.splitlines() if x.strip()]
         assert [r["index"] for r in records] == [0, 1]
         assert all(len(r["token_ids"]) == 5 and r["finish_reason"] == "length" for r in records)
