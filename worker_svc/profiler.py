@@ -126,7 +126,8 @@ def profile_cost_model(engine: Engine, budget_s: float = 1.0,
     vocab = engine.model_config.vocab_size
     layers, block = engine.geometry.num_layers, engine.geometry.block_size
     per_layer_free = engine.kv_manager.gpu.num_free // layers
-    longest = max(1, min(max_prompt, engine.config.max_num_batched_tokens,  # one prefill step per prompt
+    step_tokens = min(engine.config.max_num_batched_tokens, engine.config.max_prefill_tokens)
+    longest = max(1, min(max_prompt, step_tokens,  # one prefill step per prompt
                          engine.max_model_len - 8, per_layer_free * block - 8))
     _run_alone(engine, [[1 % vocab] * 8], 1)  # warm-up
 
@@ -146,8 +147,8 @@ def profile_cost_model(engine: Engine, budget_s: float = 1.0,
                 break  # longer prompts would exceed the budget: three points fit the quadratic
             if passes > 0 and n not in prefill_s:
                 continue
-            kind, seconds, _ = _run_alone(engine, [[(i * 7 + 1) % vocab for i in range(n)]], 1)[0]
-            assert kind == "prefill", f"a {n}-token profile prompt took a {kind} step"
+            kind, seconds, tokens = _run_alone(engine, [[(i * 7 + 1) % vocab for i in range(n)]], 1)[0]
+            assert kind == "prefill" and tokens == n, f"a {n}-token prompt took a {kind} step of {tokens}"
             prefill_s[n].append(seconds)
         for batch, context in decode_points:
             needed = batch * engine.geometry.blocks_for(context + 4) * layers
