@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from common.types import Placement, SamplingParams
-from worker_svc.engine import Engine, EngineConfig
+from worker_svc.engine import Engine, EngineConfig, resolve_device
+from worker_svc.model.loader import load_model, parse_dtype
 
 
 @dataclass
@@ -56,6 +57,29 @@ def run_engine(engine: Engine, batch: int, prompt_len: int, gen_len: int) -> Thr
             decode_s += out.stats.duration_s
             decode_tokens += out.stats.num_tokens
     return Throughput(batch * prompt_len / prefill_s, decode_tokens / decode_s)
+
+
+def build_engine(model: str, device: str, dtype: str, block_size: int, max_batch: int, prompt_len: int,
+                 gen_len: int) -> Engine:
+    """An engine sized for exactly this run: whole-batch prefill steps (the step budget is the
+    largest batch's prompts, which the memory plan charges as activations), the largest batch as
+    max_num_seqs, prompt + gen as max_model_len, a GPU tier of exactly the blocks the largest batch
+    needs (the rest of the device stays free for the transformers copy of the weights), and no host
+    tier (every request is all-GPU, so no staging). On CUDA the memory plan checks that this fits
+    and raises, naming every figure, when it does not."""
+    dev = resolve_device(device)
+    torch_dtype = parse_dtype(dtype if dtype != "auto" else "bfloat16" if dev.type == "cuda" else "float32")
+    loaded = load_model(model, dev, torch_dtype)
+    per_layer = -(-(prompt_len + gen_len) // block_size)  # blocks per layer of one request
+    gpu_blocks = max_batch * per_layer * loaded.config.num_layers
+    step_tokens = max_batch * prompt_len
+    config = EngineConfig(model=model, device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
+                          block_size=block_size, max_prefill_tokens=step_tokens,
+                          max_num_batched_tokens=step_tokens, max_num_seqs=max_batch,
+                          max_model_len=prompt_len + gen_len, gpu_blocks=gpu_blocks, host_blocks=0)
+    engine = Engine(config, loaded, dev, torch_dtype)
+    assert engine.capacity.gpu_blocks == gpu_blocks > 0, engine.memory_plan.describe()
+    return engine
 
 
 def best(runs: list[Throughput]) -> Throughput:
@@ -117,14 +141,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per figure")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    engine = Engine.from_config(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                             block_size=args.block_size, max_prefill_tokens=1 << 20,
-                                             max_num_batched_tokens=1 << 20))  # whole-batch prefill steps
+    engine = build_engine(args.model, args.device, args.dtype, args.block_size, max(batches),
+                          args.prompt_len, args.gen_len)
     hf = hf_model_like(engine)
     vocab = engine.model_config.vocab_size
     run_engine(engine, 2, 16, 4)  # warm-up both
     run_transformers(hf, engine.device, vocab, 2, 16, 4)
     name = torch.cuda.get_device_name() if engine.device.type == "cuda" else platform.processor() or "cpu"
+    print(engine.memory_plan.describe())
     print(f"model={args.model} device={engine.device} ({name}, {torch.get_num_threads()} threads) "
           f"dtype={args.dtype} prompt={args.prompt_len} gen={args.gen_len} torch={torch.__version__}")
     print("| batch | engine prefill tok/s | transformers prefill tok/s | engine decode tok/s "

@@ -1,0 +1,129 @@
+"""The device-memory plan, fed the free-memory figures of real GPUs (an H200's and an H100's) and
+the Llama-3-8B bfloat16 geometry: every item is charged, the GPU tier takes what is left and never
+0 blocks, staging follows the host tier (the placements that use it), explicit tiers that do not
+fit are refused with the figures; and the engine builds its KV tensors from the plan."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from common.errors import InvalidArgument
+from common.types import KVGeometry
+from worker_svc import engine as engine_module
+from worker_svc.engine import Engine, EngineConfig
+from worker_svc.engine_config import plan_inputs
+from worker_svc.memory_plan import GIB, SAFETY_BYTES, MemoryPlan, ModelShape, plan_memory
+from worker_svc.model.config import PRESETS
+from worker_svc.model.loader import weight_bytes
+
+LLAMA3_8B = PRESETS["llama3-8b-random"]
+SHAPE = ModelShape(LLAMA3_8B.vocab_size, LLAMA3_8B.hidden_size, LLAMA3_8B.intermediate_size,
+                   LLAMA3_8B.num_heads, LLAMA3_8B.num_kv_heads, LLAMA3_8B.head_dim)
+GEOMETRY = KVGeometry(32, 8, 128, 16, 2)  # bfloat16, 16-token blocks: 64 KiB per block
+WEIGHTS = weight_bytes(LLAMA3_8B, 2)
+H200_FREE = 139 * GIB  # what torch.cuda.mem_get_info reports free on an idle H200 (141 GB)
+H100_FREE = 79 * GIB  # an idle H100 80GB
+
+
+def plan(free: int | None, max_model_len: int = 8192, **config: Any) -> MemoryPlan:
+    cfg = EngineConfig(dtype="bfloat16", **config)
+    return plan_memory(SHAPE, GEOMETRY, plan_inputs(cfg, max_model_len, WEIGHTS, "sdpa"), free)
+
+
+@pytest.mark.parametrize("free", [H200_FREE, H100_FREE])
+def test_the_gpu_tier_takes_what_the_weights_buffers_and_margin_leave(free: int) -> None:
+    p = plan(free)
+    assert p.weight_bytes == 8_030_261_248 * 2
+    assert p.usable_bytes == int(free * 0.9)
+    # logits [256 rows, 128256] in bfloat16 plus the float32 copies and the sampler's sort
+    assert p.logits_bytes == 256 * 128256 * (2 + 32)
+    assert p.activation_bytes > 2048 * 3 * 14336 * 2  # at least the MLP's [T, I] temporaries
+    assert p.safety_bytes == SAFETY_BYTES
+    assert p.block_table_bytes >= 32 * 256 * 512 * 4  # [L, rows, blocks of a longest request] int32
+    assert p.gpu_blocks > 0
+    assert p.device_bytes <= p.usable_bytes
+    assert p.usable_bytes - p.device_bytes < p.bytes_per_block  # nothing usable is left unplanned
+    assert "weights 14.96" in p.describe()
+
+
+def test_a_larger_device_gets_a_larger_gpu_tier_and_the_same_staging() -> None:
+    h200, h100 = plan(H200_FREE), plan(H100_FREE)
+    assert h200.staging_blocks == h100.staging_blocks  # staging does not follow the GPU tier
+    assert (h200.gpu_blocks - h100.gpu_blocks) * h200.bytes_per_block == pytest.approx(
+        (H200_FREE - H100_FREE) * 0.9, abs=2 * h200.bytes_per_block)
+
+
+def test_staging_is_sized_from_the_host_tier_not_an_eighth_of_the_gpu_tier() -> None:
+    p = plan(H200_FREE)
+    # default 8 GiB host tier at 8192 tokens: 131,072 blocks; a full host tier over half the
+    # 32 layers needs 2 * 131072 / 32 blocks in an adjacent pair
+    assert p.host_blocks == 131072
+    assert p.staging_blocks == 2 * 131072 // 32
+    assert p.staging_blocks < p.gpu_blocks // 8  # the old rule would have taken 12 % of the tier
+    assert plan(H200_FREE, host_blocks=0).staging_blocks == 0  # no host tier: nothing is staged
+    small = plan(H200_FREE, host_kv_gib=0.25)  # 4,096 host blocks: two layers of a longest request
+    assert small.staging_blocks == 2 * GEOMETRY.blocks_for(8192)
+    assert plan(H200_FREE, staging_blocks=7).staging_blocks == 7  # explicit wins
+
+
+def test_an_explicit_gpu_tier_is_kept_when_it_fits_and_refused_with_figures_when_not() -> None:
+    assert plan(H200_FREE, gpu_kv_gib=6.25).gpu_blocks == 102400
+    with pytest.raises(InvalidArgument) as err:
+        plan(H100_FREE, gpu_kv_gib=70.0)
+    msg = str(err.value)
+    assert "configured GPU tier (1146880 blocks" in msg and "weights 14.96 GiB" in msg
+
+
+def test_no_room_for_the_gpu_tier_is_an_error_naming_every_figure_not_a_zero_block_tier() -> None:
+    # 256 rows x 16k tokens of decode gather (16 GiB) and SDPA's GQA copies of it (4 x 16 GiB),
+    # plus a 2048-token chunk's float32 scores and probabilities over 16k (8 GiB): not on an H100
+    with pytest.raises(InvalidArgument) as err:
+        plan(H100_FREE, max_model_len=16384)
+    msg = str(err.value)
+    for figure in ("no room is left for the GPU KV tier", "usable 71.10 GiB", "weights 14.96 GiB",
+                   "attention workspace 88.00 GiB", "safety 1.00 GiB", "65536 bytes per block",
+                   "lower max_num_seqs"):
+        assert figure in msg, (figure, msg)
+    assert plan(H100_FREE, max_model_len=16384, max_num_seqs=32).gpu_blocks > 0  # the named remedy
+
+
+def test_the_old_whole_batch_prefill_settings_are_refused_instead_of_a_zero_block_tier() -> None:
+    """engine_throughput once set max_num_batched_tokens to 1 << 20 and got 0 GPU blocks."""
+    with pytest.raises(InvalidArgument, match="activations"):
+        plan(H200_FREE, max_num_batched_tokens=1 << 20, max_prefill_tokens=1 << 20)
+
+
+def test_without_a_free_figure_the_cpu_defaults_hold() -> None:
+    p = plan(None)
+    assert p.free_bytes is None and p.safety_bytes == 0
+    assert p.gpu_blocks == min(GIB // p.bytes_per_block, 8 * 32 * 512)
+
+
+def _tiny_engine(monkeypatch: pytest.MonkeyPatch, free: int, **config: Any) -> Engine:
+    """A CPU engine that plans as if the device had ``free`` bytes free before its weights."""
+    monkeypatch.setattr(engine_module, "device_free_bytes", lambda device, resident: free)
+    return Engine.from_config(EngineConfig(model="tiny-llama", max_model_len=256, **config))
+
+
+def test_the_engine_allocates_its_kv_from_the_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    free = SAFETY_BYTES + 256 * (1 << 20)
+    engine = _tiny_engine(monkeypatch, free, host_blocks=64)
+    p = engine.memory_plan
+    assert p.free_bytes == free and p.gpu_blocks > 0
+    assert engine.kv.gpu.shape[0] == p.gpu_blocks + p.staging_blocks
+    assert engine.kv.host.shape[0] == p.host_blocks == 64
+    assert engine.capacity.gpu_blocks == p.gpu_blocks
+    kv_bytes = engine.kv.gpu.numel() * engine.kv.gpu.element_size()
+    assert kv_bytes == p.gpu_kv_bytes
+    weights = sum(t.numel() * t.element_size() for t in engine.model.parameters())
+    assert weights == p.weight_bytes
+    assert weights + p.buffer_bytes + p.safety_bytes + kv_bytes <= p.usable_bytes
+    assert engine.kv.gpu.dtype is torch.float32
+
+
+def test_the_engine_refuses_a_device_without_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(InvalidArgument, match="no room is left for the GPU KV tier"):
+        _tiny_engine(monkeypatch, SAFETY_BYTES // 2)
