@@ -97,9 +97,9 @@ def hf_model_like(engine: Engine) -> torch.nn.Module:
                       head_dim=mc.head_dim, max_position_embeddings=mc.max_position_embeddings,
                       rms_norm_eps=mc.rms_norm_eps,  # RoPE: the engine's inv_freq is copied below
                       tie_word_embeddings=mc.tie_word_embeddings)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device=engine.device).to(engine.dtype)  # type: ignore[arg-type]
+    with torch.device("meta"):  # cast on meta: no float32 copy of the weights on the device
+        model = LlamaForCausalLM(cfg).to(engine.dtype)  # type: ignore[arg-type]
+    model = model.to_empty(device=engine.device)  # type: ignore[arg-type]
     model.load_state_dict(engine.model.state_dict(), strict=False, assign=False)
     model.model.rotary_emb.inv_freq = engine.model.model.rotary_emb.inv_freq.clone()
     return model.eval()
