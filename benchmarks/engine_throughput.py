@@ -59,26 +59,32 @@ def run_engine(engine: Engine, batch: int, prompt_len: int, gen_len: int) -> Thr
     return Throughput(batch * prompt_len / prefill_s, decode_tokens / decode_s)
 
 
+def run_config(model: str, device: str, dtype: str, block_size: int, max_batch: int, prompt_len: int,
+               gen_len: int, num_layers: int) -> EngineConfig:
+    """An engine config sized for exactly this run: one prefill step per batch (the step budget is
+    the largest batch's prompts, which the memory plan charges as activations), the largest batch
+    as max_num_seqs, prompt + gen as max_model_len, a GPU tier of exactly the blocks the largest
+    batch needs (the rest of the device stays free for the transformers copy of the weights) and no
+    host tier (every request is all-GPU, so no staging)."""
+    per_layer = -(-(prompt_len + gen_len) // block_size)  # blocks per layer of one request
+    step_tokens = max_batch * prompt_len
+    return EngineConfig(model=model, device=device, dtype=dtype, block_size=block_size,
+                        max_prefill_tokens=step_tokens, max_num_batched_tokens=step_tokens,
+                        max_num_seqs=max_batch, max_model_len=prompt_len + gen_len,
+                        gpu_blocks=max_batch * per_layer * num_layers, host_blocks=0)
+
+
 def build_engine(model: str, device: str, dtype: str, block_size: int, max_batch: int, prompt_len: int,
                  gen_len: int) -> Engine:
-    """An engine sized for exactly this run: whole-batch prefill steps (the step budget is the
-    largest batch's prompts, which the memory plan charges as activations), the largest batch as
-    max_num_seqs, prompt + gen as max_model_len, a GPU tier of exactly the blocks the largest batch
-    needs (the rest of the device stays free for the transformers copy of the weights), and no host
-    tier (every request is all-GPU, so no staging). On CUDA the memory plan checks that this fits
-    and raises, naming every figure, when it does not."""
+    """The engine of ``run_config``. On CUDA the memory plan checks that it fits beside the weights
+    and its buffers and raises, naming every figure, when it does not."""
     dev = resolve_device(device)
     torch_dtype = parse_dtype(dtype if dtype != "auto" else "bfloat16" if dev.type == "cuda" else "float32")
     loaded = load_model(model, dev, torch_dtype)
-    per_layer = -(-(prompt_len + gen_len) // block_size)  # blocks per layer of one request
-    gpu_blocks = max_batch * per_layer * loaded.config.num_layers
-    step_tokens = max_batch * prompt_len
-    config = EngineConfig(model=model, device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
-                          block_size=block_size, max_prefill_tokens=step_tokens,
-                          max_num_batched_tokens=step_tokens, max_num_seqs=max_batch,
-                          max_model_len=prompt_len + gen_len, gpu_blocks=gpu_blocks, host_blocks=0)
+    config = run_config(model, str(dev), str(torch_dtype).removeprefix("torch."), block_size, max_batch,
+                        prompt_len, gen_len, loaded.config.num_layers)
     engine = Engine(config, loaded, dev, torch_dtype)
-    assert engine.capacity.gpu_blocks == gpu_blocks > 0, engine.memory_plan.describe()
+    assert engine.capacity.gpu_blocks == config.gpu_blocks, engine.memory_plan.describe()
     return engine
 
 

@@ -127,3 +127,24 @@ def test_the_engine_allocates_its_kv_from_the_plan(monkeypatch: pytest.MonkeyPat
 def test_the_engine_refuses_a_device_without_room(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(InvalidArgument, match="no room is left for the GPU KV tier"):
         _tiny_engine(monkeypatch, SAFETY_BYTES // 2)
+
+
+def test_engine_throughput_sizes_its_engine_for_the_run_on_a_gpu_figure() -> None:
+    """The shipped GPU command (8B, bfloat16, batches up to 32 of 512 + 64 tokens) fits an H100
+    with room left for the transformers copy of the weights; its GPU tier holds the largest batch."""
+    from benchmarks.engine_throughput import run_config
+
+    cfg = run_config("llama3-8b-random", "cuda", "bfloat16", 16, 32, 512, 64, 32)
+    assert cfg.gpu_blocks == 32 * 36 * 32 and cfg.max_num_batched_tokens == 32 * 512
+    p = plan_memory(SHAPE, GEOMETRY, plan_inputs(cfg, 576, WEIGHTS, "sdpa"), H100_FREE)
+    assert p.gpu_blocks == cfg.gpu_blocks and p.staging_blocks == 0 and p.host_blocks == 0
+    assert H100_FREE - p.device_bytes > WEIGHTS + 5 * GIB  # transformers' weights and logits
+
+
+def test_engine_throughput_builds_a_nonzero_tier_on_cpu() -> None:
+    from benchmarks.engine_throughput import build_engine, run_engine
+
+    engine = build_engine("tiny-llama", "cpu", "float32", 16, 4, 20, 4)
+    assert engine.capacity.gpu_blocks == 4 * 2 * 4 > 0
+    got = run_engine(engine, 4, 20, 4)  # the whole largest batch fits and runs
+    assert got.prefill_tok_s > 0 and got.decode_tok_s > 0
