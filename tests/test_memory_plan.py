@@ -148,3 +148,56 @@ def test_engine_throughput_builds_a_nonzero_tier_on_cpu() -> None:
     assert engine.capacity.gpu_blocks == 4 * 2 * 4 > 0
     got = run_engine(engine, 4, 20, 4)  # the whole largest batch fits and runs
     assert got.prefill_tok_s > 0 and got.decode_tok_s > 0
+
+
+def _gather_once(backend: Any, cache: torch.Tensor, rows: int, blocks: int) -> None:
+    from worker_svc.attention import AttentionMetadata
+
+    table = torch.arange(rows * blocks, dtype=torch.int32).view(rows, blocks) % cache.shape[0]
+    meta = AttentionMetadata(is_prefill=False, slot_blocks=torch.zeros(rows, dtype=torch.int64),
+                             slot_offsets=torch.zeros(rows, dtype=torch.int64), seq_lens=[1] * rows,
+                             block_table=table, context_lens=torch.full((rows,), blocks * 4))
+    backend._gather(cache, meta)
+
+
+def test_the_decode_gather_workspace_never_grows_past_its_budget() -> None:
+    """Doubling from 8 blocks (2 rows x 4) for a 9-block gather (3 x 3) would take 16 blocks; the
+    plan's bound for 3 rows of 4 blocks is 12, and the old workspace is freed before the new."""
+    from tests.test_weight_loading import LiveBytes
+    from worker_svc.attention import AttentionBackend
+
+    cache = torch.zeros((20, 2, 4, 2, 8))  # [N, 2, bs, Hkv, D] float32: 512 bytes per block
+    backend = AttentionBackend()
+    backend.max_gather_blocks = 12
+    _gather_once(backend, cache, 2, 4)
+    assert backend._work is not None and backend._work.shape[1] == 8
+    with LiveBytes() as t:
+        _gather_once(backend, cache, 3, 3)
+    assert backend._work.shape[1] == 12
+    cache_bytes = cache.numel() * 4  # its views (cache[:, 0]) are counted too
+    assert t.peak <= cache_bytes + 12 * 512 + 1024  # one workspace, not the old one and the new
+    unbounded = AttentionBackend()
+    _gather_once(unbounded, cache, 2, 4)
+    _gather_once(unbounded, cache, 3, 3)
+    assert unbounded._work is not None and unbounded._work.shape[1] == 16  # what the bound prevents
+
+
+def test_the_engine_bounds_its_gather_by_the_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _tiny_engine(monkeypatch, SAFETY_BYTES + 256 * (1 << 20), max_num_seqs=4)
+    assert engine.memory_plan.gather_blocks == 4 * engine.geometry.blocks_for(256)
+    assert engine.backend.max_gather_blocks == engine.memory_plan.gather_blocks
+
+
+def test_the_worker_logs_its_memory_plan_at_start_up(caplog: pytest.LogCaptureFixture) -> None:
+    from common.config import WorkerSettings
+    from worker_svc.engine_factory import engine_from_settings
+
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level("INFO", logger="worker_svc.engine_factory"):
+            engine = engine_from_settings(WorkerSettings(model="tiny-llama", device="cpu", threads=1,
+                                                         gpu_blocks=16, host_blocks=8))
+    finally:
+        torch.set_num_threads(before)
+    assert engine.memory_plan.describe() in caplog.text
+    assert "GPU tier 16 blocks + staging" in caplog.text and "host tier 8 blocks" in caplog.text

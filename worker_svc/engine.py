@@ -75,6 +75,7 @@ class Engine:
                        mc.num_kv_heads, mc.head_dim),
             self.geometry, plan_inputs(config, self.max_model_len, weights, self.backend.name),
             device_free_bytes(device, weights))
+        self.backend.max_gather_blocks = sizes.gather_blocks  # the workspace stays within its budget
         self.capacity = TierCapacity(sizes.gpu_blocks, sizes.host_blocks)
         self.kv = KVCache(self.geometry, sizes.gpu_blocks, sizes.staging_blocks, sizes.host_blocks,
                           device, dtype)

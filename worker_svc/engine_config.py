@@ -69,7 +69,8 @@ class EngineConfig:
 def plan_inputs(config: EngineConfig, max_model_len: int, weight_bytes: int,
                 backend: str) -> PlanInputs:
     """What ``worker_svc.memory_plan`` needs from the config (``backend``: the attention backend's
-    name; flash-attn reads the cache in place when the block size is one its paged kernel takes)."""
+    name; flash-attn reads the cache in place when the block size is one its paged kernel takes:
+    a multiple of 256, see ``worker_svc.attention.FlashAttnBackend``)."""
     return PlanInputs(
         max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,

@@ -77,6 +77,7 @@ class MemoryPlan:
     attention_bytes: int  # decode gather of the batch's KV, SDPA's GQA copies, chunk scores
     safety_bytes: int  # margin for what the estimates do not see
     bytes_per_block: int  # one layer's K and V for block_size tokens
+    gather_blocks: int  # bound of the decode gather workspace, in blocks (0: paged decode)
     gpu_blocks: int
     staging_blocks: int
     host_blocks: int
@@ -143,18 +144,22 @@ def block_table_bytes(geometry: KVGeometry, inputs: PlanInputs) -> int:
     return buffer * 3 // 2 + geometry.num_layers * step_rows(inputs) * bpr * 4
 
 
+def gather_blocks(geometry: KVGeometry, inputs: PlanInputs) -> int:
+    """Blocks of the decode gather workspace at its bound: every row of a step, padded to a longest
+    request (0 when decode reads the cache in place). The attention backend never grows its
+    workspace past this (``AttentionBackend.max_gather_blocks``)."""
+    return 0 if inputs.paged_decode else step_rows(inputs) * geometry.blocks_for(inputs.max_model_len)
+
+
 def attention_bytes(shape: ModelShape, geometry: KVGeometry, inputs: PlanInputs) -> int:
     """Decode attention over a gathered copy (SDPA, or flash-attn with a block size it cannot page):
     every row's blocks of one layer, padded to the longest row [B, M] blocks, which with masked
     grouped-query attention SDPA's math kernel repeats to the query heads (K and V, H / Hkv times).
     A prefill chunk after earlier chunks attends with a causal mask: its float32 scores and
     probabilities [H, n, S] (one request at a time)."""
-    gather = 0
-    if not inputs.paged_decode:
-        blocks = step_rows(inputs) * geometry.blocks_for(inputs.max_model_len)
-        gather = blocks * geometry.bytes_per_block
-        if shape.num_heads != shape.num_kv_heads:
-            gather += gather * shape.num_heads // shape.num_kv_heads
+    gather = gather_blocks(geometry, inputs) * geometry.bytes_per_block
+    if shape.num_heads != shape.num_kv_heads:
+        gather += gather * shape.num_heads // shape.num_kv_heads
     chunk = min(inputs.max_num_batched_tokens, inputs.max_model_len)
     scores = 0 if chunk >= inputs.max_model_len else 2 * shape.num_heads * chunk * inputs.max_model_len * 4
     return gather + scores
@@ -208,7 +213,7 @@ def plan_memory(shape: ModelShape, geometry: KVGeometry, inputs: PlanInputs,
     else:
         gpu = min(CPU_DEFAULT_TIER_BYTES // bpb, 8 * layers * bpr)
     plan = MemoryPlan(free_bytes, usable, inputs.weight_bytes, act, logits, tables, attn, safety, bpb,
-                      max(0, gpu), staging, host)
+                      gather_blocks(geometry, inputs), max(0, gpu), staging, host)
     if usable is not None:
         explicit = inputs.gpu_blocks is not None or inputs.gpu_kv_gib is not None
         if gpu < 1 or plan.device_bytes > usable:
