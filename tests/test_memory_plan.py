@@ -201,3 +201,33 @@ def test_the_worker_logs_its_memory_plan_at_start_up(caplog: pytest.LogCaptureFi
         torch.set_num_threads(before)
     assert engine.memory_plan.describe() in caplog.text
     assert "GPU tier 16 blocks + staging" in caplog.text and "host tier 8 blocks" in caplog.text
+
+
+@pytest.mark.parametrize("letters", ["HGHG", "GHGH", "HHHH"])
+def test_planned_staging_lets_host_placed_requests_fill_the_host_tier(letters: str) -> None:
+    """The staging the plan gives lets requests under half-interleaved or all-host placements take
+    every host block before the staging rule refuses one; an eighth of a 64-block GPU tier (8)
+    would refuse the ninth interleaved request."""
+    from common.types import Placement
+    from worker_svc.kv.manager import KVCacheManager
+    from worker_svc.memory_plan import staging_for
+
+    geo = KVGeometry(4, 2, 8, 16, 4)
+    host = 64
+    staging = staging_for(host, 4, geo.blocks_for(64), 256)
+    assert staging == 2 * host // 4
+    mgr = KVCacheManager(geo, gpu_blocks=256, host_blocks=host, staging_blocks=staging)
+    placement = Placement.from_letters(letters, 4)
+    admitted = 0
+    while mgr.can_allocate(16, placement):  # one block per layer each
+        assert mgr.allocate(f"r{admitted}", 16, placement) is not None
+        admitted += 1
+    assert admitted * placement.host_layers == host  # the host tier ran out, not staging
+    # host layers concentrated in fewer than half the layers are admitted until staging is full
+    dense = KVCacheManager(geo, gpu_blocks=256, host_blocks=host, staging_blocks=staging)
+    taken = sum(dense.allocate(f"d{i}", 16, Placement.from_letters("HHGG", 4)) is not None
+                for i in range(host))
+    assert taken == staging // 2  # a no-room answer, like any full tier
+    old = KVCacheManager(geo, gpu_blocks=64, host_blocks=host, staging_blocks=64 // 8)
+    assert sum(old.allocate(f"r{i}", 16, Placement.from_letters("HGHG", 4)) is not None
+               for i in range(host)) == 8

@@ -170,10 +170,13 @@ def staging_for(host_blocks: int, num_layers: int, blocks_per_request: int, max_
 
     Only host-placed layers use staging, so none without a host tier. At any moment two adjacent
     layers may hold staging blocks (``common.kv_budget`` staging rule); a full host tier spread
-    over at least half the layers (the rule's interleaved placements, or all-host) puts at most
-    ``2 * host_blocks / layers`` blocks in any adjacent pair. Never less than two layers of a
-    longest request (any single request fits under any placement), never more than a step can
-    read (two layers of every row at full length) or the host tier holds."""
+    over alternate layers (interleaved placements with half the layers resident) or over every
+    layer (all-host) puts ``2 * host_blocks / layers`` blocks in any adjacent pair, so that much
+    staging lets such placements use the whole host tier. Placements that pack the host tier into
+    fewer layers are admitted until the staging pool is full (no room, as for any tier): more
+    staging would be GPU memory taken from the GPU tier. Never less than two layers of a longest
+    request (any single request fits under any placement), never more than a step can read (two
+    layers of every row at full length) or the host tier holds."""
     if host_blocks <= 0:
         return 0
     spread = 2 * math.ceil(host_blocks / num_layers)
