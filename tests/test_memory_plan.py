@@ -71,6 +71,7 @@ def test_staging_is_sized_from_the_host_tier_not_an_eighth_of_the_gpu_tier() -> 
 
 def test_an_explicit_gpu_tier_is_kept_when_it_fits_and_refused_with_figures_when_not() -> None:
     assert plan(H200_FREE, gpu_kv_gib=6.25).gpu_blocks == 102400
+    assert plan(H200_FREE, gpu_blocks=0).gpu_blocks == 0  # asked for: every layer on the host tier
     with pytest.raises(InvalidArgument) as err:
         plan(H100_FREE, gpu_kv_gib=70.0)
     msg = str(err.value)

@@ -219,7 +219,7 @@ def plan_memory(shape: ModelShape, geometry: KVGeometry, inputs: PlanInputs,
                       gather_blocks(geometry, inputs), max(0, gpu), staging, host)
     if usable is not None:
         explicit = inputs.gpu_blocks is not None or inputs.gpu_kv_gib is not None
-        if gpu < 1 or plan.device_bytes > usable:
+        if (gpu < 1 and not explicit) or plan.device_bytes > usable:  # an explicit 0: all-host
             raise InvalidArgument(_no_room(plan, gpu, explicit))
     return plan
 
@@ -232,7 +232,7 @@ def _no_room(plan: MemoryPlan, gpu: int, explicit: bool) -> str:
     staging = plan.staging_blocks * plan.bytes_per_block
     left = usable - plan.weight_bytes - plan.buffer_bytes - plan.safety_bytes - staging
     what = (f"the configured GPU tier ({gpu} blocks, {g(gpu * plan.bytes_per_block)}) does not fit"
-            if explicit and gpu >= 1 else "no room is left for the GPU KV tier")
+            if explicit else "no room is left for the GPU KV tier")
     return (f"device memory plan: {what}: usable {g(usable)} (free {g(plan.free_bytes or 0)} x "
             f"gpu_memory_utilization) - weights {g(plan.weight_bytes)} - activations "
             f"{g(plan.activation_bytes)} - logits {g(plan.logits_bytes)} - block tables "
