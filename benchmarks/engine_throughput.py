@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from common.types import Placement, SamplingParams
-from worker_svc.engine import Engine, EngineConfig
+from worker_svc.engine import Engine, EngineConfig, resolve_device
+from worker_svc.model.loader import load_model, parse_dtype
 
 
 @dataclass
@@ -58,6 +59,35 @@ def run_engine(engine: Engine, batch: int, prompt_len: int, gen_len: int) -> Thr
     return Throughput(batch * prompt_len / prefill_s, decode_tokens / decode_s)
 
 
+def run_config(model: str, device: str, dtype: str, block_size: int, max_batch: int, prompt_len: int,
+               gen_len: int, num_layers: int) -> EngineConfig:
+    """An engine config sized for exactly this run: one prefill step per batch (the step budget is
+    the largest batch's prompts, which the memory plan charges as activations), the largest batch
+    as max_num_seqs, prompt + gen as max_model_len, a GPU tier of exactly the blocks the largest
+    batch needs (the rest of the device stays free for the transformers copy of the weights) and no
+    host tier (every request is all-GPU, so no staging)."""
+    per_layer = -(-(prompt_len + gen_len) // block_size)  # blocks per layer of one request
+    step_tokens = max_batch * prompt_len
+    return EngineConfig(model=model, device=device, dtype=dtype, block_size=block_size,
+                        max_prefill_tokens=step_tokens, max_num_batched_tokens=step_tokens,
+                        max_num_seqs=max_batch, max_model_len=prompt_len + gen_len,
+                        gpu_blocks=max_batch * per_layer * num_layers, host_blocks=0)
+
+
+def build_engine(model: str, device: str, dtype: str, block_size: int, max_batch: int, prompt_len: int,
+                 gen_len: int) -> Engine:
+    """The engine of ``run_config``. On CUDA the memory plan checks that it fits beside the weights
+    and its buffers and raises, naming every figure, when it does not."""
+    dev = resolve_device(device)
+    torch_dtype = parse_dtype(dtype if dtype != "auto" else "bfloat16" if dev.type == "cuda" else "float32")
+    loaded = load_model(model, dev, torch_dtype)
+    config = run_config(model, str(dev), str(torch_dtype).removeprefix("torch."), block_size, max_batch,
+                        prompt_len, gen_len, loaded.config.num_layers)
+    engine = Engine(config, loaded, dev, torch_dtype)
+    assert engine.capacity.gpu_blocks == config.gpu_blocks, engine.memory_plan.describe()
+    return engine
+
+
 def best(runs: list[Throughput]) -> Throughput:
     return Throughput(max(r.prefill_tok_s for r in runs), max(r.decode_tok_s for r in runs))
 
@@ -73,9 +103,9 @@ def hf_model_like(engine: Engine) -> torch.nn.Module:
                       head_dim=mc.head_dim, max_position_embeddings=mc.max_position_embeddings,
                       rms_norm_eps=mc.rms_norm_eps,  # RoPE: the engine's inv_freq is copied below
                       tie_word_embeddings=mc.tie_word_embeddings)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device=engine.device).to(engine.dtype)  # type: ignore[arg-type]
+    with torch.device("meta"):  # cast on meta: no float32 copy of the weights on the device
+        model = LlamaForCausalLM(cfg).to(engine.dtype)  # type: ignore[arg-type]
+    model = model.to_empty(device=engine.device)  # type: ignore[arg-type]
     model.load_state_dict(engine.model.state_dict(), strict=False, assign=False)
     model.model.rotary_emb.inv_freq = engine.model.model.rotary_emb.inv_freq.clone()
     return model.eval()
@@ -117,14 +147,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per figure")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    engine = Engine.from_config(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                             block_size=args.block_size, max_prefill_tokens=1 << 20,
-                                             max_num_batched_tokens=1 << 20))  # whole-batch prefill steps
+    engine = build_engine(args.model, args.device, args.dtype, args.block_size, max(batches),
+                          args.prompt_len, args.gen_len)
     hf = hf_model_like(engine)
     vocab = engine.model_config.vocab_size
     run_engine(engine, 2, 16, 4)  # warm-up both
     run_transformers(hf, engine.device, vocab, 2, 16, 4)
     name = torch.cuda.get_device_name() if engine.device.type == "cuda" else platform.processor() or "cpu"
+    print(engine.memory_plan.describe())
     print(f"model={args.model} device={engine.device} ({name}, {torch.get_num_threads()} threads) "
           f"dtype={args.dtype} prompt={args.prompt_len} gen={args.gen_len} torch={torch.__version__}")
     print("| batch | engine prefill tok/s | transformers prefill tok/s | engine decode tok/s "

@@ -65,6 +65,9 @@ class AttentionBackend:
 
     def __init__(self) -> None:
         self._work: torch.Tensor | None = None  # gather workspace, reused by every layer and step
+        # Most blocks one gather can need (the engine's memory plan budgets exactly this much):
+        # growth by doubling stops there. None: unbounded.
+        self.max_gather_blocks: int | None = None
 
     def _gather(self, cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row's K and V, each [B, M * bs, Hkv, D], copied from the cache by two index_selects
@@ -78,6 +81,9 @@ class AttentionBackend:
         if (self._work is None or self._work.shape[1] < n or self._work.shape[2:] != block
                 or self._work.dtype != cache.dtype or self._work.device != cache.device):
             grown = max(n, 2 * self._work.shape[1]) if self._work is not None else n
+            if self.max_gather_blocks is not None:
+                grown = max(n, min(grown, self.max_gather_blocks))
+            self._work = None  # free the old workspace first: the peak is one workspace, not two
             self._work = torch.empty((2, grown, *block), dtype=cache.dtype, device=cache.device)
         ids = meta.block_table.reshape(-1)  # [B * M]
         torch.index_select(cache[:, 0], 0, ids, out=self._work[0, :n])

@@ -27,14 +27,15 @@ from common.placement import interleaved, min_resident_layers, rule_placement
 from common.tokenizer import Tokenizer
 from common.types import FinishReason, KVGeometry, Placement, SamplingParams, TierCapacity
 from worker_svc.attention import select_backend
-from worker_svc.engine_config import EngineConfig, size_tiers
+from worker_svc.engine_config import EngineConfig, plan_inputs
 from worker_svc.kv.id_tensor import id_tensor
 from worker_svc.kv.kv_cache import KVCache
 from worker_svc.kv.manager import KVCacheManager
 from worker_svc.kv.offload import CopyEngine, make_copy_engine
 from worker_svc.kv.step_access import CopyStats, StepAccess
 from worker_svc.kv.table_buffer import BlockTableBuffer
-from worker_svc.model.loader import LoadedModel, load_model, parse_dtype
+from worker_svc.memory_plan import ModelShape, device_free_bytes, plan_memory
+from worker_svc.model.loader import LoadedModel, load_model, parse_dtype, weight_bytes
 from worker_svc.outputs import KVUsage, RequestOutput, RunningState, StepOutput, StepStats
 from worker_svc.preemption import Preemptor, StepCounts
 from worker_svc.request import Request, RequestState
@@ -67,12 +68,15 @@ class Engine:
         self.max_model_len = min(limit, config.max_model_len or limit)
         self.geometry = KVGeometry(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size,
                                    torch.tensor([], dtype=dtype).element_size())
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-        step_tokens = min(config.max_prefill_tokens, config.max_num_batched_tokens) + config.max_num_seqs
-        activation = step_tokens * (4 * mc.hidden_size + 3 * mc.intermediate_size) * 4
-        sizes = size_tiers(config, self.geometry.bytes_per_block,
-                           self.geometry.blocks_for(self.max_model_len), mc.num_layers, free,
-                           activation + mc.vocab_size * config.max_num_seqs * 8)
+        self.backend = select_backend(device, dtype, config.attention_backend)
+        # Tiers from one typed plan: free memory minus weights, step buffers and a margin.
+        weights = weight_bytes(mc, self.geometry.dtype_bytes)
+        self.memory_plan = sizes = plan_memory(
+            ModelShape(mc.vocab_size, mc.hidden_size, mc.intermediate_size, mc.num_heads,
+                       mc.num_kv_heads, mc.head_dim),
+            self.geometry, plan_inputs(config, self.max_model_len, weights, self.backend.name),
+            device_free_bytes(device, weights))
+        self.backend.max_gather_blocks = sizes.gather_blocks  # the workspace stays within its budget
         self.capacity = TierCapacity(sizes.gpu_blocks, sizes.host_blocks)
         self.kv = KVCache(self.geometry, sizes.gpu_blocks, sizes.staging_blocks, sizes.host_blocks,
                           device, dtype)
@@ -80,7 +84,6 @@ class Engine:
                                          sizes.staging_blocks)
         self.copy_engine = copy_engine or make_copy_engine(device)
         self.block_tables = BlockTableBuffer(mc.num_layers, device=device)  # persistent, updated by changes
-        self.backend = select_backend(device, dtype, config.attention_backend)
         self.cost_profile = CostProfile()  # the defaults until profiled (below)
         self.cost_model = self.cost_profile.cost_model
         self._waiting: deque[Request] = deque()  # no blocks; recompute-preempted ones at the front

@@ -1,4 +1,4 @@
-"""The engine's typed configuration, and how it turns into tier capacities on a device."""
+"""The engine's typed configuration (``plan_inputs``: what of it the device-memory plan reads)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from common.cost_profile import PROFILE_MODES
 from common.errors import InvalidArgument
+from worker_svc.memory_plan import PlanInputs
 
 PLACEMENT_DEFAULTS = ("auto", "all-gpu", "rule")
 PREEMPTION_MODES = ("recompute", "swap-layers")
@@ -23,7 +24,7 @@ class EngineConfig:
     host_blocks: int | None = None  # host-tier blocks; None: a default budget of host memory
     gpu_kv_gib: float | None = None  # GPU tier in GiB instead of blocks
     host_kv_gib: float | None = None  # host tier in GiB instead of blocks
-    staging_blocks: int | None = None  # GPU staging blocks for host layers; None: sized from the GPU tier
+    staging_blocks: int | None = None  # GPU staging blocks for host layers; None: sized from the host tier
     seed: int = 0  # random weights of presets and default sampling seeds
     max_model_len: int | None = None  # cap on prompt + max_tokens; None: the model's limit
     max_num_seqs: int = 256  # most requests holding blocks at once
@@ -74,39 +75,15 @@ class EngineConfig:
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
-@dataclass(frozen=True)
-class TierSizes:
-    gpu_blocks: int
-    host_blocks: int
-    staging_blocks: int
-
-
-GIB = 1 << 30
-CPU_DEFAULT_TIER_BYTES = 1 * GIB  # per tier, when nothing is configured on a CPU device
-HOST_DEFAULT_TIER_BYTES = 16 * GIB  # host tier next to a GPU
-
-
-def size_tiers(config: EngineConfig, bytes_per_block: int, blocks_per_request: int,
-               num_layers: int, cuda_free_bytes: int | None, activation_bytes: int) -> TierSizes:
-    """Blocks of each tier. ``blocks_per_request``: one layer of a max_model_len request."""
-    if config.gpu_blocks is not None:
-        gpu = config.gpu_blocks
-    elif config.gpu_kv_gib is not None:
-        gpu = int(config.gpu_kv_gib * GIB) // bytes_per_block
-    elif cuda_free_bytes is not None:
-        usable = int(cuda_free_bytes * config.gpu_memory_utilization) - activation_bytes
-        gpu = max(0, usable // bytes_per_block * 7 // 8)  # the rest goes to staging below
-    else:
-        gpu = min(CPU_DEFAULT_TIER_BYTES // bytes_per_block, 8 * num_layers * blocks_per_request)
-    if config.host_blocks is not None:
-        host = config.host_blocks
-    elif config.host_kv_gib is not None:
-        host = int(config.host_kv_gib * GIB) // bytes_per_block
-    else:
-        budget = HOST_DEFAULT_TIER_BYTES if cuda_free_bytes is not None else CPU_DEFAULT_TIER_BYTES
-        host = min(budget // bytes_per_block, 8 * num_layers * blocks_per_request)
-    if config.staging_blocks is not None:
-        staging = config.staging_blocks
-    else:  # two layers of a longest request, or an eighth of the GPU tier if larger
-        staging = max(2 * blocks_per_request, gpu // 8)
-    return TierSizes(gpu, host, staging)
+def plan_inputs(config: EngineConfig, max_model_len: int, weight_bytes: int,
+                backend: str) -> PlanInputs:
+    """What ``worker_svc.memory_plan`` needs from the config (``backend``: the attention backend's
+    name; flash-attn reads the cache in place when the block size is one its paged kernel takes:
+    a multiple of 256, see ``worker_svc.attention.FlashAttnBackend``)."""
+    return PlanInputs(
+        max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        gpu_memory_utilization=config.gpu_memory_utilization, weight_bytes=weight_bytes,
+        paged_decode=backend == "flash-attn" and config.block_size % 256 == 0,
+        gpu_blocks=config.gpu_blocks, gpu_kv_gib=config.gpu_kv_gib, host_blocks=config.host_blocks,
+        host_kv_gib=config.host_kv_gib, staging_blocks=config.staging_blocks)

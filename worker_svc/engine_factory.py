@@ -9,9 +9,12 @@ torch through the engine).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 from common.config import WorkerSettings
+
+log = logging.getLogger(__name__)
 
 
 def engine_config_from_settings(settings: WorkerSettings) -> Any:
@@ -29,4 +32,6 @@ def engine_from_settings(settings: WorkerSettings) -> Any:
     from worker_svc.engine import Engine
 
     torch.set_num_threads(threads_for(settings.threads))  # process-wide: the engine thread too
-    return Engine.from_config(engine_config_from_settings(settings))
+    engine = Engine.from_config(engine_config_from_settings(settings))
+    log.info("%s", engine.memory_plan.describe())  # where the device memory went, item by item
+    return engine

@@ -18,7 +18,6 @@ import torch
 from common.errors import InvalidArgument, Unsupported
 from worker_svc.model.config import ModelConfig
 from worker_svc.model.gguf_tokenizer import GGUFVocab, build_tokenizer, open_gguf, read_metadata
-from worker_svc.model.llama import LlamaForCausalLM
 
 # GGUF architecture -> (our architecture name, q/k/v biases, q/k rows permuted by llama.cpp)
 _ARCHITECTURES = {
@@ -111,7 +110,7 @@ def dequantize(tensor: Any) -> np.ndarray:
 
 def load_gguf(path: Path, name: str, device: torch.device, dtype: torch.dtype) -> Any:
     """A ``LoadedModel`` (model, config, tokenizer with chat template) from one GGUF file."""
-    from worker_svc.model.loader import LoadedModel
+    from worker_svc.model.loader import LoadedModel, empty_model
 
     reader = open_gguf(path)
     meta = read_metadata(reader)
@@ -120,10 +119,7 @@ def load_gguf(path: Path, name: str, device: torch.device, dtype: torch.dtype) -
     config = config_from_metadata(meta, names, vocab)
     permuted = _ARCHITECTURES[str(meta["general.architecture"])][2]
     tokenizer = build_tokenizer(vocab)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
-    model.tie_weights()
+    model = empty_model(config, device, dtype)  # the weights once, in their dtype
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     with torch.no_grad():
@@ -139,10 +135,10 @@ def load_gguf(path: Path, name: str, device: torch.device, dtype: torch.dtype) -
             if tuple(params[key].shape) != values.shape:
                 raise InvalidArgument(f"GGUF tensor {tensor.name} has shape {values.shape}, the config "
                                       f"expects {tuple(params[key].shape)} for {key}")
-            params[key].copy_(torch.from_numpy(values).to(device=device, dtype=dtype))
+            # copy_ casts on the host for a host-to-device copy: no float32 tensor on the device
+            params[key].copy_(torch.from_numpy(values))
             loaded.add(key)
     missing = set(params) - loaded - ({"lm_head.weight"} if config.tie_word_embeddings else set())
     if missing:
         raise InvalidArgument(f"GGUF file {str(path)!r} lacks tensors for: {', '.join(sorted(missing)[:5])}")
-    model.model.rotary_emb.reset(device)  # buffers were emptied on the meta device; rebuild them
     return LoadedModel(name, config, model.eval(), tokenizer)

@@ -52,12 +52,8 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = 
         raise NotFound(f"model {name!r} is neither a preset ({', '.join(PRESETS)}), a model name "
                        f"({', '.join(NAMED_MODELS)}), a .gguf file nor a local folder")
     config = ModelConfig.from_folder(folder)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
-    model.tie_weights()
-    _load_safetensors(model, folder, device)
-    model.model.rotary_emb.reset(device)  # buffers were emptied on the meta device; rebuild them
+    model = empty_model(config, device, dtype)
+    _load_safetensors(model, folder)
     model.eval()
     tokenizer: Tokenizer
     try:
@@ -85,12 +81,32 @@ def _gguf_file(name: str) -> Path | None:
     return None
 
 
-def _random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
-                  seed: int) -> LlamaForCausalLM:
+def empty_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    """The model with uninitialised weights allocated once, on ``device`` in ``dtype``.
+
+    Built on the meta device and cast there (free), so the only allocation is the weights in their
+    target dtype: building on the device first and then casting would hold a float32 copy of every
+    weight on the device (an 8B model: 32 GB before the 16 GB of bfloat16), and the caching
+    allocator would keep that memory reserved, out of the KV tier's reach."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dtype)
+    model = model.to_empty(device=device)
+    model.tie_weights()
+    model.model.rotary_emb.reset(device)  # buffers were emptied on the meta device; rebuild them
+    return model
+
+
+def weight_bytes(config: ModelConfig, element_size: int) -> int:
+    """Bytes of the model's parameters in a dtype of ``element_size`` bytes (tied weights once),
+    counted on the meta device: no memory is touched, whatever the model's size."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
-    model.tie_weights()
+    return sum(p.numel() for p in model.parameters()) * element_size  # parameters() dedups ties
+
+
+def _random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                  seed: int) -> LlamaForCausalLM:
+    model = empty_model(config, device, dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -100,12 +116,14 @@ def _random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
                 p.zero_()
             else:
                 p.normal_(0.0, 0.02, generator=gen)
-    model.model.rotary_emb.reset(device)
     return model.eval()
 
 
-def _load_safetensors(model: LlamaForCausalLM, folder: Path, device: torch.device) -> None:
-    from safetensors.torch import load_file
+def _load_safetensors(model: LlamaForCausalLM, folder: Path) -> None:
+    """Copy every checkpoint tensor into its parameter, one tensor at a time: each is read on the
+    host and copied once into its parameter, so the device never holds more than the weights and
+    the host no more than one tensor (not a whole shard)."""
+    from safetensors import safe_open
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -119,14 +137,18 @@ def _load_safetensors(model: LlamaForCausalLM, folder: Path, device: torch.devic
     loaded: set[str] = set()
     with torch.no_grad():
         for file in files:
-            for key, tensor in load_file(str(folder / file), device="cpu").items():
-                if key not in params:
-                    continue  # e.g. rotary inv_freq saved by old checkpoints
-                if params[key].shape != tensor.shape:
-                    raise InvalidArgument(f"weight {key} has shape {tuple(tensor.shape)}, "
-                                          f"config expects {tuple(params[key].shape)}")
-                params[key].copy_(tensor.to(device))
-                loaded.add(key)
+            with safe_open(str(folder / file), framework="pt", device="cpu") as shard:
+                for key in shard.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    if key not in params:
+                        continue  # e.g. rotary inv_freq saved by old checkpoints
+                    shape = tuple(shard.get_slice(key).get_shape())
+                    if tuple(params[key].shape) != shape:
+                        raise InvalidArgument(f"weight {key} has shape {shape}, "
+                                              f"config expects {tuple(params[key].shape)}")
+                    # copy_ casts on the host for a host-to-device copy (and in place on a
+                    # CPU device): no checkpoint-dtype tensor ever lands on the device
+                    params[key].copy_(shard.get_tensor(key))
+                    loaded.add(key)
     missing = set(params) - loaded
     if model.config.tie_word_embeddings:
         missing.discard("lm_head.weight")
