@@ -12,7 +12,8 @@ import torch
 
 from common.types import SamplingParams
 from tests.sampling_rowwise import sample_rowwise
-from worker_svc.sampling import _cut_distribution, make_generator, sample
+from worker_svc import sampling
+from worker_svc.sampling import _cut_distribution, _unseeded_weights, make_generator, sample
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]])
 
@@ -188,6 +189,24 @@ def _chi2(counts: list[int], probs: list[float]) -> float:
     return sum((c - n * q) ** 2 / (n * q) for c, q in zip(counts, probs, strict=True) if q > 0)
 
 
+COMPANION = SamplingParams(temperature=1.0, top_k=6, top_p=0.6)  # shares every batch below
+
+
+def _assert_follows(counts: list[int], params: SamplingParams) -> None:
+    """Never a token outside the kept set, and frequencies that pass a chi-square test against the
+    distribution (which a 30 % warmer one fails: the test can tell)."""
+    probs = _expected(DIST_LOGITS, params)
+    kept = [i for i, q in enumerate(probs) if q > 0]
+    assert all(counts[i] == 0 for i in range(len(probs)) if probs[i] == 0), (counts, probs)
+    assert len(kept) >= 2
+    crit = CHI2_CRIT[len(kept) - 1]
+    assert _chi2(counts, probs) < crit, (counts, probs)
+    warmer = _expected(DIST_LOGITS, SamplingParams(temperature=params.temperature * 1.3))
+    other = [q if probs[i] > 0 else 0.0 for i, q in enumerate(warmer)]
+    assert _chi2(counts, [q / sum(other) for q in other]) > crit
+
+
+@pytest.mark.parametrize("candidates", [1024, 2], ids=["nucleus-in-candidates", "nucleus-by-sort"])
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=0.8),
     SamplingParams(temperature=1.3, top_k=4),
@@ -195,37 +214,41 @@ def _chi2(counts: list[int], probs: list[float]) -> float:
     SamplingParams(temperature=0.5, top_k=5, top_p=0.9),
     SamplingParams(temperature=2.0, top_k=7, top_p=0.7),
 ], ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}")
-def test_unseeded_rows_follow_the_cut_distribution(params: SamplingParams) -> None:
-    """20,000 unseeded rows in one batch: never a token outside the kept set, and frequencies that
-    pass a chi-square test against the distribution (which a 30 % warmer one fails)."""
+def test_unseeded_rows_follow_the_cut_distribution(params: SamplingParams, candidates: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """20,000 unseeded rows in one batch, every other one with other cuts; with 2 candidates most
+    nuclei are larger and take the sort."""
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
     n = 20_000
-    logits = torch.tensor([DIST_LOGITS]).expand(n, -1).contiguous()
-    drawn = sample(logits, [params] * n, [None] * n, torch.Generator().manual_seed(0))
-    counts = [0] * len(DIST_LOGITS)
-    for tok in drawn:
-        counts[tok.token_id] += 1
-    probs = _expected(DIST_LOGITS, params)
-    kept = [i for i, q in enumerate(probs) if q > 0]
-    assert all(counts[i] == 0 for i in range(len(probs)) if probs[i] == 0), counts
-    assert len(kept) >= 2
-    crit = CHI2_CRIT[len(kept) - 1]
-    assert _chi2(counts, probs) < crit, (counts, probs)
-    # The test tells a temperature 30 % off apart (on the same kept set).
-    warmer = _expected(DIST_LOGITS, SamplingParams(temperature=params.temperature * 1.3))
-    other = [q if probs[i] > 0 else 0.0 for i, q in enumerate(warmer)]
-    assert _chi2(counts, [q / sum(other) for q in other]) > crit
+    logits = torch.tensor([DIST_LOGITS]).expand(2 * n, -1).contiguous()
+    drawn = sample(logits, [params, COMPANION] * n, [None] * (2 * n), torch.Generator().manual_seed(0))
+    counts = [[0] * len(DIST_LOGITS), [0] * len(DIST_LOGITS)]
+    for row, tok in enumerate(drawn):
+        counts[row % 2][tok.token_id] += 1
+    _assert_follows(counts[0], params)
+    _assert_follows(counts[1], COMPANION)
 
 
-def test_a_row_without_cuts_keeps_its_tail_next_to_rows_with_cuts() -> None:
+@pytest.mark.parametrize("cut", [_cut_distribution, _unseeded_weights], ids=["seeded", "unseeded"])
+def test_a_row_without_cuts_keeps_its_tail_next_to_rows_with_cuts(cut) -> None:
     """Rows with top_p 1 or top_k 0 are never cut, even batched with rows that are (a top-p cut
     at 1.0 would drop the tail whose preceding mass already rounds to 1 in float32)."""
     logits = torch.tensor([[0.0, -30.0, -31.0, -32.0]] * 3)
     params = [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.5),
               SamplingParams(temperature=1.0, top_k=2)]
-    probs = _cut_distribution(logits, params)
+    probs = cut(logits, params)
     assert torch.equal(probs[0], torch.softmax(logits[0], -1)) and bool((probs[0] > 0).all())
     assert probs[1].tolist() == [1.0, 0.0, 0.0, 0.0]
     assert bool((probs[2, :2] > 0).all()) and probs[2, 2:].tolist() == [0.0, 0.0]
+
+
+def test_an_unseeded_draw_never_lands_past_the_last_weighted_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A uniform whose product with the total rounds up to the total still picks a token with weight."""
+    weights = torch.tensor([[0.0, 0.3, 0.7, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape, dtype=kw.get("dtype")))
+    assert sampling._inverse_cdf(weights, None).tolist() == [2, 0]
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.zeros(shape, dtype=kw.get("dtype")))
+    assert sampling._inverse_cdf(weights, None).tolist() == [1, 0]  # never a token without weight
 
 
 def test_engine_samples_unseeded_requests_from_its_seed(tmp_path) -> None:

@@ -1,12 +1,13 @@
 """Picks each request's next token from its logits: greedy, temperature, top-k, top-p, per-request seed.
 
-The whole batch is sampled at once with tensor ops on the logits' device: temperature, top-k and
-top-p cuts for every row together, then one exponential race (``argmax(probs / E)``, E ~ Exp(1):
-the draw ``torch.multinomial`` makes for one sample) for every sampled row. Greedy rows take the
-argmax. Only a seeded request has a generator of its own; its E row is drawn on the CPU from
-that generator, so its tokens are the very ids the row-wise sampler drew before (the reference
-is kept in tests/sampling_rowwise.py). Unseeded rows draw their E together from one generator
-of the engine.
+The whole batch is sampled at once with tensor ops on the logits' device, in two groups. Greedy
+rows take the argmax. Unseeded rows (the common case) get temperature and top-k, then top-p
+among the ``NUCLEUS_CANDIDATES`` most likely tokens (a full sort only for a row whose nucleus is
+larger), and one inverse-CDF draw each from one generator of the engine. Seeded rows, which have
+a generator of their own, replay the row-wise sampler's ops batched (a full sort for top-p) and
+its draw, the exponential race ``argmax(probs / E)`` with E ~ Exp(1) that ``torch.multinomial``
+makes for one sample, E drawn on the CPU from the row's generator: their tokens are the very ids
+the row-wise sampler drew before (the reference is kept in tests/sampling_rowwise.py).
 
 Log-probs are always those of the model's raw distribution (before temperature and cuts), so they
 are comparable across sampling settings and with HuggingFace ``compute_transition_scores``. The
@@ -33,6 +34,9 @@ class SampledToken:
 
 _MASK64 = (1 << 64) - 1
 _NEG_INF = float("-inf")
+# Unseeded top-p looks for the nucleus among this many most likely tokens (one topk instead of a
+# sort of the vocabulary); a row whose nucleus is larger falls back to the sort.
+NUCLEUS_CANDIDATES = 1024
 
 
 def position_seed(seed: int, position: int) -> int:
@@ -83,22 +87,26 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     batch = logits.shape[0]
     logprobs = torch.log_softmax(logits, dim=-1)  # [B, V] of the raw distribution
     chosen = logits.argmax(dim=-1)  # [B]: greedy rows keep it
-    rows: list[int] = []
-    draws: list[torch.Generator | None] = []
+    seeded: list[int] = []
+    draws: list[torch.Generator] = []
+    unseeded: list[int] = []
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if p.greedy:
             if isinstance(gen, PositionalGenerator):
                 gen.position += 1  # every row advances, greedy or not: positions stay absolute
-            continue
-        rows.append(row)
-        draws.append(gen.next_draw() if isinstance(gen, PositionalGenerator) else gen)
-    if rows:
-        index = None if len(rows) == batch else torch.tensor(rows, device=logits.device)
-        sub = logits if index is None else logits.index_select(0, index)  # [S, V]
-        probs = _cut_distribution(sub, [params[r] for r in rows])  # [S, V]
-        # The exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p (what multinomial
-        # does for one sample, so a seeded row's E from its generator gives the old token).
-        picked = probs.div_(_exponentials(probs, draws, rng)).argmax(dim=-1)  # [S]
+        elif gen is None:
+            unseeded.append(row)
+        else:
+            seeded.append(row)
+            draws.append(gen.next_draw() if isinstance(gen, PositionalGenerator) else gen)
+    if unseeded:
+        index, sub = _rows(logits, unseeded)
+        picked = _inverse_cdf(_unseeded_weights(sub, [params[r] for r in unseeded]), rng)  # [U]
+        chosen = picked if index is None else chosen.index_copy_(0, index, picked)
+    if seeded:
+        index, sub = _rows(logits, seeded)
+        probs = _cut_distribution(sub, [params[r] for r in seeded])  # [S, V]
+        picked = probs.div_(_seeded_exponentials(probs, draws)).argmax(dim=-1)  # [S]
         chosen = picked if index is None else chosen.index_copy_(0, index, picked)
     lp = logprobs.gather(1, chosen[:, None])[:, 0]  # [B]
     # One device-to-host copy for ids and log-probs (float64 holds every token id exactly).
@@ -106,16 +114,19 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     return [SampledToken(int(t), v) for t, v in zip(flat[:batch], flat[batch:], strict=True)]
 
 
-def _cut_distribution(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """probs [S, V] after each row's temperature, top-k and top-p (logits [S, V], rows to sample).
+def _rows(x: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(index tensor or None for all rows, those rows of x)."""
+    if len(rows) == x.shape[0]:
+        return None, x
+    index = torch.tensor(rows, device=x.device)
+    return index, x.index_select(0, index)
 
-    The ops are the row-wise sampler's, batched, in the same order on the same values, so on the
-    CPU every row's probabilities are bit-for-bit those it computed (ties broken alike included).
-    """
-    num_rows, vocab = logits.shape
-    dev = logits.device
+
+def _scaled_top_k(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits / temperature [S, V] (a new tensor), tokens below each row's k-th largest at -inf."""
+    vocab, dev = logits.shape[1], logits.device
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)
-    scaled = logits / temps[:, None]  # [S, V]: a new tensor the cuts below overwrite in place
+    scaled = logits / temps[:, None]
     ks = [p.top_k if p.top_k < vocab else 0 for p in params]  # 0: no top-k cut
     if any(ks):
         k = torch.tensor(ks, device=dev)
@@ -123,40 +134,79 @@ def _cut_distribution(logits: torch.Tensor, params: list[SamplingParams]) -> tor
         kth = top.gather(1, (k - 1).clamp_(min=0)[:, None])  # [S, 1]: the k-th largest value
         kth.masked_fill_((k == 0)[:, None], _NEG_INF)  # rows without a cut keep every token
         scaled.masked_fill_(scaled < kth, _NEG_INF)
+    return scaled
+
+
+def _cut_distribution(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """probs [S, V] after each row's temperature, top-k and top-p, by a full sort for top-p.
+
+    The ops are the row-wise sampler's, batched, in the same order on the same values, so on the
+    CPU every row's probabilities are bit-for-bit those it computed (ties broken alike included).
+    """
+    scaled = _scaled_top_k(logits, params)
     nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
     if nucleus:
-        index = None if len(nucleus) == num_rows else torch.tensor(nucleus, device=dev)
-        part = scaled if index is None else scaled.index_select(0, index)  # [N, V]
-        top_p = torch.tensor([params[i].top_p for i in nucleus], dtype=logits.dtype, device=dev)
-        sorted_logits, order = torch.sort(part, dim=-1, descending=True)  # [N, V] each
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
-        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p[:, None]
-        del sorted_probs
-        sorted_logits.masked_fill_(drop, _NEG_INF)
-        part.scatter_(1, order, sorted_logits)  # back to vocabulary order (order is a permutation)
+        top_p = torch.tensor([params[i].top_p for i in nucleus], dtype=logits.dtype, device=logits.device)
+        index, part = _rows(scaled, nucleus)  # [N, V]
+        part = _sorted_nucleus(part, top_p)
         if index is not None:
             scaled.index_copy_(0, index, part)
     return torch.softmax(scaled, dim=-1)
 
 
-def _exponentials(probs: torch.Tensor, draws: list[torch.Generator | None],
-                  rng: torch.Generator | None) -> torch.Tensor:
-    """E [S, V] ~ Exp(1): a seeded row's from its CPU generator, exactly as ``torch.multinomial``
-    draws it (``empty_like(p).exponential_(1, gen)``); the unseeded rows' in one op from ``rng``."""
-    noise = torch.empty_like(probs)
-    unseeded = [i for i, g in enumerate(draws) if g is None]
-    if len(unseeded) == len(draws):
-        return noise.exponential_(generator=rng)
-    if unseeded:
-        index = torch.tensor(unseeded, device=probs.device)
-        rest = torch.empty((len(unseeded), probs.shape[1]), dtype=probs.dtype, device=probs.device)
-        noise.index_copy_(0, index, rest.exponential_(generator=rng))
-    seeded = [i for i, g in enumerate(draws) if g is not None]
-    host = torch.empty((len(seeded), probs.shape[1]), dtype=probs.dtype)  # on the CPU: the old stream
-    for n, i in enumerate(seeded):
-        host[n].exponential_(generator=draws[i])
-    if probs.device.type == "cpu" and len(seeded) == len(draws):
-        return host
-    noise.index_copy_(0, torch.tensor(seeded, device=probs.device), host.to(probs.device))
-    return noise
+def _sorted_nucleus(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """scaled [N, V] with every token outside each row's nucleus at -inf (in place)."""
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)  # [N, V] each
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
+    drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p[:, None]
+    del sorted_probs
+    sorted_logits.masked_fill_(drop, _NEG_INF)
+    return scaled.scatter_(1, order, sorted_logits)  # back to vocabulary order (a permutation)
+
+
+def _unseeded_weights(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Unnormalised probabilities [U, V] after temperature, top-k and top-p, zero outside the cuts;
+    the nucleus from the most likely ``NUCLEUS_CANDIDATES`` tokens, sorted only when it is larger."""
+    scaled = _scaled_top_k(logits, params)
+    probs = torch.softmax(scaled, dim=-1)  # [U, V]
+    nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    if not nucleus:
+        return probs
+    top_p = torch.tensor([params[i].top_p for i in nucleus], dtype=probs.dtype, device=probs.device)
+    index, part = _rows(probs, nucleus)  # [N, V]
+    values, ids = torch.topk(part, min(NUCLEUS_CANDIDATES, part.shape[1]), dim=-1)  # [N, C] sorted
+    mass = torch.cumsum(values, dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
+    drop = (mass - values) >= top_p[:, None]  # [N, C]
+    cut = torch.ones_like(part, dtype=torch.bool).scatter_(1, ids, drop)  # outside the candidates: cut
+    part = part.masked_fill_(cut, 0.0)
+    wide = [n for n, ok in enumerate((mass[:, -1] >= top_p).tolist()) if not ok]
+    if wide:  # nuclei larger than the candidates (flat distributions): those rows by a sort
+        rows = torch.tensor(wide, device=probs.device)
+        sorted_rows = _sorted_nucleus(scaled.index_select(0, rows if index is None else index[rows]),
+                                      top_p[rows])
+        part.index_copy_(0, rows, torch.softmax(sorted_rows, dim=-1))
+    if index is not None:
+        probs.index_copy_(0, index, part)
+    return probs
+
+
+def _inverse_cdf(weights: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+    """One draw per row [U] from unnormalised weights [U, V], by one uniform each from ``rng``."""
+    cdf = torch.cumsum(weights, dim=-1)  # [U, V], non-decreasing
+    total = cdf[:, -1:].contiguous()  # [U, 1]
+    u = torch.rand(total.shape, generator=rng, dtype=cdf.dtype, device=cdf.device)
+    picked = torch.searchsorted(cdf, u * total, right=True)  # the first token whose cdf passes u
+    # u * total can round up to the total: never past the last token with weight.
+    last = torch.searchsorted(cdf, total)
+    return torch.minimum(picked, last)[:, 0]
+
+
+def _seeded_exponentials(probs: torch.Tensor, draws: list[torch.Generator]) -> torch.Tensor:
+    """E [S, V] ~ Exp(1), each row from its own CPU generator exactly as ``torch.multinomial``
+    draws it for one sample (``empty_like(p).exponential_(1, gen)``)."""
+    host = torch.empty(probs.shape, dtype=probs.dtype)  # on the CPU: the old stream
+    for row, gen in enumerate(draws):
+        host[row].exponential_(generator=gen)
+    return host.to(probs.device)
