@@ -85,7 +85,6 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     from ``rng`` (a generator on the logits' device; None: torch's default one).
     """
     batch = logits.shape[0]
-    logprobs = torch.log_softmax(logits, dim=-1)  # [B, V] of the raw distribution
     chosen = logits.argmax(dim=-1)  # [B]: greedy rows keep it
     seeded: list[int] = []
     draws: list[torch.Generator] = []
@@ -108,7 +107,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         probs = _cut_distribution(sub, [params[r] for r in seeded])  # [S, V]
         picked = probs.div_(_seeded_exponentials(probs, draws)).argmax(dim=-1)  # [S]
         chosen = picked if index is None else chosen.index_copy_(0, index, picked)
-    lp = logprobs.gather(1, chosen[:, None])[:, 0]  # [B]
+    # Log-probs of the raw distribution, taken after the sampling temporaries are freed.
+    lp = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0]  # [B]
     # One device-to-host copy for ids and log-probs (float64 holds every token id exactly).
     flat = torch.cat([chosen.double(), lp.double()]).tolist()
     return [SampledToken(int(t), v) for t, v in zip(flat[:batch], flat[batch:], strict=True)]
