@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="auto", choices=["auto", "smollm2", "bytes"])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
     parser.add_argument("--skip-detok", action="store_true", help="sampling only")
+    parser.add_argument("--skip-sampling", action="store_true", help="detokenizing only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,8 +111,10 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     print(f"# {where}, torch {torch.__version__}, 1 thread; top-p {PARAMS.top_p}, "
           f"temperature {PARAMS.temperature}, vocab {args.vocab}")
-    print(f"{'batch':>6} {'row-wise':>12} {'batched':>12} {'batched+seeds':>14} {'speed-up':>9}")
-    for batch in (int(b) for b in args.batches.split(",")):
+    batches = [] if args.skip_sampling else [int(b) for b in args.batches.split(",")]
+    if batches:
+        print(f"{'batch':>6} {'row-wise':>12} {'batched':>12} {'batched+seeds':>14} {'speed-up':>9}")
+    for batch in batches:
         old, new, seeded = bench_sampling(batch, args.vocab, device, args.repeats)
         print(f"{batch:>6} {old * 1e3:>9.1f} ms {new * 1e3:>9.1f} ms {seeded * 1e3:>11.1f} ms "
               f"{old / new:>8.1f}x", flush=True)

@@ -123,9 +123,15 @@ def test_seeded_rows_draw_the_row_wise_samplers_tokens(kind: str, case: int) -> 
     assert sampled_rows > 0
 
 
-def test_unseeded_rows_do_not_change_the_seeded_rows_draws() -> None:
-    """A mixed batch: greedy rows stay the argmax, seeded rows draw the row-wise tokens, unseeded
-    rows draw from their own cut support."""
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device on this machine"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unseeded_rows_do_not_change_the_seeded_rows_draws(device: str) -> None:
+    """A mixed batch: greedy rows stay the argmax, seeded rows draw the row-wise tokens (the
+    row-wise sampler ran on the CPU; on a GPU the kernels round alike on logits without ties),
+    unseeded rows draw from their own cut support."""
     vocab = 400
     params = [SamplingParams(), SamplingParams(seed=5), SamplingParams(temperature=1.0, seed=9),
               SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=0.8, top_p=0.9, seed=3),
@@ -133,28 +139,29 @@ def test_unseeded_rows_do_not_change_the_seeded_rows_draws() -> None:
     seeded = [i for i, p in enumerate(params) if p.seed is not None]
     old_gens = [make_generator(p.seed if p.seed is not None else 0, 7) for p in params]
     new_gens = [make_generator(p.seed, 7) if p.seed is not None else None for p in params]
-    rng = torch.Generator().manual_seed(0)
+    rng = torch.Generator(device=device).manual_seed(0)
     unseeded_draws: set[int] = set()
     for step in range(40):
-        logits = _logits("normal", len(params), vocab, seed=step)
+        logits = _logits("normal", len(params), vocab, seed=step).to(device)
         old = sample_rowwise(logits, params, old_gens)
         new = sample(logits, params, new_gens, rng)
         assert [new[i].token_id for i in seeded] == [old[i].token_id for i in seeded]
         assert new[0].token_id == int(logits[0].argmax())
         assert new[3].token_id in set(torch.topk(logits[3], 3).indices.tolist())
-        raw = torch.log_softmax(logits, -1)
+        raw = torch.log_softmax(logits, -1).cpu()
         for i, tok in enumerate(new):
             assert math.isclose(tok.logprob, raw[i, tok.token_id].item(), rel_tol=1e-6)
         unseeded_draws.add(new[5].token_id)
     assert len(unseeded_draws) > 20  # temperature 2 over 400 tokens: really sampling
 
 
-def test_unseeded_rows_are_reproducible_from_the_batch_generator() -> None:
-    logits = _logits("normal", 16, 300, seed=1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_unseeded_rows_are_reproducible_from_the_batch_generator(device: str) -> None:
+    logits = _logits("normal", 16, 300, seed=1).to(device)
     params = [SamplingParams(temperature=1.0, top_p=0.95)] * 16
 
     def run(seed: int) -> list[int]:
-        rng = torch.Generator().manual_seed(seed)
+        rng = torch.Generator(device=device).manual_seed(seed)
         return [t.token_id for _ in range(3) for t in sample(logits, params, [None] * 16, rng)]
 
     assert run(4) == run(4)
@@ -214,14 +221,16 @@ def _assert_follows(counts: list[int], params: SamplingParams) -> None:
     SamplingParams(temperature=0.5, top_k=5, top_p=0.9),
     SamplingParams(temperature=2.0, top_k=7, top_p=0.7),
 ], ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}")
-def test_unseeded_rows_follow_the_cut_distribution(params: SamplingParams, candidates: int,
+@pytest.mark.parametrize("device", DEVICES)
+def test_unseeded_rows_follow_the_cut_distribution(params: SamplingParams, candidates: int, device: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """20,000 unseeded rows in one batch, every other one with other cuts; with 2 candidates most
     nuclei are larger and take the sort."""
     monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
     n = 20_000
-    logits = torch.tensor([DIST_LOGITS]).expand(2 * n, -1).contiguous()
-    drawn = sample(logits, [params, COMPANION] * n, [None] * (2 * n), torch.Generator().manual_seed(0))
+    logits = torch.tensor([DIST_LOGITS], device=device).expand(2 * n, -1).contiguous()
+    rng = torch.Generator(device=device).manual_seed(0)
+    drawn = sample(logits, [params, COMPANION] * n, [None] * (2 * n), rng)
     counts = [[0] * len(DIST_LOGITS), [0] * len(DIST_LOGITS)]
     for row, tok in enumerate(drawn):
         counts[row % 2][tok.token_id] += 1
