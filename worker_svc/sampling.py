@@ -159,7 +159,7 @@ def _sorted_nucleus(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)  # [N, V] each
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
     # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
-    drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p[:, None]
+    drop = torch.cumsum(sorted_probs, dim=-1).sub_(sorted_probs) >= top_p[:, None]  # in place: less memory
     del sorted_probs
     sorted_logits.masked_fill_(drop, _NEG_INF)
     return scaled.scatter_(1, order, sorted_logits)  # back to vocabulary order (a permutation)
