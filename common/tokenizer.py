@@ -11,10 +11,14 @@ model's Jinja chat template and the text of its BOS/EOS tokens (``chat_template`
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from common.detokenizer import Detokenizer, Utf8Detokenizer, WindowDetokenizer
 from common.errors import InvalidArgument, NotFound
 
 
@@ -40,6 +44,10 @@ class Tokenizer(ABC):
     def to_wire(self) -> tuple[str, bytes]:
         """(kind, payload) for ``tokenizer_from_wire`` on the other side."""
 
+    def detokenizer(self) -> Detokenizer:
+        """A fresh incremental detokenizer of one output stream (``push`` ids, ``flush`` at the end)."""
+        return WindowDetokenizer(self.decode)
+
 
 class ByteTokenizer(Tokenizer):
     """Byte-level tokenizer: id ``b`` for byte ``b``, then BOS and EOS; other ids decode to nothing."""
@@ -58,9 +66,15 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
+    def detokenizer(self) -> Detokenizer:
+        return Utf8Detokenizer()
+
     def to_wire(self) -> tuple[str, bytes]:
         payload = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
         return self.kind, json.dumps(payload).encode()
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class HFTokenizer(Tokenizer):
@@ -84,6 +98,20 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return str(self._tok.decode(ids, skip_special_tokens=True))
+
+    def detokenizer(self) -> Detokenizer:
+        return WindowDetokenizer(self.decode, self._held_ids)
+
+    @cached_property
+    def _held_ids(self) -> frozenset[int]:
+        """When the decoder joins ``<0xNN>`` tokens into one byte group (``ByteFallback``), a later
+        byte token can turn the group's text into replacement characters: those tokens, and the
+        special ones (skipped by decode, so a group runs on across them), are held back."""
+        if '"ByteFallback"' not in json.dumps(json.loads(self._json).get("decoder")):
+            return frozenset()
+        specials = {i for i, added in self._tok.get_added_tokens_decoder().items() if added.special}
+        byte_tokens = {i for token, i in self._tok.get_vocab().items() if _BYTE_TOKEN.fullmatch(token)}
+        return frozenset(specials | byte_tokens)
 
     def to_wire(self) -> tuple[str, bytes]:
         payload = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "json": self._json}
@@ -141,36 +169,32 @@ def _folder_chat_template(folder: Path) -> tuple[str, str, str]:
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas without splitting a UTF-8 character.
+    """Turns a growing list of token ids into text deltas, O(new tokens) work per push.
 
-    Decoding token by token breaks multi-byte characters and tokenizers that merge spaces, so it
-    re-decodes a short window and emits only text that is final (no trailing replacement char).
+    Every delta is final (a UTF-8 character split across tokens waits for its last byte), and the
+    deltas followed by ``flush`` add up to ``decode`` of all the ids. The tokenizer picks the
+    method (``Tokenizer.detokenizer``, common/detokenizer.py).
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._emitted = ""  # text already returned
+        self._detokenizer = tokenizer.detokenizer()
+        self._pieces: list[str] = []  # the deltas returned so far (joined only when asked)
 
-    def push(self, new_ids: list[int]) -> str:
+    def push(self, new_ids: Sequence[int]) -> str:
         """Append tokens; return the text they complete (possibly empty)."""
-        self._ids.extend(new_ids)
-        text = self._tokenizer.decode(self._ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more tokens
-            return ""
-        if not text.startswith(self._emitted):  # the tokenizer rewrote the past: emit nothing now
-            return ""
-        delta = text[len(self._emitted):]
-        self._emitted = text
+        delta = self._detokenizer.push(new_ids)
+        if delta:
+            self._pieces.append(delta)
         return delta
 
     def flush(self) -> str:
         """The text still held back (an incomplete or invalid UTF-8 tail); call when the output ends."""
-        text = self._tokenizer.decode(self._ids)
-        delta = text[len(self._emitted):] if text.startswith(self._emitted) else ""
-        self._emitted = text
+        delta = self._detokenizer.flush()
+        if delta:
+            self._pieces.append(delta)
         return delta
 
     @property
     def text(self) -> str:
-        return self._emitted
+        """Everything returned so far."""
+        return "".join(self._pieces)

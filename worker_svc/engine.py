@@ -39,7 +39,7 @@ from worker_svc.model.loader import LoadedModel, load_model, parse_dtype, weight
 from worker_svc.outputs import KVUsage, RequestOutput, RunningState, StepOutput, StepStats
 from worker_svc.preemption import Preemptor, StepCounts
 from worker_svc.request import Request, RequestState
-from worker_svc.sampling import make_generator, sample
+from worker_svc.sampling import make_batch_generator, make_generator, sample
 
 __all__ = ["Engine", "EngineConfig"]
 
@@ -93,7 +93,7 @@ class Engine:
         self._requests: dict[str, Request] = {}  # every request not yet reported finished
         self._aborted: list[Request] = []
         self._step = 0
-        self._seeds = itertools.count(config.seed * 1_000_003 + 1)
+        self._sampling_rng = make_batch_generator(device, config.seed)  # the unseeded requests' draws
         if config.profile != "off":
             from worker_svc.profiler import startup_profile
 
@@ -168,8 +168,8 @@ class Engine:
         if preemption not in ("", "recompute", "swap-layers"):
             raise InvalidArgument(f"preemption {preemption!r} must be recompute, swap-layers or empty")
         self.validate(prompt_ids, sampling, placement)
-        seed = sampling.seed if sampling.seed is not None else next(self._seeds)
-        gen = make_generator(seed, len(prompt_ids))  # draws keyed by (seed, absolute position)
+        # Draws keyed by (seed, absolute position); unseeded requests draw together (sample's rng).
+        gen = make_generator(sampling.seed, len(prompt_ids)) if sampling.seed is not None else None
         req = Request(request_id, [int(t) for t in prompt_ids], sampling, placement, gen,
                       time.perf_counter(), self.eos_token_id, preemption or self.config.preemption_mode)
         self._requests[request_id] = req
@@ -344,7 +344,7 @@ class Engine:
             logits = self.model(id_tensor(ids).to(dev), id_tensor(positions).to(dev),
                                 id_tensor([ends[i] - 1 for i in sampled]).to(dev), access, self.backend)
             tokens = sample(logits, [batch[i].sampling for i in sampled],
-                            [batch[i].generator for i in sampled]) if sampled else []
+                            [batch[i].generator for i in sampled], self._sampling_rng) if sampled else []
         except Exception as exc:  # a failed forward fails its batch, never the engine
             if access is not None:
                 access.abandon()

@@ -30,7 +30,7 @@ class Request:
     prompt_ids: list[int]
     sampling: SamplingParams
     placement: Placement | None  # asked-for placement; None: the engine's default
-    generator: torch.Generator  # kept across preemptions: a seeded stream continues unchanged
+    generator: torch.Generator | None  # a seed's own stream, kept across preemptions; None: unseeded
     arrival_s: float
     eos_token_id: int | None
     preemption: str = "recompute"  # how this request is preempted when growth fails (EngineConfig)
