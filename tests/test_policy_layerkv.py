@@ -66,8 +66,8 @@ def make_waiting(
 def make_running(
     request_id: str = "r0",
     *,
-    generated: int = 10,
-    max_tokens: int = 20,
+    generated: int = 11,
+    max_tokens: int = 21,
     decode_time: float = 2.5,
     tpot_slo: float | None = 0.5,
     prompt: int = 16,
@@ -151,8 +151,9 @@ def test_unhidden_offload_is_charged_to_the_prefill() -> None:
 
 
 # ---- admission: the TPOT slack -------------------------------------------------------------------
-# The running request: SLO 0.5 s, 10 tokens generated, 10 to go (max_tokens 20), 2.5 s of decode
-# used, steps of 0.25 s: slack = 0.5·20 − 2.5 − 10·0.25 = 5.0 s. Prefill is 2^-10 s per token.
+# The running request: SLO 0.5 s, 11 tokens generated, 10 to go (max_tokens 21), 2.5 s of decode
+# used, steps of 0.25 s: slack = 0.5·(21 − 1) − 2.5 − 10·0.25 = 5.0 s (TPOT counts the 20 gaps
+# after the first token). Prefill is 2^-10 s per token.
 
 
 @pytest.mark.parametrize(
@@ -172,8 +173,10 @@ def test_admission_refused_exactly_when_a_slack_goes_negative(
     prompts: tuple[int, ...], safety: float, reserve: float, admitted: list[str]
 ) -> None:
     worker = make_worker(running=(make_running(),))
+    # 16 output tokens: a newcomer's own slack (0.5 − 0.25)·15 = 3.75 s covers the 3.0 s after it
     waiting = tuple(
-        make_waiting(name, n, arrival=i) for i, (name, n) in enumerate(zip("ab", prompts, strict=False))
+        make_waiting(name, n, arrival=i, max_tokens=16)
+        for i, (name, n) in enumerate(zip("ab", prompts, strict=False))
     )
     got = policy(prefill_safety=safety, slack_reserve_s=reserve).schedule(fleet(worker, waiting=waiting))
     assert [d.request_id for d in got] == admitted
@@ -230,8 +233,8 @@ def test_mean_output_prediction_uses_finished_requests() -> None:
     assert p.schedule(fleet(first, waiting=())) == []
     assert p.mean_output_tokens is None
     running = make_running("r", generated=10, max_tokens=100, decode_time=2.5)
-    # With max_tokens the slack is 0.5·100 − 2.5 − 90·0.25 = 25 s; with the mean (2 more tokens)
-    # it is 0.5·12 − 2.5 − 2·0.25 = 3.0 s: a 4 s prefill now waits.
+    # With max_tokens the slack is 0.5·99 − 2.5 − 90·0.25 = 24.5 s; with the mean (2 more tokens)
+    # it is 0.5·11 − 2.5 − 2·0.25 = 2.5 s: a 4 s prefill now waits.
     second = make_worker(running=(running,))
     assert p.schedule(fleet(second, waiting=(make_waiting("a", 4096),))) == []
     assert p.mean_output_tokens == pytest.approx(12.0)
