@@ -2,16 +2,17 @@
 
 For each waiting request and each worker it computes a layer placement for the *prompt* (the
 paper's minimum resident layers, interleaved, shrunk to the worker's free GPU blocks when they run
-short as long as host and staging blocks suffice) and admits the request only while every request
-running on that worker keeps its TPOT SLO: ``slack_i = SLO_i·(N_past + N_future) − T_past −
-N_future·t_step`` must cover the predicted prefill time admitted to that worker in this round,
-charged as the worker runs it: in chunks of its ``max_num_batched_tokens`` (less one token per
-running decode), each chunk step stalling every running decode. Decode grows on demand; the ledger
-keeps ``headroom_blocks`` per layer of growth free for each request, and when growth still fails
-the worker preempts by ``swap-layers`` (GPU layers move to the host, the request keeps decoding).
-Among the workers that pass, the one with the lowest predicted TTFT wins. The running mean of
-output lengths is soft state: it only sharpens the prediction and the decisions stay valid
-without it.
+short as long as host and staging blocks suffice). With ``slack_gate`` it admits the request only
+while (1) every protected request on that worker keeps its TPOT slack ``SLO·(N − 1) − T_past −
+N_future·t_step`` (``N`` tokens in all) against the prefill queued after its first token, charged
+as the worker runs it, chunk step by chunk step, and (2) the newcomer's own predicted step, with
+its host layers streamed in every step, stays within its TPOT SLO. Protected are the running
+requests not already lost, the prefills in flight (dispatched, not reported running yet:
+``WorkerSnapshot.prefilling``, charged once) and this round's admissions. Decode grows on demand;
+the ledger keeps ``headroom_blocks`` per layer of growth free for each request, and when growth
+still fails the worker preempts by ``swap-layers``. Among the workers that pass, the one with the
+lowest predicted TTFT wins. The running mean of output lengths is soft state: it only sharpens the
+prediction and the decisions stay valid without it.
 """
 
 from __future__ import annotations
