@@ -158,6 +158,7 @@ class Rounds:
                     s.record.tpot_slo_s,
                     r.placement,
                     s.record.expected_output_tokens or None,
+                    s.record.first_token_time,
                 )
             )
         return tuple(out)

@@ -80,6 +80,7 @@ def make_running(
     tpot_slo: float | None = 0.5,
     prompt: int = 16,
     hint: int | None = None,
+    first_token_time: float = 0.0,
 ) -> RunningRequest:
     return RunningRequest(
         request_id,
@@ -90,6 +91,7 @@ def make_running(
         tpot_slo,
         Placement.all_gpu(GEOMETRY.num_layers),
         hint,
+        first_token_time,
     )
 
 
@@ -675,4 +677,40 @@ def test_slack_gate_off_admits_on_placement_and_budget_only(slack_gate: bool, ad
     worker = make_worker(running=(make_running(),))
     waiting = tuple(make_waiting(n, 4096, arrival=i, tpot_slo=100.0) for i, n in enumerate("abc"))
     got = policy(prefill_safety=1.0, slack_gate=slack_gate).schedule(fleet(worker, waiting=waiting))
+    assert [d.request_id for d in got] == admitted
+
+
+# ---- the wall clock: TPOT as the client measures it ---------------------------------------------
+# The running request (slack 5.0 s on the worker's step times) saw its first token at 100 − 3.75 s:
+# 1.25 s more than its 2.5 s of steps over 10 gaps, 0.125 s per token the steps miss. On the wall
+# clock: T_past 3.75 s, steps 0.25 + 0.125 s, slack 0.5·20 − 3.75 − 10·0.375 = 2.5 s.
+
+
+@pytest.mark.parametrize(
+    ("wall_clock", "first_token_time", "prompt", "admitted"),
+    [
+        (True, 96.25, 2560, ["a"]),
+        (True, 96.25, 2561, []),
+        (False, 96.25, 5120, ["a"]),  # the worker's step times only
+        (False, 96.25, 5121, []),
+        (True, 0.0, 5120, ["a"]),  # first token time unknown: the step times
+        (True, 98.0, 5120, ["a"]),  # the wall clock shorter than the steps: the steps
+    ],
+)
+def test_wall_clock_slack(
+    wall_clock: bool, first_token_time: float, prompt: int, admitted: list[str]
+) -> None:
+    worker = make_worker(running=(make_running(first_token_time=first_token_time),))
+    waiting = (make_waiting("a", prompt, tpot_slo=100.0),)
+    got = policy(prefill_safety=1.0, wall_clock=wall_clock).schedule(fleet(worker, waiting=waiting))
+    assert [d.request_id for d in got] == admitted
+
+
+@pytest.mark.parametrize(("wall_clock", "admitted"), [(True, []), (False, ["a"])])
+def test_newcomer_check_adds_the_per_token_time_steps_miss(wall_clock: bool, admitted: list[str]) -> None:
+    # Its step: 0.25 s by the cost model, 0.375 s on the wall clock, against its 0.3125 s SLO.
+    running = make_running(tpot_slo=100.0, first_token_time=96.25)
+    worker = make_worker(running=(running,))
+    waiting = (make_waiting("a", 16, tpot_slo=0.3125),)
+    got = policy(wall_clock=wall_clock).schedule(fleet(worker, waiting=waiting))
     assert [d.request_id for d in got] == admitted

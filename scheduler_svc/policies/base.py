@@ -62,6 +62,10 @@ class RunningRequest:
     tpot_slo_s: float | None
     placement: Placement
     expected_output_tokens: int | None = None  # the client's estimate of its output length
+    # When the scheduler received its first token (unix seconds; 0: not known). TPOT as a client
+    # measures it runs on this clock, which also sees what the worker's step times miss (time
+    # between steps, event delivery, a requeue's restart).
+    first_token_time: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,13 @@ class LayerKVParams(PolicyParams):
         description="a request's own expected_output_tokens, when the client gives one, replaces "
         "the prediction (capped by max_tokens)",
     )
+    wall_clock: bool = Field(
+        default=True,
+        description="T_past is the time since the scheduler saw the request's first token (when "
+        "longer than the worker's summed step times), and every predicted decode step adds the "
+        "per-token time the step times miss (the median over the worker's running requests): "
+        "the slack then follows the TPOT a client measures (False: the worker's step times only)",
+    )
     newcomer_tpot_check: bool = Field(
         default=True,
         description="also refuse a request whose own predicted TPOT (the decode step with it "
@@ -107,6 +114,11 @@ class LayerKVParams(PolicyParams):
     )
 
 
+# A request's per-token overhead is measured once it has this many tokens (the wall clock runs a
+# fraction of a step ahead of its latest report, which a few gaps would magnify).
+_OVERHEAD_MIN_TOKENS = 8
+
+
 @dataclass(frozen=True)
 class _Protected:
     """A request whose TPOT SLO admission keeps, and the prefill time that runs before it decodes."""
@@ -130,6 +142,7 @@ class _WorkerRound:
     extra_batch: int = 0  # decodes to come beyond the running ones: in flight and this round's
     extra_context: int = 0
     extra_h2d_bytes: int = 0  # per decode step, for their host-placed layers
+    step_overhead_s: float = 0.0  # per token, beyond the cost model's step (wall_clock)
     protected: list[_Protected] = field(default_factory=list)
 
 
@@ -160,11 +173,13 @@ class LayerKVPolicy(Policy):
         self._last_seen: dict[str, int] = {}
         self._finished_outputs = 0
         self._mean_output = 0.0
+        self._now = 0.0  # the snapshot's clock, for wall-clock T_past
 
     # ---- the round ---------------------------------------------------------------------------
 
     def schedule(self, fleet: FleetSnapshot) -> Sequence[Dispatch]:
         self._observe_finished(fleet)
+        self._now = fleet.now
         rounds = {w.worker_id: self._round_of(w) for w in fleet.workers if w.accepting}
         dispatches: list[Dispatch] = []
         for req in self._ordered(fleet.waiting):
@@ -194,11 +209,13 @@ class LayerKVPolicy(Policy):
     def _round_of(self, worker: WorkerSnapshot) -> _WorkerRound:
         """The worker's round state before any proposal: its running requests and, charged once,
         the prefills dispatched to it that it has not reported running yet."""
+        overhead = self._step_overhead_s(worker)
         rnd = _WorkerRound(
             worker.gpu_blocks_free,  # the ledger already subtracted the in-flight reservations
             worker.host_blocks_free,
             list(worker.host_used_per_layer) or [0] * worker.geometry.num_layers,
-            protected=self._protected(worker),
+            step_overhead_s=overhead,
+            protected=self._protected(worker, overhead),
         )
         chunk = self.chunk_tokens(worker)
         for f in worker.prefilling:  # oldest first: the worker prefills them in that order
@@ -311,7 +328,7 @@ class LayerKVPolicy(Policy):
         t_step = self._step_s(worker, rnd, extra=(req.num_prompt_tokens, placement))
         return t_step <= self._tpot_slo(req.tpot_slo_s)
 
-    def _protected(self, worker: WorkerSnapshot) -> list[_Protected]:
+    def _protected(self, worker: WorkerSnapshot, step_overhead_s: float) -> list[_Protected]:
         """Running requests whose TPOT SLO admission must keep (all, or those not already lost).
 
         "Lost" is judged on the request's own T_past and the current step, before the prefills in
@@ -319,7 +336,7 @@ class LayerKVPolicy(Policy):
         """
         if self.p.protect_lost_requests:
             return [_Protected(r) for r in worker.running]
-        t_step = self._step_s(worker, _WorkerRound(0, 0, []))
+        t_step = self._step_s(worker, _WorkerRound(0, 0, [], step_overhead_s=step_overhead_s))
         return [
             _Protected(r) for r in worker.running if self._slack_s(r, t_step) - self.p.slack_reserve_s >= 0.0
         ]
@@ -336,7 +353,25 @@ class LayerKVPolicy(Policy):
         future = self._remaining_tokens(r.max_tokens, r.tokens_generated, r.expected_output_tokens)
         gaps = max(r.tokens_generated + future - 1, 0)
         steps = future if r.tokens_generated else max(future - 1, 0)  # its first token is the prefill's
-        return slo * gaps - r.decode_time_s - steps * t_step
+        return slo * gaps - self._t_past(r) - steps * t_step
+
+    def _t_past(self, r: RunningRequest) -> float:
+        """Decode time spent: the worker's step times, or the wall clock since the first token."""
+        if self.p.wall_clock and r.first_token_time > 0.0:
+            return max(r.decode_time_s, self._now - r.first_token_time)
+        return r.decode_time_s
+
+    def _step_overhead_s(self, worker: WorkerSnapshot) -> float:
+        """Per-token wall time the worker's step times miss, the median over its running requests
+        that have decoded a while (0 without ``wall_clock`` or such requests)."""
+        if not self.p.wall_clock:
+            return 0.0
+        samples = sorted(
+            max(0.0, (self._now - r.first_token_time - r.decode_time_s) / (r.tokens_generated - 1))
+            for r in worker.running
+            if r.first_token_time > 0.0 and r.tokens_generated > _OVERHEAD_MIN_TOKENS
+        )
+        return samples[len(samples) // 2] if samples else 0.0
 
     def _step_s(
         self, worker: WorkerSnapshot, rnd: _WorkerRound, extra: tuple[int, Placement] | None = None
@@ -356,7 +391,7 @@ class LayerKVPolicy(Policy):
             batch += 1
             context += tokens
             h2d += placement.host_layers * geometry.bytes_per_layer(tokens)
-        return worker.cost_model.decode_step_s(batch, context, h2d)
+        return worker.cost_model.decode_step_s(batch, context, h2d) + rnd.step_overhead_s
 
     @staticmethod
     def _add_decode(rnd: _WorkerRound, worker: WorkerSnapshot, tokens: int, placement: Placement) -> None:
