@@ -100,7 +100,9 @@ def fleet(*workers: WorkerSnapshot, waiting: tuple[WaitingRequest, ...]) -> Flee
 
 
 def policy(**params: object) -> LayerKVPolicy:
-    return LayerKVPolicy(LayerKVParams.model_validate(params))
+    # The placement tests below are about the paper's rule: the gate checks it first unless a test
+    # asks for gpu-first (the default, covered in its own table).
+    return LayerKVPolicy(LayerKVParams.model_validate({"gate_placement": "rule-first", **params}))
 
 
 # ---- placement: count and pattern ----------------------------------------------------------------

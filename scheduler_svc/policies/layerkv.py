@@ -65,6 +65,14 @@ class LayerKVParams(PolicyParams):
         "per-token time the step times miss (the median over the worker's running requests): "
         "the slack then follows the TPOT a client measures (False: the worker's step times only)",
     )
+    gate_placement: Literal["gpu-first", "rule-first"] = Field(
+        default="gpu-first",
+        description="with the slack gate, the placement a request is checked with: the most GPU "
+        "layers the free blocks hold ('gpu-first': every host layer is streamed in every decode "
+        "step, a cost to every request's TPOT, so layers go to the host only when the GPU is "
+        "short) or the paper's minimum resident layers, more only when a TPOT check fails "
+        "('rule-first'); without the gate the rule's placement is used",
+    )
     newcomer_tpot_check: bool = Field(
         default=True,
         description="also refuse a request whose own predicted TPOT (the decode step with it "
@@ -253,24 +261,50 @@ class LayerKVPolicy(Policy):
             return None  # too long, or the worker re-admits its preempted requests first
         if rnd.added and rnd.prompt_tokens + req.num_prompt_tokens > self.p.max_prefill_tokens_per_round:
             return None
-        placement = self._placement(req, worker, rnd)
+        layers = worker.geometry.num_layers
+        gpu_first = self.p.slack_gate and self.p.gate_placement == "gpu-first"
+        placement = self._placement(req, worker, rnd, min_gpu_layers=layers if gpu_first else 0)
         if placement is None:
             return None
-        gate_newcomer = self.p.slack_gate and self.p.newcomer_tpot_check
-        if gate_newcomer and not self._newcomer_keeps(req, placement, worker, rnd):
-            if placement.gpu_layers == worker.geometry.num_layers:
-                return None
-            # Streaming its host layers every step makes its own decode too slow: try the most GPU
-            # layers the free blocks hold.
-            placement = self._placement(req, worker, rnd, min_gpu_layers=worker.geometry.num_layers)
-            if placement is None or not self._newcomer_keeps(req, placement, worker, rnd):
-                return None
+        cand = self._checked(req, placement, worker, rnd)
+        if cand is not None or not self.p.slack_gate:
+            return cand
+        if not gpu_first and placement.host_layers:
+            # Streaming its host layers every decode step is what breaks a TPOT (its own or the
+            # others'): try the most GPU layers the free blocks hold.
+            more = self._placement(req, worker, rnd, min_gpu_layers=layers)
+            if more is not None and more.gpu_layers > placement.gpu_layers:
+                placement = more
+                cand = self._checked(req, placement, worker, rnd)
+        if cand is None and self._idle(worker, rnd):
+            # Nothing runs or waits to run there: no step will be shorter for it later, and
+            # refusing would starve it. It goes with the fastest placement it has.
+            return self._as_candidate(req, placement, worker, rnd)
+        return cand
+
+    def _checked(
+        self, req: WaitingRequest, placement: Placement, worker: WorkerSnapshot, rnd: _WorkerRound
+    ) -> _Candidate | None:
+        """The candidate when the gate lets ``req`` go with ``placement`` (always without the gate)."""
+        newcomer = self.p.slack_gate and self.p.newcomer_tpot_check
+        if newcomer and not self._newcomer_keeps(req, placement, worker, rnd):
+            return None
+        cand = self._as_candidate(req, placement, worker, rnd)
+        if self.p.slack_gate and not self._slo_keeps(req, placement, cand.prefill_s, worker, rnd):
+            return None
+        return cand
+
+    def _as_candidate(
+        self, req: WaitingRequest, placement: Placement, worker: WorkerSnapshot, rnd: _WorkerRound
+    ) -> _Candidate:
         prefill_s = self.predicted_prefill_s(
             req.num_prompt_tokens, placement, worker, self.chunk_tokens(worker)
         )
-        if self.p.slack_gate and not self._slo_keeps(req, placement, prefill_s, worker, rnd):
-            return None
         return _Candidate(worker, placement, prefill_s, rnd.prefill_s + prefill_s)
+
+    @staticmethod
+    def _idle(worker: WorkerSnapshot, rnd: _WorkerRound) -> bool:
+        return not worker.running and not worker.prefilling and not rnd.added
 
     def _placement(
         self, req: WaitingRequest, worker: WorkerSnapshot, rnd: _WorkerRound, min_gpu_layers: int = 0
@@ -321,10 +355,7 @@ class LayerKVPolicy(Policy):
         self, req: WaitingRequest, placement: Placement, worker: WorkerSnapshot, rnd: _WorkerRound
     ) -> bool:
         """Whether ``req``'s own predicted TPOT, the decode step with it added (its host layers
-        streamed in every step), stays within its TPOT SLO. An idle worker always passes: its
-        step will never be shorter, and refusing would starve the request there."""
-        if not worker.running and not worker.prefilling and not rnd.added:
-            return True
+        streamed in every step), stays within its TPOT SLO."""
         t_step = self._step_s(worker, rnd, extra=(req.num_prompt_tokens, placement))
         return t_step <= self._tpot_slo(req.tpot_slo_s)
 
