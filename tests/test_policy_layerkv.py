@@ -716,3 +716,60 @@ def test_newcomer_check_adds_the_per_token_time_steps_miss(wall_clock: bool, adm
     waiting = (make_waiting("a", 16, tpot_slo=0.3125),)
     got = policy(wall_clock=wall_clock).schedule(fleet(worker, waiting=waiting))
     assert [d.request_id for d in got] == admitted
+
+
+# ---- queue order: requests that can still meet their TTFT first ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("order", "admitted"),
+    [
+        # now = 100. Only one fits. 'lost' arrived first but its deadline (95) has passed; 'tight'
+        # is due at 104, 'roomy' at 130.
+        ("ttft-feasible", ["tight"]),
+        ("ttft-deadline", ["lost"]),  # earliest deadline, passed or not
+        ("fcfs", ["lost"]),
+    ],
+)
+def test_queue_order(order: str, admitted: list[str]) -> None:
+    worker = make_worker(gpu_free=0, host_free=80)
+    waiting = (
+        make_waiting("lost", 152, arrival=90.0, ttft_slo=5.0),
+        make_waiting("roomy", 152, arrival=91.0, ttft_slo=39.0),
+        make_waiting("tight", 152, arrival=99.0, ttft_slo=5.0),
+    )
+    assert [
+        d.request_id for d in policy(queue_order=order).schedule(fleet(worker, waiting=waiting))
+    ] == admitted
+
+
+def test_ttft_feasible_serves_lost_requests_when_nobody_feasible_waits() -> None:
+    worker = make_worker()
+    waiting = (
+        make_waiting("lost-b", 16, arrival=50.0, ttft_slo=1.0),
+        make_waiting("lost-a", 16, arrival=40.0),
+    )
+    got = policy().schedule(fleet(worker, waiting=waiting))
+    assert [d.request_id for d in got] == ["lost-a", "lost-b"]  # in arrival order
+    assert LayerKVParams().queue_order == "ttft-feasible"
+
+
+# ---- gate_placement: which placement the gate checks ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "gpu_free", "letters"),
+    [
+        ({"gate_placement": "gpu-first"}, 80, "GGGGGGGG"),  # the GPU holds it all: nothing streams
+        ({"gate_placement": "gpu-first"}, 60, "GGHGGGHG"),  # 6 layers fit: only 2 on the host
+        ({"gate_placement": "gpu-first"}, 9, "HHHHHHHH"),  # the GPU holds none
+        ({"gate_placement": "rule-first"}, 80, "HGHGHGHG"),  # the paper's 4 resident, it fits the SLO
+        ({"gate_placement": "gpu-first", "slack_gate": False}, 80, "HGHGHGHG"),  # no gate: the rule
+    ],
+)
+def test_gate_placement(params: dict[str, object], gpu_free: int, letters: str) -> None:
+    worker = make_worker(cost=RULE4, gpu_free=gpu_free, host_free=80, running=(make_running(tpot_slo=10.0),))
+    waiting = (make_waiting("a", 152, tpot_slo=10.0),)
+    got = policy(**params).schedule(fleet(worker, waiting=waiting))
+    assert [d.placement.letters for d in got] == [letters]
+    assert LayerKVParams().gate_placement == "gpu-first"

@@ -80,8 +80,12 @@ class LayerKVParams(PolicyParams):
         "the worker is idle (nothing better will come); a placement with more GPU layers is "
         "tried first",
     )
-    queue_order: Literal["fcfs", "ttft-deadline"] = Field(
-        default="fcfs", description="order of the waiting queue: arrival, or earliest TTFT deadline first"
+    queue_order: Literal["fcfs", "ttft-deadline", "ttft-feasible"] = Field(
+        default="ttft-feasible",
+        description="order of the waiting queue: arrival; earliest TTFT deadline first; or "
+        "'ttft-feasible': requests that can still meet their TTFT SLO first (earliest deadline "
+        "first), then those whose deadline has passed (arrival order; under sustained overload "
+        "they wait until the load eases)",
     )
     prefill_safety: float = Field(
         default=1.2, ge=1.0, le=10.0, description="predicted prefill times are multiplied by this"
@@ -251,7 +255,16 @@ class LayerKVPolicy(Policy):
     def _ordered(self, waiting: Sequence[WaitingRequest]) -> list[WaitingRequest]:
         if self.p.queue_order == "fcfs":
             return sorted(waiting, key=lambda r: r.arrival_time)
-        return sorted(waiting, key=lambda r: (r.arrival_time + self._ttft_slo(r), r.arrival_time))
+        if self.p.queue_order == "ttft-deadline":
+            return sorted(waiting, key=lambda r: (r.arrival_time + self._ttft_slo(r), r.arrival_time))
+        # ttft-feasible: a request past its deadline has missed its TTFT SLO whenever it starts, so
+        # it no longer goes ahead of one that can still meet it.
+        def key(r: WaitingRequest) -> tuple[bool, float]:
+            deadline = r.arrival_time + self._ttft_slo(r)
+            lost = deadline <= self._now
+            return (lost, r.arrival_time if lost else deadline)
+
+        return sorted(waiting, key=key)
 
     # ---- one request on one worker -----------------------------------------------------------
 
