@@ -587,9 +587,14 @@ def test_an_admitted_newcomer_is_protected_from_the_prefills_after_it() -> None:
 
 
 def in_flight(
-    request_id: str, prompt: int, *, max_tokens: int = 8, tpot_slo: float | None = 0.5
+    request_id: str,
+    prompt: int,
+    *,
+    max_tokens: int = 8,
+    tpot_slo: float | None = 0.5,
+    dispatched: float = 100.0,  # the snapshot's now: just dispatched
 ) -> PrefillInFlight:
-    return PrefillInFlight(request_id, prompt, max_tokens, Placement.all_gpu(8), tpot_slo, 99.0)
+    return PrefillInFlight(request_id, prompt, max_tokens, Placement.all_gpu(8), tpot_slo, dispatched)
 
 
 @pytest.mark.parametrize(
@@ -773,3 +778,42 @@ def test_gate_placement(params: dict[str, object], gpu_free: int, letters: str) 
     got = policy(**params).schedule(fleet(worker, waiting=waiting))
     assert [d.placement.letters for d in got] == [letters]
     assert LayerKVParams().gate_placement == "gpu-first"
+
+
+@pytest.mark.parametrize(
+    ("wall_clock", "prefilling", "prompt", "admitted"),
+    [
+        # The running request's slack is 5.0 s; a prefill in flight of 4.0 s dispatched 2 s ago:
+        # on the wall clock 2 s of it are already in T_past, 2 s are still to come.
+        (True, (in_flight("f", 4096, tpot_slo=100.0, dispatched=98.0),), 3072, ["a"]),
+        (True, (in_flight("f", 4096, tpot_slo=100.0, dispatched=98.0),), 3073, []),
+        (False, (in_flight("f", 4096, tpot_slo=100.0, dispatched=98.0),), 1024, ["a"]),  # charged in full
+        (False, (in_flight("f", 4096, tpot_slo=100.0, dispatched=98.0),), 1025, []),
+        # Two of 2.0 s dispatched at 97: the first is predicted done at 99, the second runs until 101.
+        (
+            True,
+            (
+                in_flight("f", 2048, tpot_slo=100.0, dispatched=97.0),
+                in_flight("g", 2048, tpot_slo=100.0, dispatched=97.0),
+            ),
+            4096,
+            ["a"],
+        ),
+        (
+            True,
+            (
+                in_flight("f", 2048, tpot_slo=100.0, dispatched=97.0),
+                in_flight("g", 2048, tpot_slo=100.0, dispatched=97.0),
+            ),
+            4097,
+            [],
+        ),
+    ],
+)
+def test_on_the_wall_clock_only_the_rest_of_a_prefill_in_flight_is_charged(
+    wall_clock: bool, prefilling: tuple[PrefillInFlight, ...], prompt: int, admitted: list[str]
+) -> None:
+    worker = replace(make_worker(running=(make_running(),)), prefilling=prefilling)
+    waiting = (make_waiting("a", prompt, tpot_slo=100.0),)
+    got = policy(prefill_safety=1.0, wall_clock=wall_clock).schedule(fleet(worker, waiting=waiting))
+    assert [d.request_id for d in got] == admitted

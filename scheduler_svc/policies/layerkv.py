@@ -230,11 +230,26 @@ class LayerKVPolicy(Policy):
             protected=self._protected(worker, overhead),
         )
         chunk = self.chunk_tokens(worker)
+        end = 0.0  # predicted end of the previous prefill in flight (unix seconds)
         for f in worker.prefilling:  # oldest first: the worker prefills them in that order
-            rnd.prefill_s += self.predicted_prefill_s(f.num_prompt_tokens, f.placement, worker, chunk)
+            full = self.predicted_prefill_s(f.num_prompt_tokens, f.placement, worker, chunk)
+            rnd.prefill_s += self._still_to_run_s(f, full, end)
+            end = max(f.dispatch_time, end) + full
             self._add_decode(rnd, worker, f.num_prompt_tokens, f.placement)
             rnd.protected.append(_Protected(_as_running(f), ahead_s=rnd.prefill_s))
         return rnd
+
+    def _still_to_run_s(self, f: PrefillInFlight, full_s: float, previous_end: float) -> float:
+        """The part of a prefill in flight still to stall the running decodes.
+
+        On the wall clock the part already run is in every running request's ``T_past`` (the
+        time since its first token), so only the predicted rest is charged: from its dispatch, or
+        from the predicted end of the one before it, to now. It is charged in full otherwise.
+        """
+        if not self.p.wall_clock or f.dispatch_time <= 0.0:
+            return full_s
+        start = max(f.dispatch_time, previous_end)
+        return min(full_s, max(0.0, start + full_s - self._now))
 
     def _ever_fits(self, req: WaitingRequest, fleet: FleetSnapshot) -> bool:
         """Whether some accepting worker could take ``req`` once it is empty."""
