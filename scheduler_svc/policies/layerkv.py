@@ -2,16 +2,17 @@
 
 For each waiting request and each worker it computes a layer placement for the *prompt* (the
 paper's minimum resident layers, interleaved, shrunk to the worker's free GPU blocks when they run
-short as long as host and staging blocks suffice) and admits the request only while every request
-running on that worker keeps its TPOT SLO: ``slack_i = SLO_i·(N_past + N_future) − T_past −
-N_future·t_step`` must cover the predicted prefill time admitted to that worker in this round,
-charged as the worker runs it: in chunks of its ``max_num_batched_tokens`` (less one token per
-running decode), each chunk step stalling every running decode. Decode grows on demand; the ledger
-keeps ``headroom_blocks`` per layer of growth free for each request, and when growth still fails
-the worker preempts by ``swap-layers`` (GPU layers move to the host, the request keeps decoding).
-Among the workers that pass, the one with the lowest predicted TTFT wins. The running mean of
-output lengths is soft state: it only sharpens the prediction and the decisions stay valid
-without it.
+short as long as host and staging blocks suffice). With ``slack_gate`` it admits the request only
+while (1) every protected request on that worker keeps its TPOT slack ``SLO·(N − 1) − T_past −
+N_future·t_step`` (``N`` tokens in all) against the prefill queued after its first token, charged
+as the worker runs it, chunk step by chunk step, and (2) the newcomer's own predicted step, with
+its host layers streamed in every step, stays within its TPOT SLO. Protected are the running
+requests not already lost, the prefills in flight (dispatched, not reported running yet:
+``WorkerSnapshot.prefilling``, charged once) and this round's admissions. Decode grows on demand;
+the ledger keeps ``headroom_blocks`` per layer of growth free for each request, and when growth
+still fails the worker preempts by ``swap-layers``. Among the workers that pass, the one with the
+lowest predicted TTFT wins. The running mean of output lengths is soft state: it only sharpens the
+prediction and the decisions stay valid without it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from scheduler_svc.policies.base import (
     Policy,
     PolicyParams,
     PreemptionMode,
+    PrefillInFlight,
     RunningRequest,
     WaitingRequest,
     WorkerSnapshot,
@@ -40,13 +42,50 @@ from scheduler_svc.policies.layerkv_placement import chunk_tokens, placement_for
 class LayerKVParams(PolicyParams):
     """Parameters of the ``layerkv`` policy."""
 
-    output_prediction: Literal["max_tokens", "mean"] = Field(
-        default="max_tokens",
-        description="remaining output of a running request: its max_tokens (an upper bound) or the "
-        "running mean of finished requests' output lengths (capped by max_tokens)",
+    slack_gate: bool = Field(
+        default=True,
+        description="admit only while every protected request keeps its TPOT slack and the "
+        "newcomer's own TPOT fits (False: placement and budget only, the gate's ablation)",
     )
-    queue_order: Literal["fcfs", "ttft-deadline"] = Field(
-        default="fcfs", description="order of the waiting queue: arrival, or earliest TTFT deadline first"
+    output_prediction: Literal["mean", "max_tokens"] = Field(
+        default="mean",
+        description="output length of a request: the running mean of finished requests' output "
+        "lengths (max_tokens until the first one finishes) or its max_tokens (an upper bound: "
+        "the slack is large and the gate rarely binds); capped by max_tokens either way",
+    )
+    use_output_hint: bool = Field(
+        default=True,
+        description="a request's own expected_output_tokens, when the client gives one, replaces "
+        "the prediction (capped by max_tokens)",
+    )
+    wall_clock: bool = Field(
+        default=True,
+        description="T_past is the time since the scheduler saw the request's first token (when "
+        "longer than the worker's summed step times), and every predicted decode step adds the "
+        "per-token time the step times miss (the median over the worker's running requests): "
+        "the slack then follows the TPOT a client measures (False: the worker's step times only)",
+    )
+    gate_placement: Literal["gpu-first", "rule-first"] = Field(
+        default="gpu-first",
+        description="with the slack gate, the placement a request is checked with: the most GPU "
+        "layers the free blocks hold ('gpu-first': every host layer is streamed in every decode "
+        "step, a cost to every request's TPOT, so layers go to the host only when the GPU is "
+        "short) or the paper's minimum resident layers, more only when a TPOT check fails "
+        "('rule-first'); without the gate the rule's placement is used",
+    )
+    newcomer_tpot_check: bool = Field(
+        default=True,
+        description="also refuse a request whose own predicted TPOT (the decode step with it "
+        "added, its host layers streamed host-to-device every step) exceeds its TPOT SLO, unless "
+        "the worker is idle (nothing better will come); a placement with more GPU layers is "
+        "tried first",
+    )
+    queue_order: Literal["fcfs", "ttft-deadline", "ttft-feasible"] = Field(
+        default="ttft-feasible",
+        description="order of the waiting queue: arrival; earliest TTFT deadline first; or "
+        "'ttft-feasible': requests that can still meet their TTFT SLO first (earliest deadline "
+        "first), then those whose deadline has passed (arrival order; under sustained overload "
+        "they wait until the load eases)",
     )
     prefill_safety: float = Field(
         default=1.2, ge=1.0, le=10.0, description="predicted prefill times are multiplied by this"
@@ -80,24 +119,43 @@ class LayerKVParams(PolicyParams):
     )
     protect_lost_requests: bool = Field(
         default=False,
-        description="also protect running requests whose slack is already negative without any "
-        "admission (False: they miss their SLO anyway and do not block admission)",
+        description="also protect running requests whose own slack (before this round and before "
+        "the prefills in flight) is already below slack_reserve_s: False, they miss their SLO "
+        "whatever is admitted and blocking admission for them would only add TTFT misses (they "
+        "still count in the decode step); True, no prefill is admitted while one runs",
     )
+
+
+# A request's per-token overhead is measured once it has this many tokens (the wall clock runs a
+# fraction of a step ahead of its latest report, which a few gaps would magnify).
+_OVERHEAD_MIN_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class _Protected:
+    """A request whose TPOT SLO admission keeps, and the prefill time that runs before it decodes."""
+
+    request: RunningRequest
+    # Prefill seconds (before the safety factor) of the worker's queue that run before its own
+    # first token: they do not stall it. 0 for a request already decoding.
+    ahead_s: float = 0.0
 
 
 @dataclass
 class _WorkerRound:
-    """What this round's proposals already took from one worker."""
+    """What the prefills in flight and this round's proposals already took from one worker."""
 
     gpu_free: int
     host_free: int
     host_demand: list[int]  # host-placed blocks per layer: the staging blocks they stream through
-    prefill_s: float = 0.0  # predicted prefill time admitted this round (before the safety factor)
-    prompt_tokens: int = 0
+    prefill_s: float = 0.0  # predicted prefill in flight or admitted this round (before the safety factor)
+    prompt_tokens: int = 0  # admitted this round
     added: int = 0  # requests admitted this round
-    added_context: int = 0
-    added_h2d_bytes: int = 0  # per decode step, for their host-placed layers
-    protected: list[RunningRequest] = field(default_factory=list)
+    extra_batch: int = 0  # decodes to come beyond the running ones: in flight and this round's
+    extra_context: int = 0
+    extra_h2d_bytes: int = 0  # per decode step, for their host-placed layers
+    step_overhead_s: float = 0.0  # per token, beyond the cost model's step (wall_clock)
+    protected: list[_Protected] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -107,7 +165,7 @@ class _Candidate:
     worker: WorkerSnapshot
     placement: Placement
     prefill_s: float  # predicted, including any offload the prefill cannot hide
-    ttft_s: float  # predicted from now: this round's earlier prefills on the worker plus this one
+    ttft_s: float  # predicted from now: the worker's queued prefills (in flight, this round's) plus this one
 
 
 class LayerKVPolicy(Policy):
@@ -127,21 +185,14 @@ class LayerKVPolicy(Policy):
         self._last_seen: dict[str, int] = {}
         self._finished_outputs = 0
         self._mean_output = 0.0
+        self._now = 0.0  # the snapshot's clock, for wall-clock T_past
 
     # ---- the round ---------------------------------------------------------------------------
 
     def schedule(self, fleet: FleetSnapshot) -> Sequence[Dispatch]:
         self._observe_finished(fleet)
-        rounds = {
-            w.worker_id: _WorkerRound(
-                w.gpu_blocks_free,
-                w.host_blocks_free,
-                list(w.host_used_per_layer) or [0] * w.geometry.num_layers,
-                protected=self._protected(w),
-            )
-            for w in fleet.workers
-            if w.accepting
-        }
+        self._now = fleet.now
+        rounds = {w.worker_id: self._round_of(w) for w in fleet.workers if w.accepting}
         dispatches: list[Dispatch] = []
         for req in self._ordered(fleet.waiting):
             best: _Candidate | None = None
@@ -167,6 +218,39 @@ class LayerKVPolicy(Policy):
             )
         return dispatches
 
+    def _round_of(self, worker: WorkerSnapshot) -> _WorkerRound:
+        """The worker's round state before any proposal: its running requests and, charged once,
+        the prefills dispatched to it that it has not reported running yet."""
+        overhead = self._step_overhead_s(worker)
+        rnd = _WorkerRound(
+            worker.gpu_blocks_free,  # the ledger already subtracted the in-flight reservations
+            worker.host_blocks_free,
+            list(worker.host_used_per_layer) or [0] * worker.geometry.num_layers,
+            step_overhead_s=overhead,
+            protected=self._protected(worker, overhead),
+        )
+        chunk = self.chunk_tokens(worker)
+        end = 0.0  # predicted end of the previous prefill in flight (unix seconds)
+        for f in worker.prefilling:  # oldest first: the worker prefills them in that order
+            full = self.predicted_prefill_s(f.num_prompt_tokens, f.placement, worker, chunk)
+            rnd.prefill_s += self._still_to_run_s(f, full, end)
+            end = max(f.dispatch_time, end) + full
+            self._add_decode(rnd, worker, f.num_prompt_tokens, f.placement)
+            rnd.protected.append(_Protected(_as_running(f), ahead_s=rnd.prefill_s))
+        return rnd
+
+    def _still_to_run_s(self, f: PrefillInFlight, full_s: float, previous_end: float) -> float:
+        """The part of a prefill in flight still to stall the running decodes.
+
+        On the wall clock the part already run is in every running request's ``T_past`` (the
+        time since its first token), so only the predicted rest is charged: from its dispatch, or
+        from the predicted end of the one before it, to now. It is charged in full otherwise.
+        """
+        if not self.p.wall_clock or f.dispatch_time <= 0.0:
+            return full_s
+        start = max(f.dispatch_time, previous_end)
+        return min(full_s, max(0.0, start + full_s - self._now))
+
     def _ever_fits(self, req: WaitingRequest, fleet: FleetSnapshot) -> bool:
         """Whether some accepting worker could take ``req`` once it is empty."""
         return any(
@@ -186,7 +270,16 @@ class LayerKVPolicy(Policy):
     def _ordered(self, waiting: Sequence[WaitingRequest]) -> list[WaitingRequest]:
         if self.p.queue_order == "fcfs":
             return sorted(waiting, key=lambda r: r.arrival_time)
-        return sorted(waiting, key=lambda r: (r.arrival_time + self._ttft_slo(r), r.arrival_time))
+        if self.p.queue_order == "ttft-deadline":
+            return sorted(waiting, key=lambda r: (r.arrival_time + self._ttft_slo(r), r.arrival_time))
+        # ttft-feasible: a request past its deadline has missed its TTFT SLO whenever it starts, so
+        # it no longer goes ahead of one that can still meet it.
+        def key(r: WaitingRequest) -> tuple[bool, float]:
+            deadline = r.arrival_time + self._ttft_slo(r)
+            lost = deadline <= self._now
+            return (lost, r.arrival_time if lost else deadline)
+
+        return sorted(waiting, key=key)
 
     # ---- one request on one worker -----------------------------------------------------------
 
@@ -196,22 +289,63 @@ class LayerKVPolicy(Policy):
             return None  # too long, or the worker re-admits its preempted requests first
         if rnd.added and rnd.prompt_tokens + req.num_prompt_tokens > self.p.max_prefill_tokens_per_round:
             return None
-        placement = self.placement_for(
+        layers = worker.geometry.num_layers
+        gpu_first = self.p.slack_gate and self.p.gate_placement == "gpu-first"
+        placement = self._placement(req, worker, rnd, min_gpu_layers=layers if gpu_first else 0)
+        if placement is None:
+            return None
+        cand = self._checked(req, placement, worker, rnd)
+        if cand is not None or not self.p.slack_gate:
+            return cand
+        if not gpu_first and placement.host_layers:
+            # Streaming its host layers every decode step is what breaks a TPOT (its own or the
+            # others'): try the most GPU layers the free blocks hold.
+            more = self._placement(req, worker, rnd, min_gpu_layers=layers)
+            if more is not None and more.gpu_layers > placement.gpu_layers:
+                placement = more
+                cand = self._checked(req, placement, worker, rnd)
+        if cand is None and self._idle(worker, rnd):
+            # Nothing runs or waits to run there: no step will be shorter for it later, and
+            # refusing would starve it. It goes with the fastest placement it has.
+            return self._as_candidate(req, placement, worker, rnd)
+        return cand
+
+    def _checked(
+        self, req: WaitingRequest, placement: Placement, worker: WorkerSnapshot, rnd: _WorkerRound
+    ) -> _Candidate | None:
+        """The candidate when the gate lets ``req`` go with ``placement`` (always without the gate)."""
+        newcomer = self.p.slack_gate and self.p.newcomer_tpot_check
+        if newcomer and not self._newcomer_keeps(req, placement, worker, rnd):
+            return None
+        cand = self._as_candidate(req, placement, worker, rnd)
+        if self.p.slack_gate and not self._slo_keeps(req, placement, cand.prefill_s, worker, rnd):
+            return None
+        return cand
+
+    def _as_candidate(
+        self, req: WaitingRequest, placement: Placement, worker: WorkerSnapshot, rnd: _WorkerRound
+    ) -> _Candidate:
+        prefill_s = self.predicted_prefill_s(
+            req.num_prompt_tokens, placement, worker, self.chunk_tokens(worker)
+        )
+        return _Candidate(worker, placement, prefill_s, rnd.prefill_s + prefill_s)
+
+    @staticmethod
+    def _idle(worker: WorkerSnapshot, rnd: _WorkerRound) -> bool:
+        return not worker.running and not worker.prefilling and not rnd.added
+
+    def _placement(
+        self, req: WaitingRequest, worker: WorkerSnapshot, rnd: _WorkerRound, min_gpu_layers: int = 0
+    ) -> Placement | None:
+        return self.placement_for(
             req.num_prompt_tokens,
             self.headroom_tokens(req, worker),
             worker,
             rnd.gpu_free,
             rnd.host_free,
             rnd.host_demand,
+            min_gpu_layers,
         )
-        if placement is None:
-            return None
-        prefill_s = self.predicted_prefill_s(
-            req.num_prompt_tokens, placement, worker, self.chunk_tokens(worker)
-        )
-        if not self._slo_keeps(req, placement, prefill_s, worker, rnd):
-            return None
-        return _Candidate(worker, placement, prefill_s, rnd.prefill_s + prefill_s)
 
     def headroom_tokens(self, req: WaitingRequest, worker: WorkerSnapshot) -> int:
         """Growth the ledger keeps free for ``req``: ``headroom_blocks`` per layer, within max_tokens."""
@@ -230,34 +364,83 @@ class LayerKVPolicy(Policy):
         worker: WorkerSnapshot,
         rnd: _WorkerRound,
     ) -> bool:
-        """Whether every protected running request keeps a non-negative slack after admitting ``req``."""
+        """Whether every protected request keeps a non-negative slack after admitting ``req``.
+
+        Each one is stalled by every prefill queued on the worker after its own first token: the
+        prefills in flight and this round's, ``req``'s included, each chunk step of them.
+        """
         if not rnd.protected:
             return True
         t_step = self._step_s(worker, rnd, extra=(req.num_prompt_tokens, placement))
-        stall_s = self.p.prefill_safety * (rnd.prefill_s + prefill_s) + self.p.slack_reserve_s
-        return all(self._slack_s(r, t_step) >= stall_s for r in rnd.protected)
+        queued_s = rnd.prefill_s + prefill_s
+        return all(
+            self._slack_s(p.request, t_step)
+            >= self.p.prefill_safety * (queued_s - p.ahead_s) + self.p.slack_reserve_s
+            for p in rnd.protected
+        )
 
-    def _protected(self, worker: WorkerSnapshot) -> list[RunningRequest]:
-        """Running requests whose TPOT SLO admission must keep (all, or those not already lost)."""
+    def _newcomer_keeps(
+        self, req: WaitingRequest, placement: Placement, worker: WorkerSnapshot, rnd: _WorkerRound
+    ) -> bool:
+        """Whether ``req``'s own predicted TPOT, the decode step with it added (its host layers
+        streamed in every step), stays within its TPOT SLO."""
+        t_step = self._step_s(worker, rnd, extra=(req.num_prompt_tokens, placement))
+        return t_step <= self._tpot_slo(req.tpot_slo_s)
+
+    def _protected(self, worker: WorkerSnapshot, step_overhead_s: float) -> list[_Protected]:
+        """Running requests whose TPOT SLO admission must keep (all, or those not already lost).
+
+        "Lost" is judged on the request's own T_past and the current step, before the prefills in
+        flight: a prefill charged to it must never be what lets the next admission ignore it.
+        """
         if self.p.protect_lost_requests:
-            return list(worker.running)
-        t_step = self._step_s(worker, _WorkerRound(0, 0, []))
-        return [r for r in worker.running if self._slack_s(r, t_step) - self.p.slack_reserve_s >= 0.0]
+            return [_Protected(r) for r in worker.running]
+        t_step = self._step_s(worker, _WorkerRound(0, 0, [], step_overhead_s=step_overhead_s))
+        return [
+            _Protected(r) for r in worker.running if self._slack_s(r, t_step) - self.p.slack_reserve_s >= 0.0
+        ]
 
     def _slack_s(self, r: RunningRequest, t_step: float) -> float:
-        """``SLO·(N_past + N_future) − T_past − N_future·t_step``: decode time it can still give away."""
-        slo = r.tpot_slo_s if r.tpot_slo_s is not None else self.p.default_tpot_slo_s
-        future = self._remaining_tokens(r)
-        return slo * (r.tokens_generated + future) - r.decode_time_s - future * t_step
+        """Decode time the request can still give away and keep its TPOT SLO.
+
+        TPOT is measured over the gaps after the first token: with ``N`` tokens in all (generated
+        plus predicted), the budget is ``SLO·(N − 1)``, of which ``T_past`` is spent and every
+        future decode step takes ``t_step`` (the paper's ``SLO·(N_past + N_future) − T_past −
+        N_future·t_step``, counting gaps rather than tokens).
+        """
+        slo = self._tpot_slo(r.tpot_slo_s)
+        future = self._remaining_tokens(r.max_tokens, r.tokens_generated, r.expected_output_tokens)
+        gaps = max(r.tokens_generated + future - 1, 0)
+        steps = future if r.tokens_generated else max(future - 1, 0)  # its first token is the prefill's
+        return slo * gaps - self._t_past(r) - steps * t_step
+
+    def _t_past(self, r: RunningRequest) -> float:
+        """Decode time spent: the worker's step times, or the wall clock since the first token."""
+        if self.p.wall_clock and r.first_token_time > 0.0:
+            return max(r.decode_time_s, self._now - r.first_token_time)
+        return r.decode_time_s
+
+    def _step_overhead_s(self, worker: WorkerSnapshot) -> float:
+        """Per-token wall time the worker's step times miss, the median over its running requests
+        that have decoded a while (0 without ``wall_clock`` or such requests)."""
+        if not self.p.wall_clock:
+            return 0.0
+        samples = sorted(
+            max(0.0, (self._now - r.first_token_time - r.decode_time_s) / (r.tokens_generated - 1))
+            for r in worker.running
+            if r.first_token_time > 0.0 and r.tokens_generated > _OVERHEAD_MIN_TOKENS
+        )
+        return samples[len(samples) // 2] if samples else 0.0
 
     def _step_s(
         self, worker: WorkerSnapshot, rnd: _WorkerRound, extra: tuple[int, Placement] | None = None
     ) -> float:
-        """Predicted decode step on this worker with its running requests, this round's and ``extra``."""
+        """Predicted decode step on this worker with its running requests, those in flight, this
+        round's and ``extra``, each host-placed layer streamed host-to-device every step."""
         geometry = worker.geometry
-        batch = len(worker.running) + rnd.added
-        context = rnd.added_context
-        h2d = rnd.added_h2d_bytes
+        batch = len(worker.running) + rnd.extra_batch
+        context = rnd.extra_context
+        h2d = rnd.extra_h2d_bytes
         for r in worker.running:
             ctx = r.num_prompt_tokens + r.tokens_generated
             context += ctx
@@ -267,7 +450,13 @@ class LayerKVPolicy(Policy):
             batch += 1
             context += tokens
             h2d += placement.host_layers * geometry.bytes_per_layer(tokens)
-        return worker.cost_model.decode_step_s(batch, context, h2d)
+        return worker.cost_model.decode_step_s(batch, context, h2d) + rnd.step_overhead_s
+
+    @staticmethod
+    def _add_decode(rnd: _WorkerRound, worker: WorkerSnapshot, tokens: int, placement: Placement) -> None:
+        rnd.extra_batch += 1
+        rnd.extra_context += tokens
+        rnd.extra_h2d_bytes += placement.host_layers * worker.geometry.bytes_per_layer(tokens)
 
     def _take(self, req: WaitingRequest, cand: _Candidate, rnd: _WorkerRound) -> None:
         tokens = req.num_prompt_tokens + self.headroom_tokens(req, cand.worker)
@@ -278,21 +467,38 @@ class LayerKVPolicy(Policy):
         rnd.prefill_s += cand.prefill_s
         rnd.prompt_tokens += req.num_prompt_tokens
         rnd.added += 1
-        rnd.added_context += req.num_prompt_tokens
-        rnd.added_h2d_bytes += cand.placement.host_layers * cand.worker.geometry.bytes_per_layer(
-            req.num_prompt_tokens
+        self._add_decode(rnd, cand.worker, req.num_prompt_tokens, cand.placement)
+        # From now on it is one more decode whose TPOT the round's later admissions must keep.
+        as_running = RunningRequest(
+            req.request_id,
+            req.num_prompt_tokens,
+            req.max_tokens,
+            0,
+            0.0,
+            req.tpot_slo_s,
+            cand.placement,
+            req.expected_output_tokens,
         )
+        rnd.protected.append(_Protected(as_running, ahead_s=rnd.prefill_s))
 
     # ---- predictions -------------------------------------------------------------------------
 
     def _ttft_slo(self, req: WaitingRequest) -> float:
         return req.ttft_slo_s if req.ttft_slo_s is not None else self.p.default_ttft_slo_s
 
-    def _remaining_tokens(self, r: RunningRequest) -> int:
-        upper = max(r.max_tokens - r.tokens_generated, 0)
-        if self.p.output_prediction == "max_tokens" or self._finished_outputs == 0:
+    def _tpot_slo(self, own: float | None) -> float:
+        return own if own is not None else self.p.default_tpot_slo_s
+
+    def _remaining_tokens(self, max_tokens: int, generated: int, hint: int | None) -> int:
+        """Predicted output tokens still to come (at least one while any may come)."""
+        upper = max(max_tokens - generated, 0)
+        if self.p.use_output_hint and hint is not None and hint > 0:
+            expected: float = hint
+        elif self.p.output_prediction == "max_tokens" or self._finished_outputs == 0:
             return upper
-        return min(upper, max(1, round(self._mean_output - r.tokens_generated)))
+        else:
+            expected = self._mean_output
+        return min(upper, max(1, round(expected - generated)))
 
     def _observe_finished(self, fleet: FleetSnapshot) -> None:
         """Update the running mean of output lengths with the requests that left every worker."""
@@ -316,3 +522,16 @@ def _better(a: _Candidate, b: _Candidate, rounds: dict[str, _WorkerRound]) -> bo
         return a.ttft_s < b.ttft_s
     return rounds[a.worker.worker_id].gpu_free > rounds[b.worker.worker_id].gpu_free
 
+
+def _as_running(f: PrefillInFlight) -> RunningRequest:
+    """A prefill in flight as the decode it becomes: nothing generated, no decode time yet."""
+    return RunningRequest(
+        f.request_id,
+        f.num_prompt_tokens,
+        f.max_tokens,
+        0,
+        0.0,
+        f.tpot_slo_s,
+        f.placement,
+        f.expected_output_tokens,
+    )
