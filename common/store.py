@@ -13,6 +13,7 @@ fact been applied never duplicates a token.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from common.errors import Unavailable
 
@@ -35,16 +36,38 @@ redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 
-# KEYS: token log; ARGV: the log length these tokens start at, then the tokens. Appends only when
-# the log has exactly that length, so replaying an already applied append changes nothing.
+# KEYS: the token logs of one batch; ARGV: per log its (length before, count) pair, then every
+# log's tokens in KEYS order. A log is appended only when it has exactly that length (a length of
+# -1 appends unconditionally), so replaying an already applied batch changes nothing. One script
+# for the whole batch: one command to pack and parse instead of one per request.
 _APPEND_SCRIPT = """
-local n = redis.call('LLEN', KEYS[1])
-if n == tonumber(ARGV[1]) then
-  redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
-  return 1
+local n = #KEYS
+local pos = 2 * n + 1
+for i = 1, n do
+  local offset = tonumber(ARGV[2 * i - 1])
+  local count = tonumber(ARGV[2 * i])
+  if offset < 0 or redis.call('LLEN', KEYS[i]) == offset then
+    local first = pos
+    while first < pos + count do  -- unpack in slices: Lua's stack holds a few thousand values
+      local last = math.min(first + 999, pos + count - 1)
+      redis.call('RPUSH', KEYS[i], unpack(ARGV, first, last))
+      first = last + 1
+    end
+  end
+  pos = pos + count
 end
-return 0
+return 1
 """
+
+
+class _Script:
+    """A Lua script run by its SHA1 (``EVALSHA``), loaded again whenever Redis has lost it (a
+    restarted Redis starts with an empty script cache): the script's text is sent once, not with
+    every call."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -231,11 +254,16 @@ class Store:
         # One script, so a scheduler killed mid-create never leaves a partial record behind; a retry
         # of a create that was in fact applied answers False, and the caller attaches to it.
         created = await self._call(
-            lambda: self._redis.eval(  # type: ignore[misc]
-                _CREATE_SCRIPT, 2, key, self.k_waiting, score, record.request_id, *fields
-            )
+            lambda: self._evalsha(_CREATE, 2, key, self.k_waiting, score, record.request_id, *fields)
         )
         return bool(created)
+
+    async def _evalsha(self, script: _Script, numkeys: int, *args: Any) -> Any:
+        try:
+            return await self._redis.evalsha(script.sha, numkeys, *args)  # type: ignore[misc]
+        except NoScriptError:
+            await self._redis.script_load(script.source)  # type: ignore[no-untyped-call]
+            return await self._redis.evalsha(script.sha, numkeys, *args)  # type: ignore[misc]
 
     async def get_request(self, request_id: str) -> RequestRecord | None:
         data = await self._call(lambda: self._redis.hgetall(self.k_request(request_id)))
@@ -262,22 +290,28 @@ class Store:
         pipeline that did reach Redis changes nothing."""
         if not batch:
             return
-        await self._call(
-            lambda: self._pipeline(batch).execute(), deadline_s=deadline_s, forever=deadline_s is None
-        )
+        await self._call(lambda: self._execute(batch), deadline_s=deadline_s, forever=deadline_s is None)
+
+    async def _execute(self, batch: StoreBatch) -> None:
+        try:
+            await self._pipeline(batch).execute()
+        except NoScriptError:  # Redis restarted since the script was loaded: load it, replay
+            await self._redis.script_load(_APPEND.source)  # type: ignore[no-untyped-call]
+            await self._pipeline(batch).execute()  # idempotent: what the first one applied stays
 
     def _pipeline(self, batch: StoreBatch) -> Any:
         pipe = self._redis.pipeline(transaction=False)
         for request_id, fields in batch.updates.items():
             pipe.hset(self.k_request(request_id), mapping=fields)  # type: ignore[arg-type]
-        for request_id, tokens in batch.tokens.items():
-            if not tokens:
-                continue
-            offset = batch.token_offsets.get(request_id)
-            if offset is None:
-                pipe.rpush(self.k_tokens(request_id), *tokens)
-            else:
-                pipe.eval(_APPEND_SCRIPT, 1, self.k_tokens(request_id), offset, *tokens)
+        logs = [(rid, tokens) for rid, tokens in batch.tokens.items() if tokens]
+        if logs:
+            keys = [self.k_tokens(rid) for rid, _ in logs]
+            counts: list[int] = []
+            values: list[int] = []
+            for rid, tokens in logs:
+                counts += (batch.token_offsets.get(rid, -1), len(tokens))
+                values += tokens
+            pipe.evalsha(_APPEND.sha, len(keys), *keys, *counts, *values)
         if batch.enqueued:
             pipe.zadd(self.k_waiting, batch.enqueued)
         if batch.dequeued:
@@ -335,6 +369,10 @@ class Store:
                 continue
             self._set_reachable(True)
             return result
+
+
+_CREATE = _Script(_CREATE_SCRIPT)
+_APPEND = _Script(_APPEND_SCRIPT)
 
 
 def batch_tokens(
