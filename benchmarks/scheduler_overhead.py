@@ -127,6 +127,12 @@ async def burst(
     }
 
 
+def cpu_s(pid: int) -> float:
+    """User plus system CPU time a process has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ms(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     return {
@@ -137,7 +143,9 @@ def ms(values: list[float]) -> dict[str, float]:
     }
 
 
-async def measure(args: argparse.Namespace, scheduler: str, workers: list[str]) -> dict[str, object]:
+async def measure(
+    args: argparse.Namespace, scheduler: str, workers: list[str], scheduler_pid: int
+) -> dict[str, object]:
     async with grpc.aio.insecure_channel(scheduler) as channel:
         client = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         for _ in range(200):  # wait until the scheduler sees a worker
@@ -151,12 +159,22 @@ async def measure(args: argparse.Namespace, scheduler: str, workers: list[str]) 
         # Interleave the two measurements in blocks so drift affects both alike.
         direct: list[float] = []
         via: list[float] = []
+        via_cpu = 0.0
         for _ in range(5):
             direct += await direct_latencies(
                 workers[0], args.requests // 5, args.prompt_tokens, args.max_tokens
             )
+            before = cpu_s(scheduler_pid)
             via += await scheduler_latencies(client, args.requests // 5, args.prompt_tokens, args.max_tokens)
+            via_cpu += cpu_s(scheduler_pid) - before
+        before = cpu_s(scheduler_pid)
         throughput = await burst(client, args.burst, args.concurrency)
+        burst_cpu = cpu_s(scheduler_pid) - before
+    # CPU time the scheduler process spent, per request: on a machine shared with other work the
+    # wall-clock figures include waiting for a core, these do not (1 / CPU s per request is the
+    # rate one core of its own could sustain).
+    throughput["scheduler_cpu_ms_per_request"] = 1000 * burst_cpu / args.burst
+    throughput["dispatches_per_scheduler_cpu_s"] = args.burst / burst_cpu if burst_cpu else float("inf")
     d, v = ms(direct), ms(via)
     return {
         "direct_worker": d,
@@ -164,6 +182,7 @@ async def measure(args: argparse.Namespace, scheduler: str, workers: list[str]) 
         "added_latency_p50_ms": v["p50_ms"] - d["p50_ms"],
         "added_latency_mean_ms": v["mean_ms"] - d["mean_ms"],
         "added_latency_p99_ms": v["p99_ms"] - d["p99_ms"],
+        "scheduler_cpu_ms_per_sequential_request": 1000 * via_cpu / len(via),
         "burst": throughput,
     }
 
@@ -223,7 +242,7 @@ def main() -> None:
             wait_port(sched_port)
             import uvloop
 
-            results = uvloop.run(measure(args, f"127.0.0.1:{sched_port}", workers))
+            results = uvloop.run(measure(args, f"127.0.0.1:{sched_port}", workers, procs[-1].pid))
         finally:
             for proc in reversed(procs):
                 proc.terminate()

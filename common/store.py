@@ -288,19 +288,30 @@ class Store:
         """Apply one step's writes in a single pipeline round trip, retrying until it lands (or
         ``deadline_s`` passes: ``Unavailable``). Every write in it is idempotent, so a retry of a
         pipeline that did reach Redis changes nothing."""
-        if not batch:
-            return
-        await self._call(lambda: self._execute(batch), deadline_s=deadline_s, forever=deadline_s is None)
+        await self.commit_many([batch], deadline_s)
 
-    async def _execute(self, batch: StoreBatch) -> None:
+    async def commit_many(self, batches: Sequence[StoreBatch], deadline_s: float | None = None) -> None:
+        """``commit`` of several batches in one pipeline round trip, applied in their order (a
+        later batch's writes win, a later append continues an earlier one)."""
+        batches = [b for b in batches if b]
+        if not batches:
+            return
+        await self._call(lambda: self._execute(batches), deadline_s=deadline_s, forever=deadline_s is None)
+
+    async def _execute(self, batches: Sequence[StoreBatch]) -> None:
         try:
-            await self._pipeline(batch).execute()
+            await self._pipeline(batches).execute()
         except NoScriptError:  # Redis restarted since the script was loaded: load it, replay
             await self._redis.script_load(_APPEND.source)  # type: ignore[no-untyped-call]
-            await self._pipeline(batch).execute()  # idempotent: what the first one applied stays
+            await self._pipeline(batches).execute()  # idempotent: what the first one applied stays
 
-    def _pipeline(self, batch: StoreBatch) -> Any:
+    def _pipeline(self, batches: Sequence[StoreBatch]) -> Any:
         pipe = self._redis.pipeline(transaction=False)
+        for batch in batches:
+            self._add(pipe, batch)
+        return pipe
+
+    def _add(self, pipe: Any, batch: StoreBatch) -> None:
         for request_id, fields in batch.updates.items():
             pipe.hset(self.k_request(request_id), mapping=fields)  # type: ignore[arg-type]
         logs = [(rid, tokens) for rid, tokens in batch.tokens.items() if tokens]
@@ -324,7 +335,6 @@ class Store:
             for request_id in batch.finished:
                 pipe.expire(self.k_request(request_id), self.retention_s)
                 pipe.expire(self.k_tokens(request_id), self.retention_s)
-        return pipe
 
     # --- workers ---
     async def put_worker(self, entry: WorkerEntry) -> None:
