@@ -1,12 +1,13 @@
 """The Redis store of the scheduler: request records, token logs, the waiting queue, the worker
 registry and the active policy (key schema in docs/redis-schema.md).
 
-All keys live under one namespace prefix. Writes that belong to one engine step are batched into
-one pipeline (``StoreBatch``); finished requests' record and token log expire after the retention
-TTL. The scheduler's memory is authoritative while it runs; Redis is what a restart reloads.
+All keys live under one namespace prefix. Writes that belong to one engine step or one round are
+batched (``StoreBatch``) and several batches saved by one script call (``commit_many``); finished
+requests' record and token log expire after the retention TTL. The scheduler's memory is
+authoritative while it runs; Redis is what a restart reloads.
 Every call retries with capped exponential backoff while Redis is unreachable (a restart, a stall):
 reads give up after a bound with ``Unavailable``, a commit retries until it lands, and every write
-is idempotent (token appends are conditional on the log length), so a retried pipeline that had in
+is idempotent (token appends are conditional on the log length), so a retried commit that had in
 fact been applied never duplicates a token.
 """
 
@@ -36,25 +37,41 @@ redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 
-# KEYS: the token logs of one batch; ARGV: per log its (length before, count) pair, then every
-# log's tokens in KEYS order. A log is appended only when it has exactly that length (a length of
-# -1 appends unconditionally), so replaying an already applied batch changes nothing. One script
-# for the whole batch: one command to pack and parse instead of one per request.
-_APPEND_SCRIPT = """
-local n = #KEYS
-local pos = 2 * n + 1
-for i = 1, n do
-  local offset = tonumber(ARGV[2 * i - 1])
-  local count = tonumber(ARGV[2 * i])
-  if offset < 0 or redis.call('LLEN', KEYS[i]) == offset then
-    local first = pos
-    while first < pos + count do  -- unpack in slices: Lua's stack holds a few thousand values
-      local last = math.min(first + 999, pos + count - 1)
-      redis.call('RPUSH', KEYS[i], unpack(ARGV, first, last))
-      first = last + 1
+# ARGV: the key prefix, the retention TTL of finished requests, then a JSON list of batches, each
+# {"u": [[id, [field, value, ...]], ...], "t": [[id, log length before, [tokens]], ...],
+#  "e": [score, id, ...], "d": [id, ...], "r": [id, ...], "f": [id, ...]}: hash updates, token
+# appends, queue adds and removals, running adds, finishes. Applied in order, each batch's parts in
+# that order. A log is appended only when it has exactly the length given (-1: unconditionally),
+# so replaying an already applied commit changes nothing. One script per commit: the client packs
+# one JSON string instead of a command per write (packing commands was most of the scheduler's
+# Redis time), and Redis applies a commit whole.
+_COMMIT_SCRIPT = """
+local prefix, ttl = ARGV[1], tonumber(ARGV[2])
+local waiting, running = prefix .. ':waiting', prefix .. ':running'
+local function each_slice(values, call)  -- Lua's stack holds a few thousand values at a time
+  for first = 1, #values, 1000 do call(unpack(values, first, math.min(first + 999, #values))) end
+end
+for _, b in ipairs(cjson.decode(ARGV[3])) do
+  for _, u in ipairs(b.u) do
+    redis.call('HSET', prefix .. ':req:' .. u[1], unpack(u[2]))
+  end
+  for _, t in ipairs(b.t) do
+    local key = prefix .. ':tokens:' .. t[1]
+    if t[2] < 0 or redis.call('LLEN', key) == t[2] then
+      each_slice(t[3], function(...) redis.call('RPUSH', key, ...) end)
     end
   end
-  pos = pos + count
+  if #b.e > 0 then each_slice(b.e, function(...) redis.call('ZADD', waiting, ...) end) end
+  if #b.d > 0 then each_slice(b.d, function(...) redis.call('ZREM', waiting, ...) end) end
+  if #b.r > 0 then each_slice(b.r, function(...) redis.call('SADD', running, ...) end) end
+  if #b.f > 0 then
+    each_slice(b.f, function(...) redis.call('SREM', running, ...) end)
+    each_slice(b.f, function(...) redis.call('ZREM', waiting, ...) end)
+    for _, id in ipairs(b.f) do
+      redis.call('EXPIRE', prefix .. ':req:' .. id, ttl)
+      redis.call('EXPIRE', prefix .. ':tokens:' .. id, ttl)
+    end
+  end
 end
 return 1
 """
@@ -132,7 +149,7 @@ class StoredPolicy:
 
 @dataclass
 class StoreBatch:
-    """Writes of one step, sent in one pipeline round trip by ``Store.commit``."""
+    """Writes of one step (or round), sent in one round trip by ``Store.commit``."""
 
     updates: dict[str, dict[str, str]] = field(default_factory=dict)  # request id -> hash fields
     tokens: dict[str, list[int]] = field(default_factory=dict)  # request id -> tokens to append
@@ -285,56 +302,22 @@ class Store:
         return records
 
     async def commit(self, batch: StoreBatch, deadline_s: float | None = None) -> None:
-        """Apply one step's writes in a single pipeline round trip, retrying until it lands (or
+        """Apply one step's writes in a single round trip, retrying until it lands (or
         ``deadline_s`` passes: ``Unavailable``). Every write in it is idempotent, so a retry of a
-        pipeline that did reach Redis changes nothing."""
+        commit that did reach Redis changes nothing."""
         await self.commit_many([batch], deadline_s)
 
     async def commit_many(self, batches: Sequence[StoreBatch], deadline_s: float | None = None) -> None:
-        """``commit`` of several batches in one pipeline round trip, applied in their order (a
-        later batch's writes win, a later append continues an earlier one)."""
+        """``commit`` of several batches in one script call, applied in their order (a later
+        batch's writes win, a later append continues an earlier one)."""
         batches = [b for b in batches if b]
         if not batches:
             return
         await self._call(lambda: self._execute(batches), deadline_s=deadline_s, forever=deadline_s is None)
 
     async def _execute(self, batches: Sequence[StoreBatch]) -> None:
-        try:
-            await self._pipeline(batches).execute()
-        except NoScriptError:  # Redis restarted since the script was loaded: load it, replay
-            await self._redis.script_load(_APPEND.source)  # type: ignore[no-untyped-call]
-            await self._pipeline(batches).execute()  # idempotent: what the first one applied stays
-
-    def _pipeline(self, batches: Sequence[StoreBatch]) -> Any:
-        pipe = self._redis.pipeline(transaction=False)
-        for batch in batches:
-            self._add(pipe, batch)
-        return pipe
-
-    def _add(self, pipe: Any, batch: StoreBatch) -> None:
-        for request_id, fields in batch.updates.items():
-            pipe.hset(self.k_request(request_id), mapping=fields)  # type: ignore[arg-type]
-        logs = [(rid, tokens) for rid, tokens in batch.tokens.items() if tokens]
-        if logs:
-            keys = [self.k_tokens(rid) for rid, _ in logs]
-            counts: list[int] = []
-            values: list[int] = []
-            for rid, tokens in logs:
-                counts += (batch.token_offsets.get(rid, -1), len(tokens))
-                values += tokens
-            pipe.evalsha(_APPEND.sha, len(keys), *keys, *counts, *values)
-        if batch.enqueued:
-            pipe.zadd(self.k_waiting, batch.enqueued)
-        if batch.dequeued:
-            pipe.zrem(self.k_waiting, *batch.dequeued)
-        if batch.running:
-            pipe.sadd(self.k_running, *batch.running)
-        if batch.finished:
-            pipe.srem(self.k_running, *batch.finished)
-            pipe.zrem(self.k_waiting, *batch.finished)
-            for request_id in batch.finished:
-                pipe.expire(self.k_request(request_id), self.retention_s)
-                pipe.expire(self.k_tokens(request_id), self.retention_s)
+        payload = json.dumps([_to_json(batch) for batch in batches], separators=(",", ":"))
+        await self._evalsha(_COMMIT, 0, self.prefix, self.retention_s, payload)
 
     # --- workers ---
     async def put_worker(self, entry: WorkerEntry) -> None:
@@ -382,7 +365,22 @@ class Store:
 
 
 _CREATE = _Script(_CREATE_SCRIPT)
-_APPEND = _Script(_APPEND_SCRIPT)
+_COMMIT = _Script(_COMMIT_SCRIPT)
+
+
+def _to_json(batch: StoreBatch) -> dict[str, list[Any]]:
+    """One batch as the commit script reads it."""
+    return {
+        "u": [[rid, [x for pair in fields.items() for x in pair]] for rid, fields in batch.updates.items()
+              if fields],
+        "t": [
+            [rid, batch.token_offsets.get(rid, -1), tokens] for rid, tokens in batch.tokens.items() if tokens
+        ],
+        "e": [x for rid, score in batch.enqueued.items() for x in (score, rid)],
+        "d": sorted(batch.dequeued),
+        "r": sorted(batch.running),
+        "f": sorted(batch.finished),
+    }
 
 
 def batch_tokens(

@@ -64,7 +64,8 @@ class Holding:
         """(pending, headroom) blocks in each layer of its placement: both demands are uniform over
         the layers of a tier, so a worker sums two integers per holding instead of two tuples."""
         held = self.context_tokens if self.state is not HoldState.HELD else self.kv_tokens
-        pending = 0 if self.state is HoldState.HELD else kv_budget.blocks_per_layer(geometry, self.context_tokens)
+        held_now = self.state is HoldState.HELD
+        pending = 0 if held_now else kv_budget.blocks_per_layer(geometry, self.context_tokens)
         target = max(held, min(held + max(0, self.headroom_tokens), self.end_tokens))
         return pending, kv_budget.growth_per_layer(geometry, held, target)
 
@@ -115,7 +116,10 @@ class WorkerBudget:
     # their sums. A round reads the free counts per proposal and per worker, and each dispatch
     # changes the holdings: re-summing every holding on a change made a round quadratic in the
     # requests a worker holds (68 % of the scheduler's time in a burst).
-    _parts: dict[str, tuple[Placement, int, int, bool]] = field(default_factory=dict, repr=False, compare=False)
+    # request id -> (placement, pending, headroom, waiting) as counted
+    _parts: dict[str, tuple[Placement, int, int, bool]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
     # placement -> [pending, headroom, holdings counted]
     _by_placement: dict[Placement, list[int]] = field(default_factory=dict, repr=False, compare=False)
     _waiting: int = field(default=0, repr=False, compare=False)

@@ -105,7 +105,8 @@ class Lifecycle:
         except BaseException as exc:
             for _, saved in group:
                 if saved is not None and not saved.done():
-                    saved.set_exception(exc if isinstance(exc, Exception) else Unavailable("commit cancelled"))
+                    error = exc if isinstance(exc, Exception) else Unavailable("commit cancelled")
+                    saved.set_exception(error)
                     saved.exception()  # retrieved: a caller that went away must not log it again
             raise
         else:
