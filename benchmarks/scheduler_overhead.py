@@ -5,11 +5,15 @@ command, and this client. Two measurements, side by side:
 
 * **added latency per request**: the same request (``--prompt-tokens``, ``--max-tokens``) sent one at
   a time (a) straight to a stub worker (Dispatch + its StreamEvents) and (b) through the scheduler
-  (``Generate``); the difference of the medians is what the scheduler adds (admission, Redis
-  writes, the scheduling round, the extra gRPC hop and re-streaming).
+  (``Generate``); the difference of the medians (and of the 99th percentiles) is what the
+  scheduler adds (admission, Redis writes, the scheduling round, the extra gRPC hop and
+  re-streaming). The direct side uses a stub of its own that the scheduler does not watch.
 * **dispatches per second**: a burst of ``--burst`` one-token requests, ``--concurrency`` in flight;
   the rate at which the scheduler dispatched them (first arrival to last dispatch, from the
   requests' own timestamps) and the completed requests per second.
+* **scheduler CPU time per request**, in both phases (from ``/proc``): on a machine shared with
+  other work wall-clock rates include waiting for a core; 1 / (CPU s per request) is the rate the
+  scheduler could sustain on one core of its own. ``--scheduler-cpu N`` pins it to core N.
 
 Usage: ``python benchmarks/scheduler_overhead.py [--workers 2 --burst 2000 --json out.json]``.
 """
@@ -87,7 +91,10 @@ async def direct_latencies(address: str, n: int, prompt_tokens: int, max_tokens:
             done = False
             while not done:
                 event = await iterator.__anext__()
-                done = any(u.request_id == rid and u.finished for u in event.tokens)
+                ends = [u for u in event.tokens if u.request_id == rid and u.finished]
+                if ends:
+                    assert ends[0].finish_reason == types_pb2.FINISH_REASON_LENGTH, ends[0]
+                    done = True
             out.append(time.perf_counter() - start)
         events.cancel()
     return out
@@ -152,7 +159,7 @@ def ms(values: list[float]) -> dict[str, float]:
 
 
 async def measure(
-    args: argparse.Namespace, scheduler: str, workers: list[str], scheduler_pid: int
+    args: argparse.Namespace, scheduler: str, direct_worker: str, scheduler_pid: int
 ) -> dict[str, object]:
     async with grpc.aio.insecure_channel(scheduler) as channel:
         client = scheduler_pb2_grpc.SchedulerServiceStub(channel)
@@ -163,14 +170,14 @@ async def measure(
             except grpc.aio.AioRpcError:
                 await asyncio.sleep(0.1)
         await scheduler_latencies(client, 20, args.prompt_tokens, args.max_tokens)  # warm-up
-        await direct_latencies(workers[0], 20, args.prompt_tokens, args.max_tokens)
+        await direct_latencies(direct_worker, 20, args.prompt_tokens, args.max_tokens)
         # Interleave the two measurements in blocks so drift affects both alike.
         direct: list[float] = []
         via: list[float] = []
         via_cpu = 0.0
         for _ in range(5):
             direct += await direct_latencies(
-                workers[0], args.requests // 5, args.prompt_tokens, args.max_tokens
+                direct_worker, args.requests // 5, args.prompt_tokens, args.max_tokens
             )
             before = cpu_s(scheduler_pid)
             via += await scheduler_latencies(client, args.requests // 5, args.prompt_tokens, args.max_tokens)
@@ -227,7 +234,9 @@ def main() -> None:
                  "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL,
             ))  # fmt: skip
             wait_port(redis_port)
-            worker_ports = [free_port() for _ in range(args.workers)]
+            # One more stub than the scheduler gets: the direct side's. A stub the scheduler also
+            # watched would see its requests aborted there as attempts that are not the scheduler's.
+            worker_ports = [free_port() for _ in range(args.workers + 1)]
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "scheduler_svc.testing.stub_worker", "--ports",
                  ",".join(map(str, worker_ports)), "--step-s", str(args.step_s)], cwd=REPO,
@@ -235,7 +244,7 @@ def main() -> None:
             ))  # fmt: skip
             for port in worker_ports:
                 wait_port(port)
-            workers = [f"127.0.0.1:{p}" for p in worker_ports]
+            direct_worker, *workers = [f"127.0.0.1:{p}" for p in worker_ports]
             sched_port = free_port()
             env = {**os.environ, "LAYERKV_LOG_LEVEL": "WARNING"}
             cpu = args.scheduler_cpu
@@ -250,7 +259,7 @@ def main() -> None:
             wait_port(sched_port)
             import uvloop
 
-            results = uvloop.run(measure(args, f"127.0.0.1:{sched_port}", workers, procs[-1].pid))
+            results = uvloop.run(measure(args, f"127.0.0.1:{sched_port}", direct_worker, procs[-1].pid))
         finally:
             for proc in reversed(procs):
                 proc.terminate()
