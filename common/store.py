@@ -29,10 +29,11 @@ from common.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
-# KEYS: request hash, waiting zset; ARGV: score, request id, then the hash's field/value pairs.
+# KEYS: request hash, waiting zset; ARGV: score, request id, then the hash's field/value pairs as
+# one JSON list (one argument to pack instead of two per field).
 _CREATE_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[3])))
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
@@ -267,11 +268,11 @@ class Store:
     async def create_request(self, record: RequestRecord, score: float) -> bool:
         """Persist a new waiting request; False (nothing written) when the id already exists."""
         key = self.k_request(record.request_id)
-        fields = [item for pair in record.to_hash().items() for item in pair]
+        fields = json.dumps([item for pair in record.to_hash().items() for item in pair])
         # One script, so a scheduler killed mid-create never leaves a partial record behind; a retry
         # of a create that was in fact applied answers False, and the caller attaches to it.
         created = await self._call(
-            lambda: self._evalsha(_CREATE, 2, key, self.k_waiting, score, record.request_id, *fields)
+            lambda: self._evalsha(_CREATE, 2, key, self.k_waiting, score, record.request_id, fields)
         )
         return bool(created)
 
