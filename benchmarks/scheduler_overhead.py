@@ -5,11 +5,15 @@ command, and this client. Two measurements, side by side:
 
 * **added latency per request**: the same request (``--prompt-tokens``, ``--max-tokens``) sent one at
   a time (a) straight to a stub worker (Dispatch + its StreamEvents) and (b) through the scheduler
-  (``Generate``); the difference of the medians is what the scheduler adds (admission, Redis
-  writes, the scheduling round, the extra gRPC hop and re-streaming).
+  (``Generate``); the difference of the medians (and of the 99th percentiles) is what the
+  scheduler adds (admission, Redis writes, the scheduling round, the extra gRPC hop and
+  re-streaming). The direct side uses a stub of its own that the scheduler does not watch.
 * **dispatches per second**: a burst of ``--burst`` one-token requests, ``--concurrency`` in flight;
   the rate at which the scheduler dispatched them (first arrival to last dispatch, from the
   requests' own timestamps) and the completed requests per second.
+* **scheduler CPU time per request**, in both phases (from ``/proc``): on a machine shared with
+  other work wall-clock rates include waiting for a core; 1 / (CPU s per request) is the rate the
+  scheduler could sustain on one core of its own. ``--scheduler-cpu N`` pins it to core N.
 
 Usage: ``python benchmarks/scheduler_overhead.py [--workers 2 --burst 2000 --json out.json]``.
 """
@@ -42,6 +46,14 @@ from common.proto.layerkv.v1 import (  # noqa: E402
     worker_pb2_grpc,
 )
 from layerkv.testing.ports import free_port, wait_tcp  # noqa: E402
+
+# Runs ``python -m layerkv ...`` under cProfile with a CPU-time clock, so time spent waiting (for
+# Redis, for the next event) does not count and the stats add up to the process's CPU time.
+PROFILED = (
+    "import cProfile, runpy, sys, time; sys.argv = sys.argv[2:]; p = cProfile.Profile(time.process_time); "
+    "p.enable()\ntry: runpy.run_module('layerkv', run_name='__main__', alter_sys=True)\n"
+    "finally: p.disable(); p.dump_stats({!r})"
+)
 
 
 def wait_port(port: int, timeout_s: float = 30.0) -> None:
@@ -79,7 +91,10 @@ async def direct_latencies(address: str, n: int, prompt_tokens: int, max_tokens:
             done = False
             while not done:
                 event = await iterator.__anext__()
-                done = any(u.request_id == rid and u.finished for u in event.tokens)
+                ends = [u for u in event.tokens if u.request_id == rid and u.finished]
+                if ends:
+                    assert ends[0].finish_reason == types_pb2.FINISH_REASON_LENGTH, ends[0]
+                    done = True
             out.append(time.perf_counter() - start)
         events.cancel()
     return out
@@ -127,16 +142,25 @@ async def burst(
     }
 
 
+def cpu_s(pid: int) -> float:
+    """User plus system CPU time a process has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ms(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     return {
         "p50_ms": 1000 * statistics.median(ordered),
         "p90_ms": 1000 * ordered[int(0.9 * (len(ordered) - 1))],
+        "p99_ms": 1000 * ordered[int(0.99 * (len(ordered) - 1))],
         "mean_ms": 1000 * statistics.fmean(ordered),
     }
 
 
-async def measure(args: argparse.Namespace, scheduler: str, workers: list[str]) -> dict[str, object]:
+async def measure(
+    args: argparse.Namespace, scheduler: str, direct_worker: str, scheduler_pid: int
+) -> dict[str, object]:
     async with grpc.aio.insecure_channel(scheduler) as channel:
         client = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         for _ in range(200):  # wait until the scheduler sees a worker
@@ -146,22 +170,34 @@ async def measure(args: argparse.Namespace, scheduler: str, workers: list[str]) 
             except grpc.aio.AioRpcError:
                 await asyncio.sleep(0.1)
         await scheduler_latencies(client, 20, args.prompt_tokens, args.max_tokens)  # warm-up
-        await direct_latencies(workers[0], 20, args.prompt_tokens, args.max_tokens)
+        await direct_latencies(direct_worker, 20, args.prompt_tokens, args.max_tokens)
         # Interleave the two measurements in blocks so drift affects both alike.
         direct: list[float] = []
         via: list[float] = []
+        via_cpu = 0.0
         for _ in range(5):
             direct += await direct_latencies(
-                workers[0], args.requests // 5, args.prompt_tokens, args.max_tokens
+                direct_worker, args.requests // 5, args.prompt_tokens, args.max_tokens
             )
+            before = cpu_s(scheduler_pid)
             via += await scheduler_latencies(client, args.requests // 5, args.prompt_tokens, args.max_tokens)
+            via_cpu += cpu_s(scheduler_pid) - before
+        before = cpu_s(scheduler_pid)
         throughput = await burst(client, args.burst, args.concurrency)
+        burst_cpu = cpu_s(scheduler_pid) - before
+    # CPU time the scheduler process spent, per request: on a machine shared with other work the
+    # wall-clock figures include waiting for a core, these do not (1 / CPU s per request is the
+    # rate one core of its own could sustain).
+    throughput["scheduler_cpu_ms_per_request"] = 1000 * burst_cpu / args.burst
+    throughput["dispatches_per_scheduler_cpu_s"] = args.burst / burst_cpu if burst_cpu else float("inf")
     d, v = ms(direct), ms(via)
     return {
         "direct_worker": d,
         "through_scheduler": v,
         "added_latency_p50_ms": v["p50_ms"] - d["p50_ms"],
         "added_latency_mean_ms": v["mean_ms"] - d["mean_ms"],
+        "added_latency_p99_ms": v["p99_ms"] - d["p99_ms"],
+        "scheduler_cpu_ms_per_sequential_request": 1000 * via_cpu / len(via),
         "burst": throughput,
     }
 
@@ -176,6 +212,14 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument(
+        "--scheduler-cpu", type=int, default=None,
+        help="pin the scheduler process to this CPU (one core of its own, as the target is stated)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", type=Path, default=None,
+        help="run the scheduler under cProfile and write its stats here (read with pstats)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     redis_bin = shutil.which("redis-server")
@@ -190,7 +234,9 @@ def main() -> None:
                  "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL,
             ))  # fmt: skip
             wait_port(redis_port)
-            worker_ports = [free_port() for _ in range(args.workers)]
+            # One more stub than the scheduler gets: the direct side's. A stub the scheduler also
+            # watched would see its requests aborted there as attempts that are not the scheduler's.
+            worker_ports = [free_port() for _ in range(args.workers + 1)]
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "scheduler_svc.testing.stub_worker", "--ports",
                  ",".join(map(str, worker_ports)), "--step-s", str(args.step_s)], cwd=REPO,
@@ -198,19 +244,22 @@ def main() -> None:
             ))  # fmt: skip
             for port in worker_ports:
                 wait_port(port)
-            workers = [f"127.0.0.1:{p}" for p in worker_ports]
+            direct_worker, *workers = [f"127.0.0.1:{p}" for p in worker_ports]
             sched_port = free_port()
             env = {**os.environ, "LAYERKV_LOG_LEVEL": "WARNING"}
+            cpu = args.scheduler_cpu
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "layerkv", "scheduler", "--host", "127.0.0.1",
+                [sys.executable, *(["-c", PROFILED.format(str(args.profile))] if args.profile else []),
+                 "-m", "layerkv", "scheduler", "--host", "127.0.0.1",
                  "--port", str(sched_port), "--metrics-port", "0", "--redis-url", f"redis://127.0.0.1:{redis_port}/0",
                  "--workers", ",".join(workers), "--policy", "fcfs-full", "--queue-limit", "100000"],
                 cwd=REPO, env=env, stderr=subprocess.DEVNULL,
+                preexec_fn=None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu})),
             ))  # fmt: skip
             wait_port(sched_port)
             import uvloop
 
-            results = uvloop.run(measure(args, f"127.0.0.1:{sched_port}", workers))
+            results = uvloop.run(measure(args, f"127.0.0.1:{sched_port}", direct_worker, procs[-1].pid))
         finally:
             for proc in reversed(procs):
                 proc.terminate()
@@ -218,7 +267,7 @@ def main() -> None:
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "command": " ".join(["python", "benchmarks/scheduler_overhead.py", *sys.argv[1:]]),
-        "settings": vars(args) | {"json": str(args.json) if args.json else None},
+        "settings": vars(args) | {"json": str(args.json or ""), "profile": str(args.profile or "")},
         **results,
     }
     print(json.dumps(report, indent=2))

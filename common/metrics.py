@@ -87,6 +87,8 @@ class SchedulerMetrics:
         r = self.registry
         self._view: FleetView | None = None
         self._last_token: OrderedDict[str, float] = OrderedDict()
+        self._usage: dict[tuple[str, str], tuple[tuple[int, ...], int]] = {}  # last usage exported
+        self._usage_children: dict[tuple[str, str], list[Gauge]] = {}  # its per-layer series
         v = ["model_name"]
 
         def hist(name: str, doc: str, labels: Sequence[str] = (), buckets: Sequence[float] = LATENCY_BUCKETS,
@@ -137,9 +139,23 @@ class SchedulerMetrics:
         return self._view.model_name() if self._view is not None else ""
 
     def observe_usage(self, worker: str, tier: str, used_per_layer: Sequence[int], free: int) -> None:
-        for layer, used in enumerate(used_per_layer):
-            self.blocks_used.labels(worker, tier, str(layer)).set(used)
+        # Called per worker step with a value per layer: set only the layers that changed (a
+        # labels() lookup per layer per step was most of the event path's metrics time).
+        key = (worker, tier)
+        last = self._usage.get(key)
+        used = tuple(used_per_layer)
+        if last is not None and last[0] == used and last[1] == free:
+            return
+        children = self._usage_children.get(key)
+        if children is None or len(children) != len(used):
+            children = [self.blocks_used.labels(worker, tier, str(layer)) for layer in range(len(used))]
+            self._usage_children[key] = children
+            last = None
+        for layer, (child, value) in enumerate(zip(children, used, strict=True)):
+            if last is None or layer >= len(last[0]) or last[0][layer] != value:
+                child.set(value)
         self.blocks_free.labels(worker, tier).set(free)
+        self._usage[key] = (used, free)
 
     def observe_tokens(self, request_id: str, count: int, prompt_tokens: int, now: float) -> None:
         """``count`` new tokens of a request arrived at ``now`` (seconds since the epoch)."""

@@ -1,18 +1,20 @@
 """The Redis store of the scheduler: request records, token logs, the waiting queue, the worker
 registry and the active policy (key schema in docs/redis-schema.md).
 
-All keys live under one namespace prefix. Writes that belong to one engine step are batched into
-one pipeline (``StoreBatch``); finished requests' record and token log expire after the retention
-TTL. The scheduler's memory is authoritative while it runs; Redis is what a restart reloads.
+All keys live under one namespace prefix. Writes that belong to one engine step or one round are
+batched (``StoreBatch``) and several batches saved by one script call (``commit_many``); finished
+requests' record and token log expire after the retention TTL. The scheduler's memory is
+authoritative while it runs; Redis is what a restart reloads.
 Every call retries with capped exponential backoff while Redis is unreachable (a restart, a stall):
 reads give up after a bound with ``Unavailable``, a commit retries until it lands, and every write
-is idempotent (token appends are conditional on the log length), so a retried pipeline that had in
+is idempotent (token appends are conditional on the log length), so a retried commit that had in
 fact been applied never duplicates a token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -21,30 +23,69 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from common.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
-# KEYS: request hash, waiting zset; ARGV: score, request id, then the hash's field/value pairs.
+# KEYS: request hash, waiting zset; ARGV: score, request id, then the hash's field/value pairs as
+# one JSON list (one argument to pack instead of two per field).
 _CREATE_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[3])))
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 
-# KEYS: token log; ARGV: the log length these tokens start at, then the tokens. Appends only when
-# the log has exactly that length, so replaying an already applied append changes nothing.
-_APPEND_SCRIPT = """
-local n = redis.call('LLEN', KEYS[1])
-if n == tonumber(ARGV[1]) then
-  redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
-  return 1
+# ARGV: the key prefix, the retention TTL of finished requests, then a JSON list of batches, each
+# {"u": [[id, [field, value, ...]], ...], "t": [[id, log length before, [tokens]], ...],
+#  "e": [score, id, ...], "d": [id, ...], "r": [id, ...], "f": [id, ...]}: hash updates, token
+# appends, queue adds and removals, running adds, finishes. Applied in order, each batch's parts in
+# that order. A log is appended only when it has exactly the length given (-1: unconditionally),
+# so replaying an already applied commit changes nothing. One script per commit: the client packs
+# one JSON string instead of a command per write (packing commands was most of the scheduler's
+# Redis time), and Redis applies a commit whole.
+_COMMIT_SCRIPT = """
+local prefix, ttl = ARGV[1], tonumber(ARGV[2])
+local waiting, running = prefix .. ':waiting', prefix .. ':running'
+local function each_slice(values, call)  -- Lua's stack holds a few thousand values at a time
+  for first = 1, #values, 1000 do call(unpack(values, first, math.min(first + 999, #values))) end
 end
-return 0
+for _, b in ipairs(cjson.decode(ARGV[3])) do
+  for _, u in ipairs(b.u) do
+    redis.call('HSET', prefix .. ':req:' .. u[1], unpack(u[2]))
+  end
+  for _, t in ipairs(b.t) do
+    local key = prefix .. ':tokens:' .. t[1]
+    if t[2] < 0 or redis.call('LLEN', key) == t[2] then
+      each_slice(t[3], function(...) redis.call('RPUSH', key, ...) end)
+    end
+  end
+  if #b.e > 0 then each_slice(b.e, function(...) redis.call('ZADD', waiting, ...) end) end
+  if #b.d > 0 then each_slice(b.d, function(...) redis.call('ZREM', waiting, ...) end) end
+  if #b.r > 0 then each_slice(b.r, function(...) redis.call('SADD', running, ...) end) end
+  if #b.f > 0 then
+    each_slice(b.f, function(...) redis.call('SREM', running, ...) end)
+    each_slice(b.f, function(...) redis.call('ZREM', waiting, ...) end)
+    for _, id in ipairs(b.f) do
+      redis.call('EXPIRE', prefix .. ':req:' .. id, ttl)
+      redis.call('EXPIRE', prefix .. ':tokens:' .. id, ttl)
+    end
+  end
+end
+return 1
 """
+
+
+class _Script:
+    """A Lua script run by its SHA1 (``EVALSHA``), loaded again whenever Redis has lost it (a
+    restarted Redis starts with an empty script cache): the script's text is sent once, not with
+    every call."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -110,7 +151,7 @@ class StoredPolicy:
 
 @dataclass
 class StoreBatch:
-    """Writes of one step, sent in one pipeline round trip by ``Store.commit``."""
+    """Writes of one step (or round), sent in one round trip by ``Store.commit``."""
 
     updates: dict[str, dict[str, str]] = field(default_factory=dict)  # request id -> hash fields
     tokens: dict[str, list[int]] = field(default_factory=dict)  # request id -> tokens to append
@@ -228,15 +269,20 @@ class Store:
     async def create_request(self, record: RequestRecord, score: float) -> bool:
         """Persist a new waiting request; False (nothing written) when the id already exists."""
         key = self.k_request(record.request_id)
-        fields = [item for pair in record.to_hash().items() for item in pair]
+        fields = json.dumps([item for pair in record.to_hash().items() for item in pair])
         # One script, so a scheduler killed mid-create never leaves a partial record behind; a retry
         # of a create that was in fact applied answers False, and the caller attaches to it.
         created = await self._call(
-            lambda: self._redis.eval(  # type: ignore[misc]
-                _CREATE_SCRIPT, 2, key, self.k_waiting, score, record.request_id, *fields
-            )
+            lambda: self._evalsha(_CREATE, 2, key, self.k_waiting, score, record.request_id, fields)
         )
         return bool(created)
+
+    async def _evalsha(self, script: _Script, numkeys: int, *args: Any) -> Any:
+        try:
+            return await self._redis.evalsha(script.sha, numkeys, *args)  # type: ignore[misc]
+        except NoScriptError:
+            await self._redis.script_load(script.source)  # type: ignore[no-untyped-call]
+            return await self._redis.evalsha(script.sha, numkeys, *args)  # type: ignore[misc]
 
     async def get_request(self, request_id: str) -> RequestRecord | None:
         data = await self._call(lambda: self._redis.hgetall(self.k_request(request_id)))
@@ -258,40 +304,22 @@ class Store:
         return records
 
     async def commit(self, batch: StoreBatch, deadline_s: float | None = None) -> None:
-        """Apply one step's writes in a single pipeline round trip, retrying until it lands (or
+        """Apply one step's writes in a single round trip, retrying until it lands (or
         ``deadline_s`` passes: ``Unavailable``). Every write in it is idempotent, so a retry of a
-        pipeline that did reach Redis changes nothing."""
-        if not batch:
-            return
-        await self._call(
-            lambda: self._pipeline(batch).execute(), deadline_s=deadline_s, forever=deadline_s is None
-        )
+        commit that did reach Redis changes nothing."""
+        await self.commit_many([batch], deadline_s)
 
-    def _pipeline(self, batch: StoreBatch) -> Any:
-        pipe = self._redis.pipeline(transaction=False)
-        for request_id, fields in batch.updates.items():
-            pipe.hset(self.k_request(request_id), mapping=fields)  # type: ignore[arg-type]
-        for request_id, tokens in batch.tokens.items():
-            if not tokens:
-                continue
-            offset = batch.token_offsets.get(request_id)
-            if offset is None:
-                pipe.rpush(self.k_tokens(request_id), *tokens)
-            else:
-                pipe.eval(_APPEND_SCRIPT, 1, self.k_tokens(request_id), offset, *tokens)
-        if batch.enqueued:
-            pipe.zadd(self.k_waiting, batch.enqueued)
-        if batch.dequeued:
-            pipe.zrem(self.k_waiting, *batch.dequeued)
-        if batch.running:
-            pipe.sadd(self.k_running, *batch.running)
-        if batch.finished:
-            pipe.srem(self.k_running, *batch.finished)
-            pipe.zrem(self.k_waiting, *batch.finished)
-            for request_id in batch.finished:
-                pipe.expire(self.k_request(request_id), self.retention_s)
-                pipe.expire(self.k_tokens(request_id), self.retention_s)
-        return pipe
+    async def commit_many(self, batches: Sequence[StoreBatch], deadline_s: float | None = None) -> None:
+        """``commit`` of several batches in one script call, applied in their order (a later
+        batch's writes win, a later append continues an earlier one)."""
+        batches = [b for b in batches if b]
+        if not batches:
+            return
+        await self._call(lambda: self._execute(batches), deadline_s=deadline_s, forever=deadline_s is None)
+
+    async def _execute(self, batches: Sequence[StoreBatch]) -> None:
+        payload = json.dumps([_to_json(batch) for batch in batches], separators=(",", ":"))
+        await self._evalsha(_COMMIT, 0, self.prefix, self.retention_s, payload)
 
     # --- workers ---
     async def put_worker(self, entry: WorkerEntry) -> None:
@@ -336,6 +364,25 @@ class Store:
                 continue
             self._set_reachable(True)
             return result
+
+
+_CREATE = _Script(_CREATE_SCRIPT)
+_COMMIT = _Script(_COMMIT_SCRIPT)
+
+
+def _to_json(batch: StoreBatch) -> dict[str, list[Any]]:
+    """One batch as the commit script reads it."""
+    return {
+        "u": [[rid, [x for pair in fields.items() for x in pair]] for rid, fields in batch.updates.items()
+              if fields],
+        "t": [
+            [rid, batch.token_offsets.get(rid, -1), tokens] for rid, tokens in batch.tokens.items() if tokens
+        ],
+        "e": [x for rid, score in batch.enqueued.items() for x in (score, rid)],
+        "d": sorted(batch.dequeued),
+        "r": sorted(batch.running),
+        "f": sorted(batch.finished),
+    }
 
 
 def batch_tokens(

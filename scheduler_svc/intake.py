@@ -147,8 +147,10 @@ class EventIntake:
         step = event.step
         if step is None:
             return
-        self.metrics.bytes_offloaded.labels(worker_id).inc(step.bytes_offloaded)
-        self.metrics.bytes_loaded.labels(worker_id).inc(step.bytes_loaded)
+        if step.bytes_offloaded:  # most steps move nothing: skip the series lookups
+            self.metrics.bytes_offloaded.labels(worker_id).inc(step.bytes_offloaded)
+        if step.bytes_loaded:
+            self.metrics.bytes_loaded.labels(worker_id).inc(step.bytes_loaded)
         self.metrics.preempted(worker_id, step.num_preemptions)
         kind = _FITTED_KINDS.get(step.kind)
         if worker.fitter is not None and kind is not None:

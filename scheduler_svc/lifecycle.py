@@ -1,9 +1,10 @@
 """The request lifecycle: admit, cancel, finish, requeue, recover, and the saving of each change.
 
-Every state change goes into a ``Batch`` (one Redis pipeline) and reaches client streams only after
-that batch is saved (``commit`` publishes it): a token a client saw is always in the token log, so
-a restarted scheduler continues exactly the output the client has. Commits run shielded: an RPC
-cancelled mid-commit cannot leave memory and Redis disagreeing.
+Every state change goes into a ``Batch`` and reaches client streams only after that batch is saved
+(``commit`` publishes it): a token a client saw is always in the token log, so a restarted
+scheduler continues exactly the output the client has. Batches are saved by group commit: one
+pipeline in flight, carrying every batch that arrived while the previous one was out, in order.
+Commits run shielded: an RPC cancelled mid-commit cannot leave memory and Redis disagreeing.
 """
 
 from __future__ import annotations
@@ -65,26 +66,56 @@ class Lifecycle:
         self._finished_order: OrderedDict[str, None] = OrderedDict()
         self._cancel_pending: set[str] = set()  # cancelled while stored but not yet in memory
         self._wake = wake
-        self._commits: set[asyncio.Task[None]] = set()
+        self._pending: list[tuple[Batch, asyncio.Future[None] | None]] = []  # batches to save next
+        self._flusher: asyncio.Task[None] | None = None  # saving a group of batches now
         self.frozen = False  # the scheduler stops: change nothing any more
 
     async def commit(self, batch: Batch) -> None:
         """Save ``batch`` (retrying while Redis is away), then let the streams send what it holds."""
         if not batch and not batch.touched:
             return
-        task = asyncio.create_task(self._commit(batch))
-        self._commits.add(task)
-        task.add_done_callback(self._commits.discard)
-        await asyncio.shield(task)
+        saved = asyncio.get_running_loop().create_future()
+        self._enqueue(batch, saved)
+        await asyncio.shield(saved)
 
-    async def _commit(self, batch: Batch) -> None:
+    def _enqueue(self, batch: Batch, saved: asyncio.Future[None] | None) -> None:
+        """Group commit: one pipeline in flight at a time; the batches that arrive meanwhile go
+        together in the next one. Under load a pipeline then carries many steps' and rounds' writes
+        (one round trip instead of one each), and since every write goes through this one line,
+        Redis applies them in the order memory changed."""
+        self._pending.append((batch, saved))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name="redis-commits")
+
+    async def _flush(self) -> None:
         try:
-            await self.store.commit(batch)
+            while self._pending:
+                group, self._pending = self._pending, []
+                await self._save(group)
+        finally:
+            self._flusher = None
+            if self._pending:  # cancelled with batches waiting: they still go (``drain`` waits)
+                self._flusher = asyncio.create_task(self._flush(), name="redis-commits")
+
+    async def _save(self, group: list[tuple[Batch, asyncio.Future[None] | None]]) -> None:
+        try:
+            await self.store.commit_many([batch for batch, _ in group])
         except Unavailable as exc:  # only when the store is closing: the next scheduler recovers
-            log.warning("a commit was dropped at shutdown: %s", exc)
-            return
-        for state, upto, finish in batch.touched.values():
-            state.publish(upto, finish)
+            log.warning("%d commits were dropped at shutdown: %s", len(group), exc)
+        except BaseException as exc:
+            for _, saved in group:
+                if saved is not None and not saved.done():
+                    error = exc if isinstance(exc, Exception) else Unavailable("commit cancelled")
+                    saved.set_exception(error)
+                    saved.exception()  # retrieved: a caller that went away must not log it again
+            raise
+        else:
+            for batch, _ in group:
+                for state, upto, finish in batch.touched.values():
+                    state.publish(upto, finish)
+        for _, saved in group:
+            if saved is not None and not saved.done():
+                saved.set_result(None)
 
     # ---- admit ----
     def admit(self, state: RequestState) -> None:
@@ -103,9 +134,7 @@ class Lifecycle:
         self._wake()
 
     def _spawn_commit(self, batch: Batch) -> None:
-        task = asyncio.create_task(self._commit(batch))
-        self._commits.add(task)
-        task.add_done_callback(self._commits.discard)
+        self._enqueue(batch, None)
 
     # ---- cancel ----
     async def cancel(self, request_id: str) -> tuple[bool, tuple[str, str] | None]:
@@ -205,8 +234,8 @@ class Lifecycle:
 
     async def drain(self) -> None:
         """Wait for the commits in flight (bounded), so Redis holds what memory says."""
-        if self._commits:
-            await asyncio.wait(set(self._commits), timeout=2.0)
+        if self._flusher is not None:
+            await asyncio.wait({self._flusher}, timeout=2.0)
 
 
 def _sampling(record: RequestRecord) -> SamplingParams:

@@ -4,6 +4,7 @@ events are decoded into typed values here, dispatches and aborts encoded (they s
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from common import wire
@@ -181,7 +182,9 @@ def _tier(usage: types_pb2.TierUsage) -> TierReport:
     return TierReport(usage.total_blocks, usage.free_blocks, tuple(usage.used_blocks_per_layer))
 
 
+@functools.lru_cache(maxsize=4096)
 def _placement(letters: str, num_layers: int) -> Placement:
+    # Cached: every event lists every running request's placement, and a fleet uses a handful.
     try:
         return Placement.from_letters(letters, num_layers)
     except InvalidArgument:  # a worker that reports no placement: count it as all-GPU

@@ -241,3 +241,51 @@ async def test_ledger_is_exact_after_any_mix(seed: int, mode: str) -> None:
     assert budget is not None and budget.holdings == {}
     assert (budget.gpu_free, budget.host_free) == (GPU, 64)
     assert preempted > 0  # the mix did force preemptions
+
+
+def test_incremental_sums_equal_a_full_resum_after_any_sequence() -> None:
+    """The ledger keeps pending and headroom sums incrementally; after any mix of reservations,
+    reports (admission, growth, preemption, swapped layers), finishes and releases they must equal
+    the sums over every holding recomputed from scratch."""
+    rng = random.Random(7)
+    ledger = Ledger()
+    ledger.add_worker("w", GEOMETRY, TierCapacity(10_000, 10_000))
+    placements = [ALL_GPU, Placement.from_letters("GHGH", 4), Placement.from_letters("HHHH", 4)]
+    live: dict[str, int] = {}  # request id -> context tokens
+    for i in range(400):
+        op = rng.random()
+        if op < 0.35 or not live:
+            rid = f"r{i}"
+            tokens = rng.randint(1, 40)
+            placement = rng.choice(placements)
+            headroom = rng.choice([0, 8, 100])
+            if ledger.try_reserve("w", rid, tokens, placement, max_tokens=20, headroom_tokens=headroom):
+                live[rid] = tokens
+        elif op < 0.8:
+            ids = rng.sample(sorted(live), k=min(len(live), rng.randint(1, 5)))
+            waiting = tuple(r for r in ids if rng.random() < 0.2)
+            reports = []
+            for r in ids:
+                if r in waiting:
+                    continue
+                live[r] += rng.randint(0, 2)
+                reports.append(RunningReport(r, rng.choice(placements), 0.0, live[r], 1))
+            done = tuple(r for r in ids if r not in waiting and rng.random() < 0.1)
+            ledger.apply_report(
+                "w", WorkerReport(done, running=tuple(x for x in reports if x.worker_request_id not in done),
+                                  admitted=tuple(ids), waiting=waiting)
+            )
+            for r in done:
+                live.pop(r)
+        else:
+            rid = rng.choice(sorted(live))
+            assert ledger.release("w", rid)
+            live.pop(rid)
+        budget = ledger.get("w")
+        assert budget is not None and set(budget.holdings) == set(live)
+        pending = headroom = BlockDemand.zero(4)
+        for h in budget.holdings.values():
+            pending = pending + h.pending(GEOMETRY)
+            headroom = headroom + h.headroom(GEOMETRY)
+        assert (budget.pending, budget.headroom) == (pending, headroom), i
+        assert budget.num_preempted == sum(h.state is HoldState.WAITING for h in budget.holdings.values())

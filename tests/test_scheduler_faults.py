@@ -119,16 +119,16 @@ async def test_a_token_reaches_the_client_only_after_it_is_saved(redis_url: str)
     worker = StubWorker("w0", step_s=0.02)
     fleet = await start_fleet(redis_url, [worker])
     store = fleet.server.store
-    original = store.commit
+    original = store.commit_many
     gate = asyncio.Event()
     gate.set()
 
-    async def gated(batch, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if batch.tokens:
+    async def gated(batches, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if any(batch.tokens for batch in batches):
             await gate.wait()
-        return await original(batch, *args, **kwargs)
+        return await original(batches, *args, **kwargs)
 
-    store.commit = gated  # type: ignore[method-assign]
+    store.commit_many = gated  # type: ignore[method-assign]
     seen: list[int] = []
     try:
 

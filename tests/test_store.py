@@ -165,3 +165,44 @@ async def test_replaying_an_applied_append_adds_nothing(store: Store) -> None:
     batch_tokens(later, "a", [7], offset=2)
     await store.commit(later)
     assert await store.get_tokens("a") == [5, 6, 7]
+
+
+async def test_one_batch_appends_every_log_each_at_its_own_offset(store: Store) -> None:
+    """A step's appends for many requests go in one script: each log is checked on its own, so a
+    replayed part changes nothing while the new parts land (and long appends fit Lua's stack)."""
+    for rid in ("a", "b", "c", "d"):
+        await store.create_request(record(rid), 1.0)
+    first = StoreBatch()
+    batch_tokens(first, "a", [1, 2], offset=0)
+    await store.commit(first)
+    mixed = StoreBatch()
+    batch_tokens(mixed, "a", [1, 2], offset=0)  # a replay: "a" already holds these
+    batch_tokens(mixed, "b", [3], offset=0)
+    batch_tokens(mixed, "c", list(range(20_000)), offset=0)  # more than one unpack() takes
+    batch_tokens(mixed, "d", [4])  # no offset: unconditional
+    batch_tokens(mixed, "d", [5])
+    await store.commit(mixed)
+    assert await store.get_tokens("a") == [1, 2]
+    assert await store.get_tokens("b") == [3]
+    assert await store.get_tokens("c") == list(range(20_000))
+    assert await store.get_tokens("d") == [4, 5]
+
+
+async def test_scripts_survive_a_flushed_script_cache(store: Store, redis_url: str) -> None:
+    """Scripts run by SHA; a Redis that lost them (restarted, SCRIPT FLUSH) gets them again."""
+    await store.create_request(record("a"), 1.0)
+    batch = StoreBatch()
+    batch_tokens(batch, "a", [1], offset=0)
+    await store.commit(batch)
+    raw = aioredis.from_url(redis_url)
+    try:
+        await raw.script_flush()
+        assert await store.create_request(record("b"), 2.0)
+        await raw.script_flush()
+        later = StoreBatch()
+        batch_tokens(later, "a", [2], offset=1)
+        await store.commit(later)
+    finally:
+        await raw.aclose()
+    assert await store.get_tokens("a") == [1, 2]
+    assert await store.get_request("b") == record("b")
