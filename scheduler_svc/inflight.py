@@ -12,7 +12,7 @@ keeps the prefill's identity, so the slack is charged once: as in flight, then i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from scheduler_svc.policies.base import PrefillInFlight
 from scheduler_svc.worker_events import RunningReport
@@ -55,6 +55,12 @@ class InflightPrefills:
     def forget_worker(self, worker_id: str) -> None:
         """Drop a worker's entries (also done lazily by ``of`` once its requests are requeued)."""
         self._by_worker.pop(worker_id, None)
+
+    def retain(self, worker_ids: Collection[str]) -> None:
+        """Drop the entries of every worker not in ``worker_ids`` (removed from the fleet: ``of``
+        is never asked about it again, so its entries would stay forever)."""
+        for gone in [w for w in self._by_worker if w not in worker_ids]:
+            del self._by_worker[gone]
 
     def __len__(self) -> int:
         return sum(len(e) for e in self._by_worker.values())

@@ -103,7 +103,10 @@ class Rounds:
                 )
             )
         workers = []
-        for h in self.pool.handles():
+        handles = self.pool.handles()
+        if len(self.inflight):
+            self.inflight.retain({h.worker_id for h in handles})
+        for h in handles:
             budget = self.ledger.get(h.worker_id) if h.healthy else None
             if budget is None or h.description is None:
                 continue

@@ -191,3 +191,26 @@ def test_tracker_forgets_reported_and_dead_attempts(
     assert [f.request_id for f in got] == left
     assert len(tracker) == len(left) + 1  # forgotten for good; the other worker is untouched
     assert [f.request_id for f in tracker.of("other", [], lambda _w, _r: True)] == ["x"]
+
+
+@pytest.mark.asyncio
+async def test_a_removed_worker_leaves_no_prefill_in_flight(redis_url: str) -> None:
+    # A worker removed from the fleet is never asked about again: its in-flight entries must go
+    # with it, or the tracker grows by every dispatch a lost worker never reported.
+    settings = SchedulerSettings.build(
+        redis_url=redis_url, workers=[], policy="layerkv", metrics_port=0, port=0, host="127.0.0.1",
+    )
+    store = Store(settings.redis_url, settings.redis_prefix, settings.retention_s)
+    worker = LateWorker()
+    core = SchedulerCore(settings, store, ServiceMetrics("scheduler"), client=worker, pool=worker.bind)
+    try:
+        await core.pool.add_and_wait("late:1")
+        await submit(core, store, "a", 64, 4, 100.0)
+        assert await one_round(core) == 1
+        assert len(core.scheduling.inflight) == 1  # dispatched, not reported running
+        await worker.remove("late:1")
+        assert core.snapshot().workers == ()
+        assert len(core.scheduling.inflight) == 0
+    finally:
+        await core.stop()
+        await store.close()
