@@ -748,6 +748,26 @@ def test_queue_order(order: str, admitted: list[str]) -> None:
     ] == admitted
 
 
+@pytest.mark.parametrize(
+    ("starvation_factor", "admitted"),
+    [
+        # now = 100: 'old' arrived at 60 with a 5 s SLO, so it has waited 8x its SLO.
+        (4.0, ["old"]),  # starving: ahead of the feasible 'tight'
+        (10.0, ["tight"]),  # not yet starving: lost, behind the feasible one
+    ],
+)
+def test_ttft_feasible_bounds_the_wait_of_lost_requests(
+    starvation_factor: float, admitted: list[str]
+) -> None:
+    worker = make_worker(gpu_free=0, host_free=80)
+    waiting = (
+        make_waiting("tight", 152, arrival=99.0, ttft_slo=5.0),
+        make_waiting("old", 152, arrival=60.0, ttft_slo=5.0),
+    )
+    got = policy(starvation_factor=starvation_factor).schedule(fleet(worker, waiting=waiting))
+    assert [d.request_id for d in got] == admitted
+
+
 def test_ttft_feasible_serves_lost_requests_when_nobody_feasible_waits() -> None:
     worker = make_worker()
     waiting = (

@@ -84,8 +84,15 @@ class LayerKVParams(PolicyParams):
         default="ttft-feasible",
         description="order of the waiting queue: arrival; earliest TTFT deadline first; or "
         "'ttft-feasible': requests that can still meet their TTFT SLO first (earliest deadline "
-        "first), then those whose deadline has passed (arrival order; under sustained overload "
-        "they wait until the load eases)",
+        "first), then those whose deadline has passed (arrival order), except that a request "
+        "waiting longer than starvation_factor x its TTFT SLO goes before all of them",
+    )
+    starvation_factor: float = Field(
+        default=4.0,
+        ge=1.0,
+        description="with queue_order 'ttft-feasible', a request that has waited this many times its "
+        "TTFT SLO goes to the front (arrival order among them): under sustained overload a request "
+        "past its deadline would otherwise wait behind every newcomer for ever",
     )
     prefill_safety: float = Field(
         default=1.2, ge=1.0, le=10.0, description="predicted prefill times are multiplied by this"
@@ -273,11 +280,16 @@ class LayerKVPolicy(Policy):
         if self.p.queue_order == "ttft-deadline":
             return sorted(waiting, key=lambda r: (r.arrival_time + self._ttft_slo(r), r.arrival_time))
         # ttft-feasible: a request past its deadline has missed its TTFT SLO whenever it starts, so
-        # it no longer goes ahead of one that can still meet it.
-        def key(r: WaitingRequest) -> tuple[bool, float]:
-            deadline = r.arrival_time + self._ttft_slo(r)
-            lost = deadline <= self._now
-            return (lost, r.arrival_time if lost else deadline)
+        # it no longer goes ahead of one that can still meet it, until it has waited so long that
+        # it must go first (aging bounds its wait).
+        def key(r: WaitingRequest) -> tuple[int, float]:
+            slo = self._ttft_slo(r)
+            waited = self._now - r.arrival_time
+            if waited >= self.p.starvation_factor * slo:
+                return (0, r.arrival_time)  # starving: first, oldest first
+            if waited >= slo:
+                return (2, r.arrival_time)  # lost: after the feasible ones
+            return (1, r.arrival_time + slo)  # feasible: earliest deadline first
 
         return sorted(waiting, key=key)
 
