@@ -67,6 +67,7 @@ class RequestRecord:
     sampling: dict[str, Any]  # common.types.SamplingParams as a dict
     ttft_slo_s: float | None = None
     tpot_slo_s: float | None = None
+    expected_output_tokens: int = 0  # the client's estimate of its output length (0: not given)
     text_prompt: bool = False  # the client sent text (the scheduler tokenized it)
     worker_id: str = ""
     placement: str = ""

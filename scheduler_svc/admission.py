@@ -61,6 +61,11 @@ async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) ->
     if not workers:
         raise Unavailable("no healthy worker is available; retry later")
     sampling = sampling_from_proto(request.sampling, core.settings.default_max_tokens)
+    if request.expected_output_tokens > sampling.max_tokens:
+        raise InvalidArgument(
+            f"expected_output_tokens ({request.expected_output_tokens}) must be at most max_tokens "
+            f"({sampling.max_tokens}); 0 leaves the prediction to the policy"
+        )
     kind = request.WhichOneof("prompt")
     if kind == "text":
         tokenizer = next((h.tokenizer for h in workers if h.tokenizer is not None), None)
@@ -108,6 +113,7 @@ async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) ->
         sampling=sampling_to_dict(sampling),
         ttft_slo_s=slo.ttft_s if slo.HasField("ttft_s") else None,
         tpot_slo_s=slo.tpot_s if slo.HasField("tpot_s") else None,
+        expected_output_tokens=request.expected_output_tokens,
         text_prompt=kind == "text",
         arrival_time=now,
     )

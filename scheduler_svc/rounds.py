@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.types import FinishReason, Tier
+from scheduler_svc.inflight import InflightPrefills
 from scheduler_svc.ledger import Ledger
 from scheduler_svc.lifecycle import Batch, Lifecycle
 from scheduler_svc.policies.base import (
@@ -25,6 +26,7 @@ from scheduler_svc.policies.base import (
     FleetSnapshot,
     Policy,
     PreemptionMode,
+    PrefillInFlight,
     RunningRequest,
     WaitingRequest,
     WorkerSnapshot,
@@ -80,6 +82,7 @@ class Rounds:
         self.backoff = backoff or Backoff()
         self._refused: dict[tuple[str, str], tuple[int, float]] = {}  # -> (refusals, not before)
         self.rounds = 0
+        self.inflight = InflightPrefills()  # dispatched prefills the worker has not reported running
 
     # ---- snapshot ----
     def snapshot(self) -> FleetSnapshot:
@@ -96,6 +99,7 @@ class Rounds:
                     r.arrival_time,
                     r.ttft_slo_s,
                     r.tpot_slo_s,
+                    r.expected_output_tokens or None,
                 )
             )
         workers = []
@@ -120,9 +124,22 @@ class Rounds:
                     max_num_batched_tokens=h.description.max_num_batched_tokens,
                     requests_held=budget.num_requests,
                     requests_preempted=budget.num_preempted,
+                    prefilling=self.inflight.of(h.worker_id, self._running_of(h.worker_id), self._live),
                 )
             )
         return FleetSnapshot(time.time(), tuple(waiting), tuple(workers))
+
+    def _live(self, worker_id: str, worker_rid: str) -> bool:
+        """Whether ``worker_rid`` is still its request's live attempt on ``worker_id``."""
+        request_id, attempt = split_worker_request_id(worker_rid)
+        s = self.lifecycle.requests.get(request_id)
+        return (
+            s is not None
+            and not s.finished
+            and s.record.status == RUNNING
+            and s.record.worker_id == worker_id
+            and attempt == s.record.requeues
+        )
 
     def _running(self, h: WorkerHandle) -> tuple[RunningRequest, ...]:
         out = []
@@ -140,6 +157,7 @@ class Rounds:
                     r.decode_time_s,
                     s.record.tpot_slo_s,
                     r.placement,
+                    s.record.expected_output_tokens or None,
                 )
             )
         return tuple(out)
@@ -173,6 +191,7 @@ class Rounds:
             batch.dequeued.add(record.request_id)
             batch.running.add(record.request_id)
             sends.append((state, proposal.preemption))
+            self.inflight.add(proposal.worker_id, state.worker_request_id, _in_flight(state, proposal, now))
         lc.metrics.queue_length.set(len(lc.queue))
         if not sends:
             return 0
@@ -272,3 +291,16 @@ class Rounds:
             await self.client.abort(worker_id, worker_rid)
         except Exception as exc:  # the worker reports it again if it still runs it
             log.warning("abort of %s on %s failed: %s", worker_rid, worker_id, exc)
+
+
+def _in_flight(state: RequestState, proposal: Dispatch, now: float) -> PrefillInFlight:
+    r = state.record
+    return PrefillInFlight(
+        r.request_id,
+        len(r.prompt_ids) + len(state.tokens),
+        state.remaining_tokens,
+        proposal.placement,
+        r.tpot_slo_s,
+        now,
+        r.expected_output_tokens or None,
+    )

@@ -15,6 +15,7 @@ from common.types import CostModel, KVGeometry, Placement
 from scheduler_svc.policies.base import (
     FleetSnapshot,
     PreemptionMode,
+    PrefillInFlight,
     RunningRequest,
     WaitingRequest,
     WorkerSnapshot,
@@ -58,19 +59,27 @@ def make_worker(
 
 
 def make_waiting(
-    request_id: str, prompt: int, *, arrival: float = 0.0, max_tokens: int = 8, ttft_slo: float | None = None
+    request_id: str,
+    prompt: int,
+    *,
+    arrival: float = 0.0,
+    max_tokens: int = 8,
+    ttft_slo: float | None = None,
+    tpot_slo: float | None = None,
+    hint: int | None = None,
 ) -> WaitingRequest:
-    return WaitingRequest(request_id, prompt, max_tokens, arrival, ttft_slo, None)
+    return WaitingRequest(request_id, prompt, max_tokens, arrival, ttft_slo, tpot_slo, hint)
 
 
 def make_running(
     request_id: str = "r0",
     *,
-    generated: int = 10,
-    max_tokens: int = 20,
+    generated: int = 11,
+    max_tokens: int = 21,
     decode_time: float = 2.5,
     tpot_slo: float | None = 0.5,
     prompt: int = 16,
+    hint: int | None = None,
 ) -> RunningRequest:
     return RunningRequest(
         request_id,
@@ -80,6 +89,7 @@ def make_running(
         decode_time,
         tpot_slo,
         Placement.all_gpu(GEOMETRY.num_layers),
+        hint,
     )
 
 
@@ -151,8 +161,9 @@ def test_unhidden_offload_is_charged_to_the_prefill() -> None:
 
 
 # ---- admission: the TPOT slack -------------------------------------------------------------------
-# The running request: SLO 0.5 s, 10 tokens generated, 10 to go (max_tokens 20), 2.5 s of decode
-# used, steps of 0.25 s: slack = 0.5·20 − 2.5 − 10·0.25 = 5.0 s. Prefill is 2^-10 s per token.
+# The running request: SLO 0.5 s, 11 tokens generated, 10 to go (max_tokens 21), 2.5 s of decode
+# used, steps of 0.25 s: slack = 0.5·(21 − 1) − 2.5 − 10·0.25 = 5.0 s (TPOT counts the 20 gaps
+# after the first token). Prefill is 2^-10 s per token.
 
 
 @pytest.mark.parametrize(
@@ -172,8 +183,10 @@ def test_admission_refused_exactly_when_a_slack_goes_negative(
     prompts: tuple[int, ...], safety: float, reserve: float, admitted: list[str]
 ) -> None:
     worker = make_worker(running=(make_running(),))
+    # 16 output tokens: a newcomer's own slack (0.5 − 0.25)·15 = 3.75 s covers the 3.0 s after it
     waiting = tuple(
-        make_waiting(name, n, arrival=i) for i, (name, n) in enumerate(zip("ab", prompts, strict=False))
+        make_waiting(name, n, arrival=i, max_tokens=16)
+        for i, (name, n) in enumerate(zip("ab", prompts, strict=False))
     )
     got = policy(prefill_safety=safety, slack_reserve_s=reserve).schedule(fleet(worker, waiting=waiting))
     assert [d.request_id for d in got] == admitted
@@ -230,8 +243,8 @@ def test_mean_output_prediction_uses_finished_requests() -> None:
     assert p.schedule(fleet(first, waiting=())) == []
     assert p.mean_output_tokens is None
     running = make_running("r", generated=10, max_tokens=100, decode_time=2.5)
-    # With max_tokens the slack is 0.5·100 − 2.5 − 90·0.25 = 25 s; with the mean (2 more tokens)
-    # it is 0.5·12 − 2.5 − 2·0.25 = 3.0 s: a 4 s prefill now waits.
+    # With max_tokens the slack is 0.5·99 − 2.5 − 90·0.25 = 24.5 s; with the mean (2 more tokens)
+    # it is 0.5·11 − 2.5 − 2·0.25 = 2.5 s: a 4 s prefill now waits.
     second = make_worker(running=(running,))
     assert p.schedule(fleet(second, waiting=(make_waiting("a", 4096),))) == []
     assert p.mean_output_tokens == pytest.approx(12.0)
@@ -317,6 +330,9 @@ def test_blocked_head_stops_the_round_unless_skipping() -> None:
         {"prefill_safety": 0.5},
         {"default_tpot_slo_s": 0.0},
         {"max_prefill_tokens_per_round": 0},
+        {"slack_gate": "sometimes"},
+        {"use_output_hint": "maybe"},
+        {"newcomer_tpot_check": "x"},
         {"unknown": 1},
     ],
 )
@@ -493,3 +509,170 @@ def test_a_request_no_empty_worker_could_hold_does_not_block_the_queue() -> None
         policy().schedule(fleet(busy, waiting=(make_waiting("ok", 152), make_waiting("s", 16, arrival=3.0))))
         == []
     )
+
+
+# ---- the newcomer's own TPOT -------------------------------------------------------------------
+# The running request has a loose SLO (it never binds here); decode steps are 0.25 s plus 0.125 s
+# per request: with the newcomer added, 0.5 s. Host-placed layers stream 32 bytes per token per
+# layer every step: 4 host layers of a 152-token prompt add 19456 B / (19456·4 B/s) = 0.25 s.
+RULE4 = CostModel(  # the placement rule keeps 4 of 8 layers on the GPU
+    d2h_bytes_per_s=32 * 4 / 1e-3 + 1e-6,
+    h2d_bytes_per_s=19456 * 4.0,
+    prefill_per_token_s=1e-3,
+    decode_base_s=0.25,
+)
+
+
+@pytest.mark.parametrize(
+    ("params", "newcomer_slo", "admitted"),
+    [
+        ({}, 0.5, ["a"]),  # its step with it added: exactly its SLO
+        ({}, 0.4375, []),  # its own TPOT would be missed
+        ({"newcomer_tpot_check": False}, 0.4375, ["a"]),
+        ({"slack_gate": False}, 0.4375, ["a"]),  # the ablation: placement only
+        ({"default_tpot_slo_s": 0.4375}, None, []),  # no SLO of its own: the policy default
+        ({"default_tpot_slo_s": 0.5}, None, ["a"]),
+    ],
+)
+def test_newcomer_own_tpot_check(
+    params: dict[str, object], newcomer_slo: float | None, admitted: list[str]
+) -> None:
+    cost = replace(FAST_LINK, decode_per_request_s=0.125)
+    worker = make_worker(cost=cost, running=(make_running(tpot_slo=10.0),))
+    waiting = (make_waiting("a", 16, tpot_slo=newcomer_slo),)
+    assert [d.request_id for d in policy(**params).schedule(fleet(worker, waiting=waiting))] == admitted
+
+
+@pytest.mark.parametrize(
+    ("gpu_free", "newcomer_slo", "letters"),
+    [
+        (80, 0.5, "HGHGHGHG"),  # the rule's placement: 0.25 s step + 0.25 s streaming, within 0.5 s
+        (80, 0.375, "GGGGGGGG"),  # streaming breaks its TPOT: all layers on the GPU instead
+        (60, 0.375, "GGHGGGHG"),  # the GPU holds 6 layers: 2 host layers stream 0.125 s, just fits
+        (60, 0.34375, None),  # ... and miss a tighter SLO: it waits
+        (40, 0.375, None),  # the GPU holds only the rule's 4: it waits
+    ],
+)
+def test_newcomer_check_counts_its_host_layer_streaming(
+    gpu_free: int, newcomer_slo: float, letters: str | None
+) -> None:
+    worker = make_worker(cost=RULE4, gpu_free=gpu_free, host_free=80, running=(make_running(tpot_slo=10.0),))
+    got = policy().schedule(fleet(worker, waiting=(make_waiting("a", 152, tpot_slo=newcomer_slo),)))
+    assert [d.placement.letters for d in got] == ([] if letters is None else [letters])
+
+
+def test_an_idle_worker_takes_a_newcomer_whose_slo_no_step_meets() -> None:
+    # 0.25 s steps against a 0.125 s SLO: no placement or wait makes it faster, refusing would starve it.
+    waiting = (make_waiting("a", 16, tpot_slo=0.125),)
+    assert [d.request_id for d in policy().schedule(fleet(make_worker(), waiting=waiting))] == ["a"]
+    busy = make_worker(running=(make_running(tpot_slo=10.0),))
+    assert policy().schedule(fleet(busy, waiting=waiting)) == []
+
+
+def test_an_admitted_newcomer_is_protected_from_the_prefills_after_it() -> None:
+    # a: 8 output tokens, SLO 0.5 s, steps 0.25 s: its own slack is (0.5 − 0.25)·7 = 1.75 s, which
+    # b's prefill (2^-10 s per token) must fit; a's own prefill runs before its first token.
+    worker = make_worker()
+    for b_prompt, admitted in ((1792, ["a", "b"]), (1793, ["a"])):
+        waiting = (make_waiting("a", 4096, tpot_slo=0.5), make_waiting("b", b_prompt, arrival=1.0))
+        got = policy(prefill_safety=1.0).schedule(fleet(worker, waiting=waiting))
+        assert [d.request_id for d in got] == admitted
+
+
+# ---- prefills in flight: dispatched, not reported running yet ------------------------------------
+
+
+def in_flight(
+    request_id: str, prompt: int, *, max_tokens: int = 8, tpot_slo: float | None = 0.5
+) -> PrefillInFlight:
+    return PrefillInFlight(request_id, prompt, max_tokens, Placement.all_gpu(8), tpot_slo, 99.0)
+
+
+@pytest.mark.parametrize(
+    ("prefilling", "prompt", "admitted"),
+    [
+        ((), 5120, ["a"]),  # the running request's 5.0 s of slack, all free
+        ((in_flight("f", 4096, tpot_slo=100.0),), 1024, ["a"]),  # 4.0 s in flight + 1.0 s = 5.0 s
+        ((in_flight("f", 4096, tpot_slo=100.0),), 1025, []),
+        ((in_flight("f", 2048, tpot_slo=100.0), in_flight("g", 2048, tpot_slo=100.0)), 1025, []),
+        ((in_flight("f", 6144, tpot_slo=100.0),), 16, []),  # already over-committed: nothing more
+    ],
+)
+def test_prefills_in_flight_are_charged_to_the_running_slack(
+    prefilling: tuple[PrefillInFlight, ...], prompt: int, admitted: list[str]
+) -> None:
+    worker = replace(make_worker(running=(make_running(),)), prefilling=prefilling)
+    waiting = (make_waiting("a", prompt, tpot_slo=100.0),)
+    got = policy(prefill_safety=1.0).schedule(fleet(worker, waiting=waiting))
+    assert [d.request_id for d in got] == admitted
+
+
+@pytest.mark.parametrize(("prompt", "admitted"), [(1792, ["a"]), (1793, [])])
+def test_a_prefill_in_flight_is_protected_as_the_decode_it_becomes(prompt: int, admitted: list[str]) -> None:
+    # Nothing runs yet; f (8 tokens, SLO 0.5 s) will decode in 0.25 s steps: slack (0.5 − 0.25)·7
+    # = 1.75 s against the newcomer's prefill after it. The worker is not idle: f is on its way.
+    worker = replace(make_worker(), prefilling=(in_flight("f", 4096),))
+    got = policy(prefill_safety=1.0).schedule(fleet(worker, waiting=(make_waiting("a", prompt),)))
+    assert [d.request_id for d in got] == admitted
+
+
+def test_prefills_in_flight_count_in_the_predicted_ttft() -> None:
+    busy = replace(make_worker("busy"), prefilling=(in_flight("f", 4096, tpot_slo=100.0),))
+    slower = make_worker("slower", cost=replace(FAST_LINK, correction=2.0))  # 2 s for a, 4 s ahead on busy
+    got = policy().schedule(fleet(busy, slower, waiting=(make_waiting("a", 1024),)))
+    assert [d.worker_id for d in got] == ["slower"]
+
+
+@pytest.mark.parametrize(("protect", "admitted"), [(False, []), (True, [])])
+def test_a_request_lost_only_to_prefills_in_flight_stays_protected(
+    protect: bool, admitted: list[str]
+) -> None:
+    # Own slack 5.0 s (not lost), 6.0 s in flight: over-committed, so the next prefill still waits
+    # instead of the request being written off and the gate opening.
+    worker = replace(
+        make_worker(running=(make_running(),)), prefilling=(in_flight("f", 6144, tpot_slo=100.0),)
+    )
+    got = policy(protect_lost_requests=protect).schedule(fleet(worker, waiting=(make_waiting("a", 16),)))
+    assert [d.request_id for d in got] == admitted
+
+
+# ---- output-length prediction: running mean, max_tokens, the client's hint -----------------------
+# The running request: 10 of max 100 tokens generated, 2.5 s of decode, steps 0.25 s, SLO 0.5 s.
+# Predicting 90 more: slack 0.5·99 − 2.5 − 90·0.25 = 24.5 s; predicting 2 more (12 in all):
+# 0.5·11 − 2.5 − 2·0.25 = 2.5 s. The newcomer's prefill is 4.0 s.
+
+
+@pytest.mark.parametrize(
+    ("params", "hint", "admitted"),
+    [
+        ({"output_prediction": "max_tokens"}, None, ["a"]),
+        ({"output_prediction": "max_tokens"}, 12, []),  # the hint replaces the prediction
+        ({"output_prediction": "max_tokens", "use_output_hint": False}, 12, ["a"]),
+        ({}, None, ["a"]),  # the mean before any request finished: max_tokens
+        ({}, 12, []),
+        ({}, 500, ["a"]),  # a hint past max_tokens is capped by it
+        ({"slack_gate": False}, 12, ["a"]),
+    ],
+)
+def test_output_prediction_and_hint(params: dict[str, object], hint: int | None, admitted: list[str]) -> None:
+    running = make_running("r", generated=10, max_tokens=100, decode_time=2.5, hint=hint)
+    worker = make_worker(running=(running,))
+    waiting = (make_waiting("a", 4096, tpot_slo=100.0),)
+    got = policy(prefill_safety=1.0, **params).schedule(fleet(worker, waiting=waiting))
+    assert [d.request_id for d in got] == admitted
+
+
+def test_output_prediction_defaults_to_the_running_mean() -> None:
+    assert LayerKVParams().output_prediction == "mean"
+    assert (
+        LayerKVParams().slack_gate and LayerKVParams().newcomer_tpot_check and LayerKVParams().use_output_hint
+    )
+
+
+@pytest.mark.parametrize(("slack_gate", "admitted"), [(True, ["a"]), (False, ["a", "b", "c"])])
+def test_slack_gate_off_admits_on_placement_and_budget_only(slack_gate: bool, admitted: list[str]) -> None:
+    # 5.0 s of slack: a's 4.0 s fits, b's and c's do not (gate on); off, all three go.
+    worker = make_worker(running=(make_running(),))
+    waiting = tuple(make_waiting(n, 4096, arrival=i, tpot_slo=100.0) for i, n in enumerate("abc"))
+    got = policy(prefill_safety=1.0, slack_gate=slack_gate).schedule(fleet(worker, waiting=waiting))
+    assert [d.request_id for d in got] == admitted

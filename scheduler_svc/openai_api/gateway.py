@@ -64,7 +64,9 @@ class RequestGateway(Protocol):
 
     def accepts_model(self, name: str) -> bool: ...
 
-    async def submit(self, prompt: str | list[int], sampling: SamplingParams) -> Submitted: ...
+    async def submit(
+        self, prompt: str | list[int], sampling: SamplingParams, expected_output_tokens: int = 0
+    ) -> Submitted: ...
 
     def stream(self, request_id: str) -> AsyncIterator[StreamItem]: ...
 
@@ -116,8 +118,12 @@ class CoreGateway:
     def accepts_model(self, name: str) -> bool:
         return name == self._served_name or any(name == model for model, _ in self._workers())
 
-    async def submit(self, prompt: str | list[int], sampling: SamplingParams) -> Submitted:
-        request = scheduler_pb2.GenerateRequest(sampling=sampling_to_proto(sampling))
+    async def submit(
+        self, prompt: str | list[int], sampling: SamplingParams, expected_output_tokens: int = 0
+    ) -> Submitted:
+        request = scheduler_pb2.GenerateRequest(
+            sampling=sampling_to_proto(sampling), expected_output_tokens=expected_output_tokens
+        )
         if isinstance(prompt, str):
             request.text = prompt
         else:

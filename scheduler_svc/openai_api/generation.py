@@ -31,6 +31,7 @@ class Job:
     prompt: str | list[int]
     sampling: SamplingParams
     stops: tuple[str, ...] = ()
+    expected_output_tokens: int = 0  # the client's estimate of its output length (0: not given)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Outcome:
 
 async def start(gateway: RequestGateway, job: Job) -> AsyncIterator[TextDelta | Outcome]:
     """Admit the job now (a refusal raises here, before any response is sent), then follow it."""
-    submitted = await gateway.submit(job.prompt, job.sampling)
+    submitted = await gateway.submit(job.prompt, job.sampling, job.expected_output_tokens)
     return follow(gateway, submitted, job.stops)
 
 

@@ -38,6 +38,13 @@ class _GenerationRequest(_Lenient):
     stop: str | list[str] | None = Field(None, description="strings that end the output (not included)")
     stop_token_ids: list[TokenId] | None = Field(None, description="vLLM extension: token ids that end it")
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS")
+    expected_output_tokens: int | None = Field(
+        None,
+        ge=1,
+        lt=UINT32_LIMIT,
+        description="LayerKV extension: the client's estimate of its output length (at most the "
+        "max tokens), which the SLO-aware policy uses instead of its own prediction",
+    )
     n: int = Field(1, ge=1, description="choices per request; only 1 is supported")
     presence_penalty: float | None = Field(None, description="only 0 is supported")
     frequency_penalty: float | None = Field(None, description="only 0 is supported")

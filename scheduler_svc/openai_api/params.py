@@ -53,6 +53,17 @@ def stops_of(req: _GenerationRequest) -> tuple[str, ...]:
     return stops
 
 
+def expected_output_of(req: _GenerationRequest, sampling: SamplingParams) -> int:
+    """The client's output-length estimate (0: none), at most its max tokens."""
+    expected = req.expected_output_tokens or 0
+    if expected > sampling.max_tokens:
+        raise invalid(
+            f"expected_output_tokens={expected} is more than the max tokens ({sampling.max_tokens})",
+            "expected_output_tokens",
+        )
+    return expected
+
+
 def sampling_of(req: _GenerationRequest, max_tokens: int | None, default_max_tokens: int) -> SamplingParams:
     top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
     try:
@@ -89,7 +100,8 @@ def completion_job(req: CompletionRequest, gateway: RequestGateway) -> Job:
         prompt = one if isinstance(one, str) else [int(t) for t in one]  # type: ignore[union-attr]
     else:
         raise invalid(f"prompt holds {len(req.prompt)} prompts: send one per request", "prompt")
-    return Job(prompt, sampling_of(req, req.max_tokens, gateway.default_max_tokens), stops_of(req))
+    sampling = sampling_of(req, req.max_tokens, gateway.default_max_tokens)
+    return Job(prompt, sampling, stops_of(req), expected_output_of(req, sampling))
 
 
 def _text_of(index: int, content: object) -> str:
@@ -129,4 +141,5 @@ def chat_job(req: ChatCompletionRequest, gateway: RequestGateway) -> Job:
     if not ids:
         raise invalid("the chat template rendered an empty prompt", "messages")
     max_tokens = req.max_completion_tokens or req.max_tokens
-    return Job(ids, sampling_of(req, max_tokens, gateway.default_max_tokens), stops_of(req))
+    sampling = sampling_of(req, max_tokens, gateway.default_max_tokens)
+    return Job(ids, sampling, stops_of(req), expected_output_of(req, sampling))

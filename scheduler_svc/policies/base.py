@@ -45,6 +45,9 @@ class WaitingRequest:
     arrival_time: float  # unix seconds
     ttft_slo_s: float | None  # the request's own SLO; None takes the policy default
     tpot_slo_s: float | None
+    # The client's own estimate of its output length (``GenerateRequest.expected_output_tokens``);
+    # None: not given, the policy predicts it.
+    expected_output_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,26 @@ class RunningRequest:
     decode_time_s: float  # T_past: decode time spent on it so far
     tpot_slo_s: float | None
     placement: Placement
+    expected_output_tokens: int | None = None  # the client's estimate of its output length
+
+
+@dataclass(frozen=True)
+class PrefillInFlight:
+    """A request dispatched to a worker whose prefill the worker has not reported done yet.
+
+    The worker lists a request as running only once its prefill has produced the first token, so
+    until then its prefill is ahead of (or in) the worker's steps and stalls every running decode:
+    a policy charges it from here (``scheduler_svc.inflight``), and from the running list's T_past
+    afterwards, never both.
+    """
+
+    request_id: str
+    num_prompt_tokens: int  # the context it prefills (prompt plus tokens of earlier attempts)
+    max_tokens: int  # output tokens still to generate
+    placement: Placement  # as dispatched
+    tpot_slo_s: float | None
+    dispatch_time: float  # unix seconds
+    expected_output_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +112,9 @@ class WorkerSnapshot:
     # Of those, requests preempted by recompute and waiting on the worker: it re-admits them ahead
     # of any new dispatch (and refuses new dispatches until then).
     requests_preempted: int = 0
+    # Dispatched requests not in ``running`` yet (prefill pending or in progress), oldest first;
+    # their blocks are already subtracted from the free counts above.
+    prefilling: tuple[PrefillInFlight, ...] = ()
 
 
 def all_gpu_blocks(worker: WorkerSnapshot, num_tokens: int) -> int:

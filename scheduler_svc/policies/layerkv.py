@@ -30,6 +30,7 @@ from scheduler_svc.policies.base import (
     Policy,
     PolicyParams,
     PreemptionMode,
+    PrefillInFlight,
     RunningRequest,
     WaitingRequest,
     WorkerSnapshot,
@@ -40,10 +41,28 @@ from scheduler_svc.policies.layerkv_placement import chunk_tokens, placement_for
 class LayerKVParams(PolicyParams):
     """Parameters of the ``layerkv`` policy."""
 
-    output_prediction: Literal["max_tokens", "mean"] = Field(
-        default="max_tokens",
-        description="remaining output of a running request: its max_tokens (an upper bound) or the "
-        "running mean of finished requests' output lengths (capped by max_tokens)",
+    slack_gate: bool = Field(
+        default=True,
+        description="admit only while every protected request keeps its TPOT slack and the "
+        "newcomer's own TPOT fits (False: placement and budget only, the gate's ablation)",
+    )
+    output_prediction: Literal["mean", "max_tokens"] = Field(
+        default="mean",
+        description="output length of a request: the running mean of finished requests' output "
+        "lengths (max_tokens until the first one finishes) or its max_tokens (an upper bound: "
+        "the slack is large and the gate rarely binds); capped by max_tokens either way",
+    )
+    use_output_hint: bool = Field(
+        default=True,
+        description="a request's own expected_output_tokens, when the client gives one, replaces "
+        "the prediction (capped by max_tokens)",
+    )
+    newcomer_tpot_check: bool = Field(
+        default=True,
+        description="also refuse a request whose own predicted TPOT (the decode step with it "
+        "added, its host layers streamed host-to-device every step) exceeds its TPOT SLO, unless "
+        "the worker is idle (nothing better will come); a placement with more GPU layers is "
+        "tried first",
     )
     queue_order: Literal["fcfs", "ttft-deadline"] = Field(
         default="fcfs", description="order of the waiting queue: arrival, or earliest TTFT deadline first"
@@ -80,24 +99,37 @@ class LayerKVParams(PolicyParams):
     )
     protect_lost_requests: bool = Field(
         default=False,
-        description="also protect running requests whose slack is already negative without any "
-        "admission (False: they miss their SLO anyway and do not block admission)",
+        description="also protect running requests whose own slack (before this round and before "
+        "the prefills in flight) is already below slack_reserve_s: False, they miss their SLO "
+        "whatever is admitted and blocking admission for them would only add TTFT misses (they "
+        "still count in the decode step); True, no prefill is admitted while one runs",
     )
+
+
+@dataclass(frozen=True)
+class _Protected:
+    """A request whose TPOT SLO admission keeps, and the prefill time that runs before it decodes."""
+
+    request: RunningRequest
+    # Prefill seconds (before the safety factor) of the worker's queue that run before its own
+    # first token: they do not stall it. 0 for a request already decoding.
+    ahead_s: float = 0.0
 
 
 @dataclass
 class _WorkerRound:
-    """What this round's proposals already took from one worker."""
+    """What the prefills in flight and this round's proposals already took from one worker."""
 
     gpu_free: int
     host_free: int
     host_demand: list[int]  # host-placed blocks per layer: the staging blocks they stream through
-    prefill_s: float = 0.0  # predicted prefill time admitted this round (before the safety factor)
-    prompt_tokens: int = 0
+    prefill_s: float = 0.0  # predicted prefill in flight or admitted this round (before the safety factor)
+    prompt_tokens: int = 0  # admitted this round
     added: int = 0  # requests admitted this round
-    added_context: int = 0
-    added_h2d_bytes: int = 0  # per decode step, for their host-placed layers
-    protected: list[RunningRequest] = field(default_factory=list)
+    extra_batch: int = 0  # decodes to come beyond the running ones: in flight and this round's
+    extra_context: int = 0
+    extra_h2d_bytes: int = 0  # per decode step, for their host-placed layers
+    protected: list[_Protected] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -107,7 +139,7 @@ class _Candidate:
     worker: WorkerSnapshot
     placement: Placement
     prefill_s: float  # predicted, including any offload the prefill cannot hide
-    ttft_s: float  # predicted from now: this round's earlier prefills on the worker plus this one
+    ttft_s: float  # predicted from now: the worker's queued prefills (in flight, this round's) plus this one
 
 
 class LayerKVPolicy(Policy):
@@ -132,16 +164,7 @@ class LayerKVPolicy(Policy):
 
     def schedule(self, fleet: FleetSnapshot) -> Sequence[Dispatch]:
         self._observe_finished(fleet)
-        rounds = {
-            w.worker_id: _WorkerRound(
-                w.gpu_blocks_free,
-                w.host_blocks_free,
-                list(w.host_used_per_layer) or [0] * w.geometry.num_layers,
-                protected=self._protected(w),
-            )
-            for w in fleet.workers
-            if w.accepting
-        }
+        rounds = {w.worker_id: self._round_of(w) for w in fleet.workers if w.accepting}
         dispatches: list[Dispatch] = []
         for req in self._ordered(fleet.waiting):
             best: _Candidate | None = None
@@ -166,6 +189,22 @@ class LayerKVPolicy(Policy):
                 )
             )
         return dispatches
+
+    def _round_of(self, worker: WorkerSnapshot) -> _WorkerRound:
+        """The worker's round state before any proposal: its running requests and, charged once,
+        the prefills dispatched to it that it has not reported running yet."""
+        rnd = _WorkerRound(
+            worker.gpu_blocks_free,  # the ledger already subtracted the in-flight reservations
+            worker.host_blocks_free,
+            list(worker.host_used_per_layer) or [0] * worker.geometry.num_layers,
+            protected=self._protected(worker),
+        )
+        chunk = self.chunk_tokens(worker)
+        for f in worker.prefilling:  # oldest first: the worker prefills them in that order
+            rnd.prefill_s += self.predicted_prefill_s(f.num_prompt_tokens, f.placement, worker, chunk)
+            self._add_decode(rnd, worker, f.num_prompt_tokens, f.placement)
+            rnd.protected.append(_Protected(_as_running(f), ahead_s=rnd.prefill_s))
+        return rnd
 
     def _ever_fits(self, req: WaitingRequest, fleet: FleetSnapshot) -> bool:
         """Whether some accepting worker could take ``req`` once it is empty."""
@@ -196,22 +235,37 @@ class LayerKVPolicy(Policy):
             return None  # too long, or the worker re-admits its preempted requests first
         if rnd.added and rnd.prompt_tokens + req.num_prompt_tokens > self.p.max_prefill_tokens_per_round:
             return None
-        placement = self.placement_for(
+        placement = self._placement(req, worker, rnd)
+        if placement is None:
+            return None
+        gate_newcomer = self.p.slack_gate and self.p.newcomer_tpot_check
+        if gate_newcomer and not self._newcomer_keeps(req, placement, worker, rnd):
+            if placement.gpu_layers == worker.geometry.num_layers:
+                return None
+            # Streaming its host layers every step makes its own decode too slow: try the most GPU
+            # layers the free blocks hold.
+            placement = self._placement(req, worker, rnd, min_gpu_layers=worker.geometry.num_layers)
+            if placement is None or not self._newcomer_keeps(req, placement, worker, rnd):
+                return None
+        prefill_s = self.predicted_prefill_s(
+            req.num_prompt_tokens, placement, worker, self.chunk_tokens(worker)
+        )
+        if self.p.slack_gate and not self._slo_keeps(req, placement, prefill_s, worker, rnd):
+            return None
+        return _Candidate(worker, placement, prefill_s, rnd.prefill_s + prefill_s)
+
+    def _placement(
+        self, req: WaitingRequest, worker: WorkerSnapshot, rnd: _WorkerRound, min_gpu_layers: int = 0
+    ) -> Placement | None:
+        return self.placement_for(
             req.num_prompt_tokens,
             self.headroom_tokens(req, worker),
             worker,
             rnd.gpu_free,
             rnd.host_free,
             rnd.host_demand,
+            min_gpu_layers,
         )
-        if placement is None:
-            return None
-        prefill_s = self.predicted_prefill_s(
-            req.num_prompt_tokens, placement, worker, self.chunk_tokens(worker)
-        )
-        if not self._slo_keeps(req, placement, prefill_s, worker, rnd):
-            return None
-        return _Candidate(worker, placement, prefill_s, rnd.prefill_s + prefill_s)
 
     def headroom_tokens(self, req: WaitingRequest, worker: WorkerSnapshot) -> int:
         """Growth the ledger keeps free for ``req``: ``headroom_blocks`` per layer, within max_tokens."""
@@ -230,34 +284,68 @@ class LayerKVPolicy(Policy):
         worker: WorkerSnapshot,
         rnd: _WorkerRound,
     ) -> bool:
-        """Whether every protected running request keeps a non-negative slack after admitting ``req``."""
+        """Whether every protected request keeps a non-negative slack after admitting ``req``.
+
+        Each one is stalled by every prefill queued on the worker after its own first token: the
+        prefills in flight and this round's, ``req``'s included, each chunk step of them.
+        """
         if not rnd.protected:
             return True
         t_step = self._step_s(worker, rnd, extra=(req.num_prompt_tokens, placement))
-        stall_s = self.p.prefill_safety * (rnd.prefill_s + prefill_s) + self.p.slack_reserve_s
-        return all(self._slack_s(r, t_step) >= stall_s for r in rnd.protected)
+        queued_s = rnd.prefill_s + prefill_s
+        return all(
+            self._slack_s(p.request, t_step)
+            >= self.p.prefill_safety * (queued_s - p.ahead_s) + self.p.slack_reserve_s
+            for p in rnd.protected
+        )
 
-    def _protected(self, worker: WorkerSnapshot) -> list[RunningRequest]:
-        """Running requests whose TPOT SLO admission must keep (all, or those not already lost)."""
+    def _newcomer_keeps(
+        self, req: WaitingRequest, placement: Placement, worker: WorkerSnapshot, rnd: _WorkerRound
+    ) -> bool:
+        """Whether ``req``'s own predicted TPOT, the decode step with it added (its host layers
+        streamed in every step), stays within its TPOT SLO. An idle worker always passes: its
+        step will never be shorter, and refusing would starve the request there."""
+        if not worker.running and not worker.prefilling and not rnd.added:
+            return True
+        t_step = self._step_s(worker, rnd, extra=(req.num_prompt_tokens, placement))
+        return t_step <= self._tpot_slo(req.tpot_slo_s)
+
+    def _protected(self, worker: WorkerSnapshot) -> list[_Protected]:
+        """Running requests whose TPOT SLO admission must keep (all, or those not already lost).
+
+        "Lost" is judged on the request's own T_past and the current step, before the prefills in
+        flight: a prefill charged to it must never be what lets the next admission ignore it.
+        """
         if self.p.protect_lost_requests:
-            return list(worker.running)
+            return [_Protected(r) for r in worker.running]
         t_step = self._step_s(worker, _WorkerRound(0, 0, []))
-        return [r for r in worker.running if self._slack_s(r, t_step) - self.p.slack_reserve_s >= 0.0]
+        return [
+            _Protected(r) for r in worker.running if self._slack_s(r, t_step) - self.p.slack_reserve_s >= 0.0
+        ]
 
     def _slack_s(self, r: RunningRequest, t_step: float) -> float:
-        """``SLO·(N_past + N_future) − T_past − N_future·t_step``: decode time it can still give away."""
-        slo = r.tpot_slo_s if r.tpot_slo_s is not None else self.p.default_tpot_slo_s
-        future = self._remaining_tokens(r)
-        return slo * (r.tokens_generated + future) - r.decode_time_s - future * t_step
+        """Decode time the request can still give away and keep its TPOT SLO.
+
+        TPOT is measured over the gaps after the first token: with ``N`` tokens in all (generated
+        plus predicted), the budget is ``SLO·(N − 1)``, of which ``T_past`` is spent and every
+        future decode step takes ``t_step`` (the paper's ``SLO·(N_past + N_future) − T_past −
+        N_future·t_step``, counting gaps rather than tokens).
+        """
+        slo = self._tpot_slo(r.tpot_slo_s)
+        future = self._remaining_tokens(r.max_tokens, r.tokens_generated, r.expected_output_tokens)
+        gaps = max(r.tokens_generated + future - 1, 0)
+        steps = future if r.tokens_generated else max(future - 1, 0)  # its first token is the prefill's
+        return slo * gaps - r.decode_time_s - steps * t_step
 
     def _step_s(
         self, worker: WorkerSnapshot, rnd: _WorkerRound, extra: tuple[int, Placement] | None = None
     ) -> float:
-        """Predicted decode step on this worker with its running requests, this round's and ``extra``."""
+        """Predicted decode step on this worker with its running requests, those in flight, this
+        round's and ``extra``, each host-placed layer streamed host-to-device every step."""
         geometry = worker.geometry
-        batch = len(worker.running) + rnd.added
-        context = rnd.added_context
-        h2d = rnd.added_h2d_bytes
+        batch = len(worker.running) + rnd.extra_batch
+        context = rnd.extra_context
+        h2d = rnd.extra_h2d_bytes
         for r in worker.running:
             ctx = r.num_prompt_tokens + r.tokens_generated
             context += ctx
@@ -269,6 +357,12 @@ class LayerKVPolicy(Policy):
             h2d += placement.host_layers * geometry.bytes_per_layer(tokens)
         return worker.cost_model.decode_step_s(batch, context, h2d)
 
+    @staticmethod
+    def _add_decode(rnd: _WorkerRound, worker: WorkerSnapshot, tokens: int, placement: Placement) -> None:
+        rnd.extra_batch += 1
+        rnd.extra_context += tokens
+        rnd.extra_h2d_bytes += placement.host_layers * worker.geometry.bytes_per_layer(tokens)
+
     def _take(self, req: WaitingRequest, cand: _Candidate, rnd: _WorkerRound) -> None:
         tokens = req.num_prompt_tokens + self.headroom_tokens(req, cand.worker)
         need = kv_budget.demand(cand.worker.geometry, tokens, cand.placement)
@@ -278,21 +372,38 @@ class LayerKVPolicy(Policy):
         rnd.prefill_s += cand.prefill_s
         rnd.prompt_tokens += req.num_prompt_tokens
         rnd.added += 1
-        rnd.added_context += req.num_prompt_tokens
-        rnd.added_h2d_bytes += cand.placement.host_layers * cand.worker.geometry.bytes_per_layer(
-            req.num_prompt_tokens
+        self._add_decode(rnd, cand.worker, req.num_prompt_tokens, cand.placement)
+        # From now on it is one more decode whose TPOT the round's later admissions must keep.
+        as_running = RunningRequest(
+            req.request_id,
+            req.num_prompt_tokens,
+            req.max_tokens,
+            0,
+            0.0,
+            req.tpot_slo_s,
+            cand.placement,
+            req.expected_output_tokens,
         )
+        rnd.protected.append(_Protected(as_running, ahead_s=rnd.prefill_s))
 
     # ---- predictions -------------------------------------------------------------------------
 
     def _ttft_slo(self, req: WaitingRequest) -> float:
         return req.ttft_slo_s if req.ttft_slo_s is not None else self.p.default_ttft_slo_s
 
-    def _remaining_tokens(self, r: RunningRequest) -> int:
-        upper = max(r.max_tokens - r.tokens_generated, 0)
-        if self.p.output_prediction == "max_tokens" or self._finished_outputs == 0:
+    def _tpot_slo(self, own: float | None) -> float:
+        return own if own is not None else self.p.default_tpot_slo_s
+
+    def _remaining_tokens(self, max_tokens: int, generated: int, hint: int | None) -> int:
+        """Predicted output tokens still to come (at least one while any may come)."""
+        upper = max(max_tokens - generated, 0)
+        if self.p.use_output_hint and hint is not None and hint > 0:
+            expected: float = hint
+        elif self.p.output_prediction == "max_tokens" or self._finished_outputs == 0:
             return upper
-        return min(upper, max(1, round(self._mean_output - r.tokens_generated)))
+        else:
+            expected = self._mean_output
+        return min(upper, max(1, round(expected - generated)))
 
     def _observe_finished(self, fleet: FleetSnapshot) -> None:
         """Update the running mean of output lengths with the requests that left every worker."""
@@ -316,3 +427,16 @@ def _better(a: _Candidate, b: _Candidate, rounds: dict[str, _WorkerRound]) -> bo
         return a.ttft_s < b.ttft_s
     return rounds[a.worker.worker_id].gpu_free > rounds[b.worker.worker_id].gpu_free
 
+
+def _as_running(f: PrefillInFlight) -> RunningRequest:
+    """A prefill in flight as the decode it becomes: nothing generated, no decode time yet."""
+    return RunningRequest(
+        f.request_id,
+        f.num_prompt_tokens,
+        f.max_tokens,
+        0,
+        0.0,
+        f.tpot_slo_s,
+        f.placement,
+        f.expected_output_tokens,
+    )

@@ -34,6 +34,7 @@ def placement_for(
     gpu_free: int,
     host_free: int,
     host_demand: Sequence[int] = (),
+    min_gpu_layers: int = 0,
 ) -> Placement | None:
     """Fewest resident layers whose offload hides under the prefill, fitted to the free blocks.
 
@@ -42,6 +43,8 @@ def placement_for(
     minimum are used only when host or staging blocks run short; fewer only when GPU blocks
     run short. None when no split of the layers fits every limit.
     ``host_demand``: host-placed blocks per layer already on the worker (staging demand).
+    ``min_gpu_layers``: keep at least this many layers on the GPU where its free blocks allow
+    (the newcomer's TPOT check asks for more when streaming host layers makes its decode too slow).
     """
     geometry = worker.geometry
     layers = geometry.num_layers
@@ -49,7 +52,7 @@ def placement_for(
     rule = min_resident_layers(num_prompt_tokens, geometry, worker.cost_model)
     gpu_max = min(layers, gpu_free // per_layer)  # most GPU layers the free budget holds
     gpu_min = max(0, layers - host_free // per_layer)  # fewest GPU layers the host tier allows
-    resident = min(max(rule, gpu_min), gpu_max)
+    resident = min(max(rule, gpu_min, min_gpu_layers), gpu_max)
     if resident < gpu_min:
         return None
     # Host layers stream through the staging blocks: while they do not fit, keep more layers on
