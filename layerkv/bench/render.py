@@ -101,8 +101,9 @@ def render_sweep(rows: Sequence[SweepRow], console: Console) -> None:
     table.add_column("rate", justify="right")
     if len(prompts) > 1:
         table.add_column("prompt")
-    for name in ("policy", "TTFT", "TPOT", "either", "both", "fewer either", "fewer TPOT"):
-        table.add_column(name, justify="left" if name == "policy" else "right")
+    table.add_column("policy", no_wrap=True)
+    for name in ("TTFT", "TPOT", "either", "both", "fewer either", "fewer TPOT"):
+        table.add_column(name, justify="right")
     for r in sorted(rows, key=lambda r: (r.prompt, r.rate)):
         v = r.violations
         cells = [f"{r.rate:g}/s", *([r.prompt] if len(prompts) > 1 else []), r.policy]

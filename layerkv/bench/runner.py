@@ -101,20 +101,24 @@ async def batch1_times(
 ) -> Batch1Times:
     """What one request alone gets on this fleet, from the workers' cost models or a probe.
 
-    The probe sends ``probe_repeats`` requests of ``prompt_tokens`` one after the other, each alone
-    on the fleet, and takes the median client-side TTFT and TPOT (so it includes what every
-    request pays: gRPC, the scheduler's round, streaming).
+    Call it before other traffic: the advertised model is the scheduler's online fit, which a few
+    requests move away from the worker's profile. The probe sends one unmeasured warm-up request
+    and then ``probe_repeats`` requests of ``prompt_tokens``, each alone on the fleet, and takes
+    the median client-side TTFT and TPOT (so it includes what every request pays: gRPC, the
+    scheduler's round, streaming).
     """
     costs = await worker_cost_models(config)
     if choose_source(basis, costs) == "cost-model":
         return from_cost_models(costs, prompt_tokens)
     ttfts: list[float] = []
     tpots: list[float] = []
-    prompts = probe_prompts(prompt_tokens, probe_repeats, vocab_high, seed)
+    prompts = probe_prompts(prompt_tokens, probe_repeats + 1, vocab_high, seed)
     for i, prompt in enumerate(prompts):
         (result,) = await run_workload(config, [BenchRequest(i, 0.0, prompt, max(2, probe_output_tokens))])
         if not result.ok:
             raise RuntimeError(f"the batch-1 probe request failed: {result.error}")
+        if i == 0:
+            continue  # the warm-up
         if (ttft := result.ttft_s) is not None:
             ttfts.append(ttft)
         if (tpot := result.tpot_s) is not None:

@@ -117,7 +117,8 @@ def _resolve_slos(opts: BenchOptions, endpoint: str, spec: PolicySpec, console: 
     async def run() -> Slos:
         await wait_ready(config)
         await set_policy(config, spec.name, spec.params)
-        await _warm(opts, config)
+        # Before any other request: the scheduler's online fit has not yet moved the advertised
+        # cost model away from the workers' own (the probe warms up by itself).
         b1 = await batch1_times(
             config,
             opts.slo_basis,
