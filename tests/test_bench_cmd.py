@@ -248,3 +248,38 @@ def test_tpot_slo_from_a_probe_when_the_workers_advertise_no_profile(
     assert len(set(probes)) == 4 and {len(p) for p in probes} == {24}
     assert len(fleet.prompts["vllm"]) == 4 + 2
     assert "batch-1 on this fleet (probe" in result.output
+
+
+def test_an_embedded_start_that_loses_a_port_race_is_retried(
+    fake_fleet: tuple[str, FakeFleet], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import layerkv.embedded
+    from common.errors import Unavailable
+
+    endpoint, fleet = fake_fleet
+    attempts: list[str] = []
+
+    def flaky_start(opts: layerkv.embedded.EmbeddedOptions, system: layerkv.embedded.EmbeddedSystem) -> None:
+        attempts.append(opts.policy)
+        if len(attempts) == 1:  # what a child that could not bind its port looks like
+            raise Unavailable("scheduler exited with code 1; its log (...):\nOSError: [Errno 98] in use")
+        system.scheduler_address = endpoint  # the fake fleet stands in for the started system
+
+    monkeypatch.setattr(layerkv.embedded, "start", flaky_start)
+    args = ["bench", "--policies", "vllm", "--rate", "100", "--prompt-len", "8", "--output-len", "2"]
+    result = CliRunner().invoke(app, [*args, "--num-requests", "2", "--warmup", "0"])
+    assert result.exit_code == 0, result.output
+    assert attempts == ["vllm", "vllm"] and "retrying with new ports" in " ".join(result.output.split())
+    assert len(fleet.prompts["vllm"]) == 2
+
+    attempts.clear()
+    monkeypatch.setattr(layerkv.embedded, "start", lambda opts, system: flaky_start(opts, system) or _fail())
+    result = CliRunner().invoke(app, [*args, "--num-requests", "2", "--warmup", "0"])
+    assert result.exit_code == 1 and len(attempts) == 3  # gives up after three starts
+    assert "error: always busy" in result.output
+
+
+def _fail() -> None:
+    from common.errors import Unavailable
+
+    raise Unavailable("always busy")

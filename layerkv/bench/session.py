@@ -136,25 +136,39 @@ def _resolve_slos(opts: BenchOptions, endpoint: str, spec: PolicySpec, console: 
     return slos
 
 
+_START_ATTEMPTS = 3  # a child that loses the race for a free port to another process fails its start
+
+
 @contextlib.contextmanager
 def _system_for(opts: BenchOptions, spec: PolicySpec, console: Console) -> Iterator[str]:
     """The endpoint to run ``spec`` on, with fresh state; stops what it started."""
     if opts.endpoint:
         yield opts.endpoint
         return
+    from common.errors import Unavailable
     from layerkv.embedded import EmbeddedSystem, forget_credentials, start
 
     f = opts.fleet
-    run_dir = Path(tempfile.mkdtemp(prefix="layerkv-bench-"))
-    system = EmbeddedSystem(run_dir)
-    ok = False
     what = f"{spec.label} ({f.workers} worker(s), {f.model})"
-    console.print(f"[dim]starting an embedded system for {what}…[/dim]")
+    for attempt in range(1, _START_ATTEMPTS + 1):
+        run_dir = Path(tempfile.mkdtemp(prefix="layerkv-bench-"))
+        system = EmbeddedSystem(run_dir)
+        console.print(f"[dim]starting an embedded system for {what}…[/dim]")
+        try:
+            start(dataclasses.replace(f, policy=spec.name), system)
+            break
+        except Unavailable as exc:
+            system.stop()
+            forget_credentials(system)
+            if attempt == _START_ATTEMPTS:
+                console.print(f"[red]the embedded system's logs are kept in {run_dir}[/red]")
+                raise
+            # Ports are picked free and bound by the children later; another process may take one.
+            first_line = str(exc).splitlines()[0]
+            console.print(f"[yellow]start failed ({first_line}); retrying with new ports[/yellow]")
+            shutil.rmtree(run_dir, ignore_errors=True)
+    ok = False
     try:
-        start(
-            dataclasses.replace(f, policy=spec.name),
-            system,
-        )
         yield system.scheduler_address
         ok = True
     finally:
