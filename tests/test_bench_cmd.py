@@ -125,8 +125,8 @@ def test_bench_runs_every_policy_on_the_same_workload(
         ],
     )
     assert result.exit_code == 0, result.output
-    # Two policies x two prompt points, each policy set again (fresh) with its parameters per point.
-    assert fleet.policies_set == [("fcfs-full", {})] * 2 + [("layerkv", {"prefill_safety": 1.5})] * 2
+    # Two prompt points x two policies, in that order, each policy set (fresh) with its parameters.
+    assert fleet.policies_set == [("fcfs-full", {}), ("layerkv", {"prefill_safety": 1.5})] * 2
     # The same workload for both (sorted: requests 5 ms apart may reach the server out of order).
     assert sorted(fleet.prompts["fcfs-full"]) == sorted(fleet.prompts["layerkv"])
     assert sorted({len(p) for p in fleet.prompts["layerkv"]}) == [8, 24]
@@ -203,12 +203,10 @@ def test_rate_sweep_of_variants_with_the_tpot_slo_from_the_cost_model(
     assert data["slos"]["tpot_s"] == pytest.approx(1.5 * step) and data["slos"]["ttft_s"] == 0.2
     assert len(fleet.slos) == 3 * 2 * 4  # no probe: the cost model gave the step
     assert all(slo == (pytest.approx(0.2), pytest.approx(1.5 * step)) for slo in fleet.slos)  # every request
-    # Each variant is set (with its own parameters) once per rate, the baseline also before the SLOs
-    # are resolved; the label names the variant in the results.
-    assert (
-        fleet.policies_set
-        == [("layerkv", {})] * 3 + [("layerkv", {"prefill_safety": 2.0})] * 2 + [("vllm", {})] * 2
-    )
+    # The baseline is set before the SLOs are resolved, then the variants take turns on each rate,
+    # each with its own parameters; the label names the variant in the results.
+    runs = [("layerkv", {}), ("layerkv", {"prefill_safety": 2.0}), ("vllm", {})]
+    assert fleet.policies_set == [("layerkv", {})] + runs * 2
     rows = data["sweep"]
     assert [(r["rate"], r["policy"]) for r in rows] == [
         (rate, p) for rate in (100.0, 200.0) for p in ("layerkv", "lk2", "vllm")
@@ -244,9 +242,9 @@ def test_tpot_slo_from_a_probe_when_the_workers_advertise_no_profile(
     assert slos["tpot_s"] == pytest.approx(1.5 * slos["batch1"]["step_s"])
     assert slos["ttft_s"] == pytest.approx(4 * slos["batch1"]["ttft_s"])
     assert slos["batch1"]["step_s"] >= 0.005  # measured through the fleet, not the default model
-    probes = fleet.prompts["vllm"][:4]  # a warm-up and three distinct 24-token probes before the run
-    assert len(set(probes)) == 4 and {len(p) for p in probes} == {24}
-    assert len(fleet.prompts["vllm"]) == 4 + 2
+    probes = fleet.prompts["vllm"][:6]  # a warm-up and five distinct 24-token probes before the run
+    assert len(set(probes)) == 6 and {len(p) for p in probes} == {24}
+    assert len(fleet.prompts["vllm"]) == 6 + 2
     assert "batch-1 on this fleet (probe" in result.output
 
 

@@ -95,7 +95,7 @@ async def batch1_times(
     basis: SloBasis,
     prompt_tokens: int,
     probe_output_tokens: int = 32,
-    probe_repeats: int = 3,
+    probe_repeats: int = 5,
     vocab_high: int = 256,
     seed: int = 0,
 ) -> Batch1Times:

@@ -1,12 +1,13 @@
 """One ``layerkv bench`` invocation: every policy variant on every workload point.
 
 Each point (a rate and a prompt-length distribution) is generated once, so every variant gets the
-same requests. Without ``--endpoint`` each variant gets a new embedded system (its own Redis,
-scheduler and workers, ``layerkv.embedded``), which runs every point in turn and is stopped
-afterwards; with ``--endpoint`` all run on that scheduler. Before each point the policy is set
-again with ``SetPolicy`` on the idle scheduler (every earlier request has finished), so the
-policy's own state is fresh. SLOs given as multiples of the batch-1 figures are resolved once, on
-the first system, before anything is measured, and every variant is sent the same SLOs.
+same requests, and on each point the variants take turns. Without ``--endpoint`` each variant gets
+its own embedded system (its own Redis, scheduler and workers, ``layerkv.embedded``), started
+before the first run and stopped after the last; with ``--endpoint`` all run on that scheduler.
+Before each run the policy is set again with ``SetPolicy`` on the idle scheduler (every earlier
+request has finished), so the policy's own state is fresh. SLOs given as multiples of the batch-1
+figures are resolved once, on the first system, before anything is measured, and every variant is
+sent the same SLOs.
 """
 
 from __future__ import annotations
@@ -90,20 +91,19 @@ def _points(opts: BenchOptions) -> list[_Point]:
 def run_bench(opts: BenchOptions, console: Console) -> tuple[list[PointResult], Slos]:
     """Every variant on every point; the points' results and the SLOs they were measured against."""
     points = _points(opts)
-    results: list[dict[str, list[RequestResult]]] = [{} for _ in points]
-    slos: Slos | None = None
-    for spec in opts.policies:
-        with _system_for(opts, spec, console) as endpoint:
-            if slos is None:
-                slos = _resolve_slos(opts, endpoint, spec, console)
-            for point, measured in zip(points, results, strict=True):
+    with contextlib.ExitStack() as systems:
+        # Every variant's system is up before the first run, and the variants take turns on each
+        # point: a machine whose load drifts then shifts them alike, not one variant's rates.
+        endpoints = [systems.enter_context(_system_for(opts, spec, console)) for spec in opts.policies]
+        slos = _resolve_slos(opts, endpoints[0], opts.policies[0], console)
+        out: list[PointResult] = []
+        for point in points:
+            measured: dict[str, list[RequestResult]] = {}
+            for spec, endpoint in zip(opts.policies, endpoints, strict=True):
                 label = f"{spec.label}  rate {point.rate:g}/s  prompt {point.prompt.label()}"
                 measured[spec.label] = _measure(opts, slos, endpoint, spec, point.requests, label, console)
-    assert slos is not None  # at least one policy ran
-    return [
-        point_result(p.rate, p.prompt.label(), r, slos.ttft_s, slos.tpot_s)
-        for p, r in zip(points, results, strict=True)
-    ], slos
+            out.append(point_result(point.rate, point.prompt.label(), measured, slos.ttft_s, slos.tpot_s))
+    return out, slos
 
 
 def _resolve_slos(opts: BenchOptions, endpoint: str, spec: PolicySpec, console: Console) -> Slos:
