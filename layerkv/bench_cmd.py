@@ -1,5 +1,10 @@
 """``layerkv bench``: the same Poisson workload against several policies, with the ratios.
 
+``--policies`` takes variants with parameters and labels (``layerkv:slack_gate=false@nogate``),
+``--rates`` a request-rate sweep, and the SLOs may be multiples of the fleet's batch-1 figures
+(``--tpot-slo 1.5x``: the TPOT-bound setting); the SLO violation rates of every variant at every
+rate are tabulated, written to ``--json`` and plotted by ``--sweep-plot``.
+
 The defaults are the CPU acceptance workload of the LayerKV policy (docs/benchmarks.md): the tiny
 preset on one worker whose GPU tier holds only a few whole long prompts, long prompts at a rate
 that saturates ``fcfs-full``. The default policies compare ``layerkv`` with ``vllm`` (vLLM v1's
@@ -10,6 +15,7 @@ command only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated
@@ -26,8 +32,8 @@ DEFAULT_OUTPUT = "64:192"
 DEFAULT_REQUESTS = 80
 DEFAULT_GPU_BLOCKS = 192
 DEFAULT_HOST_BLOCKS = 16384
-DEFAULT_TTFT_SLO_S = 2.0
-DEFAULT_TPOT_SLO_S = 0.05
+DEFAULT_TTFT_SLO = "2.0"  # seconds
+DEFAULT_TPOT_SLO = "0.05"
 
 
 def _output_range(text: str) -> tuple[int, int]:
@@ -42,15 +48,23 @@ def _output_range(text: str) -> tuple[int, int]:
 
 
 def bench(
-    policies: Annotated[str, typer.Option(help="comma-separated policies; the first is the baseline")] = (
-        DEFAULT_POLICIES
-    ),
+    policies: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated policy variants NAME:KEY=VALUE:...@LABEL (pairs and label optional), e.g. "
+            "'vllm,layerkv:slack_gate=false@layerkv-nogate,layerkv' (VALUE is JSON or a bare word; "
+            "LABEL names the variant in tables and plots); the first is the baseline"
+        ),
+    ] = DEFAULT_POLICIES,
     endpoint: Annotated[
         str, typer.Option(help="scheduler host:port; empty: start an embedded system per policy")
     ] = "",
-    rate: Annotated[str, typer.Option(help="arrivals per second (Poisson); comma-separated: a sweep")] = (
-        DEFAULT_RATE
-    ),
+    rate: Annotated[
+        str,
+        typer.Option(
+            "--rate", "--rates", help="arrivals per second (Poisson); comma-separated: a sweep, 0.5,1,2"
+        ),
+    ] = DEFAULT_RATE,
     prompt_len: Annotated[
         str,
         typer.Option(help="prompt tokens: N, a sweep N1,N2,…, or lognormal:MEDIAN[:SIGMA[:MIN:MAX]]"),
@@ -61,11 +75,27 @@ def bench(
     ] = DEFAULT_REQUESTS,
     seed: Annotated[int, typer.Option(help="workload seed (arrivals, lengths, token ids)")] = 0,
     ttft_slo: Annotated[
-        float, typer.Option(min=0.0, help="TTFT SLO in seconds (sent with every request)")
-    ] = (DEFAULT_TTFT_SLO_S),
+        str,
+        typer.Option(
+            help="TTFT SLO sent with every request: seconds, or Nx = N times the batch-1 TTFT of the "
+            "(first, median) prompt length"
+        ),
+    ] = DEFAULT_TTFT_SLO,
     tpot_slo: Annotated[
-        float, typer.Option(min=0.0, help="TPOT SLO in seconds (sent with every request)")
-    ] = (DEFAULT_TPOT_SLO_S),
+        str,
+        typer.Option(
+            help="TPOT SLO sent with every request: seconds, or Nx = N times the batch-1 decode step "
+            "(1.5x: the TPOT-bound setting)"
+        ),
+    ] = DEFAULT_TPOT_SLO,
+    slo_basis: Annotated[
+        str,
+        typer.Option(
+            help="batch-1 figures of Nx SLOs: cost-model (the workers' advertised CostModel), probe "
+            "(lone requests timed through the fleet before the runs), auto (cost-model when every "
+            "worker advertises a profiled one, else probe)"
+        ),
+    ] = "auto",
     params: Annotated[
         list[str] | None, typer.Option("--params", help="policy parameters NAME=JSON (repeatable)")
     ] = None,
@@ -95,38 +125,46 @@ def bench(
         Path | None, typer.Option("--json", help="write machine-readable results here")
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="write a PNG: TTFT vs prompt length, TTFT CDF")] = None,
+    sweep_plot: Annotated[
+        Path | None,
+        typer.Option(help="write a PNG: SLO violations (TTFT, TPOT, either, both) against rate"),
+    ] = None,
 ) -> None:
     """Run a Poisson workload against each policy (fresh state each) and compare them."""
     from rich.console import Console
 
     from common.errors import LayerKVError
-    from layerkv.bench.plot import plot_points
-    from layerkv.bench.render import render
+    from layerkv.bench.plot import plot_points, plot_sweep
+    from layerkv.bench.policy_spec import parse_policy_specs
+    from layerkv.bench.render import render, render_sweep
     from layerkv.bench.report import to_jsonable
     from layerkv.bench.runner import parse_policy_params
     from layerkv.bench.session import BenchOptions, run_bench
+    from layerkv.bench.slo import BASES, SloTarget
+    from layerkv.bench.sweep import sweep_jsonable, sweep_rows
     from layerkv.bench.workload import parse_floats, parse_prompt_sweep
     from layerkv.embedded import EmbeddedOptions
 
     console = Console()
     try:
-        names = [p.strip() for p in policies.split(",") if p.strip()]
-        if not names:
-            raise typer.BadParameter("--policies needs at least one policy name")
+        specs = parse_policy_specs(policies, parse_policy_params(params or []))
+        if slo_basis not in BASES:
+            raise typer.BadParameter(f"--slo-basis {slo_basis!r} must be one of {', '.join(BASES)}")
         out_min, out_max = _output_range(output_len)
         # Explicit GiB sizes replace the default block counts.
         gpu = None if gpu_kv_gib is not None else gpu_blocks
         host = None if host_kv_gib is not None else host_blocks
         opts = BenchOptions(
-            policies=names,
+            policies=specs,
             rates=parse_floats(rate, "--rate"),
             prompts=parse_prompt_sweep(prompt_len),
             num_requests=num_requests,
             output_min=out_min,
             output_max=out_max,
             seed=seed,
-            ttft_slo_s=ttft_slo,
-            tpot_slo_s=tpot_slo,
+            ttft_slo=SloTarget.parse(ttft_slo, "--ttft-slo"),
+            tpot_slo=SloTarget.parse(tpot_slo, "--tpot-slo"),
+            slo_basis=slo_basis,  # type: ignore[arg-type]  # checked against BASES above
             endpoint=endpoint,
             fleet=EmbeddedOptions(
                 workers=workers,
@@ -142,22 +180,25 @@ def bench(
                 metrics_port=0,
                 startup_timeout_s=300.0,
             ),
-            policy_params=parse_policy_params(params or []),
             warmup=warmup,
             request_timeout_s=timeout,
             vocab_high=vocab_size,
             api_token=api_token,
             admin_token=admin_token,
         )
-        points = run_bench(opts, console)
-    except (LayerKVError, ValueError, TimeoutError) as exc:
+        points, slos = run_bench(opts, console)
+    except (LayerKVError, ValueError, TimeoutError, RuntimeError) as exc:
         console.print(f"[red]error: {exc}[/red]")
         raise typer.Exit(1) from exc
     render(points, console)
+    rows = sweep_rows(points)
+    render_sweep(rows, console)
     if json_out is not None:
         payload = {
             "command": "layerkv bench",
             "options": _options_json(opts),
+            "slos": dataclasses.asdict(slos),
+            "sweep": sweep_jsonable(rows),
             "points": [to_jsonable(p) for p in points],
         }
         json_out.write_text(json.dumps(payload, indent=2))
@@ -165,6 +206,9 @@ def bench(
     if plot is not None:
         plot_points(points, plot)
         console.print(f"plot written to {plot}")
+    if sweep_plot is not None:
+        plot_sweep(rows, sweep_plot, title=f"TTFT ≤ {slos.ttft_s:.3g} s, TPOT ≤ {slos.tpot_s * 1000:.3g} ms")
+        console.print(f"sweep plot written to {sweep_plot}")
 
 
 def _options_json(opts: object) -> dict[str, object]:

@@ -1,11 +1,20 @@
-"""Plots of a benchmark: TTFT against prompt length, and the TTFT CDF, one series per policy."""
+"""Plots of a benchmark: TTFT against prompt length and the TTFT CDF (``plot_points``), and the SLO
+violation rates against request rate, one panel per kind (``plot_sweep``); one series per policy."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-from layerkv.bench.report import PointResult
+from layerkv.bench.report import VIOLATION_KINDS, PointResult
+from layerkv.bench.sweep import SweepRow, series
+
+_KIND_TITLES = {
+    "ttft": "TTFT SLO violations",
+    "tpot": "TPOT SLO violations",
+    "either": "either SLO violated",
+    "both": "both SLOs violated",
+}
 
 
 def plot_points(points: Sequence[PointResult], path: Path) -> None:
@@ -37,6 +46,30 @@ def plot_points(points: Sequence[PointResult], path: Path) -> None:
     for ax in (by_len, cdf):
         ax.grid(True, alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(rows: Sequence[SweepRow], path: Path, title: str = "") -> None:
+    """Write a PNG with one panel per violation kind: share of requests against request rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(VIOLATION_KINDS), figsize=(4.2 * len(VIOLATION_KINDS), 4.0), sharey=True)
+    for ax, kind in zip(axes, VIOLATION_KINDS, strict=True):
+        for label, pairs in series(rows, kind).items():
+            ax.plot([r for r, _ in pairs], [100.0 * v for _, v in pairs], marker="o", label=label)
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_title(_KIND_TITLES[kind])
+        ax.set_ylim(-2, 102)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("requests violating (%)")
+    axes[0].legend()
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

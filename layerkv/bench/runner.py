@@ -20,7 +20,17 @@ from google.protobuf import json_format, struct_pb2
 
 from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 from common.security import bearer_metadata
+from common.types import CostModel
+from common.wire import cost_model_from_proto
 from layerkv.bench.report import RequestResult
+from layerkv.bench.slo import (
+    Batch1Times,
+    SloBasis,
+    choose_source,
+    from_cost_models,
+    from_probe,
+    probe_prompts,
+)
 from layerkv.bench.workload import BenchRequest
 
 
@@ -68,6 +78,52 @@ async def wait_ready(config: ClientConfig, timeout_s: float = 120.0) -> int:
                 last_error = f"{exc.code().name}: {exc.details()}"
             await asyncio.sleep(0.2)
     raise TimeoutError(f"scheduler at {config.endpoint} not ready after {timeout_s:.0f} s ({last_error})")
+
+
+async def worker_cost_models(config: ClientConfig) -> list[CostModel]:
+    """The cost model each healthy worker advertises (its profile, or the scheduler's online fit)."""
+    async with grpc.aio.insecure_channel(config.endpoint) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        response = await stub.ListWorkers(
+            admin_pb2.ListWorkersRequest(), metadata=bearer_metadata(config.admin_token), timeout=10.0
+        )
+    return [cost_model_from_proto(w.cost_model) for w in response.workers if w.healthy and not w.draining]
+
+
+async def batch1_times(
+    config: ClientConfig,
+    basis: SloBasis,
+    prompt_tokens: int,
+    probe_output_tokens: int = 32,
+    probe_repeats: int = 5,
+    vocab_high: int = 256,
+    seed: int = 0,
+) -> Batch1Times:
+    """What one request alone gets on this fleet, from the workers' cost models or a probe.
+
+    Call it before other traffic: the advertised model is the scheduler's online fit, which a few
+    requests move away from the worker's profile. The probe sends one unmeasured warm-up request
+    and then ``probe_repeats`` requests of ``prompt_tokens``, each alone on the fleet, and takes
+    the median client-side TTFT and TPOT (so it includes what every request pays: gRPC, the
+    scheduler's round, streaming).
+    """
+    costs = await worker_cost_models(config)
+    if choose_source(basis, costs) == "cost-model":
+        return from_cost_models(costs, prompt_tokens)
+    ttfts: list[float] = []
+    tpots: list[float] = []
+    prompts = probe_prompts(prompt_tokens, probe_repeats + 1, vocab_high, seed)
+    for i, prompt in enumerate(prompts):
+        (result,) = await run_workload(config, [BenchRequest(i, 0.0, prompt, max(2, probe_output_tokens))])
+        if not result.ok:
+            raise RuntimeError(f"the batch-1 probe request failed: {result.error}")
+        if i == 0:
+            continue  # the warm-up
+        if (ttft := result.ttft_s) is not None:
+            ttfts.append(ttft)
+        if (tpot := result.tpot_s) is not None:
+            tpots.append(tpot)
+    return from_probe(ttfts, tpots, prompt_tokens)
 
 
 def _generate_request(config: ClientConfig, run_id: str, req: BenchRequest) -> scheduler_pb2.GenerateRequest:
