@@ -31,6 +31,24 @@ class _DeferredFree:
     layer: int
 
 
+class _Both:
+    """Done when both copies are."""
+
+    def __init__(self, a: CopyHandle, b: CopyHandle) -> None:
+        self.a, self.b = a, b
+
+    def done(self) -> bool:
+        return self.a.done() and self.b.done()
+
+    def wait(self) -> None:
+        self.a.wait()
+        self.b.wait()
+
+    def order_compute_after(self) -> None:
+        self.a.order_compute_after()
+        self.b.order_compute_after()
+
+
 class KVCacheManager:
     def __init__(self, geometry: KVGeometry, gpu_blocks: int, host_blocks: int, staging_blocks: int) -> None:
         self.geometry = geometry
@@ -179,6 +197,7 @@ class KVCacheManager:
         """Return all blocks of a finished, aborted or preempted request (later, for blocks a copy
         still uses)."""
         table = self.tables.pop(request_id)
+        store = table.store if table.store is not None and not table.store.done() else None
         for layer, lb in enumerate(table.layers):
             if not lb.reads_gpu_blocks:
                 self._host_read[layer] -= table.blocks_per_layer
@@ -186,7 +205,10 @@ class KVCacheManager:
             for tier, ids in ((Tier.GPU, lb.gpu_blocks), (Tier.HOST, lb.host_blocks)):
                 if not ids:
                     continue
-                if pending is not None:
+                if tier is Tier.HOST and store is not None:  # a step's write-back still fills them
+                    self._deferred.append(_DeferredFree(store if pending is None else _Both(pending, store),
+                                                        tier, ids, layer))
+                elif pending is not None:
                     self._deferred.append(_DeferredFree(pending, tier, ids, layer))
                 else:
                     self._free(tier, ids, layer)
@@ -231,6 +253,10 @@ class KVCacheManager:
         """``handle`` ends a copy of ``table``'s layer; ``poll`` settles it (only layers set here)."""
         table.layers[layer].pending = handle
         self._pending[(id(table), layer)] = table
+
+    def set_store(self, table: LayerBlockTable, handle: CopyHandle) -> None:
+        """``handle`` ends the latest write-back to ``table``'s host blocks (``release`` waits for it)."""
+        table.store = handle
 
     def loading(self) -> list[tuple[LayerBlockTable, int]]:
         """(table, layer) of the promotions still in flight."""
