@@ -298,7 +298,7 @@ class Engine:
         return plan, admitted, failed
 
     def _promote(self, stats: CopyStats) -> None:
-        if not self.kv_manager.has_host_reads:
+        if not self.kv_manager.has_host_reads or self.config.max_promotions_per_step <= 0:
             return  # nothing to promote: skip the per-request bookkeeping below
         # Keep a block of growth per GPU-read layer of every request that will still grow, so a
         # promotion does not take the room the next decode grows into (and preempt to get it back).
@@ -350,11 +350,14 @@ class Engine:
                                              error=f"{type(exc).__name__}: {exc}"))
             return outputs
         now = time.perf_counter()
-        for r, n in plan:
+        assert access is not None
+        staged_in, staged_out = access.copied_bytes()
+        for (r, n), loaded, stored in zip(plan, staged_in, staged_out, strict=True):
             r.num_computed += n
             r.table.num_tokens = r.num_computed  # type: ignore[union-attr]
-            r.bytes_offloaded += stats.offloaded_by_request.get(r.request_id, 0)
-            r.bytes_loaded += stats.loaded_by_request.get(r.request_id, 0)
+            # staging copies of this step, and promotions and swaps (per request: rare)
+            r.bytes_offloaded += stored + stats.offloaded_by_request.get(r.request_id, 0)
+            r.bytes_loaded += loaded + stats.loaded_by_request.get(r.request_id, 0)
         outputs = []
         for i, tok in zip(sampled, tokens, strict=True):
             r = batch[i]

@@ -94,9 +94,10 @@ class CopyEngine:
     def copy_runs(self, src: torch.Tensor, dst: torch.Tensor, runs: np.ndarray) -> CopyHandle:
         """Copy ``runs`` [K, 3] int64 rows (src id, dst id, length) of consecutive blocks.
 
-        Few runs: one slice copy each. Many (a batch's contexts, each its own run): one gather and
-        one scatter, as the per-call cost of hundreds of small copies exceeds the extra pass."""
-        if len(runs) > _MANY_RUNS:
+        Few runs, or long ones (a host layer's contexts): one slice copy each. Many short ones (a
+        decode's written block of every request): one gather and one scatter, as the per-call cost
+        of hundreds of small copies exceeds the extra pass."""
+        if len(runs) > _MANY_RUNS and int(runs[:, 2].sum()) < _LONG_RUN * len(runs):
             src_ids, dst_ids = expand_runs(runs)
             dst.index_copy_(0, dst_ids, src.index_select(0, src_ids))
             return DoneHandle()
@@ -105,7 +106,8 @@ class CopyEngine:
         return DoneHandle()
 
 
-_MANY_RUNS = 8  # CPU copies: above this many runs, index ops beat a slice copy per run
+_MANY_RUNS = 8  # CPU copies: above this many runs, index ops beat a slice copy per run ...
+_LONG_RUN = 64  # ... unless runs average this many blocks (the per-call cost is amortised)
 
 
 class CudaEventHandle:

@@ -50,11 +50,12 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def pair_runs(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Block pairs ``src[i] -> dst[i]`` [n] as runs [K, 3] of (src, dst, length), array ops only."""
+def pair_runs(src: np.ndarray, dst: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Block pairs ``src[i] -> dst[i]`` [n] as runs [K, 3] of (src, dst, length), array ops only; a
+    run never spans two values of ``group`` [n]."""
     if not len(src):
         return np.zeros((0, 3), dtype=np.int64)
-    begins = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+    begins = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1) | (np.diff(group) != 0)) + 1
     edges = np.concatenate(([0], begins, [len(src)]))
     return np.stack((src[edges[:-1]], dst[edges[:-1]], np.diff(edges)), axis=1).astype(np.int64)
 
@@ -67,8 +68,7 @@ class _HostLayer:
     blocks: int  # staging blocks the layer takes: every host-read request's whole context
     offsets: np.ndarray  # [B] where each row's blocks begin in the range (0 for other rows)
     load: np.ndarray  # [K, 3] runs (host id, staging offset, length) streamed in before compute
-    store_src: np.ndarray  # [W] staging offsets of the blocks the step writes ...
-    store_dst: np.ndarray  # [W] ... and the host ids they go back to
+    store: np.ndarray  # [K, 3] runs (staging offset, host id, length) written back after attention
     base: int = -1  # first staging id, once taken
     handle: CopyHandle | None = None  # the stream-in
 
@@ -171,16 +171,19 @@ class StepAccess:
             np.cumsum(n_written) - n_written, n_written)  # [W] block index inside its request
         store_dst = buf.host_ids[pl[pair_of], pr[pair_of], j].astype(np.int64)  # [W]
         store_src = offset[pair_of] + j  # [W]
+        # Runs do not depend on the range's base (it shifts a layer's sources alike): built once here.
+        store_layer = pl[pair_of]
+        store = pair_runs(store_src, store_dst, store_layer)  # [K', 3]
+        store_layer = store_layer[np.cumsum(store[:, 2]) - store[:, 2]] if len(store) else store_layer
         load_cut = [*np.searchsorted(load_layer, layers, side="left").tolist(), len(load_layer)]
-        store_cut = [*np.searchsorted(pl[pair_of], layers, side="left").tolist(), len(pair_of)]
+        store_cut = [*np.searchsorted(store_layer, layers, side="left").tolist(), len(store_layer)]
         for x, layer in enumerate(layers.tolist()):
             a, b = first_pair[x], first_pair[x] + per_layer[x]
             offsets = np.zeros(len(rows), dtype=np.int64)
             offsets[pb[a:b]] = offset[a:b]
             self._host[layer] = _HostLayer(
                 hr[layer].tobytes(), int(pair_used[a:b].sum()), offsets,
-                load[load_cut[x]:load_cut[x + 1]], store_src[store_cut[x]:store_cut[x + 1]],
-                store_dst[store_cut[x]:store_cut[x + 1]])
+                load[load_cut[x]:load_cut[x + 1]], store[store_cut[x]:store_cut[x + 1]])
         # Bytes per request: every host-read layer streams its filled blocks in and writes back.
         host_layers = hr.sum(axis=0)  # [B]
         self._loaded_blocks = host_layers * filled  # [B]
@@ -276,7 +279,8 @@ class StepAccess:
         host = self._host.get(layer)
         if host is None:
             return
-        runs = pair_runs(host.store_src + host.base, host.store_dst)
+        runs = host.store.copy()
+        runs[:, 0] += host.base
         handle = self.copy.copy_runs(self.kv.gpu, self.kv.host, runs)
         self.manager.staging.release_after(host.base, handle)
         host.base = -1
@@ -289,10 +293,14 @@ class StepAccess:
         order, so the step's last store covers all its earlier ones), and the bytes are counted."""
         assert self._last_store is not None
         for i in np.flatnonzero(self._loaded_blocks + self._stored_blocks).tolist():
-            table = self.tables[i]
-            self.manager.set_store(table, self._last_store)
-            self.stats.loaded(table.request_id, int(self._loaded_blocks[i]) * self.block_bytes)
-            self.stats.offloaded(table.request_id, int(self._stored_blocks[i]) * self.block_bytes)
+            self.manager.set_store(self.tables[i], self._last_store)
+        self.stats.bytes_loaded += int(self._loaded_blocks.sum()) * self.block_bytes
+        self.stats.bytes_offloaded += int(self._stored_blocks.sum()) * self.block_bytes
+
+    def copied_bytes(self) -> tuple[list[int], list[int]]:
+        """Bytes each request of the batch streamed in and wrote back through staging (step order)."""
+        return ((self._loaded_blocks * self.block_bytes).tolist(),
+                (self._stored_blocks * self.block_bytes).tolist())
 
     def abandon(self) -> None:
         """Return the staging ranges this step still holds (the forward failed midway)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
+from typing import Any
 
 import numpy as np
 import torch
@@ -162,10 +163,11 @@ class BlockTableBuffer:
             self.run_len = _grown(self.run_len, 2, size)
 
 
-def _grown(a: torch.Tensor | np.ndarray, dim: int, size: int):  # type: ignore[no-untyped-def]
-    """``a`` zero-padded along ``dim`` to ``size`` (a torch tensor stays on its device)."""
+def _grown(a: Any, dim: int, size: int) -> Any:
+    """``a`` (a tensor or an array) zero-padded along ``dim`` to ``size``, on the same device."""
     shape = list(a.shape)
     old, shape[dim] = shape[dim], size
+    out: Any
     if isinstance(a, torch.Tensor):
         out = torch.zeros(shape, dtype=a.dtype, device=a.device)
     else:
