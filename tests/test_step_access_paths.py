@@ -57,3 +57,89 @@ def test_staging_tables_built_either_way_match_transformers(hf_and_folder: tuple
     for i in range(5):
         assert_matches(got[f"r{i}"], hf_generate(model, prompts[i], news[i]))
     assert_all_free(engine)
+
+
+def test_step_copy_runs_and_tables_equal_a_per_block_rebuild() -> None:
+    """A step's stream-in and write-back runs, expanded, and its host layers' block tables equal
+    lists built block by block from the tables, for random batches of decodes and chunks."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from common.types import KVGeometry, Placement
+    from worker_svc.kv.kv_cache import KVCache
+    from worker_svc.kv.manager import KVCacheManager
+    from worker_svc.kv.offload import CopyEngine, expand_runs
+    from worker_svc.kv.step_access import CopyStats, StepAccess
+
+    layers, bs = 4, 4
+    geo = KVGeometry(layers, 1, 2, bs, 4)
+    rnd = random.Random(7)
+    mgr = KVCacheManager(geo, gpu_blocks=300, host_blocks=300, staging_blocks=200)
+    kv = KVCache(geo, 300, 200, 300, torch.device("cpu"), torch.float32)
+    buffer = BlockTableBuffer(layers, rows=2, blocks=2)
+    checked = 0
+    for step in range(40):
+        if len(mgr.tables) < 6:  # admit, then grow some so host ids fragment into several runs
+            rid = f"s{step}"
+            letters = "".join(rnd.choice("GH") for _ in range(layers))
+            mgr.allocate(rid, rnd.randint(1, 12), Placement.from_letters(letters, layers))
+        for table in mgr.tables.values():
+            table.num_tokens = table.blocks_per_layer * bs - rnd.randint(0, bs - 1)
+            if rnd.random() < 0.5:
+                mgr.grow(table, table.num_tokens + rnd.randint(1, 6))
+        if rnd.random() < 0.2 and len(mgr.tables) > 2:
+            mgr.release(rnd.choice(list(mgr.tables)))
+        tables = [t for t in mgr.tables.values() if rnd.random() < 0.8]
+        if not tables:
+            continue
+        rnd.shuffle(tables)
+        starts = [rnd.randint(0, t.num_tokens - 1) for t in tables]
+        lens = [rnd.randint(1, t.blocks_per_layer * bs - s) for t, s in zip(tables, starts, strict=True)]
+        access = StepAccess(tables, starts, lens, kv, mgr, CopyEngine(), CopyStats(), buffer)
+        for layer in range(layers):
+            _, meta = access.begin_layer(layer)
+            host = access._host.get(layer)
+            rows = [i for i, t in enumerate(tables) if not t.layers[layer].reads_gpu_blocks]
+            if host is None:
+                assert not rows
+                access.end_layer(layer)
+                continue
+            want_src, want_dst, store_src, store_dst = [], [], [], []
+            # whole prompts from slot 0 attend without a table; the table is built the same way
+            table = meta.block_table if meta.block_table is not None else access._host_table(layer, host)[0]
+            expect_table = torch.zeros_like(table)
+            for i in rows:
+                t, s, e = tables[i], starts[i], starts[i] + lens[i]
+                first = host.base + int(host.offsets[i])
+                used, filled = -(-e // bs), -(-s // bs)
+                want_src += t.layers[layer].host_blocks[:filled]
+                want_dst += range(first, first + filled)
+                store_src += [first + j for j in range(s // bs, used)]
+                store_dst += [t.layers[layer].host_blocks[j] for j in range(s // bs, used)]
+                expect_table[i, :used] = torch.arange(first, first + used)
+            for i, t in enumerate(tables):
+                if t.layers[layer].reads_gpu_blocks:  # its own blocks (held ones past its end too)
+                    n = min(t.blocks_per_layer, expect_table.shape[1])
+                    expect_table[i, :n] = torch.tensor(t.layers[layer].gpu_blocks[:n])
+            runs = host.load.copy()
+            runs[:, 1] += host.base
+            src, dst = expand_runs(runs) if len(runs) else (torch.zeros(0), torch.zeros(0))
+            assert src.tolist() == want_src and dst.tolist() == want_dst
+            store = host.store.copy()
+            store[:, 0] += host.base
+            src, dst = expand_runs(store)
+            assert src.tolist() == store_src and dst.tolist() == store_dst
+            assert torch.equal(table, expect_table)
+            # staging ranges of all host rows are disjoint and inside the pool
+            spans = sorted((host.base + int(host.offsets[i]), -(-(starts[i] + lens[i]) // bs)) for i in rows)
+            assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:], strict=False))
+            assert spans[-1][0] + spans[-1][1] <= mgr.staging.first_id + mgr.staging.num_blocks
+            access.end_layer(layer)
+            checked += 1
+        assert np.array_equal(np.array(access.copied_bytes()[0]) > 0,
+                              np.array([any(not lb.reads_gpu_blocks for lb in t.layers) and s > 0
+                                        for t, s in zip(tables, starts, strict=True)]))
+    assert checked > 40
+    assert (buffer.run_count > 1).any()
