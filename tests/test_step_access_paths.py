@@ -62,6 +62,7 @@ def test_staging_tables_built_either_way_match_transformers(hf_and_folder: tuple
 def test_step_copy_runs_and_tables_equal_a_per_block_rebuild() -> None:
     """A step's stream-in and write-back runs, expanded, and its host layers' block tables equal
     lists built block by block from the tables, for random batches of decodes and chunks."""
+    import itertools
     import random
 
     import numpy as np
@@ -134,7 +135,7 @@ def test_step_copy_runs_and_tables_equal_a_per_block_rebuild() -> None:
             assert torch.equal(table, expect_table)
             # staging ranges of all host rows are disjoint and inside the pool
             spans = sorted((host.base + int(host.offsets[i]), -(-(starts[i] + lens[i]) // bs)) for i in rows)
-            assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:], strict=False))
+            assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(spans))
             assert spans[-1][0] + spans[-1][1] <= mgr.staging.first_id + mgr.staging.num_blocks
             access.end_layer(layer)
             checked += 1
