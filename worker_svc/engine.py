@@ -284,7 +284,9 @@ class Engine:
                 i += 1
                 continue
             assert r.table is not None
-            outcome = self._preemptor.make_room(r, r.num_computed + n, stats, counts)
+            # Most decode steps stay inside the last block: no growth, no preemption check.
+            outcome = (None if r.num_computed + n <= r.table.blocks_per_layer * self.geometry.block_size
+                       else self._preemptor.make_room(r, r.num_computed + n, stats, counts))
             if outcome is not None:  # r itself was preempted, or can never grow
                 if outcome.error:
                     self._requests.pop(r.request_id, None)
@@ -324,12 +326,18 @@ class Engine:
         assert all(t is not None for t in tables)
         starts = [r.num_computed for r in batch]
         lens = [n for _, n in plan]
-        ids = [t for r, s, n in zip(batch, starts, lens, strict=True) for t in r.token_at(s, s + n)]
-        positions = [p for s, n in zip(starts, lens, strict=True) for p in range(s, s + n)]
-        ends = list(itertools.accumulate(lens))
+        if len(lens) == sum(lens):  # one token each (decodes): no per-request slicing or ranges
+            ids = [r.prompt_ids[s] if s < len(r.prompt_ids) else r.output_ids[s - len(r.prompt_ids)]
+                   for r, s in zip(batch, starts, strict=True)]
+            positions = starts
+            ends = list(range(1, len(lens) + 1))
+        else:
+            ids = [t for r, s, n in zip(batch, starts, lens, strict=True) for t in r.token_at(s, s + n)]
+            positions = [p for s, n in zip(starts, lens, strict=True) for p in range(s, s + n)]
+            ends = list(itertools.accumulate(lens))
         # Requests whose sequence is computed after this step sample their next token.
         sampled = [i for i, (r, s, n) in enumerate(zip(batch, starts, lens, strict=True))
-                   if s + n == r.num_tokens]
+                   if s + n == len(r.prompt_ids) + len(r.output_ids)]
         access: StepAccess | None = None
         try:
             access = StepAccess(tables, starts, lens, self.kv, self.kv_manager,  # type: ignore[arg-type]
@@ -355,9 +363,13 @@ class Engine:
         for (r, n), loaded, stored in zip(plan, staged_in, staged_out, strict=True):
             r.num_computed += n
             r.table.num_tokens = r.num_computed  # type: ignore[union-attr]
-            # staging copies of this step, and promotions and swaps (per request: rare)
-            r.bytes_offloaded += stored + stats.offloaded_by_request.get(r.request_id, 0)
-            r.bytes_loaded += loaded + stats.loaded_by_request.get(r.request_id, 0)
+            if loaded or stored:  # this step's staging copies
+                r.bytes_loaded += loaded
+                r.bytes_offloaded += stored
+        for r in batch if stats.loaded_by_request or stats.offloaded_by_request else ():
+            # promotions and swap-outs, counted per request (rare)
+            r.bytes_offloaded += stats.offloaded_by_request.get(r.request_id, 0)
+            r.bytes_loaded += stats.loaded_by_request.get(r.request_id, 0)
         outputs = []
         for i, tok in zip(sampled, tokens, strict=True):
             r = batch[i]
