@@ -198,11 +198,15 @@ class StepAccess:
         layers = [i for i in range(self.num_layers) if i not in self._host]
         if not layers:
             return
-        rows = self._rows_all  # [L', B, M]
+        rows = self._rows_all  # [L, B, M]
         if len(layers) < self.num_layers:
-            rows = rows[torch.tensor(layers, device=self.device)]
-        slots = rows[:, self._tok_row, self._tok_block]  # [L', T]
-        self._prebuilt = {layer: (rows[j], slots[j]) for j, layer in enumerate(layers)}
+            # The slots of the GPU-read layers in one gather, their tables as views: selecting the
+            # layers first would copy every row of them.
+            which = torch.tensor(layers, device=self.device)[:, None]  # [L', 1]
+            slots = rows[which, self._tok_row[None, :], self._tok_block[None, :]]  # [L', T]
+        else:
+            slots = rows[:, self._tok_row, self._tok_block]  # [L, T]
+        self._prebuilt = {layer: (rows[layer], slots[j]) for j, layer in enumerate(layers)}
 
     def _prefetch(self, layer: int) -> None:
         """Take layer ``layer``'s staging range and stream its host KV in (one copy call)."""
