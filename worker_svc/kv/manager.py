@@ -139,12 +139,24 @@ class KVCacheManager:
             return True
         if not self.fits(need):
             return False
-        for layer, lb in enumerate(table.layers):
-            if lb.reads_gpu_blocks:  # a layer being promoted grows its GPU target only
-                lb.gpu_blocks += self._take(Tier.GPU, need.gpu_per_layer[layer], layer)
-            else:
-                lb.host_blocks += self._take(Tier.HOST, need.host_per_layer[layer], layer)
-                self._host_read[layer] += need.host_per_layer[layer]
+        # One pool call per tier for all layers (a decode's growth is a block per layer, and a call
+        # per block cost more than the rest of the growth); layer by layer in ascending ids as before.
+        gpu_ids = self.gpu.allocate(need.gpu_blocks)
+        host_ids = self.host.allocate(need.host_blocks)
+        assert gpu_ids is not None and host_ids is not None, "a pool has fewer free blocks after the check"
+        used_gpu, used_host = self._used[Tier.GPU], self._used[Tier.HOST]
+        g_at = h_at = 0
+        for layer, (lb, g, h) in enumerate(zip(table.layers, need.gpu_per_layer, need.host_per_layer,
+                                               strict=True)):
+            if g:  # a GPU-read layer (a layer being promoted grows its GPU target only)
+                lb.gpu_blocks += gpu_ids[g_at:g_at + g]
+                g_at += g
+                used_gpu[layer] += g
+            if h:
+                lb.host_blocks += host_ids[h_at:h_at + h]
+                h_at += h
+                used_host[layer] += h
+                self._host_read[layer] += h
         table.blocks_per_layer += max(need.gpu_per_layer + need.host_per_layer)
         return True
 
