@@ -52,6 +52,15 @@ class LayerBlockTable:
                                                    for lb in self.layers))
         return self._letters[1]
 
+    _reads: tuple[int, tuple[bool, ...]] = (-1, ())
+
+    @property
+    def reads_gpu(self) -> tuple[bool, ...]:
+        """``reads_gpu_blocks`` of every layer (residency changes bump the version)."""
+        if self._reads[0] != self.version:
+            self._reads = (self.version, tuple(lb.reads_gpu_blocks for lb in self.layers))
+        return self._reads[1]
+
     def host_layers(self) -> list[int]:
         return [i for i, lb in enumerate(self.layers) if lb.home is Tier.HOST]
 

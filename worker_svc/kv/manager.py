@@ -118,8 +118,8 @@ class KVCacheManager:
         """More blocks per layer and tier ``table`` needs to hold ``to_tokens`` tokens."""
         held_tokens = table.blocks_per_layer * self.geometry.block_size
         g = kv_budget.growth_per_layer(self.geometry, held_tokens, to_tokens)
-        return BlockDemand(tuple(g if lb.reads_gpu_blocks else 0 for lb in table.layers),
-                           tuple(0 if lb.reads_gpu_blocks else g for lb in table.layers))
+        reads = table.reads_gpu
+        return BlockDemand(tuple(g if r else 0 for r in reads), tuple(0 if r else g for r in reads))
 
     def growth_shortfall(self, table: LayerBlockTable, to_tokens: int) -> Tier | str | None:
         """What stops ``table`` growing to ``to_tokens``: a tier, "staging", or ``None`` (it fits)."""

@@ -119,10 +119,13 @@ class BlockTableBuffer:
         if n <= start:
             return
         pad = [0] * (n - start)
-        tail = [lb.gpu_blocks[start:n] if lb.reads_gpu_blocks else pad for lb in table.layers]
-        flat = id_tensor(list(chain.from_iterable(tail))).to(device=self.device, dtype=torch.int32)
-        self.ids[:, r, start:n] = flat.view(len(tail), n - start)  # [L, n - start]
-        host = [i for i, lb in enumerate(table.layers) if not lb.reads_gpu_blocks]
+        reads = table.reads_gpu
+        tail = [lb.gpu_blocks[start:n] if gpu else pad for lb, gpu in zip(table.layers, reads, strict=True)]
+        ids = list(chain.from_iterable(tail))
+        # a decode's growth (a block per layer) skips the numpy trip; a whole row needs it
+        flat = torch.tensor(ids, dtype=torch.int32) if n - start <= 2 else id_tensor(ids).to(torch.int32)
+        self.ids[:, r, start:n] = flat.view(len(tail), n - start).to(self.device)  # [L, n - start]
+        host = [i for i, gpu in enumerate(reads) if not gpu]
         if host:
             new = np.array([table.layers[i].host_blocks[start:n] for i in host], dtype=np.int64)  # [Lh, g]
             self.host_ids[host, r, start:n] = new
