@@ -21,8 +21,10 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from common.tokenizer import ByteTokenizer
 from common.types import Placement, SamplingParams
 from worker_svc.engine import Engine, EngineConfig
+from worker_svc.kv.offload import CopyEngine, CopyHandle
 from worker_svc.kv.step_access import StepAccess
 from worker_svc.model.config import ModelConfig
 from worker_svc.model.loader import LoadedModel, _random_model
@@ -40,6 +43,21 @@ BATCHED_TOKENS = 1 << 16  # tokens per step while prefilling
 def slack(batch: int, context: int) -> int:
     """Output tokens beyond the timed steps: the first requests decode while the last ones prefill."""
     return 8 + batch * context // BATCHED_TOKENS
+
+
+class TimedCopyEngine(CopyEngine):
+    """The CPU copy engine, timing its copies (data movement, DMA on a GPU) apart from the step."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.runs = 0
+
+    def copy_runs(self, src: torch.Tensor, dst: torch.Tensor, runs: np.ndarray) -> CopyHandle:
+        start = time.process_time()
+        handle = super().copy_runs(src, dst, runs)
+        self.seconds += time.process_time() - start
+        self.runs += len(runs)
+        return handle
 
 
 class NoKernelModel:
@@ -73,7 +91,7 @@ def build(num_layers: int, batch: int, context: int, steps: int, block_size: int
                           staging_blocks=2 * batch * per_request + 1 if host else 1,
                           max_num_seqs=max(batch, 1), max_num_batched_tokens=BATCHED_TOKENS,
                           max_prefill_tokens=BATCHED_TOKENS, max_promotions_per_step=0)
-    engine = Engine(config, loaded, torch.device("cpu"), torch.float32)
+    engine = Engine(config, loaded, torch.device("cpu"), torch.float32, TimedCopyEngine())
     engine.model = NoKernelModel(num_layers, mc.vocab_size)  # type: ignore[assignment]
     return engine
 
@@ -82,9 +100,18 @@ def half_host(num_layers: int) -> str:
     return "GH" * (num_layers // 2) + "G" * (num_layers % 2)
 
 
-def measure(num_layers: int, batch: int, context: int, steps: int, block_size: int, letters: str) -> float:
-    """Median host CPU seconds of a decode step of ``batch`` requests at ``context`` tokens."""
+@dataclass
+class Cell:
+    host_s: float  # median CPU time of a step less its KV copies
+    copy_s: float  # median CPU time of the copy engine (memcpy of KV) in a step
+    runs: float  # median copy runs a step submits (copy calls on a GPU)
+
+
+def measure(num_layers: int, batch: int, context: int, steps: int, block_size: int, letters: str) -> Cell:
+    """Host and copy CPU time of a decode step of ``batch`` requests at ``context`` tokens."""
     engine = build(num_layers, batch, context, steps, block_size, letters.count("H"))
+    copies = engine.copy_engine
+    assert isinstance(copies, TimedCopyEngine)
     placement = Placement.from_letters(letters, num_layers)
     for i in range(batch):
         engine.add_request(f"r{i}", [1 + (i + t) % 60 for t in range(context)],
@@ -92,13 +119,17 @@ def measure(num_layers: int, batch: int, context: int, steps: int, block_size: i
                            placement)
     while any(r.output_ids == [] for r in engine._requests.values()):
         engine.step()  # prefill
-    times = []
+    host, copy, runs = [], [], []
     for _ in range(steps):
+        copies.seconds, copies.runs = 0.0, 0
         start = time.process_time()
         out = engine.step()
-        times.append(time.process_time() - start)
+        took = time.process_time() - start
         assert out.stats.kind == "decode" and out.stats.num_decode_requests == batch, out.stats
-    return statistics.median(times)
+        host.append(took - copies.seconds)
+        copy.append(copies.seconds)
+        runs.append(copies.runs)
+    return Cell(statistics.median(host), statistics.median(copy), statistics.median(runs))
 
 
 def main() -> None:
@@ -114,13 +145,15 @@ def main() -> None:
     placements = {"all-GPU": "G" * args.layers, "half-host": half_host(args.layers)}
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
           f"{args.layers} layers, block size {args.block_size}, median of {args.steps} decode steps")
-    print(f"{'batch':>6} {'context':>8} " + " ".join(f"{name:>14}" for name in placements))
+    print(f"{'batch':>6} {'context':>8} " + " ".join(f"{name + ' host':>16} {'KV copy':>10} {'runs':>6}"
+                                                     for name in placements))
     for context in (int(c) for c in args.contexts.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
-            row = [measure(args.layers, batch, context, args.steps, args.block_size, letters)
-                   for letters in placements.values()]
-            print(f"{batch:>6} {context:>8} " + " ".join(f"{t * 1e3:>11.2f} ms" for t in row), flush=True)
-
+            cells = [measure(args.layers, batch, context, args.steps, args.block_size, letters)
+                     for letters in placements.values()]
+            row = " ".join(f"{c.host_s * 1e3:>13.2f} ms {c.copy_s * 1e3:>7.1f} ms {c.runs:>6.0f}"
+                           for c in cells)
+            print(f"{batch:>6} {context:>8} {row}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -142,7 +142,7 @@ def assert_all_free(engine: Engine) -> None:
     assert usage.gpu.free_blocks == usage.gpu.total_blocks and usage.gpu.used_per_layer == (0,) * layers
     assert usage.host.free_blocks == usage.host.total_blocks and usage.host.used_per_layer == (0,) * layers
     staging = engine.kv_manager.staging
-    assert staging.idle and staging.pool.num_free == staging.num_blocks
+    assert staging.idle and staging.num_free == staging.num_blocks
     assert not engine.kv_manager.tables
 
 

@@ -44,17 +44,20 @@ class ManualHandle:
         assert self.finished
 
 
-def test_staging_reuses_a_block_only_after_its_copy() -> None:
+def test_staging_reuses_a_range_only_after_its_copy() -> None:
     staging = StagingPool(4, first_id=100)
-    first = staging.allocate(3)
+    first = staging.take(3, side=0)
+    assert first == 100
     handle = ManualHandle()
     staging.release_after(first, handle)
-    assert staging.pool.num_free == 1  # held while the copy runs
-    second = staging.allocate(1)
-    assert set(second).isdisjoint(first)
-    assert not handle.finished
-    third = staging.allocate(2)  # must wait for the copy, then reuse its blocks
-    assert handle.finished and set(third) <= set(first)
+    assert staging.num_free == 1  # held while the copy runs
+    second = staging.take(1, side=1)  # the other end of the pool: no wait
+    assert second == 103 and not handle.finished
+    third = staging.take(2, side=0)  # overlaps the first range: must wait for its copy
+    assert handle.finished and third == 100
+    staging.release(second)
+    staging.release(third)
+    assert staging.idle and staging.num_free == 4
 
 
 def test_two_tier_admission_and_promotion_accounting() -> None:

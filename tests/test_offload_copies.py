@@ -10,6 +10,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ from tests.test_engine_reference import (
     make_engine,
     prompt_of,
 )
-from worker_svc.kv.offload import CopyHandle, CopyRun, coalesce
+from worker_svc.kv.offload import CopyHandle, CopyRun, runs_array
 
 LAYERS = 4
 
@@ -56,8 +57,11 @@ class DelayedCopyEngine:
 
     def copy_blocks(self, src: torch.Tensor, src_ids: list[int], dst: torch.Tensor,
                     dst_ids: list[int]) -> CopyHandle:
+        return self.copy_runs(src, dst, runs_array(src_ids, dst_ids))
+
+    def copy_runs(self, src: torch.Tensor, dst: torch.Tensor, runs: np.ndarray) -> CopyHandle:
         handle = DelayedHandle(self)
-        self.queue.append((handle, src, dst, coalesce(src_ids, dst_ids)))
+        self.queue.append((handle, src, dst, [CopyRun(int(s), int(d), int(n)) for s, d, n in runs]))
         return handle
 
     def run_until(self, handle: DelayedHandle) -> None:
@@ -90,18 +94,18 @@ def test_staging_block_never_reused_before_its_copy_completes(
     engine = make_engine(folder, block_size=4, gpu_blocks=64, host_blocks=128, staging_blocks=20,
                          copy_engine=copies)  # type: ignore[arg-type]
     staging = engine.kv_manager.staging
-    original = staging.allocate
+    original = staging.take
     handed_out = 0
 
-    def checked_allocate(n: int) -> list[int]:
+    def checked_take(n: int, side: int) -> int:
         nonlocal handed_out
-        ids = original(n)
-        clash = set(ids) & copies.busy_gpu_blocks(engine.kv.gpu)
+        lo = original(n, side)
+        clash = set(range(lo, lo + n)) & copies.busy_gpu_blocks(engine.kv.gpu)
         assert not clash, f"staging blocks {sorted(clash)} handed out while a copy still uses them"
-        handed_out += len(ids)
-        return ids
+        handed_out += n
+        return lo
 
-    staging.allocate = checked_allocate  # type: ignore[method-assign]
+    staging.take = checked_take  # type: ignore[method-assign]
     engine.add_request("a", prompts[0], SamplingParams(max_tokens=6), Placement.from_letters("HHHH", 4))
     engine.add_request("b", prompts[1], SamplingParams(max_tokens=8), Placement.from_letters("HGHH", 4))
     tokens: dict[str, list[int]] = {"a": [], "b": []}
@@ -120,7 +124,7 @@ def test_staging_block_never_reused_before_its_copy_completes(
     usage = engine.usage()
     assert usage.host.free_blocks == usage.host.total_blocks
     assert usage.gpu.free_blocks == usage.gpu.total_blocks
-    assert staging.pool.num_free == staging.num_blocks
+    assert staging.num_free == staging.num_blocks
 
 
 def test_abort_while_copy_in_flight_frees_after_the_copy(hf_and_folder: tuple[Any, Path]) -> None:
@@ -141,7 +145,7 @@ def test_abort_while_copy_in_flight_frees_after_the_copy(hf_and_folder: tuple[An
         engine.step()
     usage = engine.usage()
     assert usage.host.free_blocks == 64 and usage.host.used_per_layer == (0, 0, 0, 0)
-    assert engine.kv_manager.staging.pool.num_free == engine.kv_manager.staging.num_blocks
+    assert engine.kv_manager.staging.num_free == engine.kv_manager.staging.num_blocks
 
 
 def test_swap_out_and_promotion_back_with_copies_in_flight(hf_and_folder: tuple[Any, Path]) -> None:

@@ -161,7 +161,7 @@ def test_a_forward_that_fails_midway_returns_its_staging_blocks(
         ("doomed", "error")]
     assert "injected attention failure" in (out.outputs[0].error or "")
     staging = engine.kv_manager.staging
-    assert staging.idle and staging.pool.num_free == staging.num_blocks
+    assert staging.idle and staging.num_free == staging.num_blocks
     assert_pools_full(engine)
     monkeypatch.undo()
     engine.add_request("next", prompt_of(10, seed=2), sampling, Placement.from_letters("HHGH", LAYERS))

@@ -1,6 +1,6 @@
-"""Both ways a step writes host-read layers' staging ids into its block tables (row by row for a
-few requests, one ragged tensor write for many) and both ways it takes the persistent tables (a
-view of rows in order, a gather otherwise) give tokens identical to transformers."""
+"""Both ways a step builds host-read layers' block tables (every row host-read: the cached staging
+table as is; some rows GPU-read: added to their own ids) and both ways it takes the persistent
+tables (a view of rows in order, a gather otherwise) give tokens identical to transformers."""
 
 from __future__ import annotations
 
@@ -22,18 +22,18 @@ from worker_svc.kv import step_access
 from worker_svc.kv.table_buffer import BlockTableBuffer
 
 
-@pytest.mark.parametrize("few_rows", [0, 100])
-def test_staging_rows_written_either_way_match_transformers(hf_and_folder: tuple[Any, Path],
+@pytest.mark.parametrize("mixed", [False, True])
+def test_staging_tables_built_either_way_match_transformers(hf_and_folder: tuple[Any, Path],
                                                             monkeypatch: pytest.MonkeyPatch,
-                                                            few_rows: int) -> None:
-    monkeypatch.setattr(step_access, "_FEW_ROWS", few_rows)
+                                                            mixed: bool) -> None:
     model, folder = hf_and_folder
     engine = make_engine(folder, block_size=4, gpu_blocks=200, host_blocks=200, max_promotions_per_step=0)
     lengths, news, arrivals = [9, 5, 14, 7, 3], [6, 9, 4, 8, 7], [0, 0, 1, 2, 6]
     prompts = [prompt_of(n, 70 + i) for i, n in enumerate(lengths)]
     # Staggered arrivals and finishes: rows are reused out of order, so both table paths run.
-    jobs = {f"r{i}": Job(prompts[i], news[i], arrive_step=arrivals[i], placement="GHHG" if i % 2 else "HGHG")
-            for i in range(5)}
+    # mixed: layers 0 and 1 have GPU-read rows beside host-read ones, layer 2 is host-read by all.
+    jobs = {f"r{i}": Job(prompts[i], news[i], arrive_step=arrivals[i],
+                         placement="GHHG" if i % 2 and mixed else "HGHG") for i in range(5)}
     seen: list[bool] = []
     rows_for = BlockTableBuffer.rows_for
 
@@ -42,9 +42,105 @@ def test_staging_rows_written_either_way_match_transformers(hf_and_folder: tuple
         seen.append(self.in_order)
         return out
 
+    every_row: list[bool] = []  # per host-read layer built: all batch rows host-read?
+    host_table = step_access.StepAccess._host_table
+
+    def recording_table(self: step_access.StepAccess, layer: int, host: Any) -> Any:
+        every_row.append(host.key == self._all_rows)
+        return host_table(self, layer, host)
+
     monkeypatch.setattr(BlockTableBuffer, "rows_for", recording)
+    monkeypatch.setattr(step_access.StepAccess, "_host_table", recording_table)
     got = run_engine(engine, jobs)
     assert True in seen and False in seen  # both the view and the gather were used
+    assert set(every_row) == ({True, False} if mixed else {True})
     for i in range(5):
         assert_matches(got[f"r{i}"], hf_generate(model, prompts[i], news[i]))
     assert_all_free(engine)
+
+
+def test_step_copy_runs_and_tables_equal_a_per_block_rebuild() -> None:
+    """A step's stream-in and write-back runs, expanded, and its host layers' block tables equal
+    lists built block by block from the tables, for random batches of decodes and chunks."""
+    import itertools
+    import random
+
+    import numpy as np
+    import torch
+
+    from common.types import KVGeometry, Placement
+    from worker_svc.kv.kv_cache import KVCache
+    from worker_svc.kv.manager import KVCacheManager
+    from worker_svc.kv.offload import CopyEngine, expand_runs
+    from worker_svc.kv.step_access import CopyStats, StepAccess
+
+    layers, bs = 4, 4
+    geo = KVGeometry(layers, 1, 2, bs, 4)
+    rnd = random.Random(7)
+    mgr = KVCacheManager(geo, gpu_blocks=300, host_blocks=300, staging_blocks=200)
+    kv = KVCache(geo, 300, 200, 300, torch.device("cpu"), torch.float32)
+    buffer = BlockTableBuffer(layers, rows=2, blocks=2)
+    checked = 0
+    for step in range(40):
+        if len(mgr.tables) < 6:  # admit, then grow some so host ids fragment into several runs
+            rid = f"s{step}"
+            letters = "".join(rnd.choice("GH") for _ in range(layers))
+            mgr.allocate(rid, rnd.randint(1, 12), Placement.from_letters(letters, layers))
+        for table in mgr.tables.values():
+            table.num_tokens = table.blocks_per_layer * bs - rnd.randint(0, bs - 1)
+            if rnd.random() < 0.5:
+                mgr.grow(table, table.num_tokens + rnd.randint(1, 6))
+        if rnd.random() < 0.2 and len(mgr.tables) > 2:
+            mgr.release(rnd.choice(list(mgr.tables)))
+        tables = [t for t in mgr.tables.values() if rnd.random() < 0.8]
+        if not tables:
+            continue
+        rnd.shuffle(tables)
+        starts = [rnd.randint(0, t.num_tokens - 1) for t in tables]
+        lens = [rnd.randint(1, t.blocks_per_layer * bs - s) for t, s in zip(tables, starts, strict=True)]
+        access = StepAccess(tables, starts, lens, kv, mgr, CopyEngine(), CopyStats(), buffer)
+        for layer in range(layers):
+            _, meta = access.begin_layer(layer)
+            host = access._host.get(layer)
+            rows = [i for i, t in enumerate(tables) if not t.layers[layer].reads_gpu_blocks]
+            if host is None:
+                assert not rows
+                access.end_layer(layer)
+                continue
+            want_src, want_dst, store_src, store_dst = [], [], [], []
+            # whole prompts from slot 0 attend without a table; the table is built the same way
+            table = meta.block_table if meta.block_table is not None else access._host_table(layer, host)[0]
+            expect_table = torch.zeros_like(table)
+            for i in rows:
+                t, s, e = tables[i], starts[i], starts[i] + lens[i]
+                first = host.base + int(host.offsets[i])
+                used, filled = -(-e // bs), -(-s // bs)
+                want_src += t.layers[layer].host_blocks[:filled]
+                want_dst += range(first, first + filled)
+                store_src += [first + j for j in range(s // bs, used)]
+                store_dst += [t.layers[layer].host_blocks[j] for j in range(s // bs, used)]
+                expect_table[i, :used] = torch.arange(first, first + used)
+            for i, t in enumerate(tables):
+                if t.layers[layer].reads_gpu_blocks:  # its own blocks (held ones past its end too)
+                    n = min(t.blocks_per_layer, expect_table.shape[1])
+                    expect_table[i, :n] = torch.tensor(t.layers[layer].gpu_blocks[:n])
+            runs = host.load.copy()
+            runs[:, 1] += host.base
+            src, dst = expand_runs(runs) if len(runs) else (torch.zeros(0), torch.zeros(0))
+            assert src.tolist() == want_src and dst.tolist() == want_dst
+            store = host.store.copy()
+            store[:, 0] += host.base
+            src, dst = expand_runs(store)
+            assert src.tolist() == store_src and dst.tolist() == store_dst
+            assert torch.equal(table, expect_table)
+            # staging ranges of all host rows are disjoint and inside the pool
+            spans = sorted((host.base + int(host.offsets[i]), -(-(starts[i] + lens[i]) // bs)) for i in rows)
+            assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(spans))
+            assert spans[-1][0] + spans[-1][1] <= mgr.staging.first_id + mgr.staging.num_blocks
+            access.end_layer(layer)
+            checked += 1
+        assert np.array_equal(np.array(access.copied_bytes()[0]) > 0,
+                              np.array([any(not lb.reads_gpu_blocks for lb in t.layers) and s > 0
+                                        for t, s in zip(tables, starts, strict=True)]))
+    assert checked > 40
+    assert (buffer.run_count > 1).any()

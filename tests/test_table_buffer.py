@@ -1,6 +1,7 @@
-"""The persistent block-table buffer equals tables rebuilt from scratch after any mix of admission,
-growth, swap-out, promotion, preemption (release and re-admission under the same id) and finish,
-and writes only what changed; the KV manager's tracked staging demand stays equal to a recount."""
+"""The persistent block-table buffer (GPU ids, host ids and their runs) equals tables rebuilt from
+scratch after any mix of admission, growth, swap-out, promotion, preemption (release and
+re-admission under the same id) and finish, and writes only what changed; the KV manager's tracked
+staging demand stays equal to a recount."""
 
 from __future__ import annotations
 
@@ -17,6 +18,17 @@ from worker_svc.kv.table_buffer import BlockTableBuffer
 
 LAYERS = 4
 GEOMETRY = KVGeometry(LAYERS, 1, 2, 4, 4)
+
+
+def rebuilt_runs(ids: list[int]) -> list[tuple[int, int]]:
+    """(first id, length) of each run of consecutive ids, by a plain loop."""
+    runs: list[tuple[int, int]] = []
+    for i in ids:
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
 
 
 def rebuilt(table: LayerBlockTable) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,6 +50,14 @@ def assert_buffer_matches(buffer: BlockTableBuffer, mgr: KVCacheManager, batch: 
         assert torch.equal(buffer.ids[:, row, :n].long(), ids), table.request_id
         assert not buffer.ids[:, row, n:].any()  # padded with block 0 beyond its blocks
         assert torch.equal(buffer.host_read[:, row], host)
+        for layer, lb in enumerate(table.layers):  # host ids and their runs: what staging copies use
+            host_ids = lb.host_blocks[:n] if not lb.reads_gpu_blocks else []
+            assert buffer.host_ids[layer, row, :len(host_ids)].tolist() == host_ids
+            assert not buffer.host_ids[layer, row, len(host_ids):].any()
+            c = int(buffer.run_count[layer, row])
+            got = list(zip(buffer.run_start[layer, row, :c].tolist(), buffer.run_len[layer, row, :c].tolist(),
+                           strict=True))
+            assert got == rebuilt_runs(host_ids), (table.request_id, layer)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -49,6 +69,7 @@ def test_buffer_equals_rebuild_after_random_sequences(seed: int) -> None:
     copy = CopyEngine()
     buffer = BlockTableBuffer(LAYERS, rows=2, blocks=2)  # small, so rows and blocks both grow
     tokens: dict[str, int] = {}
+    multi_run = False  # some host layer's ids were not one run (fragmented pool, interleaved growth)
     for _ in range(300):
         op = rnd.choice(["admit", "grow", "grow", "grow", "swap", "promote", "finish", "readmit"])
         live = list(mgr.tables)
@@ -88,7 +109,9 @@ def test_buffer_equals_rebuild_after_random_sequences(seed: int) -> None:
         batch = [r for r in mgr.tables if rnd.random() < 0.7]
         if batch:
             assert_buffer_matches(buffer, mgr, batch)
+            multi_run |= bool((buffer.run_count > 1).any())
     assert buffer.ids.shape[1] > 2 and buffer.ids.shape[2] > 2
+    assert multi_run
 
 
 def test_growth_writes_only_the_new_tail_and_rows_are_reused() -> None:

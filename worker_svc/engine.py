@@ -290,7 +290,9 @@ class Engine:
                 i += 1
                 continue
             assert r.table is not None
-            outcome = self._preemptor.make_room(r, r.num_computed + n, stats, counts)
+            # Most decode steps stay inside the last block: no growth, no preemption check.
+            outcome = (None if r.num_computed + n <= r.table.blocks_per_layer * self.geometry.block_size
+                       else self._preemptor.make_room(r, r.num_computed + n, stats, counts))
             if outcome is not None:  # r itself was preempted, or can never grow
                 if outcome.error:
                     self._requests.pop(r.request_id, None)
@@ -304,7 +306,7 @@ class Engine:
         return plan, admitted, failed
 
     def _promote(self, stats: CopyStats) -> None:
-        if not self.kv_manager.has_host_reads:
+        if not self.kv_manager.has_host_reads or self.config.max_promotions_per_step <= 0:
             return  # nothing to promote: skip the per-request bookkeeping below
         # Keep a block of growth per GPU-read layer of every request that will still grow, so a
         # promotion does not take the room the next decode grows into (and preempt to get it back).
@@ -330,12 +332,18 @@ class Engine:
         assert all(t is not None for t in tables)
         starts = [r.num_computed for r in batch]
         lens = [n for _, n in plan]
-        ids = [t for r, s, n in zip(batch, starts, lens, strict=True) for t in r.token_at(s, s + n)]
-        positions = [p for s, n in zip(starts, lens, strict=True) for p in range(s, s + n)]
-        ends = list(itertools.accumulate(lens))
+        if len(lens) == sum(lens):  # one token each (decodes): no per-request slicing or ranges
+            ids = [r.prompt_ids[s] if s < len(r.prompt_ids) else r.output_ids[s - len(r.prompt_ids)]
+                   for r, s in zip(batch, starts, strict=True)]
+            positions = starts
+            ends = list(range(1, len(lens) + 1))
+        else:
+            ids = [t for r, s, n in zip(batch, starts, lens, strict=True) for t in r.token_at(s, s + n)]
+            positions = [p for s, n in zip(starts, lens, strict=True) for p in range(s, s + n)]
+            ends = list(itertools.accumulate(lens))
         # Requests whose sequence is computed after this step sample their next token.
         sampled = [i for i, (r, s, n) in enumerate(zip(batch, starts, lens, strict=True))
-                   if s + n == r.num_tokens]
+                   if s + n == len(r.prompt_ids) + len(r.output_ids)]
         access: StepAccess | None = None
         try:
             access = StepAccess(tables, starts, lens, self.kv, self.kv_manager,  # type: ignore[arg-type]
@@ -356,9 +364,16 @@ class Engine:
                                              error=f"{type(exc).__name__}: {exc}"))
             return outputs
         now = time.perf_counter()
-        for r, n in plan:
+        assert access is not None
+        staged_in, staged_out = access.copied_bytes()
+        for (r, n), loaded, stored in zip(plan, staged_in, staged_out, strict=True):
             r.num_computed += n
             r.table.num_tokens = r.num_computed  # type: ignore[union-attr]
+            if loaded or stored:  # this step's staging copies
+                r.bytes_loaded += loaded
+                r.bytes_offloaded += stored
+        for r in batch if stats.loaded_by_request or stats.offloaded_by_request else ():
+            # promotions and swap-outs, counted per request (rare)
             r.bytes_offloaded += stats.offloaded_by_request.get(r.request_id, 0)
             r.bytes_loaded += stats.loaded_by_request.get(r.request_id, 0)
         outputs = []

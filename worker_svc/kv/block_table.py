@@ -40,6 +40,7 @@ class LayerBlockTable:
     layers: list[LayerBlocks]
     num_tokens: int = 0  # slots already holding K/V
     version: int = 0  # bumped whenever a layer's blocks or residency change other than by growth
+    store: CopyHandle | None = None  # the latest write-back of any host layer (copies run in order)
 
     _letters: tuple[int, str] = (-1, "")  # (version, letters): residency changes bump the version
 
@@ -51,8 +52,18 @@ class LayerBlockTable:
                                                    for lb in self.layers))
         return self._letters[1]
 
+    _reads: tuple[int, tuple[bool, ...]] = (-1, ())
+
+    @property
+    def reads_gpu(self) -> tuple[bool, ...]:
+        """``reads_gpu_blocks`` of every layer (residency changes bump the version)."""
+        if self._reads[0] != self.version:
+            self._reads = (self.version, tuple(lb.reads_gpu_blocks for lb in self.layers))
+        return self._reads[1]
+
     def host_layers(self) -> list[int]:
         return [i for i, lb in enumerate(self.layers) if lb.home is Tier.HOST]
 
     def copies_in_flight(self) -> list[CopyHandle]:
-        return [lb.pending for lb in self.layers if lb.pending is not None and not lb.pending.done()]
+        pending = [lb.pending for lb in self.layers if lb.pending is not None and not lb.pending.done()]
+        return [*pending, self.store] if self.store is not None and not self.store.done() else pending

@@ -31,6 +31,24 @@ class _DeferredFree:
     layer: int
 
 
+class _Both:
+    """Done when both copies are."""
+
+    def __init__(self, a: CopyHandle, b: CopyHandle) -> None:
+        self.a, self.b = a, b
+
+    def done(self) -> bool:
+        return self.a.done() and self.b.done()
+
+    def wait(self) -> None:
+        self.a.wait()
+        self.b.wait()
+
+    def order_compute_after(self) -> None:
+        self.a.order_compute_after()
+        self.b.order_compute_after()
+
+
 class KVCacheManager:
     def __init__(self, geometry: KVGeometry, gpu_blocks: int, host_blocks: int, staging_blocks: int) -> None:
         self.geometry = geometry
@@ -100,8 +118,8 @@ class KVCacheManager:
         """More blocks per layer and tier ``table`` needs to hold ``to_tokens`` tokens."""
         held_tokens = table.blocks_per_layer * self.geometry.block_size
         g = kv_budget.growth_per_layer(self.geometry, held_tokens, to_tokens)
-        return BlockDemand(tuple(g if lb.reads_gpu_blocks else 0 for lb in table.layers),
-                           tuple(0 if lb.reads_gpu_blocks else g for lb in table.layers))
+        reads = table.reads_gpu
+        return BlockDemand(tuple(g if r else 0 for r in reads), tuple(0 if r else g for r in reads))
 
     def growth_shortfall(self, table: LayerBlockTable, to_tokens: int) -> Tier | str | None:
         """What stops ``table`` growing to ``to_tokens``: a tier, "staging", or ``None`` (it fits)."""
@@ -121,12 +139,24 @@ class KVCacheManager:
             return True
         if not self.fits(need):
             return False
-        for layer, lb in enumerate(table.layers):
-            if lb.reads_gpu_blocks:  # a layer being promoted grows its GPU target only
-                lb.gpu_blocks += self._take(Tier.GPU, need.gpu_per_layer[layer], layer)
-            else:
-                lb.host_blocks += self._take(Tier.HOST, need.host_per_layer[layer], layer)
-                self._host_read[layer] += need.host_per_layer[layer]
+        # One pool call per tier for all layers (a decode's growth is a block per layer, and a call
+        # per block cost more than the rest of the growth); layer by layer in ascending ids as before.
+        gpu_ids = self.gpu.allocate(need.gpu_blocks)
+        host_ids = self.host.allocate(need.host_blocks)
+        assert gpu_ids is not None and host_ids is not None, "a pool has fewer free blocks after the check"
+        used_gpu, used_host = self._used[Tier.GPU], self._used[Tier.HOST]
+        g_at = h_at = 0
+        for layer, (lb, g, h) in enumerate(zip(table.layers, need.gpu_per_layer, need.host_per_layer,
+                                               strict=True)):
+            if g:  # a GPU-read layer (a layer being promoted grows its GPU target only)
+                lb.gpu_blocks += gpu_ids[g_at:g_at + g]
+                g_at += g
+                used_gpu[layer] += g
+            if h:
+                lb.host_blocks += host_ids[h_at:h_at + h]
+                h_at += h
+                used_host[layer] += h
+                self._host_read[layer] += h
         table.blocks_per_layer += max(need.gpu_per_layer + need.host_per_layer)
         return True
 
@@ -179,6 +209,7 @@ class KVCacheManager:
         """Return all blocks of a finished, aborted or preempted request (later, for blocks a copy
         still uses)."""
         table = self.tables.pop(request_id)
+        store = table.store if table.store is not None and not table.store.done() else None
         for layer, lb in enumerate(table.layers):
             if not lb.reads_gpu_blocks:
                 self._host_read[layer] -= table.blocks_per_layer
@@ -186,7 +217,10 @@ class KVCacheManager:
             for tier, ids in ((Tier.GPU, lb.gpu_blocks), (Tier.HOST, lb.host_blocks)):
                 if not ids:
                     continue
-                if pending is not None:
+                if tier is Tier.HOST and store is not None:  # a step's write-back still fills them
+                    self._deferred.append(_DeferredFree(store if pending is None else _Both(pending, store),
+                                                        tier, ids, layer))
+                elif pending is not None:
                     self._deferred.append(_DeferredFree(pending, tier, ids, layer))
                 else:
                     self._free(tier, ids, layer)
@@ -231,6 +265,10 @@ class KVCacheManager:
         """``handle`` ends a copy of ``table``'s layer; ``poll`` settles it (only layers set here)."""
         table.layers[layer].pending = handle
         self._pending[(id(table), layer)] = table
+
+    def set_store(self, table: LayerBlockTable, handle: CopyHandle) -> None:
+        """``handle`` ends the latest write-back to ``table``'s host blocks (``release`` waits for it)."""
+        table.store = handle
 
     def loading(self) -> list[tuple[LayerBlockTable, int]]:
         """(table, layer) of the promotions still in flight."""

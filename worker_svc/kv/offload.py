@@ -5,20 +5,21 @@ same blocks sees the stored data) and returns a ``CopyHandle`` per call. On CUDA
 separate copy stream, start only after the compute already queued (the KV they read was just
 written), and a handle is a CUDA event; on CPU they are plain copies, done on return. A layer's
 blocks are copied as runs of consecutive ids, so a contiguous allocation is one copy.
-``StagingPool`` hands out staging blocks and takes a block back only once the copy that reads or
-writes it is done.
+``StagingPool`` hands out contiguous staging ranges and takes one back only once the copy that reads
+or writes it is done.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
-from worker_svc.kv.block_pool import BlockPool
-from worker_svc.kv.id_tensor import id_tensor, run_starts
+from worker_svc.kv.id_tensor import run_starts
 
 
 class CopyHandle(Protocol):
@@ -66,25 +67,47 @@ def coalesce(src_ids: list[int], dst_ids: list[int]) -> list[CopyRun]:
     return [CopyRun(src_ids[a], dst_ids[a], b - a) for a, b in zip(starts, ends, strict=True)]
 
 
+def runs_array(src_ids: Sequence[int], dst_ids: Sequence[int]) -> np.ndarray:
+    """``coalesce`` as a [K, 3] int64 array of (src, dst, length) rows."""
+    runs = coalesce(list(src_ids), list(dst_ids))
+    return np.array([(r.src, r.dst, r.length) for r in runs], dtype=np.int64).reshape(-1, 3)
+
+
+def expand_runs(runs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (src, dst) block id pair of ``runs`` [K, 3], as two [sum(lengths)] int64 tensors."""
+    lens = torch.from_numpy(np.ascontiguousarray(runs[:, 2]))  # [K]
+    starts = torch.cumsum(lens, 0) - lens  # [K] where each run begins in the flat list
+    within = torch.arange(int(lens.sum())) - torch.repeat_interleave(starts, lens)
+    src = torch.repeat_interleave(torch.from_numpy(np.ascontiguousarray(runs[:, 0])), lens) + within
+    dst = torch.repeat_interleave(torch.from_numpy(np.ascontiguousarray(runs[:, 1])), lens) + within
+    return src, dst
+
+
 class CopyEngine:
     """Synchronous copies (CPU): the same code path as CUDA, with nothing to overlap."""
 
     def copy_blocks(self, src: torch.Tensor, src_ids: list[int], dst: torch.Tensor,
                     dst_ids: list[int]) -> CopyHandle:
-        """Copy blocks ``src[src_ids]`` into ``dst[dst_ids]``; tensors are [N, 2, bs, Hkv, D].
+        """Copy blocks ``src[src_ids]`` into ``dst[dst_ids]``; tensors are [N, 2, bs, Hkv, D]."""
+        return self.copy_runs(src, dst, runs_array(src_ids, dst_ids))
 
-        Few runs: one slice copy each. Many (a batch's contexts, each its own run): one gather and
-        one scatter, as the per-call cost of hundreds of small copies exceeds the extra pass."""
-        runs = coalesce(src_ids, dst_ids)
-        if len(runs) > _MANY_RUNS:
-            dst.index_copy_(0, id_tensor(dst_ids), src.index_select(0, id_tensor(src_ids)))
+    def copy_runs(self, src: torch.Tensor, dst: torch.Tensor, runs: np.ndarray) -> CopyHandle:
+        """Copy ``runs`` [K, 3] int64 rows (src id, dst id, length) of consecutive blocks.
+
+        Few runs, or long ones (a host layer's contexts): one slice copy each. Many short ones (a
+        decode's written block of every request): one gather and one scatter, as the per-call cost
+        of hundreds of small copies exceeds the extra pass."""
+        if len(runs) > _MANY_RUNS and int(runs[:, 2].sum()) < _LONG_RUN * len(runs):
+            src_ids, dst_ids = expand_runs(runs)
+            dst.index_copy_(0, dst_ids, src.index_select(0, src_ids))
             return DoneHandle()
-        for run in runs:
-            dst[run.dst:run.dst + run.length].copy_(src[run.src:run.src + run.length])
+        for s, d, n in runs.tolist():
+            dst[d:d + n].copy_(src[s:s + n])
         return DoneHandle()
 
 
-_MANY_RUNS = 8  # CPU copies: above this many runs, index ops beat a slice copy per run
+_MANY_RUNS = 8  # CPU copies: above this many runs, index ops beat a slice copy per run ...
+_LONG_RUN = 64  # ... unless runs average this many blocks (the per-call cost is amortised)
 
 
 class CudaEventHandle:
@@ -113,8 +136,8 @@ class CudaCopyEngine(CopyEngine):
         self.timing = timing
         self.timed_copies: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
 
-    def copy_blocks(self, src: torch.Tensor, src_ids: list[int], dst: torch.Tensor,
-                    dst_ids: list[int]) -> CopyHandle:
+    def copy_runs(self, src: torch.Tensor, dst: torch.Tensor, runs: np.ndarray) -> CopyHandle:
+        # One async copy per run: the host cost of a copy is its number of runs, not of blocks.
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream())  # the KV to copy is written by work queued so far
         done = torch.cuda.Event(enable_timing=self.timing)
@@ -123,12 +146,12 @@ class CudaCopyEngine(CopyEngine):
             start = torch.cuda.Event(enable_timing=True) if self.timing else None
             if start is not None:
                 start.record(self._stream)
-            for run in coalesce(src_ids, dst_ids):
-                dst[run.dst:run.dst + run.length].copy_(src[run.src:run.src + run.length], non_blocking=True)
+            for s, d, n in runs.tolist():
+                dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
             done.record(self._stream)
         if start is not None:
             block_bytes = src[0].numel() * src.element_size()
-            self.timed_copies.append((start, done, len(src_ids) * block_bytes))
+            self.timed_copies.append((start, done, int(runs[:, 2].sum()) * block_bytes))
         return CudaEventHandle(done)
 
 
@@ -136,57 +159,74 @@ def make_copy_engine(device: torch.device) -> CopyEngine:
     return CudaCopyEngine(device) if device.type == "cuda" else CopyEngine()
 
 
+@dataclass
+class _Range:
+    lo: int  # first staging id
+    hi: int  # one past the last
+    handle: CopyHandle | None = None  # the copy that must finish before reuse; None while held
+
+
 class StagingPool:
     """GPU staging blocks: where host-placed layers' KV sits while it is computed or copied.
 
-    A block is returned with ``release_after(ids, handle)`` and reusable only once ``handle`` is done;
-    ``allocate`` first reclaims finished copies, then waits for the oldest ones (time it adds to
-    ``wait_s``: compute waiting for copies).
+    A step takes one contiguous range per host-read layer (``take``): even layers from the bottom
+    of the pool, odd layers from the top, so a layer and the next one (streamed in while it
+    computes) never overlap while admission keeps any adjacent pair within the pool. A range is
+    returned with ``release_after(lo, handle)`` and reusable only once ``handle`` is done; ``take``
+    first drops finished copies, then waits for any still-running one its range overlaps (time it
+    adds to ``wait_s``: compute waiting for copies). Ids only: O(1) per range, whatever its length.
     """
 
     def __init__(self, num_blocks: int, first_id: int) -> None:
-        self.pool = BlockPool(num_blocks, first_id)
-        self._pending: list[tuple[CopyHandle, list[int]]] = []  # in release order
+        self.num_blocks = num_blocks
+        self.first_id = first_id
+        self._ranges: list[_Range] = []  # held or waiting for a copy, in take order
         self.wait_s = 0.0
 
     @property
-    def num_blocks(self) -> int:
-        return self.pool.num_blocks
+    def num_free(self) -> int:
+        return self.num_blocks - sum(r.hi - r.lo for r in self._ranges)
 
     def reclaim(self) -> None:
-        still: list[tuple[CopyHandle, list[int]]] = []
-        for handle, ids in self._pending:
-            if handle.done():
-                self.pool.free(ids)
-            else:
-                still.append((handle, ids))
-        self._pending = still
+        self._ranges = [r for r in self._ranges if r.handle is None or not r.handle.done()]
 
-    def allocate(self, n: int) -> list[int]:
+    def take(self, n: int, side: int) -> int:
+        """First id of ``n`` contiguous staging blocks at the bottom (``side`` 0) or top (1)."""
+        assert 0 <= n <= self.num_blocks, (f"staging needs {n} blocks, the pool has {self.num_blocks} "
+                                           f"(admission should have prevented this)")
+        lo = self.first_id if side == 0 else self.first_id + self.num_blocks - n
+        hi = lo + n
         self.reclaim()
-        while not self.pool.can_allocate(n):
-            assert self._pending, (f"staging needs {n} blocks, {self.pool.num_free} of "
-                                   f"{self.pool.num_blocks} free and no copy to wait for "
-                                   f"(admission should have prevented this)")
-            handle, ids = self._pending.pop(0)
-            start = time.perf_counter()
-            handle.wait()
-            self.wait_s += time.perf_counter() - start
-            self.pool.free(ids)
-        got = self.pool.allocate(n)
-        assert got is not None
-        return got
+        for r in list(self._ranges):
+            if r.lo < hi and lo < r.hi:
+                assert r.handle is not None, (f"staging [{lo}, {hi}) overlaps [{r.lo}, {r.hi}) still in use "
+                                              f"(admission should have prevented this)")
+                start = time.perf_counter()
+                r.handle.wait()
+                self.wait_s += time.perf_counter() - start
+                self._ranges.remove(r)
+        if n:
+            self._ranges.append(_Range(lo, hi))
+        return lo
 
-    def release_after(self, ids: list[int], handle: CopyHandle) -> None:
+    def _held(self, lo: int) -> _Range:
+        for r in self._ranges:
+            if r.lo == lo and r.handle is None:
+                return r
+        raise AssertionError(f"no staging range held at {lo}")
+
+    def release_after(self, lo: int, handle: CopyHandle) -> None:
+        """The range taken at ``lo`` is free once ``handle`` is done."""
+        r = self._held(lo)
         if handle.done():
-            self.pool.free(ids)
+            self._ranges.remove(r)
         else:
-            self._pending.append((handle, ids))
+            r.handle = handle
 
-    def release(self, ids: list[int]) -> None:
-        self.pool.free(ids)
+    def release(self, lo: int) -> None:
+        self._ranges.remove(self._held(lo))
 
     @property
     def idle(self) -> bool:
         self.reclaim()
-        return not self._pending
+        return not self._ranges

@@ -6,15 +6,18 @@ A step is a list of segments, one per request: request ``i`` computes the tokens
 prefill chunk a longer one; a first chunk starts at 0). A GPU-home layer reads and writes its own
 blocks. A host-home layer is computed in staging blocks: its first ``starts[i]`` tokens (earlier
 chunks, or the context of a decode) are streamed in while the previous layer computes, and after
-attention the blocks the segment wrote are copied back to its host blocks.
+attention the blocks the segment wrote are copied back to its host blocks. Each host-read layer
+takes one contiguous staging range per step, and its copy lists are runs computed with array ops
+from the persistent buffer (``table_buffer``): the host work of a step grows with the number of
+requests and copy runs, not with their contexts.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from itertools import chain
 
+import numpy as np
 import torch
 
 from worker_svc.attention import AttentionMetadata
@@ -43,27 +46,31 @@ class CopyStats:
         self.loaded_by_request[request_id] = self.loaded_by_request.get(request_id, 0) + nbytes
 
 
-@dataclass
-class _StagedLayer:
-    """Staging blocks lent to the host-home layers of one layer for this step."""
-
-    ids: dict[str, list[int]] = field(default_factory=dict)  # request id -> staging block ids
-    load: CopyHandle | None = None
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-_FEW_ROWS = 4  # host-read rows of a layer up to which staging ids are written row by row
+def pair_runs(src: np.ndarray, dst: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Block pairs ``src[i] -> dst[i]`` [n] as runs [K, 3] of (src, dst, length), array ops only; a
+    run never spans two values of ``group`` [n]."""
+    if not len(src):
+        return np.zeros((0, 3), dtype=np.int64)
+    begins = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1) | (np.diff(group) != 0)) + 1
+    edges = np.concatenate(([0], begins, [len(src)]))
+    return np.stack((src[edges[:-1]], dst[edges[:-1]], np.diff(edges)), axis=1).astype(np.int64)
 
 
-def _ragged_index(rows: list[int], counts: list[int], width: int) -> torch.Tensor:
-    """Flat positions of the first ``counts[k]`` entries of row ``rows[k]`` of a [*, width] tensor."""
-    n = id_tensor(counts)
-    first = id_tensor(rows) * width  # [K]
-    starts = torch.cumsum(n, 0) - n  # [K] where each row's entries begin in the flat list
-    return torch.arange(int(n.sum())) + torch.repeat_interleave(first - starts, n)  # [sum(counts)]
+@dataclass
+class _HostLayer:
+    """The staging work of one host-read layer in one step (ids relative to its staging range)."""
+
+    key: bytes  # which batch rows read this layer through staging
+    blocks: int  # staging blocks the layer takes: every host-read request's whole context
+    offsets: np.ndarray  # [B] where each row's blocks begin in the range (0 for other rows)
+    load: np.ndarray  # [K, 3] runs (host id, staging offset, length) streamed in before compute
+    store: np.ndarray  # [K, 3] runs (staging offset, host id, length) written back after attention
+    base: int = -1  # first staging id, once taken
+    handle: CopyHandle | None = None  # the stream-in
 
 
 class StepAccess:
@@ -75,6 +82,7 @@ class StepAccess:
         assert tables and len(tables) == len(starts) == len(lens), "one segment per request"
         self.tables, self.starts, self.lens = tables, starts, lens
         self.kv, self.manager, self.copy, self.stats = kv, manager, copy, stats
+        self.buffer = buffer
         self.bs = kv.geometry.block_size
         self.device = kv.gpu.device
         self.block_bytes = kv.geometry.bytes_per_block
@@ -95,20 +103,28 @@ class StepAccess:
         self.offsets = (pos % self.bs).to(self.device)  # [T]
         self.cu_seqlens = cu.to(torch.int32).to(self.device)  # [B+1]
         self.context_lens = id_tensor(self.ends).to(torch.int32).to(self.device)  # [B]
-        self._staged: dict[int, _StagedLayer] = {}
         self._prebuilt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         row_index = buffer.rows_for(tables, manager.tables)  # [B]
+        self._row_index = row_index.numpy()
         # [L, B, M] int32 GPU-read block ids of every layer: a view when the batch holds rows
         # 0..B-1 in order (a steady batch), else gathered on the device in one op
         if buffer.in_order:
             self._rows_all = buffer.ids[:, :len(tables), :self.max_blocks]
-            self._host_read = buffer.host_read[:, :len(tables)]  # [L, B] on the host
+            host_read = buffer.host_read[:, :len(tables)]  # [L, B] on the host
         else:
             self._rows_all = buffer.ids[:, row_index.to(self.device), :self.max_blocks]
-            self._host_read = buffer.host_read[:, row_index]
+            host_read = buffer.host_read[:, row_index]
+        self._host_read = host_read.numpy()
+        self._host: dict[int, _HostLayer] = {}
+        self._loaded_blocks = self._stored_blocks = np.zeros(len(tables), dtype=np.int64)  # [B]
+        self._last_host_layer = -1
+        if self._host_read.any():
+            self._plan_host_layers()
         self._prebuild()
         batch = {id(t) for t in tables}
         self._loading = [(t, layer) for t, layer in manager.loading() if id(t) in batch]
+        self._last_store: CopyHandle | None = None
+        self._staged_slots: dict[tuple[object, ...], torch.Tensor] = {}  # layout -> slots [T]
 
     def _wait(self, handle: CopyHandle) -> None:
         """Order compute after a copy; count host time only when it is not already done."""
@@ -118,70 +134,107 @@ class StepAccess:
             self.stats.wait_s += time.perf_counter() - start
         handle.order_compute_after()
 
+    def _plan_host_layers(self) -> None:
+        """Staging layout and copy runs of every host-read layer, in array ops over (layer, row) pairs.
+
+        Layer ``l``'s range holds each host-read request's blocks back to back, in batch order:
+        block ``j`` of row ``i`` sits at ``offsets[i] + j``. The first ``ceil(start / bs)`` blocks
+        are streamed in (one run per run of host ids, read from the persistent buffer), and the
+        blocks the segment writes are copied back after attention. No per-block Python."""
+        hr, buf, rows = self._host_read, self.buffer, self._row_index  # [L, B], -, [B]
+        starts, ends = np.array(self.starts, dtype=np.int64), np.array(self.ends, dtype=np.int64)
+        filled = -(-starts // self.bs)  # [B] blocks holding earlier tokens: streamed in
+        used = -(-ends // self.bs)  # [B] blocks the segment reads
+        first_written = starts // self.bs  # [B]
+        written = used - first_written  # [B] blocks the segment writes: copied back
+        pl, pb = np.nonzero(hr)  # [P] (layer, batch row) of every host-read pair, by layer
+        pr = rows[pb]  # [P] buffer rows
+        # Where each pair's blocks begin in its layer's range: the blocks of earlier host rows.
+        pair_used = used[pb]
+        cum = np.cumsum(pair_used) - pair_used  # [P] over all pairs
+        layers, first_pair, per_layer = np.unique(pl, return_index=True, return_counts=True)
+        offset = cum - np.repeat(cum[first_pair], per_layer)  # [P] restarted at each layer
+        # Stream-in runs: the host runs of each pair cut at its filled blocks.
+        counts = buf.run_count[pl, pr]  # [P]
+        k = int(counts.max()) if len(counts) else 0
+        run_start = buf.run_start[pl, pr, :k]  # [P, K]
+        run_len = np.where(np.arange(k) < counts[:, None], buf.run_len[pl, pr, :k], 0)  # [P, K]
+        before = np.cumsum(run_len, axis=1) - run_len  # [P, K] blocks of the pair before each run
+        take = np.clip(filled[pb][:, None] - before, 0, run_len)  # [P, K]
+        valid = take > 0
+        load = np.stack((run_start[valid], (offset[:, None] + before)[valid], take[valid]), axis=1)  # [R, 3]
+        load_layer = np.broadcast_to(pl[:, None], valid.shape)[valid]  # [R]
+        # Copy-back pairs: blocks first_written .. used-1 of each pair.
+        n_written = written[pb]  # [P]
+        pair_of = np.repeat(np.arange(len(pb)), n_written)  # [W]
+        j = first_written[pb][pair_of] + np.arange(len(pair_of)) - np.repeat(
+            np.cumsum(n_written) - n_written, n_written)  # [W] block index inside its request
+        store_dst = buf.host_ids[pl[pair_of], pr[pair_of], j].astype(np.int64)  # [W]
+        store_src = offset[pair_of] + j  # [W]
+        # Runs do not depend on the range's base (it shifts a layer's sources alike): built once here.
+        store_layer = pl[pair_of]
+        store = pair_runs(store_src, store_dst, store_layer)  # [K', 3]
+        store_layer = store_layer[np.cumsum(store[:, 2]) - store[:, 2]] if len(store) else store_layer
+        load_cut = [*np.searchsorted(load_layer, layers, side="left").tolist(), len(load_layer)]
+        store_cut = [*np.searchsorted(store_layer, layers, side="left").tolist(), len(store_layer)]
+        for x, layer in enumerate(layers.tolist()):
+            a, b = first_pair[x], first_pair[x] + per_layer[x]
+            offsets = np.zeros(len(rows), dtype=np.int64)
+            offsets[pb[a:b]] = offset[a:b]
+            self._host[layer] = _HostLayer(
+                hr[layer].tobytes(), int(pair_used[a:b].sum()), offsets,
+                load[load_cut[x]:load_cut[x + 1]], store[store_cut[x]:store_cut[x + 1]])
+        # Bytes per request: every host-read layer streams its filled blocks in and writes back.
+        host_layers = hr.sum(axis=0)  # [B]
+        self._loaded_blocks = host_layers * filled  # [B]
+        self._stored_blocks = host_layers * written  # [B]
+        self._last_host_layer = int(layers[-1])
+        self._all_rows = np.ones(len(rows), dtype=np.bool_).tobytes()  # the key of "every row"
+        self._used = used
+        self._used_key = used.tobytes()
+
     def _prebuild(self) -> None:
         """Tables and slots of every layer that all requests read in their own GPU blocks, at once."""
-        # (layer, row) of every host-read segment, grouped by layer: the staging work of the step
-        self._host_rows: dict[int, list[int]] = {}
-        for layer, row in torch.nonzero(self._host_read).tolist():
-            self._host_rows.setdefault(layer, []).append(row)
-        layers = [i for i in range(self.num_layers) if i not in self._host_rows]
+        layers = [i for i in range(self.num_layers) if i not in self._host]
         if not layers:
             return
-        rows = self._rows_all  # [L', B, M]
+        rows = self._rows_all  # [L, B, M]
         if len(layers) < self.num_layers:
-            rows = rows[torch.tensor(layers, device=self.device)]
-        slots = rows[:, self._tok_row, self._tok_block]  # [L', T]
-        self._prebuilt = {layer: (rows[j], slots[j]) for j, layer in enumerate(layers)}
+            # The slots of the GPU-read layers in one gather, their tables as views: selecting the
+            # layers first would copy every row of them.
+            which = torch.tensor(layers, device=self.device)[:, None]  # [L', 1]
+            slots = rows[which, self._tok_row[None, :], self._tok_block[None, :]]  # [L', T]
+        else:
+            slots = rows[:, self._tok_row, self._tok_block]  # [L, T]
+        self._prebuilt = {layer: (rows[layer], slots[j]) for j, layer in enumerate(layers)}
 
     def _prefetch(self, layer: int) -> None:
-        """Stream layer ``layer``'s host-home KV into staging blocks (one copy call for all requests)."""
-        staged = _StagedLayer()
-        src: list[int] = []
-        dst: list[int] = []
-        for i in self._host_rows.get(layer, []):
-            table, start, end = self.tables[i], self.starts[i], self.ends[i]
-            lb = table.layers[layer]
-            ids = self.manager.staging.allocate(_cdiv(end, self.bs))
-            staged.ids[table.request_id] = ids
-            filled = _cdiv(start, self.bs)
-            src += lb.host_blocks[:filled]
-            dst += ids[:filled]
-            if filled:
-                self.stats.loaded(table.request_id, filled * self.block_bytes)
-        if src:
-            staged.load = self.copy.copy_blocks(self.kv.host, src, self.kv.gpu, dst)
-        self._staged[layer] = staged
+        """Take layer ``layer``'s staging range and stream its host KV in (one copy call)."""
+        host = self._host.get(layer)
+        if host is None:
+            return
+        host.base = self.manager.staging.take(host.blocks, side=layer % 2)
+        if len(host.load):
+            runs = host.load.copy()
+            runs[:, 1] += host.base
+            host.handle = self.copy.copy_runs(self.kv.host, self.kv.gpu, runs)
 
     def begin_layer(self, layer: int) -> tuple[torch.Tensor, AttentionMetadata]:
         if layer == 0:
             self._prefetch(0)
         if layer + 1 < self.num_layers:
             self._prefetch(layer + 1)  # overlaps this layer's compute
-        staged = self._staged[layer]
-        if staged.load is not None:
-            self._wait(staged.load)
+        host = self._host.get(layer)
+        if host is not None and host.handle is not None:
+            self._wait(host.handle)
         for table, loading in self._loading:
             lb = table.layers[loading]
             if loading == layer and lb.pending is not None:  # a promotion in flight: wait for it
                 self._wait(lb.pending)
-        if layer in self._prebuilt and not staged.ids:
+        if host is None:
             block_table, slot_blocks = self._prebuilt[layer]
         else:
-            rows = self._rows_all[layer].clone(memory_format=torch.contiguous_format)  # [B, M]
-            # The staging ids of the host-read requests, in one tensor write (each has as many as its
-            # end needs, <= M; the rest of its row stays block 0).
-            which = self._host_rows[layer]
-            if len(which) <= _FEW_ROWS:  # a write per row costs less than building the ragged index
-                for i in which:
-                    ids = staged.ids[self.tables[i].request_id]
-                    rows[i, :len(ids)] = id_tensor(ids).to(device=self.device, dtype=torch.int32)
-            else:
-                lists = [staged.ids[self.tables[i].request_id] for i in which]
-                where = _ragged_index(which, [len(ids) for ids in lists], self.max_blocks).to(self.device)
-                flat = id_tensor(list(chain.from_iterable(lists)))
-                rows.view(-1)[where] = flat.to(device=self.device, dtype=torch.int32)
-            slot_blocks = rows[self._tok_row, self._tok_block]  # [T]
-            block_table = rows  # [B, M]
+            block_table, slot_blocks = self._host_table(layer, host)
         if self.fresh:
             meta = AttentionMetadata(is_prefill=True, slot_blocks=slot_blocks, slot_offsets=self.offsets,
                                      seq_lens=self.lens, cu_seqlens=self.cu_seqlens)
@@ -192,32 +245,76 @@ class StepAccess:
                 max_context=max(self.ends), context_list=self.ends)
         return self.kv.gpu, meta
 
+    def _host_table(self, layer: int, host: _HostLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block table [B, M] and slots [T] of a host-read layer: the staging ids of its host rows
+        (each row's blocks contiguous from ``base + offsets[i]``) over the GPU rows' own ids.
+
+        The staging part depends only on the layout (which rows, their offsets and block counts, the
+        range's base), so it is cached in the buffer and reused by every layer and step that has the
+        same layout: a steady half-host batch builds it once per block boundary."""
+        key = (host.key, host.base, self.max_blocks, host.offsets.tobytes(), self._used_key)
+        staged = self._staged(key, host)
+        if host.key == self._all_rows:
+            slots = self._staged_slots.get(key)
+            if slots is None:  # this step's tokens in the (cached) table: once per step and layout
+                slots = self._staged_slots[key] = staged[self._tok_row, self._tok_block]
+            return staged, slots
+        block_table = self._rows_all[layer] + staged  # the host rows of _rows_all hold 0
+        return block_table, block_table[self._tok_row, self._tok_block]
+
+    def _staged(self, key: tuple[object, ...], host: _HostLayer) -> torch.Tensor:
+        cache = self.buffer.staged_tables
+        table = cache.get(key)
+        if table is not None:
+            return table
+        mask = torch.from_numpy(np.frombuffer(host.key, dtype=np.bool_).copy())  # [B]
+        used = torch.from_numpy(self._used)  # [B]
+        j = torch.arange(self.max_blocks)  # [M]
+        rel = torch.from_numpy(host.offsets)[:, None] + j[None, :] + host.base  # [B, M]
+        valid = mask[:, None] & (j[None, :] < used[:, None])
+        table = torch.where(valid, rel, 0).to(device=self.device, dtype=torch.int32)  # [B, M]
+        if len(cache) >= 8:  # layouts of older steps: a block boundary or a batch change moved on
+            cache.clear()
+        cache[key] = table
+        return table
+
     def end_layer(self, layer: int) -> None:
-        """Write the blocks each host-home segment wrote back to the request's host blocks."""
-        staged = self._staged.pop(layer)
-        if not staged.ids:
+        """Copy the blocks each host-read segment wrote back to the request's host blocks."""
+        host = self._host.get(layer)
+        if host is None:
             return
-        src, dst = [], []
-        for table, start, end in zip(self.tables, self.starts, self.ends, strict=True):
-            ids = staged.ids.get(table.request_id)
-            if ids is None:
-                continue
-            written = range(start // self.bs, _cdiv(end, self.bs))
-            src += [ids[b] for b in written]
-            dst += [table.layers[layer].host_blocks[b] for b in written]
-            self.stats.offloaded(table.request_id, len(written) * self.block_bytes)
-        handle = self.copy.copy_blocks(self.kv.gpu, src, self.kv.host, dst)
-        for table in self.tables:
-            ids = staged.ids.get(table.request_id)
-            if ids is not None:
-                self.manager.set_pending(table, layer, handle)  # its host blocks are being written
-                self.manager.staging.release_after(ids, handle)
+        runs = host.store.copy()
+        runs[:, 0] += host.base
+        handle = self.copy.copy_runs(self.kv.gpu, self.kv.host, runs)
+        self.manager.staging.release_after(host.base, handle)
+        host.base = -1
+        self._last_store = handle
+        if layer == self._last_host_layer:
+            self._settle()
+
+    def _settle(self) -> None:
+        """After the last write-back: its host blocks stay held until it is done (copies run in
+        order, so the step's last store covers all its earlier ones), and the bytes are counted."""
+        assert self._last_store is not None
+        for i in np.flatnonzero(self._loaded_blocks + self._stored_blocks).tolist():
+            self.manager.set_store(self.tables[i], self._last_store)
+        self.stats.bytes_loaded += int(self._loaded_blocks.sum()) * self.block_bytes
+        self.stats.bytes_offloaded += int(self._stored_blocks.sum()) * self.block_bytes
+
+    def copied_bytes(self) -> tuple[list[int], list[int]]:
+        """Bytes each request of the batch streamed in and wrote back through staging (step order)."""
+        return ((self._loaded_blocks * self.block_bytes).tolist(),
+                (self._stored_blocks * self.block_bytes).tolist())
 
     def abandon(self) -> None:
-        """Return the staging blocks this step still holds (the forward failed midway)."""
-        for staged in self._staged.values():
-            if staged.load is not None:
-                staged.load.wait()  # a load may still be writing into these blocks
-            for ids in staged.ids.values():
-                self.manager.staging.release(ids)
-        self._staged = {}
+        """Return the staging ranges this step still holds (the forward failed midway)."""
+        for host in self._host.values():
+            if host.base < 0:
+                continue
+            if host.handle is not None:
+                host.handle.wait()  # a load may still be writing into these blocks
+            self.manager.staging.release(host.base)
+            host.base = -1
+        if self._last_store is not None:
+            for i in np.flatnonzero(self._loaded_blocks + self._stored_blocks).tolist():
+                self.manager.set_store(self.tables[i], self._last_store)

@@ -1,11 +1,18 @@
-"""Persistent block tables (vLLM v1 input-batch style): one tensor row per request, updated by
-what changed, so a step's tables are one index into it instead of a rebuild from Python lists.
+"""Persistent block tables (vLLM v1 input-batch style): one row per request, updated by what
+changed, so a step's tables and copy lists are indexes into it instead of a rebuild from lists.
 
-Row ``r`` of ``ids`` [L, R, M] (and of ``host_read`` [L, R]) holds, per layer, the GPU-tier block
-ids attention reads for one request (its own blocks for a layer that reads GPU blocks; 0 for a
-host-read layer, whose staging ids are lent per step), padded with block 0. A row is rewritten
-when its table is new (admission, re-admission after a recompute preemption) or its ``version``
-moved (a swap-out or a promotion changed a layer's blocks); growth writes only the new tail.
+Row ``r`` holds, per layer, for one request:
+* ``ids`` [L, R, M] int32 on the device: the GPU-tier block ids attention reads (its own blocks for
+  a layer that reads GPU blocks; 0 for a host-read layer, whose staging ids are lent per step),
+  padded with block 0;
+* ``host_read`` [L, R] bool: the layer is read through staging;
+* ``host_ids`` [L, R, M] int32 (host memory): the host-tier block ids of a host-read layer (what a
+  step writes back to), 0 elsewhere;
+* ``run_start``/``run_len`` [L, R, K] and ``run_count`` [L, R] int64: the same host ids as runs of
+  consecutive ids (what a step streams in: one copy per run, however long the context).
+A row is rewritten when its table is new (admission, re-admission after a recompute preemption) or
+its ``version`` moved (a swap-out or a promotion changed a layer's blocks); growth writes only the
+new tail (and extends or adds a run).
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
+from typing import Any
 
+import numpy as np
 import torch
 
 from worker_svc.kv.block_table import LayerBlockTable
@@ -28,6 +37,13 @@ class _Row:
     blocks: int  # blocks per layer written
 
 
+def _runs(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first id, length) of each run of consecutive ids in ``ids`` [n] (n >= 1)."""
+    begins = np.flatnonzero(np.diff(ids) != 1) + 1  # [K - 1]
+    edges = np.concatenate(([0], begins, [len(ids)]))  # [K + 1]
+    return ids[edges[:-1]], np.diff(edges)
+
+
 class BlockTableBuffer:
     def __init__(self, num_layers: int, rows: int = 8, blocks: int = 16,
                  device: torch.device | None = None) -> None:
@@ -37,6 +53,13 @@ class BlockTableBuffer:
         # small write of the blocks that changed
         self.ids = torch.zeros((num_layers, rows, blocks), dtype=torch.int32, device=self.device)
         self.host_read = torch.zeros((num_layers, rows), dtype=torch.bool)  # [L, R] layer read via staging
+        self.host_ids = np.zeros((num_layers, rows, blocks), dtype=np.int32)  # [L, R, M]
+        self.run_start = np.zeros((num_layers, rows, 4), dtype=np.int64)  # [L, R, K]
+        self.run_len = np.zeros((num_layers, rows, 4), dtype=np.int64)  # [L, R, K]
+        self.run_count = np.zeros((num_layers, rows), dtype=np.int64)  # [L, R]
+        # Staging block tables of recent steps, reused while the batch's layout is unchanged
+        # (``StepAccess`` owns the keys; a few entries: one per host-row set and pool side).
+        self.staged_tables: dict[tuple[object, ...], torch.Tensor] = {}
         self._rows: dict[str, _Row] = {}
         self._free: list[int] = list(range(rows - 1, -1, -1))
         self.in_order = False  # the last ``rows_for`` gave rows 0..B-1 in batch order
@@ -70,31 +93,89 @@ class BlockTableBuffer:
                     del self._rows[rid]
                     self._free.append(row.index)
         if not self._free:
-            layers, r, m = self.ids.shape
-            grown = torch.zeros((layers, 2 * r, m), dtype=torch.int32, device=self.device)
-            grown[:, :r] = self.ids
-            self.ids = grown
-            host = torch.zeros((layers, 2 * r), dtype=torch.bool)
-            host[:, :r] = self.host_read
-            self.host_read = host
+            r = self.ids.shape[1]
+            self.ids = _grown(self.ids, 1, 2 * r)
+            self.host_read = _grown(self.host_read, 1, 2 * r)
+            self.host_ids = _grown(self.host_ids, 1, 2 * r)
+            self.run_start = _grown(self.run_start, 1, 2 * r)
+            self.run_len = _grown(self.run_len, 1, 2 * r)
+            self.run_count = _grown(self.run_count, 1, 2 * r)
             self._free = list(range(2 * r - 1, r - 1, -1))
         return self._free.pop()
 
     def _write(self, row: _Row, start: int) -> None:
         """Write blocks ``start ..`` of every layer of ``row``'s table (``start == 0``: the whole row)."""
-        table = row.table
+        table, r = row.table, row.index
         n = table.blocks_per_layer
-        if n > self.ids.shape[2]:
-            layers, r, m = self.ids.shape
-            grown = torch.zeros((layers, r, max(n, 2 * m)), dtype=torch.int32, device=self.device)
-            grown[:, :, :m] = self.ids
-            self.ids = grown
+        m = self.ids.shape[2]
+        if n > m:
+            self.ids = _grown(self.ids, 2, max(n, 2 * m))
+            self.host_ids = _grown(self.host_ids, 2, max(n, 2 * m))
         if start == 0:
-            self.ids[:, row.index] = 0
-            self.host_read[:, row.index] = torch.tensor([not lb.reads_gpu_blocks for lb in table.layers])
-        if n > start:
-            pad = [0] * (n - start)
-            tail = [lb.gpu_blocks[start:n] if lb.reads_gpu_blocks else pad for lb in table.layers]
-            flat = id_tensor(list(chain.from_iterable(tail))).to(device=self.device, dtype=torch.int32)
-            self.ids[:, row.index, start:n] = flat.view(len(tail), n - start)  # [L, n - start]
+            self.ids[:, r] = 0
+            self.host_ids[:, r] = 0
+            self.run_count[:, r] = 0
+            self.host_read[:, r] = torch.tensor([not lb.reads_gpu_blocks for lb in table.layers])
+        if n <= start:
+            return
+        pad = [0] * (n - start)
+        reads = table.reads_gpu
+        tail = [lb.gpu_blocks[start:n] if gpu else pad for lb, gpu in zip(table.layers, reads, strict=True)]
+        ids = list(chain.from_iterable(tail))
+        # a decode's growth (a block per layer) skips the numpy trip; a whole row needs it
+        flat = torch.tensor(ids, dtype=torch.int32) if n - start <= 2 else id_tensor(ids).to(torch.int32)
+        self.ids[:, r, start:n] = flat.view(len(tail), n - start).to(self.device)  # [L, n - start]
+        host = [i for i, gpu in enumerate(reads) if not gpu]
+        if host:
+            new = np.array([table.layers[i].host_blocks[start:n] for i in host], dtype=np.int64)  # [Lh, g]
+            self.host_ids[host, r, start:n] = new
+            self._append_runs(np.array(host), r, new, start == 0)
         row.blocks = n
+
+    def _append_runs(self, layers: np.ndarray, r: int, new: np.ndarray, fresh: bool) -> None:
+        """Add host ids ``new`` [Lh, g] after the runs of ``layers`` in row ``r`` (``fresh``: no runs yet)."""
+        if not fresh and new.shape[1] == 1:  # a decode's growth: extend each layer's last run or add one
+            c = self.run_count[layers, r]  # [Lh] >= 1
+            ids = new[:, 0]
+            ends = self.run_start[layers, r, c - 1] + self.run_len[layers, r, c - 1]
+            extend = ids == ends
+            self.run_len[layers[extend], r, c[extend] - 1] += 1
+            adds = layers[~extend]
+            if adds.size:
+                self._reserve_runs(int(c.max()) + 1)
+                at = self.run_count[adds, r]
+                self.run_start[adds, r, at] = ids[~extend]
+                self.run_len[adds, r, at] = 1
+                self.run_count[adds, r] = at + 1
+            return
+        for layer, ids in zip(layers.tolist(), new, strict=True):
+            starts, lens = _runs(ids)
+            c = int(self.run_count[layer, r])
+            if c and self.run_start[layer, r, c - 1] + self.run_len[layer, r, c - 1] == starts[0]:
+                self.run_len[layer, r, c - 1] += lens[0]  # the tail continues the last run
+                starts, lens = starts[1:], lens[1:]
+            self._reserve_runs(c + len(starts))
+            self.run_start[layer, r, c:c + len(starts)] = starts
+            self.run_len[layer, r, c:c + len(starts)] = lens
+            self.run_count[layer, r] = c + len(starts)
+
+    def _reserve_runs(self, k: int) -> None:
+        if k > self.run_start.shape[2]:
+            size = max(k, 2 * self.run_start.shape[2])
+            self.run_start = _grown(self.run_start, 2, size)
+            self.run_len = _grown(self.run_len, 2, size)
+
+
+def _grown(a: Any, dim: int, size: int) -> Any:
+    """``a`` (a tensor or an array) zero-padded along ``dim`` to ``size``, on the same device."""
+    shape = list(a.shape)
+    old, shape[dim] = shape[dim], size
+    out: Any
+    if isinstance(a, torch.Tensor):
+        out = torch.zeros(shape, dtype=a.dtype, device=a.device)
+    else:
+        out = np.zeros(shape, dtype=a.dtype)
+    index = [slice(None)] * len(shape)
+    index[dim] = slice(0, old)
+    out[tuple(index)] = a
+    return out
