@@ -63,14 +63,19 @@ def serve_argv(cfg: VllmServerConfig, port: int) -> list[str]:
 
 
 def serve_env(cfg: VllmServerConfig) -> dict[str, str]:
+    return vllm_cpu_env(cfg.omp_threads, cfg.kvcache_space_gib)
+
+
+def vllm_cpu_env(omp_threads: int, kvcache_space_gib: int) -> dict[str, str]:
+    """The environment any vLLM process of the venv runs in: CPU target, unpinned threads, offline."""
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # the venv must not see our packages
-    threads = str(cfg.omp_threads)
+    threads = str(omp_threads)
     env.update({
         "OMP_NUM_THREADS": threads,
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # no pinning: the 2 cores are shared with our side
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "VLLM_CPU_KVCACHE_SPACE": str(cfg.kvcache_space_gib),
+        "VLLM_CPU_KVCACHE_SPACE": str(kvcache_space_gib),
         "VLLM_TARGET_DEVICE": "cpu",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",

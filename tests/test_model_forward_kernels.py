@@ -1,0 +1,69 @@
+"""The model forward's faster pieces give exactly what HF's formulas give, and the fused q/k/v
+weight stays the checkpoint's weights: views of it, rebuilt when a parameter is replaced."""
+
+from __future__ import annotations
+
+import torch
+
+from worker_svc.model.config import ModelConfig
+from worker_svc.model.llama import Attention, RMSNorm, RotaryEmbedding, apply_rotary
+
+
+def _config(qkv_bias: bool = False) -> ModelConfig:
+    return ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                       num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                       max_position_embeddings=128, qkv_bias=qkv_bias)
+
+
+def _hf_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb for x [T, heads, D]."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def test_rope_with_signed_sin_is_bit_identical_to_hf() -> None:
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(_config())
+    positions = torch.tensor([0, 1, 7, 99, 127])
+    x = torch.randn(5, 6, 8)
+    cos, signed_sin = rope(positions, torch.float32)
+    x_strided = torch.randn(5, 8, 8)[:, :6]  # a slice of the fused q/k/v output, as in the forward
+    x_strided.copy_(x)
+    assert torch.equal(apply_rotary(x_strided, cos, signed_sin), _hf_rope(x, positions, rope.inv_freq))
+
+
+def test_rms_norm_is_bit_identical_to_hf_in_float32() -> None:
+    torch.manual_seed(0)
+    norm = RMSNorm(32, 1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(17, 32) * 3
+    hf = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert torch.equal(norm(x), hf)
+
+
+def test_fused_qkv_is_views_of_the_three_projections_and_follows_replacement() -> None:
+    torch.manual_seed(0)
+    attn = Attention(_config(qkv_bias=True), layer=0)
+    w_q, w_k, b_v = attn.q_proj.weight.clone(), attn.k_proj.weight.clone(), attn.v_proj.bias.clone()
+    fused_w, fused_b = attn.fused_qkv()
+    assert fused_b is not None
+    assert fused_w.shape == (4 * 8 + 2 * 2 * 8, 32)
+    assert torch.equal(fused_w[:32], w_q) and torch.equal(fused_w[32:48], w_k)
+    assert torch.equal(fused_b[48:], b_v)
+    # the parameters are views: a copy into one (as a loader does) is seen by the fused matmul
+    assert attn.q_proj.weight.data_ptr() == fused_w.data_ptr()
+    with torch.no_grad():
+        attn.k_proj.weight.fill_(0.5)
+    assert torch.equal(attn.fused_qkv()[0][32:48], torch.full((16, 32), 0.5))
+    # a parameter replaced by a new tensor: the fused weight is rebuilt from it
+    state = {k: torch.full_like(v, 2.0) if k == "v_proj.weight" else v for k, v in attn.state_dict().items()}
+    attn.load_state_dict(state, assign=True)
+    rebuilt, _ = attn.fused_qkv()
+    assert torch.equal(rebuilt[48:], torch.full((16, 32), 2.0))
+    assert torch.equal(rebuilt[32:48], torch.full((16, 32), 0.5))
+    assert attn.v_proj.weight.data_ptr() == rebuilt[48:].data_ptr()
