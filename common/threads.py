@@ -16,8 +16,11 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def threads_for(requested: int, sharing: int = 1) -> int:
-    """``requested`` when > 0; else the usable cores divided among ``sharing`` processes (>= 1)."""
+def threads_for(requested: int, sharing: int = 1, reserved: int = 0) -> int:
+    """``requested`` when > 0; else the usable cores, less ``reserved`` ones kept for the other
+    processes on the machine (never all of them), divided among ``sharing`` workers (>= 1)."""
     if requested > 0:
         return requested
-    return max(1, usable_cores() // max(1, sharing))
+    cores = usable_cores()
+    free = max(1, cores - max(0, min(reserved, cores - 1)))
+    return max(1, free // max(1, sharing))

@@ -199,8 +199,11 @@ def start(opts: EmbeddedOptions, system: EmbeddedSystem) -> None:
                  "--worker-id", f"worker-{i}", "--model", opts.model, "--device", opts.device,
                  "--dtype", opts.dtype, "--block-size", str(opts.block_size),
                  "--scheduler", system.scheduler_address, "--advertise-address", f"{host}:{port}",
-                 # the workers share this machine's cores: each takes its share, never all of them
-                 "--threads", str(threads_for(0, sharing=opts.workers))]
+                 # the workers share this machine's cores with the scheduler, Redis and the clients:
+                 # one core is left to those (a worker's threads waiting on a busy core stall every
+                 # kernel: on 2 cores a 2-thread worker profiled its steps 3x slower), the rest is
+                 # shared out among the workers
+                 "--threads", str(threads_for(0, sharing=opts.workers, reserved=1))]
         for flag, value in (("--gpu-blocks", opts.gpu_blocks), ("--host-blocks", opts.host_blocks),
                             ("--gpu-kv-gib", opts.gpu_kv_gib), ("--host-kv-gib", opts.host_kv_gib)):
             if value is not None:

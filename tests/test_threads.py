@@ -24,6 +24,9 @@ def test_explicit_threads_win_and_the_default_follows_the_affinity(monkeypatch: 
     assert threads_for(0, sharing=2) == 3
     assert threads_for(0, sharing=4) == 1  # never below one, never more than the share
     assert threads_for(0, sharing=16) == 1
+    assert threads_for(0, sharing=1, reserved=1) == 5  # a core left to the scheduler and Redis
+    assert threads_for(0, sharing=2, reserved=1) == 2
+    assert threads_for(0, sharing=1, reserved=6) == 1  # never all of them
 
 
 def test_threads_setting_is_validated() -> None:
