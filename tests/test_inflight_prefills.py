@@ -8,7 +8,9 @@ Rounds run one at a time, by hand, so what each round sees is exact.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -86,18 +88,32 @@ def running(rid: str, context: int, generated: int, decode_time_s: float) -> Run
     return RunningReport(rid, ALL_GPU, decode_time_s, context, generated)
 
 
-@pytest.mark.asyncio
-async def test_two_rounds_never_admit_more_prefill_than_the_smallest_slack(redis_url: str) -> None:
+@contextlib.asynccontextmanager
+async def late_fleet(
+    redis_url: str, **policy_params: object
+) -> AsyncIterator[tuple[SchedulerCore, Store, LateWorker]]:
+    """A core running ``layerkv`` with these parameters over one ``LateWorker``, already connected.
+
+    No ``core.start()``: no background loop, every round is one the test runs."""
     settings = SchedulerSettings.build(
         redis_url=redis_url, workers=[], policy="layerkv", metrics_port=0, port=0, host="127.0.0.1",
-        policy_params={"prefill_safety": 1.0, "output_prediction": "max_tokens"},
+        policy_params=policy_params,
     )
     store = Store(settings.redis_url, settings.redis_prefix, settings.retention_s)
     worker = LateWorker()
     core = SchedulerCore(settings, store, ServiceMetrics("scheduler"), client=worker, pool=worker.bind)
-    try:  # no core.start(): no background loop, every round is one the test runs
+    try:
         await core.pool.add_and_wait("late:1")
+        yield core, store, worker
+    finally:
+        await core.stop()
+        await store.close()
 
+
+@pytest.mark.asyncio
+async def test_two_rounds_never_admit_more_prefill_than_the_smallest_slack(redis_url: str) -> None:
+    params = {"prefill_safety": 1.0, "output_prediction": "max_tokens"}
+    async with late_fleet(redis_url, **params) as (core, store, worker):
         # r0 runs and reports: 11 of 21 tokens, 0.5 s of decode, SLO 0.5 s: its slack is
         # 0.5·20 − 0.5 − 10·0.25 = 7.0 s, the only (so the smallest) slack on the worker.
         await submit(core, store, "r0", 16, 21, 0.5)
@@ -135,31 +151,17 @@ async def test_two_rounds_never_admit_more_prefill_than_the_smallest_slack(redis
         assert snap.prefilling == ()
         assert await one_round(core) == 1
         assert [c.worker_request_id for c in worker.dispatched] == ["r0@0", "a@0", "b@0"]
-    finally:
-        await core.stop()
-        await store.close()
 
 
 @pytest.mark.asyncio
 async def test_without_the_gate_the_late_worker_takes_both(redis_url: str) -> None:
     # The same fleet with slack_gate off: the budget alone decides, a and b go in one round.
-    settings = SchedulerSettings.build(
-        redis_url=redis_url, workers=[], policy="layerkv", metrics_port=0, port=0, host="127.0.0.1",
-        policy_params={"slack_gate": False},
-    )
-    store = Store(settings.redis_url, settings.redis_prefix, settings.retention_s)
-    worker = LateWorker()
-    core = SchedulerCore(settings, store, ServiceMetrics("scheduler"), client=worker, pool=worker.bind)
-    try:
-        await core.pool.add_and_wait("late:1")
+    async with late_fleet(redis_url, slack_gate=False) as (core, store, _worker):
         await submit(core, store, "r0", 16, 21, 0.5)
         assert await one_round(core) == 1
         await submit(core, store, "a", 4096, 4, 100.0)
         await submit(core, store, "b", 4096, 4, 100.0)
         assert await one_round(core) == 2
-    finally:
-        await core.stop()
-        await store.close()
 
 
 # ---- the tracker itself --------------------------------------------------------------------------
@@ -197,20 +199,10 @@ def test_tracker_forgets_reported_and_dead_attempts(
 async def test_a_removed_worker_leaves_no_prefill_in_flight(redis_url: str) -> None:
     # A worker removed from the fleet is never asked about again: its in-flight entries must go
     # with it, or the tracker grows by every dispatch a lost worker never reported.
-    settings = SchedulerSettings.build(
-        redis_url=redis_url, workers=[], policy="layerkv", metrics_port=0, port=0, host="127.0.0.1",
-    )
-    store = Store(settings.redis_url, settings.redis_prefix, settings.retention_s)
-    worker = LateWorker()
-    core = SchedulerCore(settings, store, ServiceMetrics("scheduler"), client=worker, pool=worker.bind)
-    try:
-        await core.pool.add_and_wait("late:1")
+    async with late_fleet(redis_url) as (core, store, worker):
         await submit(core, store, "a", 64, 4, 100.0)
         assert await one_round(core) == 1
         assert len(core.scheduling.inflight) == 1  # dispatched, not reported running
         await worker.remove("late:1")
         assert core.snapshot().workers == ()
         assert len(core.scheduling.inflight) == 0
-    finally:
-        await core.stop()
-        await store.close()
