@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -29,6 +30,26 @@ class AttentionMetadata:
     context_lens: torch.Tensor | None = None  # [B] int32 tokens each request attends to, new ones included
     max_context: int = 0
     context_list: list[int] | None = None  # context_lens on the host (chunks longer than one token)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``n`` queries that are the last ``n`` of ``S`` positions, causally. q [..., H, n, D],
+    k/v [..., Hkv, S, D] -> [..., H, n, D].
+
+    K/V are expanded to every query head first: with ``enable_gqa`` or an explicit mask, SDPA falls
+    back to its math kernel on CPU (it materialises [H, n, S] scores); the expanded heads with
+    ``is_causal`` (n == S) or a lower-right causal bias (a chunk after earlier chunks) take the
+    fused flash kernel, several times faster for long prompts."""
+    if q.dim() == 3:  # the flash kernel takes 4-D inputs only: one batch row
+        return causal_attention(q[None], k[None], v[None])[0]
+    groups = q.shape[-3] // k.shape[-3]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=-3)
+        v = v.repeat_interleave(groups, dim=-3)
+    n, s = q.shape[-2], k.shape[-2]
+    if n == s:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, s))
 
 
 class AttentionBackend:
@@ -50,7 +71,7 @@ class AttentionBackend:
             qb = q.view(b, n, *q.shape[1:]).transpose(1, 2)  # [B, H, n, D]
             kb = k.view(b, n, *k.shape[1:]).transpose(1, 2)  # [B, Hkv, n, D]
             vb = v.view(b, n, *v.shape[1:]).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True)
+            o = causal_attention(qb, kb, vb)
             return o.transpose(1, 2).reshape(q.shape)
         outs = []
         start = 0
@@ -58,8 +79,7 @@ class AttentionBackend:
             qs = q[start:start + n].transpose(0, 1)  # [H, n, D]
             ks = k[start:start + n].transpose(0, 1)  # [Hkv, n, D]
             vs = v[start:start + n].transpose(0, 1)
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-            outs.append(o.transpose(0, 1))  # [n, H, D]
+            outs.append(causal_attention(qs, ks, vs).transpose(0, 1))  # [n, H, D]
             start += n
         return torch.cat(outs, dim=0)
 
@@ -120,10 +140,7 @@ class AttentionBackend:
             k = k_all[i, :ctx].transpose(0, 1)  # [Hkv, S, D]
             v = v_all[i, :ctx].transpose(0, 1)
             qs = q[starts[i]:starts[i + 1]].transpose(0, 1)  # [H, n, D]
-            query_pos = torch.arange(ctx - n, ctx, device=q.device)
-            causal = torch.arange(ctx, device=q.device)[None, :] <= query_pos[:, None]  # [n, S]
-            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=causal, enable_gqa=True)
-            out[starts[i]:starts[i + 1]] = o.transpose(0, 1)
+            out[starts[i]:starts[i + 1]] = causal_attention(qs, k, v).transpose(0, 1)
         return out
 
     @staticmethod
