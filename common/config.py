@@ -185,6 +185,10 @@ class WorkerSettings(_Settings):
     host_kv_gib: float | None = Field(None, ge=0, description="host tier size in GiB instead of blocks")
     preemption_mode: Literal["recompute", "swap-layers"] = Field(
         "recompute", description="how a request is preempted when KV growth finds no room (dispatch default)")
+    host_access: Literal["auto", "stream", "direct"] = Field(
+        "auto", description="how attention reads host-placed layers: stream (through GPU staging blocks, "
+        "prefetched layer by layer), direct (in place, no staging: only where the host tier is the compute "
+        "device's own memory, i.e. on CPU); auto: direct on CPU, stream on CUDA")
     max_num_batched_tokens: int = Field(
         2048, ge=1, le=1 << 20, description="tokens per engine step: decodes first, then prefill chunks")
     max_model_len: int | None = Field(None, ge=1, description="cap on prompt + max_tokens; None: the model's")

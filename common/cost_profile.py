@@ -23,6 +23,7 @@ from common.types import CostModel
 
 PROFILE_MODES = ("off", "startup", "file")
 FORMAT_VERSION = 1
+_SETTING_FIELDS = frozenset({"host_in_place"})  # CostModel fields the engine sets, never measured
 
 
 class ProfileSource(str, enum.Enum):
@@ -67,7 +68,8 @@ class CostProfile:
             "key": asdict(self.key) if self.key is not None else None,
             "measured_unix_s": self.info.measured_unix_s,
             "duration_s": self.info.duration_s,
-            "cost_model": asdict(self.cost_model),
+            # measured figures only: whether host layers are read in place is the engine's setting
+            "cost_model": {k: v for k, v in asdict(self.cost_model).items() if k not in _SETTING_FIELDS},
         }
         return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
@@ -121,11 +123,11 @@ def _number(doc: dict[str, Any], name: str, where: str) -> float:
 def _cost_model(value: Any, where: str) -> CostModel:
     if not isinstance(value, dict):
         raise InvalidArgument(f"{where}: cost_model must be an object, got {value!r}")
-    names = {f.name for f in fields(CostModel)}
+    names = {f.name for f in fields(CostModel)} - _SETTING_FIELDS
     unknown = sorted(set(value) - names)
     if unknown:
         raise InvalidArgument(f"{where}: unknown cost_model fields {unknown}")
-    numbers = {name: _number(value, name, f"{where} cost_model") for name in value}
+    numbers: dict[str, Any] = {name: _number(value, name, f"{where} cost_model") for name in value}
     for name in ("d2h_bytes_per_s", "h2d_bytes_per_s", "correction"):
         if name in numbers and numbers[name] <= 0.0:
             raise InvalidArgument(f"{where}: cost_model.{name} must be > 0, got {numbers[name]}")

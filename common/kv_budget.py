@@ -105,9 +105,11 @@ def staging_fits(host_per_layer: Sequence[int], staging_blocks: int) -> bool:
 
 
 def never_fits(
-    geometry: KVGeometry, num_tokens: int, placement: Placement, capacity: TierCapacity, staging_blocks: int
+    geometry: KVGeometry, num_tokens: int, placement: Placement, capacity: TierCapacity,
+    staging_blocks: int | None
 ) -> str | None:
-    """Why a request of ``num_tokens`` tokens cannot be held even by an empty worker, or ``None``."""
+    """Why a request of ``num_tokens`` tokens cannot be held even by an empty worker, or ``None``.
+    ``staging_blocks`` None: host layers are read in place (no staging rule)."""
     need = demand(geometry, num_tokens, placement)
     if need.gpu_blocks > capacity.gpu_blocks:
         return (f"needs {need.gpu_blocks} GPU blocks for {num_tokens} tokens under placement {placement}, "
@@ -116,7 +118,7 @@ def never_fits(
         return (f"needs {need.host_blocks} host blocks for {num_tokens} tokens under placement {placement}, "
                 f"the worker has {capacity.host_blocks}")
     staging = staging_needed(need.host_per_layer)
-    if staging > staging_blocks:
+    if staging_blocks is not None and staging > staging_blocks:
         return (f"needs {staging} staging blocks for its host layers under placement {placement}, "
                 f"the worker has {staging_blocks}")
     return None

@@ -20,8 +20,8 @@ def min_resident_layers(num_tokens: int, geometry: KVGeometry, cost: CostModel) 
     """
     layers = geometry.num_layers
     bytes_per_layer = geometry.bytes_per_layer(num_tokens)
-    if bytes_per_layer <= 0:
-        return 0
+    if bytes_per_layer <= 0 or cost.host_in_place:
+        return 0  # nothing to hide: host layers read in place move no bytes
     copy_budget_bytes = cost.prefill_s(num_tokens) * cost.d2h_bytes_per_s
     offloadable = min(layers, math.floor(copy_budget_bytes / bytes_per_layer))
     return layers - offloadable

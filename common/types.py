@@ -121,7 +121,8 @@ class CostModel:
     ``correction * (prefill_base_s + prefill_per_token_s * n + prefill_per_token2_s * n**2)``
     (the quadratic term is attention). A decode step of ``b`` requests holding ``c`` context
     tokens in total and moving ``x`` bytes host-to-device takes
-    ``decode_base_s + decode_per_request_s * b + decode_per_context_token_s * c + x / h2d_bytes_per_s``.
+    ``decode_base_s + decode_per_request_s * b + decode_per_context_token_s * c + x / h2d_bytes_per_s``
+    (the last term is 0 when ``host_in_place``).
     """
 
     d2h_bytes_per_s: float = 10e9
@@ -133,18 +134,25 @@ class CostModel:
     decode_per_request_s: float = 0.0
     decode_per_context_token_s: float = 0.0
     correction: float = 1.0  # the paper's factor `a`, fitted online from measured prefills
+    # Host-placed layers are read and written in place (a CPU worker: its host tier is the compute
+    # device's memory), so they move no bytes: no offload during prefill, no stream-in per step.
+    host_in_place: bool = False
 
     def prefill_s(self, num_tokens: int) -> float:
         n = float(num_tokens)
         raw = self.prefill_base_s + self.prefill_per_token_s * n + self.prefill_per_token2_s * n * n
         return self.correction * raw
 
+    def transfer_s(self, nbytes: int, bytes_per_s: float) -> float:
+        """Time to move ``nbytes`` of host-placed KV over a link of ``bytes_per_s`` (0 in place)."""
+        return 0.0 if self.host_in_place else nbytes / bytes_per_s
+
     def decode_step_s(self, batch: int, context_tokens: int, h2d_bytes: int = 0) -> float:
         return (
             self.decode_base_s
             + self.decode_per_request_s * batch
             + self.decode_per_context_token_s * context_tokens
-            + h2d_bytes / self.h2d_bytes_per_s
+            + self.transfer_s(h2d_bytes, self.h2d_bytes_per_s)
         )
 
 

@@ -25,11 +25,13 @@ from worker_svc.outputs import StepOutput
 LAYERS = 4
 
 
+@pytest.mark.parametrize("host_access", ["stream", "direct"])
 @pytest.mark.parametrize("budget", [1, 7, 16, 64])
 def test_chunked_prefill_mixed_with_decodes_matches_transformers(hf_and_folder: tuple[Any, Path],
-                                                                 budget: int) -> None:
+                                                                 budget: int, host_access: str) -> None:
     model, folder = hf_and_folder
-    engine = make_engine(folder, block_size=4, gpu_blocks=200, host_blocks=200, max_num_batched_tokens=budget)
+    engine = make_engine(folder, block_size=4, gpu_blocks=200, host_blocks=200, max_num_batched_tokens=budget,
+                         host_access=host_access)
     lengths, news, arrivals = [5, 23, 11, 34, 2], [6, 3, 9, 5, 7], [0, 0, 2, 4, 5]
     letters = ["GGGG", "HGHG", "HHHH", "GHHG", "GGGG"]
     prompts = [prompt_of(n, 70 + i) for i, n in enumerate(lengths)]
@@ -75,7 +77,8 @@ def test_a_prompt_longer_than_the_budget_is_prefilled_over_several_steps(
 
 def test_host_layers_offload_each_chunk_and_stream_earlier_chunks_in(hf_and_folder: tuple[Any, Path]) -> None:
     _, folder = hf_and_folder
-    engine = make_engine(folder, block_size=4, gpu_blocks=100, host_blocks=100, max_num_batched_tokens=8,
+    engine = make_engine(folder, host_access="stream", block_size=4, gpu_blocks=100, host_blocks=100,
+                         max_num_batched_tokens=8,
                          max_promotions_per_step=0)
     engine.add_request("p", prompt_of(24, 3), SamplingParams(max_tokens=1),
                        Placement.from_letters("HGGG", LAYERS))

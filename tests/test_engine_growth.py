@@ -63,9 +63,10 @@ def test_growth_across_block_boundaries_matches_transformers(hf_and_folder: tupl
     assert_all_free(engine)
 
 
-def test_staggered_growth_of_mixed_placements(hf_and_folder: tuple[Any, Path]) -> None:
+@pytest.mark.parametrize("host_access", ["stream", "direct"])
+def test_staggered_growth_of_mixed_placements(hf_and_folder: tuple[Any, Path], host_access: str) -> None:
     model, folder = hf_and_folder
-    engine = make_engine(folder, block_size=3, gpu_blocks=120, host_blocks=120)
+    engine = make_engine(folder, block_size=3, gpu_blocks=120, host_blocks=120, host_access=host_access)
     letters = placements()
     lengths, news, arrivals = [5, 12, 8, 3], [10, 7, 9, 12], [0, 1, 3, 4]
     prompts = [prompt_of(n, 50 + i) for i, n in enumerate(lengths)]

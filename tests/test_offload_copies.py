@@ -91,7 +91,8 @@ def test_staging_block_never_reused_before_its_copy_completes(
     copies = DelayedCopyEngine(delay_polls=delay)
     prompts = [prompt_of(18, 1), prompt_of(7, 2)]
     # Staging holds exactly two layers of both requests (24 tokens -> 6 blocks, 15 -> 4 blocks).
-    engine = make_engine(folder, block_size=4, gpu_blocks=64, host_blocks=128, staging_blocks=20,
+    engine = make_engine(folder, host_access="stream", block_size=4, gpu_blocks=64, host_blocks=128,
+                         staging_blocks=20,
                          copy_engine=copies)  # type: ignore[arg-type]
     staging = engine.kv_manager.staging
     original = staging.take
@@ -130,7 +131,8 @@ def test_staging_block_never_reused_before_its_copy_completes(
 def test_abort_while_copy_in_flight_frees_after_the_copy(hf_and_folder: tuple[Any, Path]) -> None:
     _, folder = hf_and_folder
     copies = DelayedCopyEngine(delay_polls=1000)  # copies finish only when someone waits
-    engine = make_engine(folder, block_size=4, gpu_blocks=64, host_blocks=64, copy_engine=copies)  # type: ignore[arg-type]
+    engine = make_engine(folder, host_access="stream", block_size=4, gpu_blocks=64, host_blocks=64,
+                         copy_engine=copies)  # type: ignore[arg-type]
     engine.add_request("a", prompt_of(10, 1), SamplingParams(max_tokens=6), Placement.from_letters("GHGH", 4))
     out = engine.step()  # prefill: two layers stored to the host, copies pending
     assert copies.queue and out.usage.host.used_per_layer == (0, 3, 0, 3)  # 10 tokens: 3 blocks
@@ -156,7 +158,8 @@ def test_swap_out_and_promotion_back_with_copies_in_flight(hf_and_folder: tuple[
     copies = DelayedCopyEngine(delay_polls=4)
     # 44 GPU blocks hold the three prompts but not their growth: swap-layers moves layers to the
     # host; once the first requests finish, promotion brings them back while copies lag behind.
-    engine = make_engine(folder, block_size=4, gpu_blocks=44, host_blocks=64, default_placement="all-gpu",
+    engine = make_engine(folder, host_access="stream", block_size=4, gpu_blocks=44, host_blocks=64,
+                         default_placement="all-gpu",
                          preemption_mode="swap-layers", max_promotions_per_step=1,
                          copy_engine=copies)  # type: ignore[arg-type]
     lengths = ((8, 14), (9, 24), (10, 24))  # (prompt, max_tokens): r0 finishes first and frees room

@@ -1,5 +1,6 @@
 """Layer-wise placement on CPU: every placement (all GPU, all host, interleaved, random, the paper's
-rule) gives the same greedy tokens as transformers, alone and in staggered mixed batches; partial
+rule) gives the same greedy tokens as transformers, alone and in staggered mixed batches, with host
+layers streamed through staging (the GPU path) and read in place (the CPU default); partial
 placement admits a request the GPU tier cannot hold whole; promotion mid-decode; exact block
 accounting in both tiers."""
 
@@ -48,22 +49,29 @@ def assert_pools_full(engine: Engine) -> None:
     assert usage.gpu.used_per_layer == (0,) * LAYERS == usage.host.used_per_layer
 
 
+HOST_ACCESS = ["stream", "direct"]
+
+
+@pytest.mark.parametrize("host_access", HOST_ACCESS)
 @pytest.mark.parametrize("block_size", [16, 3])
 def test_every_placement_matches_single_prompt(hf_and_folder: tuple[Any, Path],
-                                               block_size: int) -> None:
+                                               block_size: int, host_access: str) -> None:
     model, folder = hf_and_folder
     prompt = prompt_of(21, 2)
     ref = hf_generate(model, prompt, 6)
-    engine = make_engine(folder, block_size=block_size, gpu_blocks=64, host_blocks=64)
+    engine = make_engine(folder, block_size=block_size, gpu_blocks=64, host_blocks=64,
+                         host_access=host_access)
     for letters in all_placements(engine, len(prompt)):
         got = run_engine(engine, {letters: Job(prompt, 6, placement=letters)})
         assert_matches(got[letters], ref)
         assert_pools_full(engine)
 
 
-def test_staggered_mixed_placements_decode_together(hf_and_folder: tuple[Any, Path]) -> None:
+@pytest.mark.parametrize("host_access", HOST_ACCESS)
+def test_staggered_mixed_placements_decode_together(hf_and_folder: tuple[Any, Path],
+                                                    host_access: str) -> None:
     model, folder = hf_and_folder
-    engine = make_engine(folder, block_size=4, gpu_blocks=200, host_blocks=200)
+    engine = make_engine(folder, block_size=4, gpu_blocks=200, host_blocks=200, host_access=host_access)
     placements = all_placements(engine, 20)
     lengths, news, arrivals = [7, 20, 13, 3, 26], [8, 5, 7, 9, 4], [0, 0, 1, 3, 6]
     prompts = [prompt_of(n, 30 + i) for i, n in enumerate(lengths)]
@@ -78,7 +86,8 @@ def test_staggered_mixed_placements_decode_together(hf_and_folder: tuple[Any, Pa
 def test_partial_placement_admits_instead_of_waiting(hf_and_folder: tuple[Any, Path]) -> None:
     _, folder = hf_and_folder
     for mode in ("auto", "all-gpu"):
-        engine = make_engine(folder, block_size=4, gpu_blocks=40, host_blocks=64, default_placement=mode)
+        engine = make_engine(folder, host_access="stream", block_size=4, gpu_blocks=40, host_blocks=64,
+                             default_placement=mode)
         # A running request holds 4 layers x 4 blocks after its prefill, 4 x 5 once it decodes.
         engine.add_request("f", prompt_of(16, 3), SamplingParams(max_tokens=4))
         engine.step()
@@ -99,7 +108,8 @@ def test_partial_placement_admits_instead_of_waiting(hf_and_folder: tuple[Any, P
 
 def test_promotion_mid_decode(hf_and_folder: tuple[Any, Path]) -> None:
     model, folder = hf_and_folder
-    engine = make_engine(folder, block_size=4, gpu_blocks=32, host_blocks=64, max_promotions_per_step=1)
+    engine = make_engine(folder, host_access="stream", block_size=4, gpu_blocks=32, host_blocks=64,
+                         max_promotions_per_step=1)
     first, second = prompt_of(10, 1), prompt_of(24, 2)
     # "a" holds 4 layers x 3 blocks (4 once it grows) of 32 GPU blocks; "b" (a 24-token prompt,
     # 8 blocks per layer at its longest) gets 2 GPU layers at first, all 4 once "a" has finished.

@@ -42,7 +42,8 @@ class SlowLink(CopyEngine):
 
 def make_profiled_engine(copy_engine: CopyEngine | None = None, slow_forward_s: float = 0.0) -> Engine:
     config = EngineConfig(model=TINY, device="cpu", dtype="float32", gpu_blocks=512, host_blocks=512,
-                          max_model_len=1024, profile="startup", profile_budget_s=0.5)
+                          max_model_len=1024, profile="startup", profile_budget_s=0.5,
+                          host_access="stream")  # host layers over a link (a copy engine) to profile
     loaded = load_model(TINY, torch.device("cpu"), torch.float32, 0)
     if slow_forward_s:
         forward = loaded.model.forward

@@ -52,10 +52,12 @@ def assert_reports_consistent(steps: list[StepOutput]) -> None:
         assert not running & set(s.waiting)
 
 
+@pytest.mark.parametrize("host_access", ["stream", "direct"])
 @pytest.mark.parametrize("mode", ["recompute", "swap-layers"])
-def test_greedy_preemption_matches_transformers(hf_and_folder: tuple[Any, Path], mode: str) -> None:
+def test_greedy_preemption_matches_transformers(hf_and_folder: tuple[Any, Path], mode: str,
+                                                host_access: str) -> None:
     model, folder = hf_and_folder
-    engine = tight(folder, mode)
+    engine = tight(folder, mode, host_access=host_access)
     steps: list[StepOutput] = []
     work = jobs()
     got = run_engine(engine, work, steps=steps)
@@ -74,14 +76,15 @@ def test_greedy_preemption_matches_transformers(hf_and_folder: tuple[Any, Path],
     assert_all_free(engine)
 
 
+@pytest.mark.parametrize("host_access", ["stream", "direct"])
 @pytest.mark.parametrize("mode", ["recompute", "swap-layers"])
 def test_seeded_preemption_continues_the_unpreempted_stream(hf_and_folder: tuple[Any, Path],
-                                                            mode: str) -> None:
+                                                            mode: str, host_access: str) -> None:
     _, folder = hf_and_folder
     sampling = SamplingParams(max_tokens=NEW, temperature=1.0, top_k=20, seed=1234, ignore_eos=True)
     roomy = make_engine(folder, block_size=4, gpu_blocks=400, host_blocks=64, default_placement="all-gpu")
     want = run_engine(roomy, jobs(sampling))
-    engine = tight(folder, mode)
+    engine = tight(folder, mode, host_access=host_access)
     steps: list[StepOutput] = []
     got = run_engine(engine, jobs(sampling), steps=steps)
     assert sum(s.stats.num_preemptions for s in steps) > 0
@@ -120,7 +123,8 @@ def test_per_request_mode_overrides_the_engine_default(hf_and_folder: tuple[Any,
 
 def test_accounting_exact_after_growth_preemption_finish_and_abort(hf_and_folder: tuple[Any, Path]) -> None:
     model, folder = hf_and_folder
-    engine = make_engine(folder, block_size=3, gpu_blocks=60, host_blocks=40, max_num_batched_tokens=16,
+    engine = make_engine(folder, host_access="stream", block_size=3, gpu_blocks=60, host_blocks=40,
+                         max_num_batched_tokens=16,
                          max_promotions_per_step=1)
     lengths = [7, 12, 5, 9, 14, 6]
     modes = ["recompute", "swap-layers", "swap-layers", "recompute", "swap-layers", "recompute"]

@@ -27,7 +27,8 @@ def test_staging_tables_built_either_way_match_transformers(hf_and_folder: tuple
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             mixed: bool) -> None:
     model, folder = hf_and_folder
-    engine = make_engine(folder, block_size=4, gpu_blocks=200, host_blocks=200, max_promotions_per_step=0)
+    engine = make_engine(folder, host_access="stream", block_size=4, gpu_blocks=200, host_blocks=200,
+                         max_promotions_per_step=0)
     lengths, news, arrivals = [9, 5, 14, 7, 3], [6, 9, 4, 8, 7], [0, 0, 1, 2, 6]
     prompts = [prompt_of(n, 70 + i) for i, n in enumerate(lengths)]
     # Staggered arrivals and finishes: rows are reused out of order, so both table paths run.

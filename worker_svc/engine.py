@@ -13,6 +13,7 @@ Synchronous; owned by one thread.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections import deque
@@ -27,7 +28,7 @@ from common.placement import interleaved, min_resident_layers, rule_placement
 from common.tokenizer import Tokenizer
 from common.types import FinishReason, KVGeometry, Placement, SamplingParams, TierCapacity
 from worker_svc.attention import select_backend
-from worker_svc.engine_config import EngineConfig, plan_inputs
+from worker_svc.engine_config import EngineConfig, plan_inputs, reads_host_in_place
 from worker_svc.kv.id_tensor import id_tensor
 from worker_svc.kv.kv_cache import KVCache
 from worker_svc.kv.manager import KVCacheManager
@@ -69,23 +70,26 @@ class Engine:
         self.geometry = KVGeometry(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size,
                                    torch.tensor([], dtype=dtype).element_size())
         self.backend = select_backend(device, dtype, config.attention_backend)
+        # On CPU the host tier is the compute device's own memory: host layers are read in place.
+        self.host_in_place = reads_host_in_place(config, device.type)
         # Tiers from one typed plan: free memory minus weights, step buffers and a margin.
         weights = weight_bytes(mc, self.geometry.dtype_bytes)
         self.memory_plan = sizes = plan_memory(
             ModelShape(mc.vocab_size, mc.hidden_size, mc.intermediate_size, mc.num_heads,
                        mc.num_kv_heads, mc.head_dim),
-            self.geometry, plan_inputs(config, self.max_model_len, weights, self.backend.name),
+            self.geometry, plan_inputs(config, self.max_model_len, weights, self.backend.name,
+                                       self.host_in_place),
             device_free_bytes(device, weights))
         self.backend.max_gather_blocks = sizes.gather_blocks  # the workspace stays within its budget
         self.capacity = TierCapacity(sizes.gpu_blocks, sizes.host_blocks)
         self.kv = KVCache(self.geometry, sizes.gpu_blocks, sizes.staging_blocks, sizes.host_blocks,
-                          device, dtype)
+                          device, dtype, self.host_in_place)
         self.kv_manager = KVCacheManager(self.geometry, sizes.gpu_blocks, sizes.host_blocks,
-                                         sizes.staging_blocks)
+                                         sizes.staging_blocks, self.host_in_place)
         self.copy_engine = copy_engine or make_copy_engine(device)
-        self.block_tables = BlockTableBuffer(mc.num_layers, device=device)  # persistent, updated by changes
-        self.cost_profile = CostProfile()  # the defaults until profiled (below)
-        self.cost_model = self.cost_profile.cost_model
+        # persistent, updated by changes
+        self.block_tables = BlockTableBuffer(mc.num_layers, device=device, host_offset=self.kv.host_offset)
+        self._adopt(CostProfile())  # the defaults until profiled (below)
         self._waiting: deque[Request] = deque()  # no blocks; recompute-preempted ones at the front
         self._running: list[Request] = []  # holding blocks, in admission order
         self._admissions = itertools.count(1)
@@ -97,8 +101,7 @@ class Engine:
         if config.profile != "off":
             from worker_svc.profiler import startup_profile
 
-            self.cost_profile = startup_profile(self)
-            self.cost_model = self.cost_profile.cost_model
+            self._adopt(startup_profile(self))
 
     @classmethod
     def from_config(cls, config: EngineConfig, copy_engine: CopyEngine | None = None) -> Engine:
@@ -307,7 +310,7 @@ class Engine:
 
     def _promote(self, stats: CopyStats) -> None:
         if not self.kv_manager.has_host_reads or self.config.max_promotions_per_step <= 0:
-            return  # nothing to promote: skip the per-request bookkeeping below
+            return  # nothing to promote (host layers read in place gain nothing from a promotion)
         # Keep a block of growth per GPU-read layer of every request that will still grow, so a
         # promotion does not take the room the next decode grows into (and preempt to get it back).
         growing = {r.request_id for r in self._running if r.table is not None and r.table.blocks_per_layer
@@ -401,6 +404,12 @@ class Engine:
             raise FailedPrecondition(
                 f"the worker is not idle (it holds {len(self._requests)} requests): a profile measures an "
                 "idle engine; drain the worker and retry once its requests have finished")
-        self.cost_profile = measure_profile(self)
-        self.cost_model = self.cost_profile.cost_model
+        self._adopt(measure_profile(self))
         return self.cost_profile
+
+    def _adopt(self, profile: CostProfile) -> None:
+        """Advertise ``profile``, marked with how this engine reads host layers (a saved profile
+        does not decide that: the engine's configuration does)."""
+        cost = dataclasses.replace(profile.cost_model, host_in_place=self.host_in_place)
+        self.cost_profile = dataclasses.replace(profile, cost_model=cost)
+        self.cost_model = cost

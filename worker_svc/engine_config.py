@@ -10,6 +10,7 @@ from worker_svc.memory_plan import PlanInputs
 
 PLACEMENT_DEFAULTS = ("auto", "all-gpu", "rule")
 PREEMPTION_MODES = ("recompute", "swap-layers")
+HOST_ACCESS_MODES = ("auto", "stream", "direct")
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,10 @@ class EngineConfig:
     max_prefill_tokens: int = 8192  # prefill tokens in one step, within max_num_batched_tokens
     max_num_batched_tokens: int = 2048  # tokens per step: decodes first, then prefill chunks (vLLM's)
     preemption_mode: str = "recompute"  # default for requests that name none: recompute | swap-layers
-    max_promotions_per_step: int = 2  # host layers promoted back to GPU per decode step
+    max_promotions_per_step: int = 2  # host layers promoted back to GPU per decode step (stream only)
+    # How attention reads host-placed layers: stream (through staging) | direct (in place: the
+    # host tier is the compute device's memory, CPU only) | auto (direct on CPU, stream on CUDA)
+    host_access: str = "auto"
     attention_backend: str = "auto"  # auto | sdpa | flash-attn
     default_placement: str = "auto"  # for requests without a placement: auto | all-gpu | rule
     profile: str = "off"  # cost model at start-up: off (defaults) | startup (measure) | file (load/save)
@@ -58,6 +62,12 @@ class EngineConfig:
         if self.preemption_mode not in PREEMPTION_MODES:
             raise InvalidArgument(f"preemption_mode {self.preemption_mode!r} must be one of "
                                   f"{', '.join(PREEMPTION_MODES)}")
+        if self.host_access not in HOST_ACCESS_MODES:
+            raise InvalidArgument(
+                f"host_access {self.host_access!r} must be one of {', '.join(HOST_ACCESS_MODES)}")
+        if self.host_access == "direct" and self.device not in ("cpu", "auto"):
+            raise InvalidArgument(f"host_access='direct' reads host KV in place, which needs device='cpu' "
+                                  f"(got {self.device!r}); on CUDA host-placed layers are streamed")
         if self.default_placement not in PLACEMENT_DEFAULTS:
             raise InvalidArgument(f"default_placement {self.default_placement!r} must be one of "
                                   f"{', '.join(PLACEMENT_DEFAULTS)}")
@@ -75,15 +85,23 @@ class EngineConfig:
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
+def reads_host_in_place(config: EngineConfig, device_type: str) -> bool:
+    """Whether host-placed layers are read in place (no staging) on a device of ``device_type``."""
+    if config.host_access == "direct" and device_type != "cpu":
+        raise InvalidArgument(f"host_access='direct' needs the CPU device, the engine runs on {device_type}")
+    return config.host_access == "direct" or (config.host_access == "auto" and device_type == "cpu")
+
+
 def plan_inputs(config: EngineConfig, max_model_len: int, weight_bytes: int,
-                backend: str) -> PlanInputs:
+                backend: str, host_in_place: bool = False) -> PlanInputs:
     """What ``worker_svc.memory_plan`` needs from the config (``backend``: the attention backend's
     name; flash-attn reads the cache in place when the block size is one its paged kernel takes:
-    a multiple of 256, see ``worker_svc.attention.FlashAttnBackend``)."""
+    a multiple of 256, see ``worker_svc.attention.FlashAttnBackend``). ``host_in_place``: host
+    layers are read in place, so there is no staging pool."""
     return PlanInputs(
         max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
         gpu_memory_utilization=config.gpu_memory_utilization, weight_bytes=weight_bytes,
         paged_decode=backend == "flash-attn" and config.block_size % 256 == 0,
         gpu_blocks=config.gpu_blocks, gpu_kv_gib=config.gpu_kv_gib, host_blocks=config.host_blocks,
-        host_kv_gib=config.host_kv_gib, staging_blocks=config.staging_blocks)
+        host_kv_gib=config.host_kv_gib, staging_blocks=0 if host_in_place else config.staging_blocks)

@@ -84,7 +84,8 @@ def predicted_prefill_s(
     steps = -(-num_tokens // max(chunk, 1))
 
     def offload_s(tokens: int) -> float:
-        return placement.host_layers * worker.geometry.bytes_per_layer(tokens) / cost.d2h_bytes_per_s
+        nbytes = placement.host_layers * worker.geometry.bytes_per_layer(tokens)
+        return cost.transfer_s(nbytes, cost.d2h_bytes_per_s)
 
     if steps > MAX_CHUNK_STEPS:  # a budget far below the prompt: the sums, not per-step maxima
         compute = cost.prefill_s(num_tokens) + (steps - 1) * cost.correction * cost.prefill_base_s

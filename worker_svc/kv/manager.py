@@ -7,7 +7,8 @@ block whenever the request crosses a block boundary. Host-placed layers also nee
 blocks while they are computed: a step streams layer ``l+1`` in while layer ``l`` computes, so
 admission and growth keep the staging demand of any two adjacent layers within the staging pool.
 Every count goes through ``common.kv_budget``, the arithmetic the scheduler uses too. Blocks whose
-copy is still in flight are freed only when it completes (``poll``).
+copy is still in flight are freed only when it completes (``poll``). With ``host_in_place`` (host
+layers read in place on the CPU, ``kv_cache``) there is no staging rule and nothing to promote.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ class _Both:
 
 
 class KVCacheManager:
-    def __init__(self, geometry: KVGeometry, gpu_blocks: int, host_blocks: int, staging_blocks: int) -> None:
+    def __init__(self, geometry: KVGeometry, gpu_blocks: int, host_blocks: int, staging_blocks: int,
+                 host_in_place: bool = False) -> None:
         self.geometry = geometry
+        self.host_in_place = host_in_place
         self.num_layers = geometry.num_layers
         self.gpu = BlockPool(gpu_blocks)
         self.host = BlockPool(host_blocks)
@@ -85,7 +88,7 @@ class KVCacheManager:
         """Whether ``need`` more blocks fit the free blocks of both tiers and the staging rule."""
         host_per_layer = [a + b for a, b in zip(self._staging_demand(), need.host_per_layer, strict=True)]
         return (self.gpu.can_allocate(need.gpu_blocks) and self.host.can_allocate(need.host_blocks)
-                and kv_budget.staging_fits(host_per_layer, self.staging.num_blocks))
+                and (self.host_in_place or kv_budget.staging_fits(host_per_layer, self.staging.num_blocks)))
 
     def can_allocate(self, num_tokens: int, placement: Placement) -> bool:
         return self.fits(kv_budget.demand(self.geometry, num_tokens, placement))
@@ -93,7 +96,8 @@ class KVCacheManager:
     def could_ever_fit(self, num_tokens: int, placement: Placement) -> str | None:
         """Why ``num_tokens`` tokens under ``placement`` cannot be held even by empty tiers, or ``None``."""
         capacity = TierCapacity(self.gpu.num_blocks, self.host.num_blocks)
-        return kv_budget.never_fits(self.geometry, num_tokens, placement, capacity, self.staging.num_blocks)
+        staging = None if self.host_in_place else self.staging.num_blocks
+        return kv_budget.never_fits(self.geometry, num_tokens, placement, capacity, staging)
 
     # ---- admission and growth -----------------------------------------------------------------
     def allocate(self, request_id: str, num_tokens: int, placement: Placement) -> LayerBlockTable | None:
@@ -184,7 +188,7 @@ class KVCacheManager:
             after = list(base)
             after[layer] += n
             need = kv_budget.staging_needed(after)
-            if need <= self.staging.num_blocks:
+            if self.host_in_place or need <= self.staging.num_blocks:
                 scored.append((need, layer))
         return [layer for _, layer in sorted(scored)]
 
@@ -233,7 +237,7 @@ class KVCacheManager:
     @property
     def has_host_reads(self) -> bool:
         """Some layer of some request is read through staging (the only kind a promotion can move)."""
-        return any(self._host_read)
+        return not self.host_in_place and any(self._host_read)
 
     def promotable(self, request_ids: set[str] | None = None) -> list[tuple[LayerBlockTable, int]]:
         """Host layers (of ``request_ids``, or all) with no copy in flight, oldest request first."""

@@ -243,7 +243,7 @@ class StepAccess:
                 is_prefill=False, slot_blocks=slot_blocks, slot_offsets=self.offsets, seq_lens=self.lens,
                 cu_seqlens=self.cu_seqlens, block_table=block_table, context_lens=self.context_lens,
                 max_context=max(self.ends), context_list=self.ends)
-        return self.kv.gpu, meta
+        return self.kv.compute, meta
 
     def _host_table(self, layer: int, host: _HostLayer) -> tuple[torch.Tensor, torch.Tensor]:
         """Block table [B, M] and slots [T] of a host-read layer: the staging ids of its host rows

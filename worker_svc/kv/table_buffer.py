@@ -10,6 +10,8 @@ Row ``r`` holds, per layer, for one request:
   step writes back to), 0 elsewhere;
 * ``run_start``/``run_len`` [L, R, K] and ``run_count`` [L, R] int64: the same host ids as runs of
   consecutive ids (what a step streams in: one copy per run, however long the context).
+With ``host_offset`` (host layers read in place, ``kv_cache``) a host-home layer's ids are its
+host ids shifted into the one compute tensor, and nothing is read through staging.
 A row is rewritten when its table is new (admission, re-admission after a recompute preemption) or
 its ``version`` moved (a swap-out or a promotion changed a layer's blocks); growth writes only the
 new tail (and extends or adds a run).
@@ -46,8 +48,9 @@ def _runs(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class BlockTableBuffer:
     def __init__(self, num_layers: int, rows: int = 8, blocks: int = 16,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, host_offset: int | None = None) -> None:
         self.num_layers = num_layers
+        self.host_offset = host_offset
         self.device = device or torch.device("cpu")
         # [L, R, M] int32 on the device: a step's tables are gathered there, and an update is a
         # small write of the blocks that changed
@@ -115,11 +118,20 @@ class BlockTableBuffer:
             self.ids[:, r] = 0
             self.host_ids[:, r] = 0
             self.run_count[:, r] = 0
-            self.host_read[:, r] = torch.tensor([not lb.reads_gpu_blocks for lb in table.layers])
+            if self.host_offset is None:
+                self.host_read[:, r] = torch.tensor([not lb.reads_gpu_blocks for lb in table.layers])
         if n <= start:
             return
-        pad = [0] * (n - start)
         reads = table.reads_gpu
+        if self.host_offset is not None:  # in place: a host layer's ids, shifted; no staging
+            off = self.host_offset
+            tail = [lb.gpu_blocks[start:n] if gpu else [off + h for h in lb.host_blocks[start:n]]
+                    for lb, gpu in zip(table.layers, reads, strict=True)]
+            flat = id_tensor(list(chain.from_iterable(tail))).to(torch.int32)
+            self.ids[:, r, start:n] = flat.view(len(tail), n - start).to(self.device)
+            row.blocks = n
+            return
+        pad = [0] * (n - start)
         tail = [lb.gpu_blocks[start:n] if gpu else pad for lb, gpu in zip(table.layers, reads, strict=True)]
         ids = list(chain.from_iterable(tail))
         # a decode's growth (a block per layer) skips the numpy trip; a whole row needs it

@@ -14,15 +14,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16layerkv/v1/types.proto\x12\nlayerkv.v1\"\x9f\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"E\n\x03Slo\x12\x13\n\x06ttft_s\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06tpot_s\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\t\n\x07_ttft_sB\t\n\x07_tpot_s\"q\n\nKvGeometry\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x13\n\x0b\x64type_bytes\x18\x05 \x01(\r\"\xfd\x01\n\tCostModel\x12\x17\n\x0f\x64\x32h_bytes_per_s\x18\x01 \x01(\x01\x12\x17\n\x0fh2d_bytes_per_s\x18\x02 \x01(\x01\x12\x16\n\x0eprefill_base_s\x18\x03 \x01(\x01\x12\x1b\n\x13prefill_per_token_s\x18\x04 \x01(\x01\x12\x1c\n\x14prefill_per_token2_s\x18\x05 \x01(\x01\x12\x15\n\rdecode_base_s\x18\x06 \x01(\x01\x12\x1c\n\x14\x64\x65\x63ode_per_request_s\x18\x07 \x01(\x01\x12\"\n\x1a\x64\x65\x63ode_per_context_token_s\x18\x08 \x01(\x01\x12\x12\n\ncorrection\x18\t \x01(\x01\"J\n\x0bProfileInfo\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x12\n\nduration_s\x18\x02 \x01(\x01\x12\x17\n\x0fmeasured_unix_s\x18\x03 \x01(\x01\"U\n\tTierUsage\x12\x14\n\x0ctotal_blocks\x18\x01 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\r\x12\x1d\n\x15used_blocks_per_layer\x18\x03 \x03(\r*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16layerkv/v1/types.proto\x12\nlayerkv.v1\"\x9f\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"E\n\x03Slo\x12\x13\n\x06ttft_s\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06tpot_s\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\t\n\x07_ttft_sB\t\n\x07_tpot_s\"q\n\nKvGeometry\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x13\n\x0b\x64type_bytes\x18\x05 \x01(\r\"\x94\x02\n\tCostModel\x12\x17\n\x0f\x64\x32h_bytes_per_s\x18\x01 \x01(\x01\x12\x17\n\x0fh2d_bytes_per_s\x18\x02 \x01(\x01\x12\x16\n\x0eprefill_base_s\x18\x03 \x01(\x01\x12\x1b\n\x13prefill_per_token_s\x18\x04 \x01(\x01\x12\x1c\n\x14prefill_per_token2_s\x18\x05 \x01(\x01\x12\x15\n\rdecode_base_s\x18\x06 \x01(\x01\x12\x1c\n\x14\x64\x65\x63ode_per_request_s\x18\x07 \x01(\x01\x12\"\n\x1a\x64\x65\x63ode_per_context_token_s\x18\x08 \x01(\x01\x12\x12\n\ncorrection\x18\t \x01(\x01\x12\x15\n\rhost_in_place\x18\n \x01(\x08\"J\n\x0bProfileInfo\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x12\n\nduration_s\x18\x02 \x01(\x01\x12\x17\n\x0fmeasured_unix_s\x18\x03 \x01(\x01\"U\n\tTierUsage\x12\x14\n\x0ctotal_blocks\x18\x01 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\r\x12\x1d\n\x15used_blocks_per_layer\x18\x03 \x03(\r*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'layerkv.v1.types_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_FINISHREASON']._serialized_start=806
-  _globals['_FINISHREASON']._serialized_end=951
+  _globals['_FINISHREASON']._serialized_start=829
+  _globals['_FINISHREASON']._serialized_end=974
   _globals['_SAMPLINGPARAMS']._serialized_start=39
   _globals['_SAMPLINGPARAMS']._serialized_end=198
   _globals['_SLO']._serialized_start=200
@@ -30,9 +30,9 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_KVGEOMETRY']._serialized_start=271
   _globals['_KVGEOMETRY']._serialized_end=384
   _globals['_COSTMODEL']._serialized_start=387
-  _globals['_COSTMODEL']._serialized_end=640
-  _globals['_PROFILEINFO']._serialized_start=642
-  _globals['_PROFILEINFO']._serialized_end=716
-  _globals['_TIERUSAGE']._serialized_start=718
-  _globals['_TIERUSAGE']._serialized_end=803
+  _globals['_COSTMODEL']._serialized_end=663
+  _globals['_PROFILEINFO']._serialized_start=665
+  _globals['_PROFILEINFO']._serialized_end=739
+  _globals['_TIERUSAGE']._serialized_start=741
+  _globals['_TIERUSAGE']._serialized_end=826
 # @@protoc_insertion_point(module_scope)

@@ -60,7 +60,7 @@ class KvGeometry(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype_bytes: _Optional[int] = ...) -> None: ...
 
 class CostModel(_message.Message):
-    __slots__ = ("d2h_bytes_per_s", "h2d_bytes_per_s", "prefill_base_s", "prefill_per_token_s", "prefill_per_token2_s", "decode_base_s", "decode_per_request_s", "decode_per_context_token_s", "correction")
+    __slots__ = ("d2h_bytes_per_s", "h2d_bytes_per_s", "prefill_base_s", "prefill_per_token_s", "prefill_per_token2_s", "decode_base_s", "decode_per_request_s", "decode_per_context_token_s", "correction", "host_in_place")
     D2H_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     H2D_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_BASE_S_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class CostModel(_message.Message):
     DECODE_PER_REQUEST_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_PER_CONTEXT_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     CORRECTION_FIELD_NUMBER: _ClassVar[int]
+    HOST_IN_PLACE_FIELD_NUMBER: _ClassVar[int]
     d2h_bytes_per_s: float
     h2d_bytes_per_s: float
     prefill_base_s: float
@@ -79,7 +80,8 @@ class CostModel(_message.Message):
     decode_per_request_s: float
     decode_per_context_token_s: float
     correction: float
-    def __init__(self, d2h_bytes_per_s: _Optional[float] = ..., h2d_bytes_per_s: _Optional[float] = ..., prefill_base_s: _Optional[float] = ..., prefill_per_token_s: _Optional[float] = ..., prefill_per_token2_s: _Optional[float] = ..., decode_base_s: _Optional[float] = ..., decode_per_request_s: _Optional[float] = ..., decode_per_context_token_s: _Optional[float] = ..., correction: _Optional[float] = ...) -> None: ...
+    host_in_place: bool
+    def __init__(self, d2h_bytes_per_s: _Optional[float] = ..., h2d_bytes_per_s: _Optional[float] = ..., prefill_base_s: _Optional[float] = ..., prefill_per_token_s: _Optional[float] = ..., prefill_per_token2_s: _Optional[float] = ..., decode_base_s: _Optional[float] = ..., decode_per_request_s: _Optional[float] = ..., decode_per_context_token_s: _Optional[float] = ..., correction: _Optional[float] = ..., host_in_place: bool = ...) -> None: ...
 
 class ProfileInfo(_message.Message):
     __slots__ = ("source", "duration_s", "measured_unix_s")
