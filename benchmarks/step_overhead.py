@@ -90,7 +90,8 @@ def build(num_layers: int, batch: int, context: int, steps: int, block_size: int
                           host_blocks=batch * per_request * host + 1,
                           staging_blocks=2 * batch * per_request + 1 if host else 1,
                           max_num_seqs=max(batch, 1), max_num_batched_tokens=BATCHED_TOKENS,
-                          max_prefill_tokens=BATCHED_TOKENS, max_promotions_per_step=0)
+                          max_prefill_tokens=BATCHED_TOKENS, max_promotions_per_step=0,
+                          host_access="stream")  # a GPU step's host work: host layers go through staging
     engine = Engine(config, loaded, torch.device("cpu"), torch.float32, TimedCopyEngine())
     engine.model = NoKernelModel(num_layers, mc.vocab_size)  # type: ignore[assignment]
     return engine

@@ -50,8 +50,11 @@ EPILOG = """\
 KV equality: vLLM's KV cache is --num-gpu-blocks-override blocks of 32 tokens, each spanning every
 layer, one of which is vLLM's null block (never used); ours is per layer, so our GPU tier gets
 usable vLLM blocks x layers x (32 / our block size) blocks: the same token slots in every layer.
-Our worker also has a staging pool (GPU blocks that only host-placed layers compute in) and a
-host tier large enough never to be the limit; both are printed.
+Our worker also has a host tier large enough never to be the limit. On this CPU benchmark the
+worker reads host-placed layers in place (--host-access auto: the host tier is the compute
+device's own memory), so no staging pool exists and a host layer costs no transfer; a GPU pays
+PCIe time for it. --host-access stream adds the staging pool that a GPU uses (GPU blocks that only
+host-placed layers compute in, on top of the equal tier) and streams through it. Both are printed.
 
 Threads: our worker runs torch with --torch-threads (default 1) and vLLM's engine with
 --vllm-threads OpenMP threads (default 1, unpinned), so that the load generator, Redis, our
@@ -85,8 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="workload seed (arrivals, lengths, token ids)")
     p.add_argument("--policy-param", action="append", default=[], metavar="NAME=JSON",
                    help="parameters of one of our policies, e.g. 'layerkv={\"prefill_safety\": 1.5}'")
+    p.add_argument("--host-access", choices=("auto", "stream", "direct"), default="auto",
+                   help="how our worker reads host-placed layers: auto (in place on CPU), stream (through "
+                        "a staging pool, as on a GPU) or direct")
     p.add_argument("--staging-blocks", type=int, default=None,
-                   help="our staging pool (default: two layers of one longest request)")
+                   help="our staging pool with --host-access stream (default: two layers of one longest "
+                        "request)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads of our worker")
     p.add_argument("--vllm-threads", type=int, default=1, help="OpenMP threads of vLLM's engine")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured short requests per system first")
@@ -99,6 +106,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--block-size {args.block_size} must divide vLLM's block of {VLLM_BLOCK_TOKENS} tokens")
     return args
 
+
+
+def _extras(staging: int, host: int, budget: KvBudget) -> str:
+    """What our worker has beyond the equal GPU tier."""
+    if not staging:
+        return (f"{host} host-tier blocks, read in place (the CPU's own memory: no staging pool, no "
+                f"transfer; a GPU would stream them over PCIe)")
+    return (f"{staging} staging blocks ({100 * staging / budget.our_gpu_blocks:.0f} % on top of the GPU "
+            f"tier, used by host-placed layers only) and {host} host-tier blocks, streamed through staging")
 
 def _check_policies(names: list[str]) -> None:
     from scheduler_svc.policies.registry import POLICIES
@@ -142,7 +158,9 @@ def run_setting(
 
     shape = MODEL_SHAPES[args.model_shape]
     budget = KvBudget(setting.vllm_blocks(), shape.num_layers, args.block_size)
-    staging = args.staging_blocks if args.staging_blocks is not None else staging_blocks_for(setting, budget)
+    in_place = args.host_access != "stream"  # this benchmark's worker runs on the CPU
+    staging = 0 if in_place else (
+        args.staging_blocks if args.staging_blocks is not None else staging_blocks_for(setting, budget))
     host = host_blocks_for(setting, shape.num_layers, args.block_size)
     spec = setting.workload(args.seed, shape.vocab_size)
     requests = generate(spec)
@@ -156,6 +174,7 @@ def run_setting(
                "vllm_block_tokens": VLLM_BLOCK_TOKENS,
                "our_gpu_blocks": budget.our_gpu_blocks, "our_block_size": args.block_size,
                "tokens_per_layer": budget.tokens, "our_staging_blocks": staging, "our_host_blocks": host,
+               "our_host_access": "in place" if in_place else "stream",
                "conversion": budget.describe()},
     }
     print(f"\n=== setting {setting.name}: {setting.summary}\n"
@@ -163,9 +182,7 @@ def run_setting(
           f"prompt {setting.prompt_tokens} tokens, "
           f"output {setting.output_min}-{setting.output_max} (= max_tokens, EOS ignored), seed {args.seed}\n"
           f"    KV: {budget.describe()}\n"
-          f"    ours also: {staging} staging blocks "
-          f"({100 * staging / budget.our_gpu_blocks:.0f} % on top of the GPU "
-          f"tier, used by host-placed layers only) and {host} host-tier blocks", flush=True)
+          f"    ours also: {_extras(staging, host, budget)}", flush=True)
     runs: list[SystemRun] = []
     out_dir = args.out.parent
     if not args.no_real_vllm:
@@ -186,7 +203,7 @@ def run_setting(
     params = parse_policy_params(args.policy_param)
     ours = OurSystemConfig(model_folder=model_dir, block_size=args.block_size,
                            gpu_blocks=budget.our_gpu_blocks, host_blocks=host, staging_blocks=staging,
-                           torch_threads=args.torch_threads)
+                           host_access=args.host_access, torch_threads=args.torch_threads)
     for policy in args.policies:
         def client(endpoint: str) -> ClientConfig:
             return ClientConfig(endpoint=endpoint, ttft_slo_s=setting.ttft_slo_s,

@@ -37,6 +37,7 @@ class OurSystemConfig:
     gpu_blocks: int
     host_blocks: int
     staging_blocks: int
+    host_access: str = "auto"  # the worker's --host-access
     torch_threads: int = 1
     startup_timeout_s: float = 300.0
 
@@ -73,11 +74,12 @@ def our_system(cfg: OurSystemConfig, policy: str) -> Iterator[EmbeddedSystem]:
                            block_size=cfg.block_size, gpu_blocks=cfg.gpu_blocks, host_blocks=cfg.host_blocks,
                            port=0, metrics_port=0, policy=policy, startup_timeout_s=cfg.startup_timeout_s)
     print(f"[ours] starting an embedded system for {policy} (1 worker, {cfg.gpu_blocks} GPU-tier + "
-          f"{cfg.staging_blocks} staging + {cfg.host_blocks} host blocks, torch threads "
+          f"{cfg.staging_blocks} staging + {cfg.host_blocks} host blocks, host access {cfg.host_access}, "
+          f"torch threads "
           f"{cfg.torch_threads}); logs {run_dir}", flush=True)
     ok = False
     try:
-        with _env({"LAYERKV_STAGING_BLOCKS": str(cfg.staging_blocks),
+        with _env({"LAYERKV_STAGING_BLOCKS": str(cfg.staging_blocks), "LAYERKV_HOST_ACCESS": cfg.host_access,
                    "OMP_NUM_THREADS": str(cfg.torch_threads)}):
             start(opts, system)
         yield system
