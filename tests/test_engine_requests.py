@@ -152,3 +152,17 @@ def test_admit_waiting_takes_blocks_now(folder: Path) -> None:
     assert engine.usage().gpu.free_blocks == 40 - 2 * 2
     out = engine.step()
     assert out.admitted == () and out.stats.kind == "prefill"  # reported once, by admit_waiting
+
+
+@pytest.mark.parametrize("host_blocks", [0, 64])
+def test_auto_placement_admits_a_request_that_only_the_gpu_tier_can_hold(folder: Path,
+                                                                        host_blocks: int) -> None:
+    # The rule's minimum (no resident layer when host layers cost no transfer) needs host blocks;
+    # auto may keep more layers on the GPU, so the request is valid whenever some split fits.
+    model = build_hf_model("llama", layers=2)
+    engine = make_engine(folder, block_size=4, gpu_blocks=20, host_blocks=host_blocks)
+    prompt = prompt_of(9, 5)
+    got = run_engine(engine, {"a": Job(prompt, 4)})
+    assert got["a"].token_ids == hf_generate(model, prompt, 4).token_ids
+    with pytest.raises(InvalidArgument, match="can never be admitted: it needs"):
+        engine.add_request("big", prompt_of(200, 6), SamplingParams(max_tokens=4))  # 51 x 2 > 20 + 64

@@ -128,15 +128,21 @@ class Engine:
         if placement is not None and placement.num_layers != self.geometry.num_layers:
             raise InvalidArgument(f"placement {placement} has {placement.num_layers} letters, "
                                   f"the model has {self.geometry.num_layers} layers")
-        check = placement or Placement.all_gpu(self.geometry.num_layers)
+        layers = self.geometry.num_layers
+        candidates = [placement or Placement.all_gpu(layers)]
         if placement is None and self.config.default_placement != "all-gpu":
-            check = interleaved(self.geometry.num_layers,
-                                min_resident_layers(len(prompt_ids), self.geometry, self.cost_model))
+            fewest = min_resident_layers(len(prompt_ids), self.geometry, self.cost_model)
+            # rule: exactly its placement; auto: any from all-GPU down to the rule's minimum
+            most = fewest if self.config.default_placement == "rule" else layers
+            candidates = [interleaved(layers, r) for r in range(most, fewest - 1, -1)]
         # The prompt and one block of growth: max_tokens bounds the output, it reserves nothing.
-        why = self.kv_manager.could_ever_fit(
-            len(prompt_ids) + min(sampling.max_tokens, self.geometry.block_size), check)
-        if why is not None:
-            raise InvalidArgument(f"request can never be admitted: it {why}")
+        tokens = len(prompt_ids) + min(sampling.max_tokens, self.geometry.block_size)
+        why = None
+        for check in candidates:
+            why = self.kv_manager.could_ever_fit(tokens, check)
+            if why is None:
+                return
+        raise InvalidArgument(f"request can never be admitted: it {why}")
 
     def placement_for(self, num_prompt_tokens: int, max_tokens: int,
                       placement: Placement | None) -> Placement | None:
