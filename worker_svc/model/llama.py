@@ -18,6 +18,7 @@ from torch import nn
 
 from worker_svc.attention import AttentionBackend, AttentionMetadata
 from worker_svc.model.config import ModelConfig
+from worker_svc.model.linear import Linear, PackedWeights, linear
 
 
 class LayerKVAccess(Protocol):
@@ -106,12 +107,13 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=config.o_bias)
+        self.q_proj = Linear(h, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=config.o_bias)
         self._qkv_weight: torch.Tensor | None = None  # [(H + 2 Hkv) * D, hidden]; see fused_qkv
         self._qkv_bias: torch.Tensor | None = None
+        self._qkv_packed = PackedWeights()  # the fused weight in oneDNN's layout (CPU, see linear.py)
 
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """q/k/v weights (and biases) as one [(H + 2 Hkv) * D, hidden] tensor: one matmul per layer.
@@ -143,7 +145,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKVAccess,
                 backend: AttentionBackend) -> torch.Tensor:
         t, h, hkv = x.shape[0], self.num_heads, self.num_kv_heads
-        qkv = F.linear(x, *self.fused_qkv()).view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2 Hkv, D]
+        w, b = self.fused_qkv()
+        qkv = linear(x, w, b, self._qkv_packed).view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2 Hkv, D]
         qk = apply_rotary(qkv[:, :h + hkv], cos, sin)  # q and k rotated in one pass: [T, H + Hkv, D]
         q, k = qk[:, :h], qk[:, h:]  # [T, H, D], [T, Hkv, D]
         v = qkv[:, h + hkv:]  # [T, Hkv, D]
@@ -159,9 +162,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         h, i, b = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=b)
-        self.up_proj = nn.Linear(h, i, bias=b)
-        self.down_proj = nn.Linear(i, h, bias=b)
+        self.gate_proj = Linear(h, i, bias=b)
+        self.up_proj = Linear(h, i, bias=b)
+        self.down_proj = Linear(i, h, bias=b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # SwiGLU. gate and up stay two matmuls: on CPU one [hidden, 2 * intermediate] matmul ran
@@ -198,7 +201,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
