@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -193,7 +194,11 @@ def run_setting(
             async def go() -> list:  # type: ignore[type-arg]
                 for req in warm:
                     await run_openai_workload(base, [req])
-                return await run_openai_workload(base, requests, _progress(REAL_VLLM, len(requests)))
+                progress = _progress(REAL_VLLM, len(requests))
+                if setting.sequential:
+                    return [r for req in requests  # sent at once, each after the previous one
+                            for r in await run_openai_workload(base, [replace(req, arrival_s=0.0)], progress)]
+                return await run_openai_workload(base, requests, progress)
 
             before = read_preemptions(base)
             results = asyncio.run(go())
@@ -210,7 +215,7 @@ def run_setting(
                                 tpot_slo_s=setting.tpot_slo_s, request_timeout_s=1800.0)
 
         run = run_ours(ours, policy, params.get(policy, {}), requests, client, warm,
-                       _progress(our_label(policy), len(requests)))
+                       _progress(our_label(policy), len(requests)), sequential=setting.sequential)
         runs.append(SystemRun(our_label(policy), run.results, run.preemptions))
     report = setting_report(setting.name, runs, setting.ttft_slo_s, setting.tpot_slo_s)
     return report, runs, info

@@ -125,8 +125,10 @@ def run_ours(
     client: Callable[[str], ClientConfig],
     warmup: Sequence[BenchRequest],
     on_done: Callable[[RequestResult], None] | None = None,
+    sequential: bool = False,
 ) -> OurRun:
-    """Run ``requests`` on a fresh system with ``policy``; the warm-up requests go first, one at a time."""
+    """Run ``requests`` on a fresh system with ``policy``; the warm-up requests go first, one at a time.
+    ``sequential``: each request is sent when the previous one has finished."""
     with our_system(cfg, policy) as system:
         # the embedded system generated its own tokens (secure by default): the client uses them
         config = replace(client(system.scheduler_address), api_token=system.tokens.api,
@@ -141,6 +143,11 @@ def run_ours(
                 await run_workload(config, [req])
             follower = asyncio.create_task(counter.follow())
             try:
+                if sequential:
+                    out = []
+                    for req in requests:  # sent at once, each after the previous one
+                        out += await run_workload(config, [replace(req, arrival_s=0.0)], on_done=on_done)
+                    return out
                 return await run_workload(config, requests, on_done=on_done)
             finally:
                 await asyncio.sleep(0.5)  # the last step reports trail the last token

@@ -1,9 +1,11 @@
 """The settings of the vLLM comparison: model shape, workload, and equal KV on both sides.
 
 A ``Setting`` names one KV-limited workload (``kv1``: the cache holds about one request, ``kv3``:
-about three, ``long``: 2048-token prompts where vLLM queues). ``KvBudget`` converts vLLM's KV
-cache (blocks of 32 tokens that span every layer) into our per-layer blocks, so that both sides
-get exactly the same number of GPU-tier token slots. Pure arithmetic, no I/O.
+about three, ``long``: 2048-token prompts where vLLM queues) or the one-at-a-time check (``solo``:
+each request sent when the previous one finished, the whole stack's per-request time).
+``KvBudget`` converts vLLM's KV cache (blocks of 32 tokens that span every layer) into our
+per-layer blocks, so that both sides get exactly the same number of GPU-tier token slots. Pure
+arithmetic, no I/O.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ class Setting:
     requests_held: float  # how many longest requests the GPU-tier KV holds
     ttft_slo_s: float
     tpot_slo_s: float
+    sequential: bool = False  # send each request when the previous one has finished (no overlap)
 
     def __post_init__(self) -> None:
         if not (self.rate > 0 and self.num_requests >= 1 and self.prompt_tokens >= 1):
@@ -159,6 +162,9 @@ SETTINGS: dict[str, Setting] = {
     "long": Setting("long", "2048-token prompts, KV for about 1.5 requests: vLLM queues (LayerKV's case)",
                     rate=0.5, num_requests=24, prompt_tokens=2048, output_min=64, output_max=128,
                     requests_held=1.5, ttft_slo_s=5.0, tpot_slo_s=0.1),
+    "solo": Setting("solo", "one request at a time (each sent when the previous finished): per-request time",
+                    rate=1.0, num_requests=12, prompt_tokens=512, output_min=64, output_max=192,
+                    requests_held=3.0, ttft_slo_s=2.0, tpot_slo_s=0.05, sequential=True),
 }
 
 

@@ -144,6 +144,19 @@ def test_kv_targets_of_our_vllm_policy() -> None:
     assert [t.split()[0] for t in report.targets] == ["PASS", "PASS"]
 
 
+def test_solo_target_is_the_per_request_time() -> None:
+    base = [_result(0, 0.0, 0.1, 1.0, 11)]  # 1.0 s from send to last token
+    for finish, verdict in ((1.09, "PASS"), (1.2, "FAIL")):
+        ours = [_result(0, 0.0, 0.2, finish, 11)]
+        runs = [SystemRun(REAL_VLLM, base, 0), SystemRun(our_label("vllm"), ours, 0)]
+        report = setting_report("solo", runs,
+                                2.0, 0.1)
+        (r,) = report.ratios
+        assert r.mean_e2e_ratio == pytest.approx(finish)
+        assert [t.split()[0] for t in report.targets] == [verdict]
+    assert SETTINGS["solo"].sequential and not SETTINGS["kv1"].sequential
+
+
 def test_json_shape() -> None:
     runs = _runs()
     failed = RequestResult(2, 512, 2.0, None, None, 0, None, "x")
