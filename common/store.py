@@ -14,6 +14,7 @@ fact been applied never duplicates a token.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -29,13 +30,26 @@ from common.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
-# KEYS: request hash, waiting zset; ARGV: score, request id, then the hash's field/value pairs as
-# one JSON list (one argument to pack instead of two per field).
+# ARGV: the key prefix, then a JSON list of creates, each [request id, queue score, [field, value,
+# ...]]; returns one 1 (created) or 0 (the id exists: nothing written) per create, in order. A
+# request is created whole or not at all (one script), so a scheduler killed mid-create never leaves
+# a partial record behind. One script call carries every create that arrived while the previous one
+# was out (``Store.create_request``): under load the client packs one command for many admissions.
 _CREATE_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[3])))
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
-return 1
+local prefix = ARGV[1]
+local waiting = prefix .. ':waiting'
+local out = {}
+for i, c in ipairs(cjson.decode(ARGV[2])) do
+  local key = prefix .. ':req:' .. c[1]
+  if redis.call('EXISTS', key) == 1 then
+    out[i] = 0
+  else
+    redis.call('HSET', key, unpack(c[3]))
+    redis.call('ZADD', waiting, c[2], c[1])
+    out[i] = 1
+  end
+end
+return out
 """
 
 # ARGV: the key prefix, the retention TTL of finished requests, then a JSON list of batches, each
@@ -199,6 +213,9 @@ class Store:
         self._listeners: list[Callable[[bool], None]] = []
         self._closed = False
         self._down_since = 0.0
+        # creates waiting for the next script call, and the task saving the current group
+        self._creates: list[tuple[tuple[str, float, list[str]], asyncio.Future[bool]]] = []
+        self._creator: asyncio.Task[None] | None = None
 
     def on_reachability(self, listener: Callable[[bool], None]) -> None:
         """Call ``listener(reachable)`` whenever Redis becomes unreachable or reachable again."""
@@ -267,15 +284,42 @@ class Store:
 
     # --- requests ---
     async def create_request(self, record: RequestRecord, score: float) -> bool:
-        """Persist a new waiting request; False (nothing written) when the id already exists."""
-        key = self.k_request(record.request_id)
-        fields = json.dumps([item for pair in record.to_hash().items() for item in pair])
-        # One script, so a scheduler killed mid-create never leaves a partial record behind; a retry
-        # of a create that was in fact applied answers False, and the caller attaches to it.
-        created = await self._call(
-            lambda: self._evalsha(_CREATE, 2, key, self.k_waiting, score, record.request_id, fields)
-        )
-        return bool(created)
+        """Persist a new waiting request; False (nothing written) when the id already exists.
+
+        Creates are grouped: one script call in flight, carrying every create that arrived while
+        the previous one was out, each answered on its own (a retry of a create that was in fact
+        applied answers False, and the caller attaches to it). Each gives up like a read
+        (``Unavailable`` after ``retry.read_deadline_s``): a client is waiting on it."""
+        fields = [item for pair in record.to_hash().items() for item in pair]
+        created: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._creates.append(((record.request_id, score, fields), created))
+        if self._creator is None:
+            self._creator = asyncio.create_task(self._create_groups(), name="redis-creates")
+        return await created
+
+    async def _create_groups(self) -> None:
+        try:
+            while self._creates:
+                group, self._creates = self._creates, []
+                try:
+                    payload = json.dumps([item for item, _ in group], separators=(",", ":"))
+                    call = functools.partial(self._evalsha, _CREATE, 0, self.prefix, payload)
+                    results = await self._call(call)
+                except BaseException as exc:
+                    error = exc if isinstance(exc, Exception) else Unavailable("create cancelled")
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(error)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, future), result in zip(group, results, strict=True):
+                    if not future.done():  # its caller may have gone away (a cancelled RPC)
+                        future.set_result(bool(result))
+        finally:
+            self._creator = None
+            if self._creates and not self._closed:  # cancelled with creates waiting: they still go
+                self._creator = asyncio.create_task(self._create_groups(), name="redis-creates")
 
     async def _evalsha(self, script: _Script, numkeys: int, *args: Any) -> Any:
         try:

@@ -2,7 +2,9 @@
 
 A round builds a read-only ``FleetSnapshot``, asks the active policy for proposals, re-checks each
 one (the request still waits, the worker accepts, the ledger has room, no refusal backoff is
-pending), reserves, saves and sends the dispatch through the injected ``WorkerClient``. A refusal
+pending), reserves, saves and sends the dispatches through the injected ``WorkerClient``: one
+call per worker for the whole round when it is a ``BatchWorkerClient`` (the gRPC one: a
+``DispatchBatch``), else one call per dispatch, each outcome settled alike. A refusal
 releases the reservation and backs the (request, worker) pair off exponentially; a dispatch whose
 outcome is unknown spends its attempt id (the request is requeued as a new attempt and the old one
 aborted), so a late acceptance can never run under the id of the live attempt.
@@ -17,6 +19,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from common.errors import LayerKVError
 from common.types import FinishReason, Tier
 from scheduler_svc.inflight import InflightPrefills
 from scheduler_svc.ledger import Ledger
@@ -33,6 +36,7 @@ from scheduler_svc.policies.base import (
 )
 from scheduler_svc.requests import RUNNING, WAITING, RequestState, split_worker_request_id
 from scheduler_svc.worker_client import (
+    BatchWorkerClient,
     DispatchOutcomeUnknown,
     DispatchRefused,
     DispatchRejected,
@@ -200,8 +204,18 @@ class Rounds:
         if not sends:
             return 0
         await lc.commit(batch)
-        for state, preemption in sends:
-            self._spawn(self._dispatch(state, state.worker_request_id, state.record.worker_id, preemption))
+        if isinstance(self.client, BatchWorkerClient):  # one call per worker for the whole round
+            by_worker: dict[str, list[tuple[RequestState, str, PreemptionMode]]] = {}
+            for state, preemption in sends:
+                by_worker.setdefault(state.record.worker_id, []).append(
+                    (state, state.worker_request_id, preemption)
+                )
+            for worker_id, items in by_worker.items():
+                self._spawn(self._dispatch_many(worker_id, items))
+        else:
+            for state, preemption in sends:
+                rid, worker_id = state.worker_request_id, state.record.worker_id
+                self._spawn(self._dispatch(state, rid, worker_id, preemption))
         return len(sends)
 
     def _check(self, proposal: Dispatch) -> RequestState | None:
@@ -229,15 +243,9 @@ class Rounds:
         )
         return state if reservation is not None else None
 
-    async def _dispatch(
-        self,
-        state: RequestState,
-        worker_rid: str,
-        worker_id: str,
-        preemption: PreemptionMode = PreemptionMode.WORKER_DEFAULT,
-    ) -> None:
-        lc = self.lifecycle
-        command = DispatchCommand(
+    @staticmethod
+    def _command(state: RequestState, worker_rid: str, preemption: PreemptionMode) -> DispatchCommand:
+        return DispatchCommand(
             worker_rid,
             tuple(state.context_ids),
             state.sampling,
@@ -245,15 +253,48 @@ class Rounds:
             state.record.placement,
             preemption,
         )
+
+    async def _dispatch(
+        self,
+        state: RequestState,
+        worker_rid: str,
+        worker_id: str,
+        preemption: PreemptionMode = PreemptionMode.WORKER_DEFAULT,
+    ) -> None:
+        error: LayerKVError | None = None
         try:
-            await self.client.dispatch(worker_id, command)
+            await self.client.dispatch(worker_id, self._command(state, worker_rid, preemption))
         except (DispatchRefused, DispatchRejected, DispatchUnsent, DispatchOutcomeUnknown) as err:
+            error = err
+        await self._settle(worker_id, [(state, worker_rid, error)])
+
+    async def _dispatch_many(
+        self, worker_id: str, items: list[tuple[RequestState, str, PreemptionMode]]
+    ) -> None:
+        """A round's dispatches to one worker, in one call; each settled as ``_dispatch`` would."""
+        assert isinstance(self.client, BatchWorkerClient)
+        commands = [self._command(state, rid, preemption) for state, rid, preemption in items]
+        outcomes = await self.client.dispatch_many(worker_id, commands)
+        await self._settle(worker_id, [(s, rid, e) for (s, rid, _), e in zip(items, outcomes, strict=True)])
+
+    async def _settle(
+        self, worker_id: str, outcomes: list[tuple[RequestState, str, LayerKVError | None]]
+    ) -> None:
+        """What the worker's answers mean: a refused dispatch waits again (with backoff), a rejected
+        one ends, an unsent one waits again, one whose outcome is unknown is requeued as a new
+        attempt (the old one aborted); the failures are saved in one commit."""
+        lc = self.lifecycle
+        batch = Batch()
+        failed = False
+        for state, worker_rid, err in outcomes:
+            if err is None:
+                continue
             self.ledger.release(worker_id, worker_rid)
             if isinstance(err, DispatchOutcomeUnknown):  # it may run there: never reuse the id
                 self._spawn(self.abort(worker_id, worker_rid))
             if state.finished or state.worker_request_id != worker_rid:
-                return
-            batch = Batch()
+                continue
+            failed = True
             if isinstance(err, DispatchRefused):
                 lc.metrics.dispatches_refused.labels(worker_id).inc()
                 self._refuse(state.request_id, worker_id)
@@ -271,15 +312,19 @@ class Rounds:
             else:
                 log.warning("dispatch of %s to %s failed: %s", worker_rid, worker_id, err)
                 lc.back_to_queue(state, batch)
+        if failed:
             await lc.commit(batch)
             self._wake()
-            return
-        self._refused.pop((state.request_id, worker_id), None)
-        lc.metrics.dispatches.labels(worker_id).inc()
-        if state.record.requeues == 0:  # queueing ends when a worker takes the request
-            lc.metrics.queue_time.observe(state.record.dispatch_time - state.record.arrival_time)
-        if state.finished:  # cancelled while the dispatch was in flight
-            await self.abort(worker_id, worker_rid)
+        accepted = [(state, worker_rid) for state, worker_rid, err in outcomes if err is None]
+        if accepted:
+            counter = lc.metrics.dispatches.labels(worker_id)
+        for state, worker_rid in accepted:
+            self._refused.pop((state.request_id, worker_id), None)
+            counter.inc()
+            if state.record.requeues == 0:  # queueing ends when a worker takes the request
+                lc.metrics.queue_time.observe(state.record.dispatch_time - state.record.arrival_time)
+            if state.finished:  # cancelled while the dispatch was in flight
+                await self.abort(worker_id, worker_rid)
 
     def _refuse(self, request_id: str, worker_id: str) -> None:
         count = self._refused.get((request_id, worker_id), (0, 0.0))[0] + 1
