@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -112,6 +113,27 @@ class RetryPolicy:
     socket_timeout_s: float = 2.0  # a stalled (SIGSTOPped) Redis is noticed after this long
 
 
+_encode_str = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str (C)
+_float_repr = float.__repr__
+
+
+def json_value(value: Any) -> str:
+    """``json.dumps(value)``, the same text, with the scalar kinds of a record's fields written
+    directly (a request's hash has some twenty fields, and ``json.dumps`` costs a few calls for each)."""
+    kind = type(value)
+    if kind is str:
+        return _encode_str(value)  # type: ignore[no-any-return]
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float and math.isfinite(value):
+        return _float_repr(value)
+    if kind is bool:
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return json.dumps(value)
+
+
 @dataclass
 class RequestRecord:
     """Everything persisted about one request (one Redis hash)."""
@@ -137,7 +159,7 @@ class RequestRecord:
 
     def to_hash(self) -> dict[str, str]:
         # getattr, not dataclasses.asdict: asdict deep-copies the prompt on every call
-        return {name: json.dumps(getattr(self, name)) for name in self.__dataclass_fields__}
+        return {name: json_value(getattr(self, name)) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> RequestRecord:
@@ -178,7 +200,7 @@ class StoreBatch:
     def update(self, record: RequestRecord, *names: str) -> None:
         fields = self.updates.setdefault(record.request_id, {})
         for name in names or tuple(record.__dataclass_fields__):
-            fields[name] = json.dumps(getattr(record, name))
+            fields[name] = json_value(getattr(record, name))
 
     def __bool__(self) -> bool:
         return bool(

@@ -20,7 +20,6 @@ from common.store import RequestRecord
 from common.types import SamplingParams
 from common.wire import sampling_from_proto
 from scheduler_svc.core import SchedulerCore
-from scheduler_svc.fit_check import never_fits_anywhere
 from scheduler_svc.requests import WAITING, RequestState, sampling_from_dict, sampling_to_dict
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
@@ -122,7 +121,7 @@ def _checked(
             f"prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) is {total} tokens, "
             f"more than the longest the workers accept ({longest})"
         )
-    limit = never_fits_anywhere(core.policy, [h.description for h in workers if h.description], total)
+    limit = core.fit_check(core.policy, [h.description for h in workers if h.description], total)
     if limit is not None:
         raise InvalidArgument(
             f"a request of {len(prompt)} prompt + {sampling.max_tokens} output tokens can never be held by "

@@ -98,7 +98,7 @@ class Rounds:
             waiting.append(
                 WaitingRequest(
                     request_id,
-                    len(s.context_ids),
+                    s.context_len,
                     s.remaining_tokens,
                     r.arrival_time,
                     r.ttft_slo_s,
@@ -230,13 +230,13 @@ class Rounds:
         refused = self._refused.get((proposal.request_id, proposal.worker_id))
         if refused is not None and time.monotonic() < refused[1]:
             return None  # refused there a moment ago: wait out its backoff
-        total = len(state.context_ids) + state.remaining_tokens
+        total = state.context_len + state.remaining_tokens
         if total > handle.description.max_model_len:
             return None
         reservation = self.ledger.try_reserve(
             proposal.worker_id,
             state.worker_request_id,
-            len(state.context_ids),
+            state.context_len,
             proposal.placement,
             max_tokens=state.remaining_tokens,
             headroom_tokens=proposal.headroom_tokens,

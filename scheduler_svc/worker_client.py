@@ -115,19 +115,44 @@ class WorkerConnection:
         the worker closes the stream; ``Unavailable`` when it is silent for ``silence_limit_s``."""
         stream = self._stub.StreamEvents(wire.EVENTS_REQUEST)
         messages = stream.__aiter__()
-        while True:
-            try:
-                message = await asyncio.wait_for(messages.__anext__(), silence_limit_s)
-            except StopAsyncIteration:
+        # One watchdog for the whole stream instead of a timeout per message (``wait_for`` made a
+        # task for every event): each message only notes its arrival; the watchdog, re-armed for
+        # the silence left, cancels the stream once nothing came for ``silence_limit_s``.
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        silent = False
+        timer: asyncio.TimerHandle | None = None
+
+        def watch() -> None:
+            nonlocal silent, timer
+            left = last + silence_limit_s - loop.time()
+            if left > 0:
+                timer = loop.call_later(left, watch)
                 return
-            except asyncio.TimeoutError as exc:
-                stream.cancel()
-                raise Unavailable(
-                    f"worker at {self.address} sent no event for {silence_limit_s:.0f} s"
-                ) from exc
-            except grpc.aio.AioRpcError as err:
-                raise error_from_rpc(err) from err
-            yield wire.worker_event_from_proto(message, num_layers)
+            silent = True
+            stream.cancel()
+
+        timer = loop.call_later(silence_limit_s, watch)
+        try:
+            while True:
+                try:
+                    message = await messages.__anext__()
+                except StopAsyncIteration:
+                    return
+                except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
+                    task = asyncio.current_task()
+                    if silent and not (task is not None and task.cancelling()):  # ours, not a stop
+                        raise Unavailable(
+                            f"worker at {self.address} sent no event for {silence_limit_s:.0f} s"
+                        ) from err
+                    if isinstance(err, asyncio.CancelledError):
+                        raise
+                    raise error_from_rpc(err) from err
+                last = loop.time()
+                yield wire.worker_event_from_proto(message, num_layers)
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def profile(self) -> CostProfile:
         """Re-profile the worker (its new cost model); ``FailedPrecondition`` while it holds requests."""
