@@ -107,6 +107,7 @@ class Rounds:
                 )
             )
         workers = []
+        fitted = self._policy().reads_cost_model
         handles = self.pool.handles()
         if len(self.inflight):
             self.inflight.retain({h.worker_id for h in handles})
@@ -123,7 +124,7 @@ class Rounds:
                     gpu_blocks_free=budget.gpu_free,
                     host_blocks_free=budget.host_free,
                     max_model_len=h.description.max_model_len,
-                    cost_model=h.fitter.model() if h.fitter is not None else h.description.cost_model,
+                    cost_model=h.fitter.model() if fitted and h.fitter is not None else h.description.cost_model,
                     running=self._running(h),
                     accepting=h.accepting,
                     staging_blocks_total=h.description.staging_blocks,

@@ -169,6 +169,10 @@ class Policy(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     Params: ClassVar[type[PolicyParams]] = PolicyParams
+    # False for a policy that never reads ``WorkerSnapshot.cost_model``: rounds then hand it the
+    # worker's profiled model instead of re-solving the online fit (a least-squares solve per
+    # worker per round, and the fit changes with every decode step).
+    reads_cost_model: ClassVar[bool] = True
 
     def __init__(self, params: PolicyParams | None = None) -> None:
         self.params = params if params is not None else self.Params()
