@@ -124,7 +124,9 @@ class Rounds:
                     gpu_blocks_free=budget.gpu_free,
                     host_blocks_free=budget.host_free,
                     max_model_len=h.description.max_model_len,
-                    cost_model=h.fitter.model() if fitted and h.fitter is not None else h.description.cost_model,
+                    cost_model=(
+                        h.fitter.model() if fitted and h.fitter is not None else h.description.cost_model
+                    ),
                     running=self._running(h),
                     accepting=h.accepting,
                     staging_blocks_total=h.description.staging_blocks,
@@ -199,23 +201,30 @@ class Rounds:
             batch.update(record, "status", "worker_id", "placement", "dispatch_time")
             batch.dequeued.add(record.request_id)
             batch.running.add(record.request_id)
-            sends.append((state, proposal.preemption))
+            sends.append((state, state.worker_request_id, proposal.worker_id, proposal.preemption))
             self.inflight.add(proposal.worker_id, state.worker_request_id, _in_flight(state, proposal, now))
         lc.metrics.queue_length.set(len(lc.queue))
         if not sends:
             return 0
         await lc.commit(batch)
+        # What was reserved is sent, unless it changed during the commit: its worker went down
+        # (requeued as a new attempt, the worker's ledger dropped) or it was cancelled (finished,
+        # released). Sending it anyway would dispatch the new attempt nowhere and queue it again
+        # while a later round may hold it elsewhere.
+        due = []
+        for state, rid, worker_id, preemption in sends:
+            if state.worker_request_id == rid and state.record.worker_id == worker_id and not state.finished:
+                due.append((state, rid, worker_id, preemption))
+            else:
+                self.ledger.release(worker_id, rid)  # idempotent: mostly already dropped
         if isinstance(self.client, BatchWorkerClient):  # one call per worker for the whole round
             by_worker: dict[str, list[tuple[RequestState, str, PreemptionMode]]] = {}
-            for state, preemption in sends:
-                by_worker.setdefault(state.record.worker_id, []).append(
-                    (state, state.worker_request_id, preemption)
-                )
+            for state, rid, worker_id, preemption in due:
+                by_worker.setdefault(worker_id, []).append((state, rid, preemption))
             for worker_id, items in by_worker.items():
                 self._spawn(self._dispatch_many(worker_id, items))
         else:
-            for state, preemption in sends:
-                rid, worker_id = state.worker_request_id, state.record.worker_id
+            for state, rid, worker_id, preemption in due:
                 self._spawn(self._dispatch(state, rid, worker_id, preemption))
         return len(sends)
 

@@ -190,3 +190,43 @@ async def test_a_worker_silent_for_the_limit_is_marked_down_then_redialled(redis
             await asyncio.sleep(0.02)
     finally:
         await fleet.close()
+
+
+async def test_a_dispatch_whose_worker_goes_down_during_the_rounds_commit_is_not_sent(
+    redis_url: str,
+) -> None:
+    settings = SchedulerSettings.build(redis_url=redis_url, workers=["fake:1"], policy="fcfs-full",
+                                       metrics_port=0, port=0, host="127.0.0.1")
+    store = Store(settings.redis_url, settings.redis_prefix, settings.retention_s)
+    fake = BatchFakeWorkers()
+    core = SchedulerCore(settings, store, ServiceMetrics("scheduler"), client=fake, pool=fake.bind)
+    await core.start()
+    try:
+        handle = await core.pool.add_and_wait("fake:1")
+        commit = core.lifecycle.commit
+
+        async def commit_then_lose_the_worker(batch):  # type: ignore[no-untyped-def]
+            await commit(batch)
+            if batch.running:  # the round's commit: the worker goes down before the send
+                handle.healthy = False
+                await core.intake.worker_down(handle)
+
+        core.lifecycle.commit = commit_then_lose_the_worker  # type: ignore[method-assign]
+        now = time.time()
+        record = RequestRecord(request_id="r", status=WAITING, prompt_ids=[1, 2, 3],
+                               sampling={"max_tokens": len(OUTPUT)}, arrival_time=now)
+        assert await store.create_request(record, now)
+        state = RequestState(record, SamplingParams(max_tokens=len(OUTPUT)))
+        core.admit(state)
+        for _ in range(100):
+            if state.record.requeues:
+                break
+            await asyncio.sleep(0.01)
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        assert fake.calls == [] and fake.dispatched == []  # the reserved attempt was never sent...
+        assert (state.record.status, state.worker_request_id) == (WAITING, "r@1")  # ...it waits again
+        assert list(core.queue) == ["r"]
+    finally:
+        await core.stop()
+        await store.close()
