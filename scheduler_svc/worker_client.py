@@ -116,16 +116,18 @@ class WorkerConnection:
         stream = self._stub.StreamEvents(wire.EVENTS_REQUEST)
         messages = stream.__aiter__()
         # One watchdog for the whole stream instead of a timeout per message (``wait_for`` made a
-        # task for every event): each message only notes its arrival; the watchdog, re-armed for
-        # the silence left, cancels the stream once nothing came for ``silence_limit_s``.
+        # task for every event). Silence is counted only while we wait for the next message, as a
+        # per-message timeout would: a consumer held up by its own work (a commit waiting out a
+        # Redis stall) does not make the worker silent. The watchdog, re-armed for what is left,
+        # cancels the stream once one wait lasted ``silence_limit_s``.
         loop = asyncio.get_running_loop()
-        last = loop.time()
+        waiting_since: float | None = None  # when the current wait began; None while consuming
         silent = False
         timer: asyncio.TimerHandle | None = None
 
         def watch() -> None:
             nonlocal silent, timer
-            left = last + silence_limit_s - loop.time()
+            left = silence_limit_s if waiting_since is None else waiting_since + silence_limit_s - loop.time()
             if left > 0:
                 timer = loop.call_later(left, watch)
                 return
@@ -135,6 +137,7 @@ class WorkerConnection:
         timer = loop.call_later(silence_limit_s, watch)
         try:
             while True:
+                waiting_since = loop.time()
                 try:
                     message = await messages.__anext__()
                 except StopAsyncIteration:
@@ -148,7 +151,7 @@ class WorkerConnection:
                     if isinstance(err, asyncio.CancelledError):
                         raise
                     raise error_from_rpc(err) from err
-                last = loop.time()
+                waiting_since = None
                 yield wire.worker_event_from_proto(message, num_layers)
         finally:
             if timer is not None:

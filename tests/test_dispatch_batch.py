@@ -230,3 +230,33 @@ async def test_a_dispatch_whose_worker_goes_down_during_the_rounds_commit_is_not
     finally:
         await core.stop()
         await store.close()
+
+
+async def test_a_consumer_held_up_longer_than_the_silence_limit_is_not_a_silent_worker(
+    redis_url: str,
+) -> None:
+    """Silence counts only while waiting for the next event (a commit waiting out a Redis stall
+    holds the consumer; the worker kept sending meanwhile)."""
+    worker = StubWorker("w0", step_s=0.01)
+    fleet = await start_fleet(redis_url, [worker], worker_silence_s=1.5)
+    try:
+        (handle,) = fleet.server.core.pool.handles()
+        intake = fleet.server.core.intake
+        event = intake.worker_event
+        held = False
+
+        async def slow_once(w, e):  # type: ignore[no-untyped-def]
+            nonlocal held
+            if e.tokens and not held:
+                held = True
+                await asyncio.sleep(2.5)
+            await event(w, e)
+
+        intake.worker_event = slow_once  # type: ignore[method-assign]
+        tokens, _ = await asyncio.wait_for(
+            collect(fleet.client.Generate(generate_request([3, 4], 40, request_id="held"))), 20
+        )
+        assert held and handle.healthy and tokens == expected_tokens([3, 4], 40)
+        assert fleet.server.core.requests["held"].record.requeues == 0
+    finally:
+        await fleet.close()
