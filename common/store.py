@@ -231,6 +231,21 @@ class Store:
             socket_connect_timeout=self.retry.socket_timeout_s,
         )
         self._redis = aioredis.Redis(connection_pool=self._pool)
+
+        # The two flushers (commits, creates) each keep one call in flight, so each owns one
+        # connection instead of taking one from the pool per call (the pool's get and release
+        # cost about as much as the call itself). A broken one reconnects on the next call.
+        def own_connection() -> aioredis.Redis:
+            return aioredis.Redis.from_url(
+                url,
+                single_connection_client=True,
+                decode_responses=True,
+                socket_timeout=self.retry.socket_timeout_s,
+                socket_connect_timeout=self.retry.socket_timeout_s,
+            )
+
+        self._committing = own_connection()
+        self._creating = own_connection()
         self.reachable = True
         self._listeners: list[Callable[[bool], None]] = []
         self._closed = False
@@ -296,6 +311,8 @@ class Store:
     async def close(self) -> None:
         self._closed = True
         await self._redis.aclose()
+        await self._committing.aclose()
+        await self._creating.aclose()
         await self._pool.aclose()
 
     async def ping(self) -> None:
@@ -325,7 +342,9 @@ class Store:
                 group, self._creates = self._creates, []
                 try:
                     payload = json.dumps([item for item, _ in group], separators=(",", ":"))
-                    call = functools.partial(self._evalsha, _CREATE, 0, self.prefix, payload)
+                    call = functools.partial(
+                        self._evalsha, _CREATE, 0, self.prefix, payload, via=self._creating
+                    )
                     results = await self._call(call)
                 except BaseException as exc:
                     error = exc if isinstance(exc, Exception) else Unavailable("create cancelled")
@@ -343,12 +362,16 @@ class Store:
             if self._creates and not self._closed:  # cancelled with creates waiting: they still go
                 self._creator = asyncio.create_task(self._create_groups(), name="redis-creates")
 
-    async def _evalsha(self, script: _Script, numkeys: int, *args: Any) -> Any:
+    async def _evalsha(
+        self, script: _Script, numkeys: int, *args: Any, via: aioredis.Redis | None = None
+    ) -> Any:
+        """Run ``script`` (through ``via``, a flusher's own connection; else the pool)."""
+        client = self._redis if via is None else via
         try:
-            return await self._redis.evalsha(script.sha, numkeys, *args)  # type: ignore[misc]
+            return await client.evalsha(script.sha, numkeys, *args)  # type: ignore[misc]
         except NoScriptError:
-            await self._redis.script_load(script.source)  # type: ignore[no-untyped-call]
-            return await self._redis.evalsha(script.sha, numkeys, *args)  # type: ignore[misc]
+            await client.script_load(script.source)  # type: ignore[no-untyped-call]
+            return await client.evalsha(script.sha, numkeys, *args)  # type: ignore[misc]
 
     async def get_request(self, request_id: str) -> RequestRecord | None:
         data = await self._call(lambda: self._redis.hgetall(self.k_request(request_id)))
@@ -385,7 +408,7 @@ class Store:
 
     async def _execute(self, batches: Sequence[StoreBatch]) -> None:
         payload = json.dumps([_to_json(batch) for batch in batches], separators=(",", ":"))
-        await self._evalsha(_COMMIT, 0, self.prefix, self.retention_s, payload)
+        await self._evalsha(_COMMIT, 0, self.prefix, self.retention_s, payload, via=self._committing)
 
     # --- workers ---
     async def put_worker(self, entry: WorkerEntry) -> None:
