@@ -116,7 +116,7 @@ def _failed(exc: Exception) -> worker_pb2.DispatchResult:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    """Describe, GetTokenizer, Dispatch, StreamEvents, Abort and Profile over one engine thread."""
+    """Describe, GetTokenizer, Dispatch(Batch), StreamEvents, Abort and Profile over one engine thread."""
 
     def __init__(
         self,
