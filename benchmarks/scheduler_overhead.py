@@ -13,7 +13,10 @@ command, and this client. Two measurements, side by side:
   requests' own timestamps) and the completed requests per second.
 * **scheduler CPU time per request**, in both phases (from ``/proc``): on a machine shared with
   other work wall-clock rates include waiting for a core; 1 / (CPU s per request) is the rate the
-  scheduler could sustain on one core of its own. ``--scheduler-cpu N`` pins it to core N.
+  scheduler could sustain on one core of its own. ``--scheduler-cpu N`` pins it to core N and
+  keeps every other process of the benchmark off that core. The client's, the stubs' and Redis's
+  CPU time per burst request are reported too: when they add up to the other cores, the burst
+  rate is theirs, not the scheduler's.
 
 Usage: ``python benchmarks/scheduler_overhead.py [--workers 2 --burst 2000 --json out.json]``.
 """
@@ -114,8 +117,10 @@ async def scheduler_latencies(
 
 
 async def burst(
-    client: scheduler_pb2_grpc.SchedulerServiceStub, n: int, concurrency: int
+    client: scheduler_pb2_grpc.SchedulerServiceStub, n: int, concurrency: int, pids: dict[str, int]
 ) -> dict[str, float]:
+    """The burst's rates, and the CPU time each process spent on it per request (read as soon
+    as the last request completes: the GetRequest calls after it are the benchmark's own)."""
     semaphore = asyncio.Semaphore(concurrency)
     ids = [f"burst-{i}" for i in range(n)]
 
@@ -124,9 +129,12 @@ async def burst(
             async for _ in client.Generate(request(8, 1, rid)):
                 pass
 
+    before = {name: cpu_s(pid) for name, pid in pids.items()}
     start = time.perf_counter()
     await asyncio.gather(*(one(rid) for rid in ids))
     elapsed = time.perf_counter() - start
+    spent = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
+    others = {f"{name}_cpu_ms_per_request": 1000 * s / n for name, s in spent.items() if name != "scheduler"}
     infos = [
         (await client.GetRequest(scheduler_pb2.GetRequestRequest(request_id=rid))).request for rid in ids
     ]
@@ -139,6 +147,12 @@ async def burst(
         "dispatches_per_s": n / (last_dispatch - first_arrival),
         "completed_per_s": n / elapsed,
         "mean_queue_ms": 1000 * statistics.fmean(i.dispatch_time - i.arrival_time for i in infos),
+        # CPU time the scheduler process spent, per request: on a machine shared with other work
+        # the wall-clock figures include waiting for a core, these do not (1 / CPU s per request
+        # is the rate one core of its own could sustain). The others say what else was busy.
+        "scheduler_cpu_ms_per_request": 1000 * spent["scheduler"] / n,
+        "dispatches_per_scheduler_cpu_s": n / spent["scheduler"] if spent["scheduler"] else float("inf"),
+        **others,
     }
 
 
@@ -159,8 +173,9 @@ def ms(values: list[float]) -> dict[str, float]:
 
 
 async def measure(
-    args: argparse.Namespace, scheduler: str, direct_worker: str, scheduler_pid: int
+    args: argparse.Namespace, scheduler: str, direct_worker: str, pids: dict[str, int]
 ) -> dict[str, object]:
+    scheduler_pid = pids["scheduler"]
     async with grpc.aio.insecure_channel(scheduler) as channel:
         client = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         for _ in range(200):  # wait until the scheduler sees a worker
@@ -182,14 +197,7 @@ async def measure(
             before = cpu_s(scheduler_pid)
             via += await scheduler_latencies(client, args.requests // 5, args.prompt_tokens, args.max_tokens)
             via_cpu += cpu_s(scheduler_pid) - before
-        before = cpu_s(scheduler_pid)
-        throughput = await burst(client, args.burst, args.concurrency)
-        burst_cpu = cpu_s(scheduler_pid) - before
-    # CPU time the scheduler process spent, per request: on a machine shared with other work the
-    # wall-clock figures include waiting for a core, these do not (1 / CPU s per request is the
-    # rate one core of its own could sustain).
-    throughput["scheduler_cpu_ms_per_request"] = 1000 * burst_cpu / args.burst
-    throughput["dispatches_per_scheduler_cpu_s"] = args.burst / burst_cpu if burst_cpu else float("inf")
+        throughput = await burst(client, args.burst, args.concurrency, pids)
     d, v = ms(direct), ms(via)
     return {
         "direct_worker": d,
@@ -226,6 +234,12 @@ def main() -> None:
     if redis_bin is None:
         raise SystemExit("needs redis-server on PATH")
     procs: list[subprocess.Popen[bytes]] = []
+    cpu = args.scheduler_cpu
+    # With the scheduler on a core of its own, everything else (Redis, the stubs, this client)
+    # keeps off that core: the target is stated for one core that the scheduler does not share.
+    others = None if cpu is None else (os.sched_getaffinity(0) - {cpu}) or None
+    if others is not None:
+        os.sched_setaffinity(0, others)  # inherited by Redis and the stubs
     with tempfile.TemporaryDirectory() as tmp:
         try:
             redis_port = free_port()
@@ -247,7 +261,6 @@ def main() -> None:
             direct_worker, *workers = [f"127.0.0.1:{p}" for p in worker_ports]
             sched_port = free_port()
             env = {**os.environ, "LAYERKV_LOG_LEVEL": "WARNING"}
-            cpu = args.scheduler_cpu
             procs.append(subprocess.Popen(
                 [sys.executable, *(["-c", PROFILED.format(str(args.profile))] if args.profile else []),
                  "-m", "layerkv", "scheduler", "--host", "127.0.0.1",
@@ -259,7 +272,9 @@ def main() -> None:
             wait_port(sched_port)
             import uvloop
 
-            results = uvloop.run(measure(args, f"127.0.0.1:{sched_port}", direct_worker, procs[-1].pid))
+            redis, stubs, scheduler = procs
+            pids = {"scheduler": scheduler.pid, "client": os.getpid(), "stubs": stubs.pid, "redis": redis.pid}
+            results = uvloop.run(measure(args, f"127.0.0.1:{sched_port}", direct_worker, pids))
         finally:
             for proc in reversed(procs):
                 proc.terminate()

@@ -184,6 +184,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, authorize: Authorizer | None = None) -> None:
         self._authorize = authorize
+        # method -> (the registered handler, its guarded twin): built once per method, not per
+        # call (wrapping costs an inspect and a functools.wraps, twice, on every RPC otherwise)
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -194,6 +197,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        known = self._guarded.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        guarded = self._guard(handler, method)
+        self._guarded[method] = (handler, guarded)
+        return guarded
+
+    def _guard(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         deserialize, authorize = handler.request_deserializer, self._authorize
         if handler.unary_unary is not None:
             inner: Any = wrap_handler(handler.unary_unary, method)

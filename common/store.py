@@ -14,9 +14,11 @@ fact been applied never duplicates a token.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,13 +31,26 @@ from common.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
-# KEYS: request hash, waiting zset; ARGV: score, request id, then the hash's field/value pairs as
-# one JSON list (one argument to pack instead of two per field).
+# ARGV: the key prefix, then a JSON list of creates, each [request id, queue score, [field, value,
+# ...]]; returns one 1 (created) or 0 (the id exists: nothing written) per create, in order. A
+# request is created whole or not at all (one script), so a scheduler killed mid-create never leaves
+# a partial record behind. One script call carries every create that arrived while the previous one
+# was out (``Store.create_request``): under load the client packs one command for many admissions.
 _CREATE_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[3])))
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
-return 1
+local prefix = ARGV[1]
+local waiting = prefix .. ':waiting'
+local out = {}
+for i, c in ipairs(cjson.decode(ARGV[2])) do
+  local key = prefix .. ':req:' .. c[1]
+  if redis.call('EXISTS', key) == 1 then
+    out[i] = 0
+  else
+    redis.call('HSET', key, unpack(c[3]))
+    redis.call('ZADD', waiting, c[2], c[1])
+    out[i] = 1
+  end
+end
+return out
 """
 
 # ARGV: the key prefix, the retention TTL of finished requests, then a JSON list of batches, each
@@ -98,6 +113,27 @@ class RetryPolicy:
     socket_timeout_s: float = 2.0  # a stalled (SIGSTOPped) Redis is noticed after this long
 
 
+_encode_str = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str (C)
+_float_repr = float.__repr__
+
+
+def json_value(value: Any) -> str:
+    """``json.dumps(value)``, the same text, with the scalar kinds of a record's fields written
+    directly (a request's hash has some twenty fields, and ``json.dumps`` costs a few calls for each)."""
+    kind = type(value)
+    if kind is str:
+        return _encode_str(value)  # type: ignore[no-any-return]
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float and math.isfinite(value):
+        return _float_repr(value)
+    if kind is bool:
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return json.dumps(value)
+
+
 @dataclass
 class RequestRecord:
     """Everything persisted about one request (one Redis hash)."""
@@ -123,7 +159,7 @@ class RequestRecord:
 
     def to_hash(self) -> dict[str, str]:
         # getattr, not dataclasses.asdict: asdict deep-copies the prompt on every call
-        return {name: json.dumps(getattr(self, name)) for name in self.__dataclass_fields__}
+        return {name: json_value(getattr(self, name)) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> RequestRecord:
@@ -164,7 +200,7 @@ class StoreBatch:
     def update(self, record: RequestRecord, *names: str) -> None:
         fields = self.updates.setdefault(record.request_id, {})
         for name in names or tuple(record.__dataclass_fields__):
-            fields[name] = json.dumps(getattr(record, name))
+            fields[name] = json_value(getattr(record, name))
 
     def __bool__(self) -> bool:
         return bool(
@@ -195,10 +231,28 @@ class Store:
             socket_connect_timeout=self.retry.socket_timeout_s,
         )
         self._redis = aioredis.Redis(connection_pool=self._pool)
+
+        # The two flushers (commits, creates) each keep one call in flight, so each owns one
+        # connection instead of taking one from the pool per call (the pool's get and release
+        # cost about as much as the call itself). A broken one reconnects on the next call.
+        def own_connection() -> aioredis.Redis:
+            return aioredis.Redis.from_url(
+                url,
+                single_connection_client=True,
+                decode_responses=True,
+                socket_timeout=self.retry.socket_timeout_s,
+                socket_connect_timeout=self.retry.socket_timeout_s,
+            )
+
+        self._committing = own_connection()
+        self._creating = own_connection()
         self.reachable = True
         self._listeners: list[Callable[[bool], None]] = []
         self._closed = False
         self._down_since = 0.0
+        # creates waiting for the next script call, and the task saving the current group
+        self._creates: list[tuple[tuple[str, float, list[str]], asyncio.Future[bool]]] = []
+        self._creator: asyncio.Task[None] | None = None
 
     def on_reachability(self, listener: Callable[[bool], None]) -> None:
         """Call ``listener(reachable)`` whenever Redis becomes unreachable or reachable again."""
@@ -257,6 +311,8 @@ class Store:
     async def close(self) -> None:
         self._closed = True
         await self._redis.aclose()
+        await self._committing.aclose()
+        await self._creating.aclose()
         await self._pool.aclose()
 
     async def ping(self) -> None:
@@ -267,22 +323,55 @@ class Store:
 
     # --- requests ---
     async def create_request(self, record: RequestRecord, score: float) -> bool:
-        """Persist a new waiting request; False (nothing written) when the id already exists."""
-        key = self.k_request(record.request_id)
-        fields = json.dumps([item for pair in record.to_hash().items() for item in pair])
-        # One script, so a scheduler killed mid-create never leaves a partial record behind; a retry
-        # of a create that was in fact applied answers False, and the caller attaches to it.
-        created = await self._call(
-            lambda: self._evalsha(_CREATE, 2, key, self.k_waiting, score, record.request_id, fields)
-        )
-        return bool(created)
+        """Persist a new waiting request; False (nothing written) when the id already exists.
 
-    async def _evalsha(self, script: _Script, numkeys: int, *args: Any) -> Any:
+        Creates are grouped: one script call in flight, carrying every create that arrived while
+        the previous one was out, each answered on its own (a retry of a create that was in fact
+        applied answers False, and the caller attaches to it). Each gives up like a read
+        (``Unavailable`` after ``retry.read_deadline_s``): a client is waiting on it."""
+        fields = [item for pair in record.to_hash().items() for item in pair]
+        created: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._creates.append(((record.request_id, score, fields), created))
+        if self._creator is None:
+            self._creator = asyncio.create_task(self._create_groups(), name="redis-creates")
+        return await created
+
+    async def _create_groups(self) -> None:
         try:
-            return await self._redis.evalsha(script.sha, numkeys, *args)  # type: ignore[misc]
+            while self._creates:
+                group, self._creates = self._creates, []
+                try:
+                    payload = json.dumps([item for item, _ in group], separators=(",", ":"))
+                    call = functools.partial(
+                        self._evalsha, _CREATE, 0, self.prefix, payload, via=self._creating
+                    )
+                    results = await self._call(call)
+                except BaseException as exc:
+                    error = exc if isinstance(exc, Exception) else Unavailable("create cancelled")
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(error)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, future), result in zip(group, results, strict=True):
+                    if not future.done():  # its caller may have gone away (a cancelled RPC)
+                        future.set_result(bool(result))
+        finally:
+            self._creator = None
+            if self._creates and not self._closed:  # cancelled with creates waiting: they still go
+                self._creator = asyncio.create_task(self._create_groups(), name="redis-creates")
+
+    async def _evalsha(
+        self, script: _Script, numkeys: int, *args: Any, via: aioredis.Redis | None = None
+    ) -> Any:
+        """Run ``script`` (through ``via``, a flusher's own connection; else the pool)."""
+        client = self._redis if via is None else via
+        try:
+            return await client.evalsha(script.sha, numkeys, *args)  # type: ignore[misc]
         except NoScriptError:
-            await self._redis.script_load(script.source)  # type: ignore[no-untyped-call]
-            return await self._redis.evalsha(script.sha, numkeys, *args)  # type: ignore[misc]
+            await client.script_load(script.source)  # type: ignore[no-untyped-call]
+            return await client.evalsha(script.sha, numkeys, *args)  # type: ignore[misc]
 
     async def get_request(self, request_id: str) -> RequestRecord | None:
         data = await self._call(lambda: self._redis.hgetall(self.k_request(request_id)))
@@ -319,7 +408,7 @@ class Store:
 
     async def _execute(self, batches: Sequence[StoreBatch]) -> None:
         payload = json.dumps([_to_json(batch) for batch in batches], separators=(",", ":"))
-        await self._evalsha(_COMMIT, 0, self.prefix, self.retention_s, payload)
+        await self._evalsha(_COMMIT, 0, self.prefix, self.retention_s, payload, via=self._committing)
 
     # --- workers ---
     async def put_worker(self, entry: WorkerEntry) -> None:

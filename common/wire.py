@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 
+import grpc
+
 from common.cost_profile import ProfileInfo, ProfileSource
 from common.errors import InvalidArgument
-from common.proto.layerkv.v1 import types_pb2
+from common.grpc_errors import clip_details, status_of
+from common.proto.layerkv.v1 import types_pb2, worker_pb2
 from common.types import CostModel, FinishReason, KVGeometry, SamplingParams
 
 FINISH_TO_PROTO: dict[FinishReason, types_pb2.FinishReason] = {
@@ -91,3 +94,19 @@ def profile_info_to_proto(info: ProfileInfo) -> types_pb2.ProfileInfo:
 def profile_info_from_proto(p: types_pb2.ProfileInfo) -> ProfileInfo:
     """An unset or unknown source (an older or newer worker) reads as the defaults."""
     return ProfileInfo(_SOURCES.get(p.source, ProfileSource.DEFAULT), p.duration_s, p.measured_unix_s)
+
+
+def dispatch_error_to_proto(exc: Exception) -> worker_pb2.DispatchResult:
+    """One ``DispatchBatch`` item's error as the status ``Dispatch`` would have answered alone:
+    INVALID_ARGUMENT is rejected, RESOURCE_EXHAUSTED refused, any other code failed (its name first
+    in the message; a bug, INTERNAL, names only its type, as a status would)."""
+    code = status_of(exc)
+    message = clip_details(str(exc) or type(exc).__name__)
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return worker_pb2.DispatchResult(status=worker_pb2.DISPATCH_STATUS_REJECTED, message=message)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return worker_pb2.DispatchResult(status=worker_pb2.DISPATCH_STATUS_REFUSED, message=message)
+    if code is grpc.StatusCode.INTERNAL:
+        message = f"internal error in DispatchBatch: {type(exc).__name__}"
+    failed = worker_pb2.DISPATCH_STATUS_FAILED
+    return worker_pb2.DispatchResult(status=failed, message=f"{code.name}: {message}")

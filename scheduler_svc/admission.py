@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from common.proto.layerkv.v1 import scheduler_pb2
 from common.store import RequestRecord
+from common.types import SamplingParams
 from common.wire import sampling_from_proto
 from scheduler_svc.core import SchedulerCore
-from scheduler_svc.fit_check import never_fits_anywhere
 from scheduler_svc.requests import WAITING, RequestState, sampling_from_dict, sampling_to_dict
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
@@ -52,11 +52,40 @@ async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) ->
             raise InvalidArgument(
                 f"request_id {request_id[:40]!r} must be 1-128 characters of letters, digits, '_.:-'"
             )
-        existing = await lookup(core, request_id)
+        existing = core.requests.get(request_id)
         if existing is not None:
             return Admitted(existing, created=False)
+        # Not in memory: no Redis read before admitting. The create below answers "exists" for an
+        # id stored earlier, and a request that fails a check looks there before it is refused, so
+        # an existing id still attaches to its first run whatever this call carries.
+        try:
+            record, sampling = _checked(core, request, request_id)
+        except (InvalidArgument, Unavailable, ResourceExhausted):
+            existing = await lookup(core, request_id)
+            if existing is not None:
+                return Admitted(existing, created=False)
+            raise
     else:
         request_id = uuid.uuid4().hex
+        record, sampling = _checked(core, request, request_id)
+    created = await core.store.create_request(record, record.arrival_time)
+    if not created:  # the id exists: stored before, or a concurrent retry with it won the race
+        existing = await lookup(core, request_id)
+        if existing is None:
+            raise NotFound(f"request {request_id!r} vanished while being created")
+        if request_id not in core.requests and existing.record == record:
+            created = True  # our own create, retried after its reply was lost: it is ours to admit
+        else:
+            return Admitted(existing, created=False)
+    state = RequestState(record, sampling)
+    core.admit(state)  # the queue limit was checked above
+    return Admitted(state, created=True)
+
+
+def _checked(
+    core: SchedulerCore, request: scheduler_pb2.GenerateRequest, request_id: str
+) -> tuple[RequestRecord, SamplingParams]:
+    """The request's record once every admission check passed (else the error to answer)."""
     workers = [h for h in core.pool.handles() if h.accepting and h.description is not None]
     if not workers:
         raise Unavailable("no healthy worker is available; retry later")
@@ -92,7 +121,7 @@ async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) ->
             f"prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) is {total} tokens, "
             f"more than the longest the workers accept ({longest})"
         )
-    limit = never_fits_anywhere(core.policy, [h.description for h in workers if h.description], total)
+    limit = core.fit_check(core.policy, [h.description for h in workers if h.description], total)
     if limit is not None:
         raise InvalidArgument(
             f"a request of {len(prompt)} prompt + {sampling.max_tokens} output tokens can never be held by "
@@ -121,15 +150,4 @@ async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) ->
         raise ResourceExhausted(
             f"waiting queue is full ({core.queue.limit} requests, --queue-limit); retry later"
         )
-    created = await core.store.create_request(record, now)
-    if not created:  # a concurrent retry with the same id won the race
-        existing = await lookup(core, request_id)
-        if existing is None:
-            raise NotFound(f"request {request_id!r} vanished while being created")
-        if request_id not in core.requests and existing.record == record:
-            created = True  # our own create, retried after its reply was lost: it is ours to admit
-        else:
-            return Admitted(existing, created=False)
-    state = RequestState(record, sampling)
-    core.admit(state)  # the queue limit was checked above
-    return Admitted(state, created=True)
+    return record, sampling

@@ -21,7 +21,7 @@ from common.metrics import ServiceMetrics
 from common.store import Store
 from common.tokenizer import Tokenizer
 from common.types import FinishReason
-from scheduler_svc.fit_check import never_fits_anywhere
+from scheduler_svc.fit_check import FitCheck, never_fits_anywhere
 from scheduler_svc.intake import EventIntake
 from scheduler_svc.ledger import Ledger
 from scheduler_svc.lifecycle import Batch, Lifecycle
@@ -64,6 +64,7 @@ class SchedulerCore:
         self.pool: WorkerRegistry = (pool or self._grpc_pool)(self)
         self.client: WorkerClient = client if client is not None else GrpcWorkerClient(self.pool)
         self.policy: Policy = make_policy(settings.policy, settings.policy_params)
+        self.fit_check = FitCheck()  # admission's never-fits check, remembered per request size
         self._tasks: set[asyncio.Task[None]] = set()
         self.intake = EventIntake(self.lifecycle, self.ledger, metrics, self._abort, self._spawn, self.wake)
         self.scheduling = Rounds(
@@ -231,8 +232,10 @@ class SchedulerCore:
         # Checks ``stopped`` too: Python 3.11's wait_for can swallow a cancellation that lands as its
         # timeout fires, and a loop that only relied on cancel() would then run (and hang stop()) forever.
         while not self.stopped:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            if not self._wake.is_set():  # under load it is: no timer, no wait
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):  # a timer, not a task per round as wait_for
+                        await self._wake.wait()
             self._wake.clear()
             try:
                 await self.schedule_round()

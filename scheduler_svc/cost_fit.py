@@ -126,6 +126,7 @@ class CostFitter:
         self._unsolved_decodes = 0  # decode steps folded in since the last solve
         self._errors = {kind: deque[float](maxlen=self.params.error_window) for kind in ("decode", "prefill")}
         self.steps_fitted = 0
+        self._model: tuple[tuple[list[float], float, float], CostModel] | None = None  # model() cache
 
     def report(self) -> FitReport:
         return FitReport(_error(self._errors["decode"]), _error(self._errors["prefill"]),
@@ -258,10 +259,15 @@ class CostFitter:
         return theta
 
     def model(self) -> CostModel:
-        """The current fit, as the cost-model record policies read."""
-        base, per_request, per_context, per_bytes = self._decode_coefficients()
+        """The current fit, as the cost-model record policies read (built again only when the
+        fit changed: a round reads it for every worker)."""
+        theta = self._decode_coefficients()
+        key = (theta, self.correction, self.d2h_bytes_per_s)
+        if self._model is not None and self._model[0] == key:
+            return self._model[1]
+        base, per_request, per_context, per_bytes = theta
         h2d = _BYTES_SCALE / per_bytes if per_bytes > 0.0 else self.profile.h2d_bytes_per_s
-        return replace(
+        model = replace(
             self.profile,
             correction=self.correction,
             d2h_bytes_per_s=self.d2h_bytes_per_s,
@@ -270,6 +276,8 @@ class CostFitter:
             decode_per_context_token_s=per_context / _CONTEXT_SCALE,
             h2d_bytes_per_s=h2d,
         )
+        self._model = (key, model)
+        return model
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float]:

@@ -4,7 +4,7 @@ ends among the waiting requests, instead of letting them wait until their client
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from common.kv_budget import never_fits
 from scheduler_svc.policies.base import Policy
@@ -32,3 +32,27 @@ def never_fits_anywhere(policy: Policy, workers: Iterable[WorkerDescription], to
     if not reasons or not all(reasons):
         return None
     return f"under policy {policy.name!r}: " + "; ".join(str(r) for r in reasons)
+
+
+class FitCheck:
+    """``never_fits_anywhere``, remembered per total while the policy and the workers'
+    descriptions stay the same objects (admission asks it for every request; the answer changes
+    only with a policy swap or a worker (re)connecting)."""
+
+    def __init__(self) -> None:
+        self._policy: Policy | None = None
+        self._workers: tuple[WorkerDescription, ...] = ()
+        self._answers: dict[int, str | None] = {}
+
+    def __call__(self, policy: Policy, workers: Sequence[WorkerDescription], total: int) -> str | None:
+        if (
+            policy is not self._policy
+            or len(workers) != len(self._workers)
+            or any(a is not b for a, b in zip(workers, self._workers, strict=True))
+        ):
+            self._policy, self._workers, self._answers = policy, tuple(workers), {}
+        if total not in self._answers:
+            if len(self._answers) >= 4096:  # bounded: totals vary with every prompt length
+                self._answers.clear()
+            self._answers[total] = never_fits_anywhere(policy, workers, total)
+        return self._answers[total]

@@ -113,6 +113,11 @@ class RequestState:
         return self.sampling.max_tokens - len(self.tokens)
 
     @property
+    def context_len(self) -> int:
+        """``len(context_ids)``, without building the list."""
+        return len(self.record.prompt_ids) + len(self.tokens)
+
+    @property
     def context_ids(self) -> list[int]:
         """What a (re)dispatch sends as its prompt: the prompt plus every token already streamed."""
         return [*self.record.prompt_ids, *self.tokens]

@@ -2,7 +2,9 @@
 
 A round builds a read-only ``FleetSnapshot``, asks the active policy for proposals, re-checks each
 one (the request still waits, the worker accepts, the ledger has room, no refusal backoff is
-pending), reserves, saves and sends the dispatch through the injected ``WorkerClient``. A refusal
+pending), reserves, saves and sends the dispatches through the injected ``WorkerClient``: one
+call per worker for the whole round when it is a ``BatchWorkerClient`` (the gRPC one: a
+``DispatchBatch``), else one call per dispatch, each outcome settled alike. A refusal
 releases the reservation and backs the (request, worker) pair off exponentially; a dispatch whose
 outcome is unknown spends its attempt id (the request is requeued as a new attempt and the old one
 aborted), so a late acceptance can never run under the id of the live attempt.
@@ -17,6 +19,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from common.errors import LayerKVError
 from common.types import FinishReason, Tier
 from scheduler_svc.inflight import InflightPrefills
 from scheduler_svc.ledger import Ledger
@@ -33,6 +36,7 @@ from scheduler_svc.policies.base import (
 )
 from scheduler_svc.requests import RUNNING, WAITING, RequestState, split_worker_request_id
 from scheduler_svc.worker_client import (
+    BatchWorkerClient,
     DispatchOutcomeUnknown,
     DispatchRefused,
     DispatchRejected,
@@ -94,7 +98,7 @@ class Rounds:
             waiting.append(
                 WaitingRequest(
                     request_id,
-                    len(s.context_ids),
+                    s.context_len,
                     s.remaining_tokens,
                     r.arrival_time,
                     r.ttft_slo_s,
@@ -103,6 +107,7 @@ class Rounds:
                 )
             )
         workers = []
+        fitted = self._policy().reads_cost_model
         handles = self.pool.handles()
         if len(self.inflight):
             self.inflight.retain({h.worker_id for h in handles})
@@ -119,7 +124,9 @@ class Rounds:
                     gpu_blocks_free=budget.gpu_free,
                     host_blocks_free=budget.host_free,
                     max_model_len=h.description.max_model_len,
-                    cost_model=h.fitter.model() if h.fitter is not None else h.description.cost_model,
+                    cost_model=(
+                        h.fitter.model() if fitted and h.fitter is not None else h.description.cost_model
+                    ),
                     running=self._running(h),
                     accepting=h.accepting,
                     staging_blocks_total=h.description.staging_blocks,
@@ -194,14 +201,31 @@ class Rounds:
             batch.update(record, "status", "worker_id", "placement", "dispatch_time")
             batch.dequeued.add(record.request_id)
             batch.running.add(record.request_id)
-            sends.append((state, proposal.preemption))
+            sends.append((state, state.worker_request_id, proposal.worker_id, proposal.preemption))
             self.inflight.add(proposal.worker_id, state.worker_request_id, _in_flight(state, proposal, now))
         lc.metrics.queue_length.set(len(lc.queue))
         if not sends:
             return 0
         await lc.commit(batch)
-        for state, preemption in sends:
-            self._spawn(self._dispatch(state, state.worker_request_id, state.record.worker_id, preemption))
+        # What was reserved is sent, unless it changed during the commit: its worker went down
+        # (requeued as a new attempt, the worker's ledger dropped) or it was cancelled (finished,
+        # released). Sending it anyway would dispatch the new attempt nowhere and queue it again
+        # while a later round may hold it elsewhere.
+        due = []
+        for state, rid, worker_id, preemption in sends:
+            if state.worker_request_id == rid and state.record.worker_id == worker_id and not state.finished:
+                due.append((state, rid, worker_id, preemption))
+            else:
+                self.ledger.release(worker_id, rid)  # idempotent: mostly already dropped
+        if isinstance(self.client, BatchWorkerClient):  # one call per worker for the whole round
+            by_worker: dict[str, list[tuple[RequestState, str, PreemptionMode]]] = {}
+            for state, rid, worker_id, preemption in due:
+                by_worker.setdefault(worker_id, []).append((state, rid, preemption))
+            for worker_id, items in by_worker.items():
+                self._spawn(self._dispatch_many(worker_id, items))
+        else:
+            for state, rid, worker_id, preemption in due:
+                self._spawn(self._dispatch(state, rid, worker_id, preemption))
         return len(sends)
 
     def _check(self, proposal: Dispatch) -> RequestState | None:
@@ -216,18 +240,29 @@ class Rounds:
         refused = self._refused.get((proposal.request_id, proposal.worker_id))
         if refused is not None and time.monotonic() < refused[1]:
             return None  # refused there a moment ago: wait out its backoff
-        total = len(state.context_ids) + state.remaining_tokens
+        total = state.context_len + state.remaining_tokens
         if total > handle.description.max_model_len:
             return None
         reservation = self.ledger.try_reserve(
             proposal.worker_id,
             state.worker_request_id,
-            len(state.context_ids),
+            state.context_len,
             proposal.placement,
             max_tokens=state.remaining_tokens,
             headroom_tokens=proposal.headroom_tokens,
         )
         return state if reservation is not None else None
+
+    @staticmethod
+    def _command(state: RequestState, worker_rid: str, preemption: PreemptionMode) -> DispatchCommand:
+        return DispatchCommand(
+            worker_rid,
+            tuple(state.context_ids),
+            state.sampling,
+            state.remaining_tokens,
+            state.record.placement,
+            preemption,
+        )
 
     async def _dispatch(
         self,
@@ -236,24 +271,40 @@ class Rounds:
         worker_id: str,
         preemption: PreemptionMode = PreemptionMode.WORKER_DEFAULT,
     ) -> None:
-        lc = self.lifecycle
-        command = DispatchCommand(
-            worker_rid,
-            tuple(state.context_ids),
-            state.sampling,
-            state.remaining_tokens,
-            state.record.placement,
-            preemption,
-        )
+        error: LayerKVError | None = None
         try:
-            await self.client.dispatch(worker_id, command)
+            await self.client.dispatch(worker_id, self._command(state, worker_rid, preemption))
         except (DispatchRefused, DispatchRejected, DispatchUnsent, DispatchOutcomeUnknown) as err:
+            error = err
+        await self._settle(worker_id, [(state, worker_rid, error)])
+
+    async def _dispatch_many(
+        self, worker_id: str, items: list[tuple[RequestState, str, PreemptionMode]]
+    ) -> None:
+        """A round's dispatches to one worker, in one call; each settled as ``_dispatch`` would."""
+        assert isinstance(self.client, BatchWorkerClient)
+        commands = [self._command(state, rid, preemption) for state, rid, preemption in items]
+        outcomes = await self.client.dispatch_many(worker_id, commands)
+        await self._settle(worker_id, [(s, rid, e) for (s, rid, _), e in zip(items, outcomes, strict=True)])
+
+    async def _settle(
+        self, worker_id: str, outcomes: list[tuple[RequestState, str, LayerKVError | None]]
+    ) -> None:
+        """What the worker's answers mean: a refused dispatch waits again (with backoff), a rejected
+        one ends, an unsent one waits again, one whose outcome is unknown is requeued as a new
+        attempt (the old one aborted); the failures are saved in one commit."""
+        lc = self.lifecycle
+        batch = Batch()
+        failed = False
+        for state, worker_rid, err in outcomes:
+            if err is None:
+                continue
             self.ledger.release(worker_id, worker_rid)
             if isinstance(err, DispatchOutcomeUnknown):  # it may run there: never reuse the id
                 self._spawn(self.abort(worker_id, worker_rid))
             if state.finished or state.worker_request_id != worker_rid:
-                return
-            batch = Batch()
+                continue
+            failed = True
             if isinstance(err, DispatchRefused):
                 lc.metrics.dispatches_refused.labels(worker_id).inc()
                 self._refuse(state.request_id, worker_id)
@@ -271,15 +322,19 @@ class Rounds:
             else:
                 log.warning("dispatch of %s to %s failed: %s", worker_rid, worker_id, err)
                 lc.back_to_queue(state, batch)
+        if failed:
             await lc.commit(batch)
             self._wake()
-            return
-        self._refused.pop((state.request_id, worker_id), None)
-        lc.metrics.dispatches.labels(worker_id).inc()
-        if state.record.requeues == 0:  # queueing ends when a worker takes the request
-            lc.metrics.queue_time.observe(state.record.dispatch_time - state.record.arrival_time)
-        if state.finished:  # cancelled while the dispatch was in flight
-            await self.abort(worker_id, worker_rid)
+        accepted = [(state, worker_rid) for state, worker_rid, err in outcomes if err is None]
+        if accepted:
+            counter = lc.metrics.dispatches.labels(worker_id)
+        for state, worker_rid in accepted:
+            self._refused.pop((state.request_id, worker_id), None)
+            counter.inc()
+            if state.record.requeues == 0:  # queueing ends when a worker takes the request
+                lc.metrics.queue_time.observe(state.record.dispatch_time - state.record.arrival_time)
+            if state.finished:  # cancelled while the dispatch was in flight
+                await self.abort(worker_id, worker_rid)
 
     def _refuse(self, request_id: str, worker_id: str) -> None:
         count = self._refused.get((request_id, worker_id), (0, 0.0))[0] + 1

@@ -5,11 +5,12 @@ events are decoded into typed values here, dispatches and aborts encoded (they s
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from common import wire
 from common.cost_profile import CostProfile
-from common.errors import InvalidArgument
+from common.errors import InvalidArgument, LayerKVError
 from common.proto.layerkv.v1 import admin_pb2, scheduler_pb2, types_pb2, worker_pb2
 from common.store import RequestRecord
 from common.tokenizer import Tokenizer, tokenizer_from_wire
@@ -28,6 +29,9 @@ from scheduler_svc.ledger import WorkerBudget
 from scheduler_svc.requests import FINISHED, RUNNING, WAITING, sampling_from_dict
 from scheduler_svc.worker_events import (
     DispatchCommand,
+    DispatchOutcomeUnknown,
+    DispatchRefused,
+    DispatchRejected,
     RunningReport,
     StepInfo,
     StepKind,
@@ -247,6 +251,23 @@ def dispatch_to_proto(command: DispatchCommand) -> worker_pb2.DispatchRequest:
         placement=command.placement,
         preemption=command.preemption.value,
     )
+
+
+def dispatch_batch_to_proto(commands: Sequence[DispatchCommand]) -> worker_pb2.DispatchBatchRequest:
+    return worker_pb2.DispatchBatchRequest(requests=[dispatch_to_proto(c) for c in commands])
+
+
+def dispatch_outcome_from_proto(result: worker_pb2.DispatchResult) -> LayerKVError | None:
+    """One DispatchBatch result as its typed outcome: None when taken, else the error a unary
+    Dispatch with that status would have raised."""
+    status = result.status
+    if status == worker_pb2.DISPATCH_STATUS_ACCEPTED:
+        return None
+    if status == worker_pb2.DISPATCH_STATUS_REFUSED:
+        return DispatchRefused(result.message)
+    if status == worker_pb2.DISPATCH_STATUS_REJECTED:
+        return DispatchRejected(result.message)
+    return DispatchOutcomeUnknown(result.message or "the worker answered no status")
 
 
 def abort_to_proto(worker_request_id: str) -> worker_pb2.AbortRequest:

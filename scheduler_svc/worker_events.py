@@ -2,7 +2,8 @@
 
 ``scheduler_svc/wire.py`` turns a ``DescribeResponse`` into a ``WorkerDescription``, each
 ``StreamEventsResponse`` into a ``WorkerEvent`` (placements as ``Placement``, step kinds as
-``StepKind``) and a ``DispatchCommand`` into its request; the scheduler's mechanism (pool, intake,
+``StepKind``), a ``DispatchCommand`` into its request and each ``DispatchBatch`` result into its
+typed outcome (None, or one of the ``Dispatch*`` errors); the scheduler's mechanism (pool, intake,
 ledger, metrics, cost fit) only ever sees these.
 """
 
@@ -12,6 +13,7 @@ import enum
 from dataclasses import dataclass, field
 
 from common.cost_profile import ProfileInfo
+from common.errors import LayerKVError
 from common.types import CostModel, FinishReason, KVGeometry, Placement, SamplingParams, TierCapacity
 from scheduler_svc.policies.base import PreemptionMode
 
@@ -121,3 +123,19 @@ class DispatchCommand:
     max_tokens: int  # what is left of the request's max_tokens
     placement: str  # layer letters, "" for the worker's default
     preemption: PreemptionMode = PreemptionMode.WORKER_DEFAULT
+
+
+class DispatchRefused(LayerKVError):
+    """The worker has no room now (it did not take the request)."""
+
+
+class DispatchRejected(LayerKVError):
+    """The worker rejected the request as invalid (it never will take it)."""
+
+
+class DispatchUnsent(LayerKVError):
+    """The dispatch never reached the worker (no connection)."""
+
+
+class DispatchOutcomeUnknown(LayerKVError):
+    """The call failed after it was sent: the worker may have taken the request."""

@@ -69,6 +69,7 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "/layerkv.v1.WorkerService/Describe": ALWAYS,
     "/layerkv.v1.WorkerService/GetTokenizer": ALWAYS,
     "/layerkv.v1.WorkerService/Dispatch": ALWAYS | {C.RESOURCE_EXHAUSTED, C.ALREADY_EXISTS},
+    "/layerkv.v1.WorkerService/DispatchBatch": ALWAYS,  # each request's outcome is in the reply
     "/layerkv.v1.WorkerService/StreamEvents": ALWAYS | STREAMS,
     "/layerkv.v1.WorkerService/Abort": ALWAYS,
     "/layerkv.v1.WorkerService/Profile": ALWAYS | {C.FAILED_PRECONDITION},
@@ -103,6 +104,13 @@ def _rpcs() -> list[Rpc]:
             worker_pb2.DispatchRequest(
                 request_id="fz", prompt_token_ids=[1, 2], sampling=sampling, placement="GGGG"
             ),
+        ),
+        "DispatchBatch": (
+            worker_pb2.DispatchBatchRequest(requests=[
+                worker_pb2.DispatchRequest(request_id="fzb", prompt_token_ids=[1, 2], sampling=sampling,
+                                           placement="GGGG"),
+                worker_pb2.DispatchRequest(request_id="", prompt_token_ids=[1]),
+            ]),
         ),
         "Abort": (worker_pb2.AbortRequest(request_id="fz"),),
         "ProfileWorker": (admin_pb2.ProfileWorkerRequest(worker_id="w-fuzz"),),

@@ -267,3 +267,20 @@ async def test_a_refused_dispatch_keeps_the_request_queueing(redis_url: str) -> 
         assert final.queue_s >= 0.5
     finally:
         await fleet.close()
+
+
+async def test_an_id_known_only_to_redis_attaches_whatever_the_retry_carries(fleet: Fleet) -> None:
+    """Admission reads no Redis before admitting: the create answers "exists", and a retry that
+    fails a check looks there before it is refused, so both attach to the first run."""
+    tokens, _ = await collect(fleet.client.Generate(generate_request([4, 5, 6], 6, request_id="kept")))
+    lifecycle = fleet.server.core.lifecycle
+    lifecycle.requests.pop("kept")  # evicted from memory, as after 10,000 newer finished requests
+    again, final = await collect(fleet.client.Generate(generate_request([9, 9], 3, request_id="kept")))
+    assert again == tokens == expected_tokens([4, 5, 6], 6) and final.prompt_tokens == 3
+    lifecycle.requests.pop("kept", None)
+    empty = scheduler_pb2.GenerateRequest(request_id="kept", sampling=types_pb2.SamplingParams(max_tokens=3))
+    again, final = await collect(fleet.client.Generate(empty))  # no prompt at all: still the first run
+    assert again == tokens and final.output_tokens == 6
+    unknown = scheduler_pb2.GenerateRequest(request_id="never-seen", sampling=types_pb2.SamplingParams())
+    details = await expect_status(lambda: fleet.client.Generate(unknown), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "prompt" in details

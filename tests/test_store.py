@@ -4,6 +4,7 @@ recovery listing, workers and policy, namespace isolation."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,13 @@ async def test_scripts_survive_a_flushed_script_cache(store: Store, redis_url: s
         await raw.aclose()
     assert await store.get_tokens("a") == [1, 2]
     assert await store.get_request("b") == record("b")
+
+
+def test_record_fields_are_written_as_json_dumps_writes_them() -> None:
+    from common.store import json_value
+
+    values = ["a", 'é"\\\n', "", 0, -5, 2**70, 0.1, 1.0, 1e300, -0.0, float("inf"), float("nan"), True,
+              False, None, [1, 2], {"max_tokens": 8, "stop_token_ids": []}]  # fmt: skip
+    assert [json_value(v) for v in values] == [json.dumps(v) for v in values]
+    r = record("a")
+    assert r.to_hash() == {name: json.dumps(getattr(r, name)) for name in r.__dataclass_fields__}

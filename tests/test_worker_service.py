@@ -359,3 +359,42 @@ async def test_an_engine_failure_makes_the_worker_unhealthy_and_unavailable(work
         async for _ in worker.stub.StreamEvents(worker_pb2.StreamEventsRequest()):
             pass
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_dispatch_batch_answers_each_request_as_dispatch_would(worker: Worker) -> None:
+    events = worker.stub.StreamEvents(worker_pb2.StreamEventsRequest())
+    await anext(events.__aiter__())
+    prompts = [[256, 72, 105], [256, *b"batch"]]
+    long_prompt = [256] + [1 + i % 200 for i in range(599)]  # 38 blocks a layer: one fits, two do not
+
+    def req(rid: str, prompt: list[int], placement: str = "GGGG") -> worker_pb2.DispatchRequest:
+        return worker_pb2.DispatchRequest(request_id=rid, prompt_token_ids=prompt, sampling=proto_sampling(6),
+                                          placement=placement)  # fmt: skip
+
+    reply = await worker.stub.DispatchBatch(worker_pb2.DispatchBatchRequest(requests=[
+        req("a", prompts[0]),
+        req("empty", []),
+        req("big", long_prompt),
+        req("big2", long_prompt),
+        req("a", prompts[0]),
+        req("b", prompts[1], "GHGH"),
+    ]))  # fmt: skip
+    s = worker_pb2
+    assert [r.status for r in reply.results] == [
+        s.DISPATCH_STATUS_ACCEPTED, s.DISPATCH_STATUS_REJECTED, s.DISPATCH_STATUS_ACCEPTED,
+        s.DISPATCH_STATUS_REFUSED, s.DISPATCH_STATUS_FAILED, s.DISPATCH_STATUS_ACCEPTED,
+    ]  # fmt: skip
+    assert "empty prompt" in reply.results[1].message and "no room" in reply.results[3].message
+    assert reply.results[4].message.startswith("ALREADY_EXISTS")
+    assert (reply.results[2].gpu_blocks, reply.results[2].host_blocks) == (4 * 38, 0)
+    assert (reply.results[5].gpu_blocks, reply.results[5].host_blocks) == (2, 2)
+    got = await _collect(events, {"a", "b", "big"})
+    events.cancel()
+    want = reference_outputs(make_engine(), [prompts[0], prompts[1], long_prompt],
+                             SamplingParams(max_tokens=6, ignore_eos=True))  # fmt: skip
+    assert [got.tokens[r] for r in ("a", "b", "big")] == want
+    assert sorted(got.admitted) == ["a", "b", "big"]
+    refused = worker.server.metrics.registry.get_sample_value(
+        "layerkv_worker_dispatches_refused_total", {"worker": "w-test"}
+    )
+    assert refused == 1.0

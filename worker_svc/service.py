@@ -20,14 +20,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import grpc.aio
 
 from common.cost_profile import describe_cost
 from common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from common.grpc_errors import grpc_errors
+from common.grpc_errors import grpc_errors, status_of
 from common.proto.layerkv.v1 import worker_pb2, worker_pb2_grpc
 from common.types import Placement, SamplingParams
-from common.wire import cost_model_to_proto, geometry_to_proto, profile_info_to_proto
+from common.wire import cost_model_to_proto, dispatch_error_to_proto, geometry_to_proto, profile_info_to_proto
 from worker_svc import wire
 from worker_svc.engine_thread import EngineThread
 from worker_svc.events import EventHub
@@ -93,8 +94,29 @@ def _admit(
     return _Admitted(gpu_taken, before.host.free_blocks - after.host.free_blocks, after)
 
 
+def _dispatch_args(request: worker_pb2.DispatchRequest) -> tuple[str, list[int], SamplingParams, str, str]:
+    """A dispatch's checked arguments: id, prompt, sampling, placement letters, preemption mode."""
+    rid = request.request_id
+    if not rid or len(rid) > MAX_REQUEST_ID_LEN:
+        raise InvalidArgument(f"request_id must be 1..{MAX_REQUEST_ID_LEN} characters, got {len(rid)}")
+    if not request.prompt_token_ids:
+        raise InvalidArgument(f"request {rid!r} has an empty prompt")
+    sampling = wire.sampling_from_proto(request.sampling)
+    preemption = request.preemption
+    if preemption not in ("", "recompute", "swap-layers"):
+        raise InvalidArgument(f"preemption {preemption!r} must be recompute, swap-layers or empty")
+    return rid, list(request.prompt_token_ids), sampling, request.placement, preemption
+
+
+def _failed(exc: Exception) -> worker_pb2.DispatchResult:
+    """A batch item's error as the status Dispatch would have answered for it alone."""
+    if status_of(exc) is grpc.StatusCode.INTERNAL:  # a bug: worth a traceback, as Dispatch logs one
+        log.error("unexpected error in DispatchBatch: %r", exc, exc_info=exc)
+    return dispatch_error_to_proto(exc)
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    """Describe, GetTokenizer, Dispatch, StreamEvents, Abort and Profile over one engine thread."""
+    """Describe, GetTokenizer, Dispatch(Batch), StreamEvents, Abort and Profile over one engine thread."""
 
     def __init__(
         self,
@@ -190,44 +212,87 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def Dispatch(
         self, request: worker_pb2.DispatchRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.DispatchResponse:
-        rid = request.request_id
-        if not rid or len(rid) > MAX_REQUEST_ID_LEN:
-            raise InvalidArgument(f"request_id must be 1..{MAX_REQUEST_ID_LEN} characters, got {len(rid)}")
-        if not request.prompt_token_ids:
-            raise InvalidArgument(f"request {rid!r} has an empty prompt")
-        sampling = wire.sampling_from_proto(request.sampling)
-        prompt = list(request.prompt_token_ids)
-        letters = request.placement
-        preemption = request.preemption
-        if preemption not in ("", "recompute", "swap-layers"):
-            raise InvalidArgument(f"preemption {preemption!r} must be recompute, swap-layers or empty")
+        rid, prompt, sampling, letters, preemption = _dispatch_args(request)
 
         def command(engine: Any) -> _Admitted | None:
             result = _admit(engine, rid, prompt, sampling, letters, preemption)
             if result is not None:
                 # The step that would have reported the admission already ran; report it now, on
                 # the loop, ordered before any event of the next step (which may carry its tokens).
-                self._thread.post(self._publish_admission, rid, result.usage)
+                self._thread.post(self._publish_admission, [rid], result.usage)
             return result
 
         admitted = await self._thread.call(command)
         if admitted is None:
             self._metrics.dispatch_refused()
-            raise ResourceExhausted(
-                f"no room for request {rid!r} on worker {self._identity.worker_id!r}: "
-                f"its {len(prompt)} prompt tokens do not fit the free blocks"
-            )
+            raise ResourceExhausted(self._no_room(rid, len(prompt)))
         self._metrics.dispatch_accepted()
         return worker_pb2.DispatchResponse(gpu_blocks=admitted.gpu_blocks, host_blocks=admitted.host_blocks)
 
-    def _publish_admission(self, request_id: str, usage: KVUsage) -> None:
+    def _no_room(self, rid: str, prompt_tokens: int) -> str:
+        return (
+            f"no room for request {rid!r} on worker {self._identity.worker_id!r}: "
+            f"its {prompt_tokens} prompt tokens do not fit the free blocks"
+        )
+
+    @grpc_errors
+    async def DispatchBatch(
+        self, request: worker_pb2.DispatchBatchRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.DispatchBatchResponse:
+        """Each request as ``Dispatch`` would take it alone, in order, in one engine command."""
+        results = [worker_pb2.DispatchResult() for _ in request.requests]  # each set below
+        valid: list[tuple[int, tuple[str, list[int], SamplingParams, str, str]]] = []
+        for index, item in enumerate(request.requests):
+            try:
+                valid.append((index, _dispatch_args(item)))
+            except Exception as exc:
+                results[index] = _failed(exc)
+
+        def command(engine: Any) -> list[tuple[int, _Admitted | Exception | None]]:
+            out: list[tuple[int, _Admitted | Exception | None]] = []
+            admitted: list[str] = []
+            usage = None
+            for index, (rid, prompt, sampling, letters, preemption) in valid:
+                try:
+                    result = _admit(engine, rid, prompt, sampling, letters, preemption)
+                except Exception as exc:  # answered for this request alone, as Dispatch would
+                    out.append((index, exc))
+                    continue
+                if result is not None:
+                    admitted.append(rid)
+                    usage = result.usage
+                out.append((index, result))
+            if usage is not None:  # one admission event for the batch, before the next step's
+                self._thread.post(self._publish_admission, admitted, usage)
+            return out
+
+        for index, outcome in await self._thread.call(command) if valid else []:
+            if isinstance(outcome, Exception):
+                results[index] = _failed(outcome)
+            elif outcome is None:
+                self._metrics.dispatch_refused()
+                item = request.requests[index]
+                results[index] = worker_pb2.DispatchResult(
+                    status=worker_pb2.DISPATCH_STATUS_REFUSED,
+                    message=self._no_room(item.request_id, len(item.prompt_token_ids)),
+                )
+            else:
+                self._metrics.dispatch_accepted()
+                results[index] = worker_pb2.DispatchResult(
+                    status=worker_pb2.DISPATCH_STATUS_ACCEPTED,
+                    gpu_blocks=outcome.gpu_blocks,
+                    host_blocks=outcome.host_blocks,
+                )
+        return worker_pb2.DispatchBatchResponse(results=results)
+
+    def _publish_admission(self, request_ids: list[str], usage: KVUsage) -> None:
         state = self._hub.state
         self._hub.publish(worker_pb2.StreamEventsResponse(
             running=state.running,
             gpu=wire.tier_usage_to_proto(usage.gpu),
             host=wire.tier_usage_to_proto(usage.host),
             step=worker_pb2.StepReport(kind="idle"),
-            admitted_request_ids=[request_id],
+            admitted_request_ids=request_ids,
         ))
 
     @grpc_errors

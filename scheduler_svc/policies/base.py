@@ -18,7 +18,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from common import kv_budget
-from common.types import CostModel, KVGeometry, Placement, TierCapacity
+from common.types import CostModel, KVGeometry, Placement
 
 
 class PreemptionMode(Enum):
@@ -122,18 +122,19 @@ class WorkerSnapshot:
 
 
 def all_gpu_blocks(worker: WorkerSnapshot, num_tokens: int) -> int:
-    """GPU blocks ``num_tokens`` take on ``worker`` with every layer on the GPU."""
-    placement = Placement.all_gpu(worker.geometry.num_layers)
-    return kv_budget.demand(worker.geometry, num_tokens, placement).gpu_blocks
+    """GPU blocks ``num_tokens`` take on ``worker`` with every layer on the GPU (what
+    ``kv_budget.demand`` counts for an all-GPU placement: the same blocks in each layer, summed
+    here without building the placement and its per-layer tuples, once per request and worker per
+    round)."""
+    geometry = worker.geometry
+    return kv_budget.blocks_per_layer(geometry, num_tokens) * geometry.num_layers
 
 
 def fits_empty_gpu(worker: WorkerSnapshot, num_tokens: int) -> bool:
-    """Whether an empty ``worker`` could hold ``num_tokens`` tokens all on its GPU tier."""
-    placement = Placement.all_gpu(worker.geometry.num_layers)
-    capacity = TierCapacity(worker.gpu_blocks_total, 0)
-    return num_tokens <= worker.max_model_len and (
-        kv_budget.never_fits(worker.geometry, num_tokens, placement, capacity, 0) is None
-    )
+    """Whether an empty ``worker`` could hold ``num_tokens`` tokens all on its GPU tier (with no
+    host layer, ``kv_budget.never_fits`` checks only the GPU blocks)."""
+    fits_gpu = all_gpu_blocks(worker, num_tokens) <= worker.gpu_blocks_total
+    return num_tokens <= worker.max_model_len and fits_gpu
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,10 @@ class Policy(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     Params: ClassVar[type[PolicyParams]] = PolicyParams
+    # False for a policy that never reads ``WorkerSnapshot.cost_model``: rounds then hand it the
+    # worker's profiled model instead of re-solving the online fit (a least-squares solve per
+    # worker per round, and the fit changes with every decode step).
+    reads_cost_model: ClassVar[bool] = True
 
     def __init__(self, params: PolicyParams | None = None) -> None:
         self.params = params if params is not None else self.Params()

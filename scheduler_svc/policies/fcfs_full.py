@@ -37,6 +37,7 @@ class FcfsFullPolicy(Policy):
         "blocks for the whole request (prompt + max_tokens) in every layer; no host layers"
     )
     Params: ClassVar[type[PolicyParams]] = FcfsFullParams
+    reads_cost_model: ClassVar[bool] = False
 
     def reservation(self, num_layers: int) -> Placement | None:
         return Placement.all_gpu(num_layers)

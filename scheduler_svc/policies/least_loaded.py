@@ -43,6 +43,7 @@ class LeastLoadedPolicy(Policy):
         "(interleaved); no SLO-aware admission"
     )
     Params: ClassVar[type[PolicyParams]] = LeastLoadedParams
+    reads_cost_model: ClassVar[bool] = False
 
     def schedule(self, fleet: FleetSnapshot) -> Sequence[Dispatch]:
         params = self.params

@@ -50,6 +50,7 @@ class VllmPolicy(Policy):
         "max_tokens reservation), grow on demand, recompute preemption, chunked prefill"
     )
     Params: ClassVar[type[PolicyParams]] = VllmParams
+    reads_cost_model: ClassVar[bool] = False
 
     def schedule(self, fleet: FleetSnapshot) -> Sequence[Dispatch]:
         params = self.params

@@ -27,7 +27,7 @@ from common.proto.layerkv.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from common.security import TLSFiles, add_port
 from common.tokenizer import ByteTokenizer
 from common.types import KVGeometry, Placement
-from common.wire import geometry_to_proto
+from common.wire import dispatch_error_to_proto, geometry_to_proto
 from scheduler_svc.testing.stub_kv import StepCounts, StubKV, StubRequest
 
 HEARTBEAT_S = 1.0  # an idle stub sends its state this often
@@ -72,6 +72,7 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
     preemption_mode: str = "recompute"  # for dispatches that leave DispatchRequest.preemption empty
     modes: dict[str, str] = field(default_factory=dict)  # DispatchRequest.preemption, as sent
     d2h_bytes_per_s: float = 1e9  # described link: slow enough, and layerkv keeps layers on the GPU
+    batches: list[int] = field(default_factory=list)  # the size of each DispatchBatch call, in order
 
     def __post_init__(self) -> None:
         self.kv = StubKV(self.geometry, self.gpu_blocks, self.host_blocks)
@@ -165,6 +166,25 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
     ) -> worker_pb2.GetTokenizerResponse:
         kind, payload = self.tokenizer.to_wire()
         return worker_pb2.GetTokenizerResponse(kind=kind, tokenizer_json=payload)
+
+    async def DispatchBatch(
+        self, request: worker_pb2.DispatchBatchRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.DispatchBatchResponse:
+        """Each request through ``Dispatch`` (a test's override of it too), in order, answered at
+        its position."""
+        self.batches.append(len(request.requests))
+        results = []
+        for item in request.requests:
+            try:
+                taken = await self.Dispatch(item, context)
+            except Exception as exc:
+                results.append(dispatch_error_to_proto(exc))
+                continue
+            results.append(worker_pb2.DispatchResult(
+                status=worker_pb2.DISPATCH_STATUS_ACCEPTED, gpu_blocks=taken.gpu_blocks,
+                host_blocks=taken.host_blocks,
+            ))  # fmt: skip
+        return worker_pb2.DispatchBatchResponse(results=results)
 
     async def Dispatch(
         self, request: worker_pb2.DispatchRequest, context: grpc.aio.ServicerContext

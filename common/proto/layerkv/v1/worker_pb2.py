@@ -15,13 +15,15 @@ _sym_db = _symbol_database.Default()
 from common.proto.layerkv.v1 import types_pb2 as layerkv_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17layerkv/v1/worker.proto\x12\nlayerkv.v1\x1a\x16layerkv/v1/types.proto\"\x11\n\x0f\x44\x65scribeRequest\"\x8d\x03\n\x10\x44\x65scribeResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x08geometry\x18\x03 \x01(\x0b\x32\x16.layerkv.v1.KvGeometry\x12\x12\n\ngpu_blocks\x18\x04 \x01(\r\x12\x13\n\x0bhost_blocks\x18\x05 \x01(\r\x12)\n\ncost_model\x18\x06 \x01(\x0b\x32\x15.layerkv.v1.CostModel\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x08 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x16\n\x0estaging_blocks\x18\x0b \x01(\r\x12\x17\n\x0fpreemption_mode\x18\x0c \x01(\t\x12\x1e\n\x16max_num_batched_tokens\x18\r \x01(\r\x12\x12\n\nvocab_size\x18\x14 \x01(\r\x12(\n\x07profile\x18\x15 \x01(\x0b\x32\x17.layerkv.v1.ProfileInfo\"\x15\n\x13GetTokenizerRequest\"y\n\x14GetTokenizerResponse\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x02 \x01(\x0c\x12\x15\n\rchat_template\x18\x03 \x01(\t\x12\x11\n\tbos_token\x18\x04 \x01(\t\x12\x11\n\teos_token\x18\x05 \x01(\t\"\x94\x01\n\x0f\x44ispatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.layerkv.v1.SamplingParams\x12\x11\n\tplacement\x18\x04 \x01(\t\x12\x12\n\npreemption\x18\x05 \x01(\t\";\n\x10\x44ispatchResponse\x12\x12\n\ngpu_blocks\x18\x01 \x01(\r\x12\x13\n\x0bhost_blocks\x18\x02 \x01(\r\"\x15\n\x13StreamEventsRequest\"\x86\x01\n\x0bTokenUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.layerkv.v1.FinishReason\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x80\x01\n\x0eRunningRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10tokens_generated\x18\x02 \x01(\r\x12\x15\n\rdecode_time_s\x18\x03 \x01(\x01\x12\x16\n\x0e\x63ontext_tokens\x18\x04 \x01(\r\x12\x11\n\tplacement\x18\x05 \x01(\t\"\x82\x02\n\nStepReport\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x62ytes_offloaded\x18\x05 \x01(\x04\x12\x14\n\x0c\x62ytes_loaded\x18\x06 \x01(\x04\x12\x13\n\x0b\x63opy_wait_s\x18\x07 \x01(\x01\x12\x1a\n\x12num_prefill_tokens\x18\x08 \x01(\r\x12\x1b\n\x13num_decode_requests\x18\t \x01(\r\x12\x17\n\x0fnum_preemptions\x18\n \x01(\r\x12\x1a\n\x12num_swapped_layers\x18\x0b \x01(\r\"\xb5\x02\n\x14StreamEventsResponse\x12\'\n\x06tokens\x18\x01 \x03(\x0b\x32\x17.layerkv.v1.TokenUpdate\x12+\n\x07running\x18\x02 \x03(\x0b\x32\x1a.layerkv.v1.RunningRequest\x12\"\n\x03gpu\x18\x03 \x01(\x0b\x32\x15.layerkv.v1.TierUsage\x12#\n\x04host\x18\x04 \x01(\x0b\x32\x15.layerkv.v1.TierUsage\x12$\n\x04step\x18\x05 \x01(\x0b\x32\x16.layerkv.v1.StepReport\x12\x1c\n\x14\x61\x64mitted_request_ids\x18\x06 \x03(\t\x12\x1b\n\x13waiting_request_ids\x18\x07 \x03(\t\x12\x1d\n\x15preempted_request_ids\x18\x08 \x03(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x10\n\x0eProfileRequest\"f\n\x0fProfileResponse\x12)\n\ncost_model\x18\x01 \x01(\x0b\x32\x15.layerkv.v1.CostModel\x12(\n\x07profile\x18\x02 \x01(\x0b\x32\x17.layerkv.v1.ProfileInfo2\xc7\x03\n\rWorkerService\x12\x45\n\x08\x44\x65scribe\x12\x1b.layerkv.v1.DescribeRequest\x1a\x1c.layerkv.v1.DescribeResponse\x12Q\n\x0cGetTokenizer\x12\x1f.layerkv.v1.GetTokenizerRequest\x1a .layerkv.v1.GetTokenizerResponse\x12\x45\n\x08\x44ispatch\x12\x1b.layerkv.v1.DispatchRequest\x1a\x1c.layerkv.v1.DispatchResponse\x12S\n\x0cStreamEvents\x12\x1f.layerkv.v1.StreamEventsRequest\x1a .layerkv.v1.StreamEventsResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.layerkv.v1.AbortRequest\x1a\x19.layerkv.v1.AbortResponse\x12\x42\n\x07Profile\x12\x1a.layerkv.v1.ProfileRequest\x1a\x1b.layerkv.v1.ProfileResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17layerkv/v1/worker.proto\x12\nlayerkv.v1\x1a\x16layerkv/v1/types.proto\"\x11\n\x0f\x44\x65scribeRequest\"\x8d\x03\n\x10\x44\x65scribeResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x08geometry\x18\x03 \x01(\x0b\x32\x16.layerkv.v1.KvGeometry\x12\x12\n\ngpu_blocks\x18\x04 \x01(\r\x12\x13\n\x0bhost_blocks\x18\x05 \x01(\r\x12)\n\ncost_model\x18\x06 \x01(\x0b\x32\x15.layerkv.v1.CostModel\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x08 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x16\n\x0estaging_blocks\x18\x0b \x01(\r\x12\x17\n\x0fpreemption_mode\x18\x0c \x01(\t\x12\x1e\n\x16max_num_batched_tokens\x18\r \x01(\r\x12\x12\n\nvocab_size\x18\x14 \x01(\r\x12(\n\x07profile\x18\x15 \x01(\x0b\x32\x17.layerkv.v1.ProfileInfo\"\x15\n\x13GetTokenizerRequest\"y\n\x14GetTokenizerResponse\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x02 \x01(\x0c\x12\x15\n\rchat_template\x18\x03 \x01(\t\x12\x11\n\tbos_token\x18\x04 \x01(\t\x12\x11\n\teos_token\x18\x05 \x01(\t\"\x94\x01\n\x0f\x44ispatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.layerkv.v1.SamplingParams\x12\x11\n\tplacement\x18\x04 \x01(\t\x12\x12\n\npreemption\x18\x05 \x01(\t\";\n\x10\x44ispatchResponse\x12\x12\n\ngpu_blocks\x18\x01 \x01(\r\x12\x13\n\x0bhost_blocks\x18\x02 \x01(\r\"E\n\x14\x44ispatchBatchRequest\x12-\n\x08requests\x18\x01 \x03(\x0b\x32\x1b.layerkv.v1.DispatchRequest\"v\n\x0e\x44ispatchResult\x12*\n\x06status\x18\x01 \x01(\x0e\x32\x1a.layerkv.v1.DispatchStatus\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\ngpu_blocks\x18\x03 \x01(\r\x12\x13\n\x0bhost_blocks\x18\x04 \x01(\r\"D\n\x15\x44ispatchBatchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.layerkv.v1.DispatchResult\"\x15\n\x13StreamEventsRequest\"\x86\x01\n\x0bTokenUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.layerkv.v1.FinishReason\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x80\x01\n\x0eRunningRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10tokens_generated\x18\x02 \x01(\r\x12\x15\n\rdecode_time_s\x18\x03 \x01(\x01\x12\x16\n\x0e\x63ontext_tokens\x18\x04 \x01(\r\x12\x11\n\tplacement\x18\x05 \x01(\t\"\x82\x02\n\nStepReport\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x62ytes_offloaded\x18\x05 \x01(\x04\x12\x14\n\x0c\x62ytes_loaded\x18\x06 \x01(\x04\x12\x13\n\x0b\x63opy_wait_s\x18\x07 \x01(\x01\x12\x1a\n\x12num_prefill_tokens\x18\x08 \x01(\r\x12\x1b\n\x13num_decode_requests\x18\t \x01(\r\x12\x17\n\x0fnum_preemptions\x18\n \x01(\r\x12\x1a\n\x12num_swapped_layers\x18\x0b \x01(\r\"\xb5\x02\n\x14StreamEventsResponse\x12\'\n\x06tokens\x18\x01 \x03(\x0b\x32\x17.layerkv.v1.TokenUpdate\x12+\n\x07running\x18\x02 \x03(\x0b\x32\x1a.layerkv.v1.RunningRequest\x12\"\n\x03gpu\x18\x03 \x01(\x0b\x32\x15.layerkv.v1.TierUsage\x12#\n\x04host\x18\x04 \x01(\x0b\x32\x15.layerkv.v1.TierUsage\x12$\n\x04step\x18\x05 \x01(\x0b\x32\x16.layerkv.v1.StepReport\x12\x1c\n\x14\x61\x64mitted_request_ids\x18\x06 \x03(\t\x12\x1b\n\x13waiting_request_ids\x18\x07 \x03(\t\x12\x1d\n\x15preempted_request_ids\x18\x08 \x03(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x10\n\x0eProfileRequest\"f\n\x0fProfileResponse\x12)\n\ncost_model\x18\x01 \x01(\x0b\x32\x15.layerkv.v1.CostModel\x12(\n\x07profile\x18\x02 \x01(\x0b\x32\x17.layerkv.v1.ProfileInfo*\xa6\x01\n\x0e\x44ispatchStatus\x12\x1f\n\x1b\x44ISPATCH_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44ISPATCH_STATUS_ACCEPTED\x10\x01\x12\x1b\n\x17\x44ISPATCH_STATUS_REFUSED\x10\x02\x12\x1c\n\x18\x44ISPATCH_STATUS_REJECTED\x10\x03\x12\x1a\n\x16\x44ISPATCH_STATUS_FAILED\x10\x04\x32\x9d\x04\n\rWorkerService\x12\x45\n\x08\x44\x65scribe\x12\x1b.layerkv.v1.DescribeRequest\x1a\x1c.layerkv.v1.DescribeResponse\x12Q\n\x0cGetTokenizer\x12\x1f.layerkv.v1.GetTokenizerRequest\x1a .layerkv.v1.GetTokenizerResponse\x12\x45\n\x08\x44ispatch\x12\x1b.layerkv.v1.DispatchRequest\x1a\x1c.layerkv.v1.DispatchResponse\x12T\n\rDispatchBatch\x12 .layerkv.v1.DispatchBatchRequest\x1a!.layerkv.v1.DispatchBatchResponse\x12S\n\x0cStreamEvents\x12\x1f.layerkv.v1.StreamEventsRequest\x1a .layerkv.v1.StreamEventsResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.layerkv.v1.AbortRequest\x1a\x19.layerkv.v1.AbortResponse\x12\x42\n\x07Profile\x12\x1a.layerkv.v1.ProfileRequest\x1a\x1b.layerkv.v1.ProfileResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'layerkv.v1.worker_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
+  _globals['_DISPATCHSTATUS']._serialized_start=2158
+  _globals['_DISPATCHSTATUS']._serialized_end=2324
   _globals['_DESCRIBEREQUEST']._serialized_start=63
   _globals['_DESCRIBEREQUEST']._serialized_end=80
   _globals['_DESCRIBERESPONSE']._serialized_start=83
@@ -34,24 +36,30 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_DISPATCHREQUEST']._serialized_end=777
   _globals['_DISPATCHRESPONSE']._serialized_start=779
   _globals['_DISPATCHRESPONSE']._serialized_end=838
-  _globals['_STREAMEVENTSREQUEST']._serialized_start=840
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=861
-  _globals['_TOKENUPDATE']._serialized_start=864
-  _globals['_TOKENUPDATE']._serialized_end=998
-  _globals['_RUNNINGREQUEST']._serialized_start=1001
-  _globals['_RUNNINGREQUEST']._serialized_end=1129
-  _globals['_STEPREPORT']._serialized_start=1132
-  _globals['_STEPREPORT']._serialized_end=1390
-  _globals['_STREAMEVENTSRESPONSE']._serialized_start=1393
-  _globals['_STREAMEVENTSRESPONSE']._serialized_end=1702
-  _globals['_ABORTREQUEST']._serialized_start=1704
-  _globals['_ABORTREQUEST']._serialized_end=1738
-  _globals['_ABORTRESPONSE']._serialized_start=1740
-  _globals['_ABORTRESPONSE']._serialized_end=1772
-  _globals['_PROFILEREQUEST']._serialized_start=1774
-  _globals['_PROFILEREQUEST']._serialized_end=1790
-  _globals['_PROFILERESPONSE']._serialized_start=1792
-  _globals['_PROFILERESPONSE']._serialized_end=1894
-  _globals['_WORKERSERVICE']._serialized_start=1897
-  _globals['_WORKERSERVICE']._serialized_end=2352
+  _globals['_DISPATCHBATCHREQUEST']._serialized_start=840
+  _globals['_DISPATCHBATCHREQUEST']._serialized_end=909
+  _globals['_DISPATCHRESULT']._serialized_start=911
+  _globals['_DISPATCHRESULT']._serialized_end=1029
+  _globals['_DISPATCHBATCHRESPONSE']._serialized_start=1031
+  _globals['_DISPATCHBATCHRESPONSE']._serialized_end=1099
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=1101
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=1122
+  _globals['_TOKENUPDATE']._serialized_start=1125
+  _globals['_TOKENUPDATE']._serialized_end=1259
+  _globals['_RUNNINGREQUEST']._serialized_start=1262
+  _globals['_RUNNINGREQUEST']._serialized_end=1390
+  _globals['_STEPREPORT']._serialized_start=1393
+  _globals['_STEPREPORT']._serialized_end=1651
+  _globals['_STREAMEVENTSRESPONSE']._serialized_start=1654
+  _globals['_STREAMEVENTSRESPONSE']._serialized_end=1963
+  _globals['_ABORTREQUEST']._serialized_start=1965
+  _globals['_ABORTREQUEST']._serialized_end=1999
+  _globals['_ABORTRESPONSE']._serialized_start=2001
+  _globals['_ABORTRESPONSE']._serialized_end=2033
+  _globals['_PROFILEREQUEST']._serialized_start=2035
+  _globals['_PROFILEREQUEST']._serialized_end=2051
+  _globals['_PROFILERESPONSE']._serialized_start=2053
+  _globals['_PROFILERESPONSE']._serialized_end=2155
+  _globals['_WORKERSERVICE']._serialized_start=2327
+  _globals['_WORKERSERVICE']._serialized_end=2868
 # @@protoc_insertion_point(module_scope)

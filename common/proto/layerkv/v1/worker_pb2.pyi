@@ -1,10 +1,24 @@
 from common.proto.layerkv.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class DispatchStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DISPATCH_STATUS_UNSPECIFIED: _ClassVar[DispatchStatus]
+    DISPATCH_STATUS_ACCEPTED: _ClassVar[DispatchStatus]
+    DISPATCH_STATUS_REFUSED: _ClassVar[DispatchStatus]
+    DISPATCH_STATUS_REJECTED: _ClassVar[DispatchStatus]
+    DISPATCH_STATUS_FAILED: _ClassVar[DispatchStatus]
+DISPATCH_STATUS_UNSPECIFIED: DispatchStatus
+DISPATCH_STATUS_ACCEPTED: DispatchStatus
+DISPATCH_STATUS_REFUSED: DispatchStatus
+DISPATCH_STATUS_REJECTED: DispatchStatus
+DISPATCH_STATUS_FAILED: DispatchStatus
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
@@ -83,6 +97,30 @@ class DispatchResponse(_message.Message):
     gpu_blocks: int
     host_blocks: int
     def __init__(self, gpu_blocks: _Optional[int] = ..., host_blocks: _Optional[int] = ...) -> None: ...
+
+class DispatchBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[DispatchRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[DispatchRequest, _Mapping]]] = ...) -> None: ...
+
+class DispatchResult(_message.Message):
+    __slots__ = ("status", "message", "gpu_blocks", "host_blocks")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    GPU_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    status: DispatchStatus
+    message: str
+    gpu_blocks: int
+    host_blocks: int
+    def __init__(self, status: _Optional[_Union[DispatchStatus, str]] = ..., message: _Optional[str] = ..., gpu_blocks: _Optional[int] = ..., host_blocks: _Optional[int] = ...) -> None: ...
+
+class DispatchBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[DispatchResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[DispatchResult, _Mapping]]] = ...) -> None: ...
 
 class StreamEventsRequest(_message.Message):
     __slots__ = ()

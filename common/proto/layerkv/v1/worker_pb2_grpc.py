@@ -33,6 +33,11 @@ class WorkerServiceStub(object):
                 request_serializer=layerkv_dot_v1_dot_worker__pb2.DispatchRequest.SerializeToString,
                 response_deserializer=layerkv_dot_v1_dot_worker__pb2.DispatchResponse.FromString,
                 )
+        self.DispatchBatch = channel.unary_unary(
+                '/layerkv.v1.WorkerService/DispatchBatch',
+                request_serializer=layerkv_dot_v1_dot_worker__pb2.DispatchBatchRequest.SerializeToString,
+                response_deserializer=layerkv_dot_v1_dot_worker__pb2.DispatchBatchResponse.FromString,
+                )
         self.StreamEvents = channel.unary_stream(
                 '/layerkv.v1.WorkerService/StreamEvents',
                 request_serializer=layerkv_dot_v1_dot_worker__pb2.StreamEventsRequest.SerializeToString,
@@ -79,6 +84,15 @@ class WorkerServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DispatchBatch(self, request, context):
+        """Start several requests in one call (what one scheduling round sends this worker): each is
+        handled in order exactly as Dispatch would handle it alone, and answered at its position.
+        The call itself fails only as a whole (the worker could not be reached, a bad token, ...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StreamEvents(self, request, context):
         """Per-step reports: new tokens, running requests, free blocks, timings.
         """
@@ -119,6 +133,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Dispatch,
                     request_deserializer=layerkv_dot_v1_dot_worker__pb2.DispatchRequest.FromString,
                     response_serializer=layerkv_dot_v1_dot_worker__pb2.DispatchResponse.SerializeToString,
+            ),
+            'DispatchBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.DispatchBatch,
+                    request_deserializer=layerkv_dot_v1_dot_worker__pb2.DispatchBatchRequest.FromString,
+                    response_serializer=layerkv_dot_v1_dot_worker__pb2.DispatchBatchResponse.SerializeToString,
             ),
             'StreamEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamEvents,
@@ -197,6 +216,23 @@ class WorkerService(object):
         return grpc.experimental.unary_unary(request, target, '/layerkv.v1.WorkerService/Dispatch',
             layerkv_dot_v1_dot_worker__pb2.DispatchRequest.SerializeToString,
             layerkv_dot_v1_dot_worker__pb2.DispatchResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def DispatchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/layerkv.v1.WorkerService/DispatchBatch',
+            layerkv_dot_v1_dot_worker__pb2.DispatchBatchRequest.SerializeToString,
+            layerkv_dot_v1_dot_worker__pb2.DispatchBatchResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
