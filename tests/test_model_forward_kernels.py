@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from worker_svc.model.config import ModelConfig
-from worker_svc.model.llama import Attention, RMSNorm, RotaryEmbedding, apply_rotary
+from worker_svc.model.llama import Attention, RMSNorm, RotaryEmbedding, apply_rotary, linear
 
 
 def _config(qkv_bias: bool = False) -> ModelConfig:
@@ -67,3 +67,21 @@ def test_fused_qkv_is_views_of_the_three_projections_and_follows_replacement() -
     assert torch.equal(rebuilt[48:], torch.full((16, 32), 2.0))
     assert torch.equal(rebuilt[32:48], torch.full((16, 32), 0.5))
     assert attn.v_proj.weight.data_ptr() == rebuilt[48:].data_ptr()
+
+
+def test_linear_matches_f_linear_and_one_row_is_bit_identical() -> None:
+    """oneDNN batches agree with F.linear to float32 rounding (with and without bias, strided input);
+    one row takes F.linear itself, so batch-1 decode keeps HF's exact sums."""
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 40), torch.randn(96)
+    for rows in (2, 5, 33):
+        x = torch.randn(rows, 80)[:, ::2]  # not contiguous, as a view of a wider tensor
+        for bias in (None, b):
+            got, want = linear(x, w, bias), torch.nn.functional.linear(x, w, bias)
+            assert got.shape == want.shape == (rows, 96)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    one = torch.randn(1, 40)
+    assert torch.equal(linear(one, w, b), torch.nn.functional.linear(one, w, b))
+    with torch.inference_mode():  # the forward's mode
+        x = torch.randn(7, 40)
+        torch.testing.assert_close(linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
