@@ -69,19 +69,21 @@ def test_fused_qkv_is_views_of_the_three_projections_and_follows_replacement() -
     assert attn.v_proj.weight.data_ptr() == rebuilt[48:].data_ptr()
 
 
-def test_linear_matches_f_linear_and_one_row_is_bit_identical() -> None:
-    """oneDNN batches agree with F.linear to float32 rounding (with and without bias, strided input);
-    one row takes F.linear itself, so batch-1 decode keeps HF's exact sums."""
+def test_linear_matches_f_linear() -> None:
+    """The oneDNN matmul agrees with F.linear to float32 rounding (one row and batches, with and
+    without bias, strided input and weight)."""
     torch.manual_seed(0)
     w, b = torch.randn(96, 40), torch.randn(96)
-    for rows in (2, 5, 33):
+    for rows in (1, 2, 5, 33):
         x = torch.randn(rows, 80)[:, ::2]  # not contiguous, as a view of a wider tensor
         for bias in (None, b):
             got, want = linear(x, w, bias), torch.nn.functional.linear(x, w, bias)
             assert got.shape == want.shape == (rows, 96)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    one = torch.randn(1, 40)
-    assert torch.equal(linear(one, w, b), torch.nn.functional.linear(one, w, b))
+    wide = torch.randn(96, 80)[:, ::2]  # a strided weight
+    x = torch.randn(3, 40)
+    want = torch.nn.functional.linear(x, wide, b)
+    torch.testing.assert_close(linear(x, wide, b), want, rtol=1e-5, atol=1e-5)
     with torch.inference_mode():  # the forward's mode
         x = torch.randn(7, 40)
         torch.testing.assert_close(linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)

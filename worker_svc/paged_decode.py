@@ -1,0 +1,204 @@
+"""Decode attention read in place from the paged KV cache on the CPU: a small C kernel.
+
+A decode step of the SDPA backend copies every row's K/V blocks into a workspace and then runs
+SDPA over it: three passes over the context's bytes (read, write, read again) where attention
+needs one, and on the CPU that traffic is most of its cost. This kernel walks each row's block
+table and reads K and V where they lie, one (row, KV head) at a time with its query heads
+together (grouped-query attention without expanding K/V): scores, an exact softmax (max, then
+exp and sum), then the weighted sum of V, all in float32.
+
+The C source below is compiled once per process with the system C compiler (``cc -O3
+-march=native``, a fraction of a second) into a temporary shared library loaded with ctypes;
+torch tensors are passed as pointers and strides. Where no compiler is found or the build fails,
+``load()`` returns None and the backend keeps its torch path (logged once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* 16 floats; aligned(4): loads and stores may be unaligned. The compiler lowers it to the
+   machine's widest vectors (AVX-512, or pairs/quads of narrower ones). */
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef float v4 __attribute__((vector_size(16), aligned(4)));
+
+static inline float hsum(v16 v) {  /* a tree: a chain of 16 scalar adds would bound the kernel */
+    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+         + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* One (row, KV head) job: the g query heads of kv head kh over the row's context. Inlined into
+   callers with constant g and nv, so the compiler keeps q and the accumulators in registers. */
+static inline __attribute__((always_inline)) void job(
+        const int64_t g, const int64_t nv, const v16 *qb, const float *cache, const int32_t *row,
+        int64_t ctx, int64_t kh, int64_t tok, int64_t half, int64_t bs, int64_t max_ctx, float scale,
+        float *s, float *ob) {
+    for (int64_t t0 = 0; t0 < ctx; t0 += bs) {  /* one block at a time */
+        const float *kblock = cache + (int64_t)row[t0 / bs] * 2 * half + kh * (nv * 16);
+        const int64_t n = ctx - t0 < bs ? ctx - t0 : bs;
+        for (int64_t i = 0; i < n; ++i) {
+            const v16 *k = (const v16 *)(kblock + i * tok);
+            for (int64_t j = 0; j < g; ++j) {
+                v16 a = qb[j * nv] * k[0];
+                for (int64_t c = 1; c < nv; ++c) a += qb[j * nv + c] * k[c];
+                s[j * max_ctx + t0 + i] = hsum(a) * scale;
+            }
+        }
+    }
+    for (int64_t j = 0; j < g; ++j) {
+        float *sj = s + j * max_ctx;
+        float m = -INFINITY, sum = 0.0f;
+        #pragma omp simd reduction(max:m)
+        for (int64_t t = 0; t < ctx; ++t) m = sj[t] > m ? sj[t] : m;
+        #pragma omp simd
+        for (int64_t t = 0; t < ctx; ++t) sj[t] = expf(sj[t] - m);
+        #pragma omp simd reduction(+:sum)
+        for (int64_t t = 0; t < ctx; ++t) sum += sj[t];
+        const float inv = 1.0f / sum;
+        #pragma omp simd
+        for (int64_t t = 0; t < ctx; ++t) sj[t] *= inv;
+    }
+    v16 acc[64];  /* [g][nv], g * nv <= 64 (the caller checks) */
+    for (int64_t x = 0; x < g * nv; ++x) acc[x] = (v16){0};
+    for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
+        const float *vblock = cache + (int64_t)row[t0 / bs] * 2 * half + half + kh * (nv * 16);
+        const int64_t n = ctx - t0 < bs ? ctx - t0 : bs;
+        for (int64_t i = 0; i < n; ++i) {
+            const v16 *v = (const v16 *)(vblock + i * tok);
+            for (int64_t j = 0; j < g; ++j) {
+                const float p = s[j * max_ctx + t0 + i];
+                for (int64_t c = 0; c < nv; ++c) acc[j * nv + c] += p * v[c];
+            }
+        }
+    }
+    memcpy(ob, acc, sizeof(float) * (size_t)(g * nv * 16));
+}
+
+#define CASE(G, NV) \
+    if (g == G && nv == NV) { \
+        job(G, NV, qb, cache, row, ctx, kh, tok, half, bs, max_ctx, scale, s, ob); \
+        continue; \
+    }
+
+/* out[b, h, :] = softmax(scale * q[b, h] . K[b, :ctx_b, h / g]) V[b, :ctx_b, h / g] for every row b
+   and query head h (g = heads / kv_heads), K/V read through the row's block table.
+   cache: [N, 2, bs, hkv, d] contiguous float32 (K at index 0, V at 1); q: row stride q_row, head
+   stride d; table: [B, *] int32 with row stride t_row; out: [B, heads, d] contiguous.
+   d must be a multiple of 16 and g * d / 16 at most 64 (the caller checks). */
+int paged_decode(const float *q, int64_t q_row, const float *cache, const int32_t *table, int64_t t_row,
+                 const int32_t *ctx_lens, float *out, int64_t batch, int64_t heads, int64_t hkv,
+                 int64_t d, int64_t bs, int64_t max_ctx, float scale, int threads) {
+    const int64_t g = heads / hkv, nv = d / 16;
+    const int64_t tok = hkv * d;            /* floats per token of one block half */
+    const int64_t half = bs * tok;          /* floats of one block half (K or V) */
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *s = (float *)malloc(sizeof(float) * (size_t)(g * max_ctx));
+        if (s == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        } else {
+            #pragma omp for schedule(static)
+            for (int64_t jb = 0; jb < batch * hkv; ++jb) {
+                const int64_t b = jb / hkv, kh = jb % hkv;
+                const int64_t ctx = ctx_lens[b];
+                const v16 *qb = (const v16 *)(q + b * q_row + kh * g * d);  /* [g][nv] */
+                const int32_t *row = table + b * t_row;
+                float *ob = out + (b * heads + kh * g) * d;
+                CASE(1, 4) CASE(2, 4) CASE(3, 4) CASE(4, 4) CASE(5, 4) CASE(6, 4) CASE(7, 4) CASE(8, 4)
+                CASE(1, 8) CASE(2, 8) CASE(3, 8) CASE(4, 8) CASE(5, 8) CASE(6, 8) CASE(7, 8) CASE(8, 8)
+                job(g, nv, qb, cache, row, ctx, kh, tok, half, bs, max_ctx, scale, s, ob);
+            }
+            free(s);
+        }
+    }
+    return failed;
+}
+"""
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _build() -> ctypes.CDLL | None:
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        log.info("no C compiler found: decode attention keeps the torch path")
+        return None
+    folder = tempfile.mkdtemp(prefix="layerkv-paged-decode-")
+    src, lib = os.path.join(folder, "paged_decode.c"), os.path.join(folder, "paged_decode.so")
+    try:
+        with open(src, "w") as f:
+            f.write(_SOURCE)
+        # -march=native: the library is built where it runs, never shipped
+        flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+        subprocess.run([cc, *flags, src, "-o", lib, "-lm"], check=True, capture_output=True, timeout=120)
+        handle = ctypes.CDLL(lib)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("building the paged decode kernel failed (%s): decode attention keeps the torch path",
+                    exc)
+        return None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
+    fn = handle.paged_decode
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64,
+                   ctypes.c_float, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return handle
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel (built on first call), or None where it cannot be built."""
+    global _lib, _tried
+    with _lock:
+        if not _tried:
+            _tried = True
+            _lib = _build()
+    return _lib
+
+
+def supports(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether ``paged_decode`` takes these tensors (CPU float32, the layouts it reads)."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and cache.dtype == torch.float32
+            and cache.is_contiguous() and q.dim() == 3 and q.stride(2) == 1 and q.stride(1) == q.shape[2]
+            and q.shape[2] % 16 == 0 and q.shape[1] // cache.shape[3] * q.shape[2] // 16 <= 64)
+
+
+def paged_decode(lib: ctypes.CDLL, q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
+                 context_lens: torch.Tensor, max_context: int) -> torch.Tensor:
+    """q [B, H, D] (rows may be strided; see ``supports``), cache [N, 2, bs, Hkv, D], block_table
+    [B, M] int32 (row stride free, columns contiguous), context_lens [B] int32 -> [B, H, D]."""
+    b, h, d = q.shape
+    bs, hkv = cache.shape[2], cache.shape[3]
+    table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
+    table = table if table.dtype == torch.int32 else table.to(torch.int32)
+    lens = context_lens.to(torch.int32).contiguous()
+    out = torch.empty((b, h, d), dtype=q.dtype)
+    failed = lib.paged_decode(q.data_ptr(), q.stride(0), cache.data_ptr(), table.data_ptr(), table.stride(0),
+                              lens.data_ptr(), out.data_ptr(), b, h, hkv, d, bs, max(1, max_context),
+                              d ** -0.5, torch.get_num_threads())
+    if failed:
+        raise MemoryError("paged decode kernel: out of memory for its score buffers")
+    return out
