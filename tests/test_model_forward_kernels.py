@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from worker_svc.model import llama
 from worker_svc.model.config import ModelConfig
 from worker_svc.model.llama import Attention, RMSNorm, RotaryEmbedding, apply_rotary, linear
 
@@ -87,3 +88,29 @@ def test_linear_matches_f_linear() -> None:
     with torch.inference_mode():  # the forward's mode
         x = torch.randn(7, 40)
         torch.testing.assert_close(linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_weights_follow_writes_and_replacement_and_respect_the_bound() -> None:
+    """The packed copy of a weight is rebuilt after an in-place write or a new tensor at the same
+    parameter, and past PREPACK_MAX_BYTES the plain weight is used (same results either way)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 96, bias=False)
+    x = torch.randn(4, 40)
+    with torch.inference_mode():
+        first = linear(x, lin.weight)
+    torch.testing.assert_close(first, torch.nn.functional.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # in place: same storage, new version
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, lin.weight), 2 * first, rtol=1e-5, atol=1e-5)
+    lin.weight = torch.nn.Parameter(torch.zeros(96, 40))  # replaced
+    with torch.inference_mode():
+        assert torch.count_nonzero(linear(x, lin.weight)) == 0
+    bound = llama.PREPACK_MAX_BYTES
+    try:
+        llama.PREPACK_MAX_BYTES = 0
+        w = torch.randn(96, 40)
+        assert llama._packed_weight(w) is w  # over the bound: not packed
+        torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    finally:
+        llama.PREPACK_MAX_BYTES = bound
