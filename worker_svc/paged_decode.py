@@ -46,56 +46,80 @@ static inline float hsum(v16 v) {  /* a tree: a chain of 16 scalar adds would bo
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-/* One (row, KV head) job: the g query heads of kv head kh over the row's context. Inlined into
-   callers with constant g and nv, so the compiler keeps q and the accumulators in registers. */
+/* One row's job: every query head over the row's context. Each token's K (and V) of all KV heads is
+   one contiguous run of hkv * d floats, read once, front to back; the next block is prefetched
+   while this one is computed (a row's blocks are anywhere in the cache, so the hardware prefetcher
+   cannot guess the jump, and a decode's K/V come from memory: the weights streamed through the
+   caches since the last step evicted them). Inlined into callers with constant g and nv, so the
+   loops over them unroll. s: [heads][max_ctx] scores; acc: [heads][nv] accumulators. */
 static inline __attribute__((always_inline)) void job(
-        const int64_t g, const int64_t nv, const v16 *qb, const float *cache, const int32_t *row,
-        int64_t ctx, int64_t kh, int64_t tok, int64_t half, int64_t bs, int64_t max_ctx, float scale,
-        float *s, float *ob) {
-    for (int64_t t0 = 0; t0 < ctx; t0 += bs) {  /* one block at a time */
-        const float *kblock = cache + (int64_t)row[t0 / bs] * 2 * half + kh * (nv * 16);
-        const int64_t n = ctx - t0 < bs ? ctx - t0 : bs;
+        const int64_t g, const int64_t nv, const int64_t hkv, const v16 *qb, const float *cache,
+        const int32_t *row, int64_t ctx, int64_t tok, int64_t half, int64_t bs, int64_t max_ctx,
+        float scale, float *s, v16 *acc, float *ob) {
+    const int64_t heads = g * hkv, nblocks = (ctx + bs - 1) / bs;
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const int64_t t0 = blk * bs, n = ctx - t0 < bs ? ctx - t0 : bs;
+        const float *kblock = cache + (int64_t)row[blk] * 2 * half;
+        const char *next =
+            blk + 1 < nblocks ? (const char *)(cache + (int64_t)row[blk + 1] * 2 * half) : 0;
         for (int64_t i = 0; i < n; ++i) {
-            const v16 *k = (const v16 *)(kblock + i * tok);
-            for (int64_t j = 0; j < g; ++j) {
-                v16 a = qb[j * nv] * k[0];
-                for (int64_t c = 1; c < nv; ++c) a += qb[j * nv + c] * k[c];
-                s[j * max_ctx + t0 + i] = hsum(a) * scale;
+            if (next) {
+                for (int64_t line = 0; line < tok * 4; line += 64)
+                    __builtin_prefetch(next + i * tok * 4 + line);
+            }
+            const float *kt = kblock + i * tok;
+            for (int64_t kh = 0; kh < hkv; ++kh) {
+                const v16 *k = (const v16 *)(kt + kh * nv * 16);
+                for (int64_t j = 0; j < g; ++j) {
+                    const int64_t h = kh * g + j;
+                    v16 a = qb[h * nv] * k[0];
+                    for (int64_t c = 1; c < nv; ++c) a += qb[h * nv + c] * k[c];
+                    s[h * max_ctx + t0 + i] = hsum(a) * scale;
+                }
             }
         }
     }
-    for (int64_t j = 0; j < g; ++j) {
-        float *sj = s + j * max_ctx;
+    for (int64_t h = 0; h < heads; ++h) {
+        float *sh = s + h * max_ctx;
         float m = -INFINITY, sum = 0.0f;
         #pragma omp simd reduction(max:m)
-        for (int64_t t = 0; t < ctx; ++t) m = sj[t] > m ? sj[t] : m;
+        for (int64_t t = 0; t < ctx; ++t) m = sh[t] > m ? sh[t] : m;
         #pragma omp simd
-        for (int64_t t = 0; t < ctx; ++t) sj[t] = expf(sj[t] - m);
+        for (int64_t t = 0; t < ctx; ++t) sh[t] = expf(sh[t] - m);
         #pragma omp simd reduction(+:sum)
-        for (int64_t t = 0; t < ctx; ++t) sum += sj[t];
+        for (int64_t t = 0; t < ctx; ++t) sum += sh[t];
         const float inv = 1.0f / sum;
         #pragma omp simd
-        for (int64_t t = 0; t < ctx; ++t) sj[t] *= inv;
+        for (int64_t t = 0; t < ctx; ++t) sh[t] *= inv;
     }
-    v16 acc[64];  /* [g][nv], g * nv <= 64 (the caller checks) */
-    for (int64_t x = 0; x < g * nv; ++x) acc[x] = (v16){0};
-    for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
-        const float *vblock = cache + (int64_t)row[t0 / bs] * 2 * half + half + kh * (nv * 16);
-        const int64_t n = ctx - t0 < bs ? ctx - t0 : bs;
+    for (int64_t x = 0; x < heads * nv; ++x) acc[x] = (v16){0};
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const int64_t t0 = blk * bs, n = ctx - t0 < bs ? ctx - t0 : bs;
+        const float *vblock = cache + (int64_t)row[blk] * 2 * half + half;
+        const char *next =
+            blk + 1 < nblocks ? (const char *)(cache + (int64_t)row[blk + 1] * 2 * half + half) : 0;
         for (int64_t i = 0; i < n; ++i) {
-            const v16 *v = (const v16 *)(vblock + i * tok);
-            for (int64_t j = 0; j < g; ++j) {
-                const float p = s[j * max_ctx + t0 + i];
-                for (int64_t c = 0; c < nv; ++c) acc[j * nv + c] += p * v[c];
+            if (next) {
+                for (int64_t line = 0; line < tok * 4; line += 64)
+                    __builtin_prefetch(next + i * tok * 4 + line);
+            }
+            const float *vt = vblock + i * tok;
+            for (int64_t kh = 0; kh < hkv; ++kh) {
+                const v16 *v = (const v16 *)(vt + kh * nv * 16);
+                for (int64_t j = 0; j < g; ++j) {
+                    const int64_t h = kh * g + j;
+                    const float p = s[h * max_ctx + t0 + i];
+                    for (int64_t c = 0; c < nv; ++c) acc[h * nv + c] += p * v[c];
+                }
             }
         }
     }
-    memcpy(ob, acc, sizeof(float) * (size_t)(g * nv * 16));
+    memcpy(ob, acc, sizeof(float) * (size_t)(heads * nv * 16));
 }
 
 #define CASE(G, NV) \
     if (g == G && nv == NV) { \
-        job(G, NV, qb, cache, row, ctx, kh, tok, half, bs, max_ctx, scale, s, ob); \
+        job(G, NV, hkv, qb, cache, row, ctx, tok, half, bs, max_ctx, scale, s, acc, ob); \
         continue; \
     }
 
@@ -103,7 +127,7 @@ static inline __attribute__((always_inline)) void job(
    and query head h (g = heads / kv_heads), K/V read through the row's block table.
    cache: [N, 2, bs, hkv, d] contiguous float32 (K at index 0, V at 1); q: row stride q_row, head
    stride d; table: [B, *] int32 with row stride t_row; out: [B, heads, d] contiguous.
-   d must be a multiple of 16 and g * d / 16 at most 64 (the caller checks). */
+   d must be a multiple of 16 (the caller checks). */
 int paged_decode(const float *q, int64_t q_row, const float *cache, const int32_t *table, int64_t t_row,
                  const int32_t *ctx_lens, float *out, int64_t batch, int64_t heads, int64_t hkv,
                  int64_t d, int64_t bs, int64_t max_ctx, float scale, int threads) {
@@ -113,21 +137,21 @@ int paged_decode(const float *q, int64_t q_row, const float *cache, const int32_
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
-        float *s = (float *)malloc(sizeof(float) * (size_t)(g * max_ctx));
+        float *s = (float *)malloc(sizeof(float) * (size_t)(heads * max_ctx + heads * d));
         if (s == NULL) {
             #pragma omp atomic write
             failed = 1;
         } else {
+            v16 *acc = (v16 *)(s + heads * max_ctx);
             #pragma omp for schedule(static)
-            for (int64_t jb = 0; jb < batch * hkv; ++jb) {
-                const int64_t b = jb / hkv, kh = jb % hkv;
+            for (int64_t b = 0; b < batch; ++b) {
                 const int64_t ctx = ctx_lens[b];
-                const v16 *qb = (const v16 *)(q + b * q_row + kh * g * d);  /* [g][nv] */
+                const v16 *qb = (const v16 *)(q + b * q_row);  /* [heads][nv] */
                 const int32_t *row = table + b * t_row;
-                float *ob = out + (b * heads + kh * g) * d;
+                float *ob = out + b * heads * d;
                 CASE(1, 4) CASE(2, 4) CASE(3, 4) CASE(4, 4) CASE(5, 4) CASE(6, 4) CASE(7, 4) CASE(8, 4)
                 CASE(1, 8) CASE(2, 8) CASE(3, 8) CASE(4, 8) CASE(5, 8) CASE(6, 8) CASE(7, 8) CASE(8, 8)
-                job(g, nv, qb, cache, row, ctx, kh, tok, half, bs, max_ctx, scale, s, ob);
+                job(g, nv, hkv, qb, cache, row, ctx, tok, half, bs, max_ctx, scale, s, acc, ob);
             }
             free(s);
         }
@@ -183,7 +207,7 @@ def supports(q: torch.Tensor, cache: torch.Tensor) -> bool:
     """Whether ``paged_decode`` takes these tensors (CPU float32, the layouts it reads)."""
     return (q.device.type == "cpu" and q.dtype == torch.float32 and cache.dtype == torch.float32
             and cache.is_contiguous() and q.dim() == 3 and q.stride(2) == 1 and q.stride(1) == q.shape[2]
-            and q.shape[2] % 16 == 0 and q.shape[1] // cache.shape[3] * q.shape[2] // 16 <= 64)
+            and q.shape[2] % 16 == 0)
 
 
 def paged_decode(lib: ctypes.CDLL, q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
