@@ -114,3 +114,16 @@ def test_packed_weights_follow_writes_and_replacement_and_respect_the_bound() ->
         torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
     finally:
         llama.PREPACK_MAX_BYTES = bound
+
+
+def test_mlp_in_row_chunks_matches_one_pass() -> None:
+    """A CPU prefill longer than MLP_CHUNK_ROWS runs the MLP in chunks: same rows out (the last
+    chunk partial), to float32 rounding."""
+    torch.manual_seed(0)
+    mlp = llama.MLP(_config())
+    x = torch.randn(2 * llama.MLP_CHUNK_ROWS + 17, 32)
+    with torch.inference_mode():
+        got = mlp(x)
+        want = mlp._swiglu(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

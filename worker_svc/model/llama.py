@@ -235,6 +235,9 @@ class Attention(nn.Module):
         return linear(out.reshape(t, self.num_heads * self.head_dim), self.o_proj.weight, self.o_proj.bias)
 
 
+MLP_CHUNK_ROWS = 256  # rows of one MLP chunk of a CPU prefill (see MLP.forward)
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -244,8 +247,21 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # SwiGLU. gate and up stay two matmuls: on CPU one [hidden, 2 * intermediate] matmul ran
-        # slower than two halves at batch 32 (MKL's blocking), and in-place silu/mul gained nothing.
+        # A long prefill on the CPU goes through in row chunks: each chunk's [rows, intermediate]
+        # gate/up outputs stay in the core's cache for silu, the product and the down matmul,
+        # where a 4096-row step's 28 MB intermediates went through memory three times (the MLP
+        # of a 4096-token prefill ran ~1.25x faster in chunks of 256 rows on a 2 MB-L2 EPYC).
+        n = x.shape[0]
+        if x.device.type != "cpu" or n <= MLP_CHUNK_ROWS:
+            return self._swiglu(x)
+        out = torch.empty((n, self.down_proj.weight.shape[0]), dtype=x.dtype)
+        for i in range(0, n, MLP_CHUNK_ROWS):
+            out[i:i + MLP_CHUNK_ROWS] = self._swiglu(x[i:i + MLP_CHUNK_ROWS])
+        return out
+
+    def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        # gate and up stay two matmuls: on CPU one [hidden, 2 * intermediate] matmul ran slower
+        # than two halves at batch 32 (MKL's blocking), and in-place silu/mul gained nothing.
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
         return linear(F.silu(linear(x, g.weight, g.bias)) * linear(x, u.weight, u.bias), d.weight, d.bias)
 
