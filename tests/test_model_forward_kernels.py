@@ -35,6 +35,12 @@ def test_rope_with_signed_sin_is_bit_identical_to_hf() -> None:
     x_strided = torch.randn(5, 8, 8)[:, :6]  # a slice of the fused q/k/v output, as in the forward
     x_strided.copy_(x)
     assert torch.equal(apply_rotary(x_strided, cos, signed_sin), _hf_rope(x, positions, rope.inv_freq))
+    long_pos = torch.arange(300) % 128  # a prefill's many tokens take the per-half path
+    x = torch.randn(300, 6, 8)
+    cos, signed_sin = rope(long_pos, torch.float32)
+    wide = torch.randn(300, 8, 8)[:, :6]
+    wide.copy_(x)
+    assert torch.equal(apply_rotary(wide, cos, signed_sin), _hf_rope(x, long_pos, rope.inv_freq))
 
 
 def test_rms_norm_is_bit_identical_to_hf_in_float32() -> None:

@@ -169,14 +169,28 @@ def _llama3_scale(inv_freq: torch.Tensor, config: ModelConfig) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """RoPE of x [T, heads, D] with cos/signed_sin [T, D] from ``RotaryEmbedding``, into a new tensor.
+    """RoPE of x [T, heads, D] with cos/signed_sin [T, D] from ``RotaryEmbedding``, into a new
+    contiguous tensor.
 
-    HF's ``x * cos + rotate_half(x) * sin`` with rotate_half(x) = (-x2, x1): rolling x by half a
-    head gives (x2, x1), and the sign lives in ``signed_sin`` (-x2 * s == x2 * -s exactly), so the
-    result is bit-identical with one kernel fewer and no concatenation per call.
+    HF's ``x * cos + rotate_half(x) * sin`` with rotate_half(x) = (-x2, x1), written per half:
+    (x1 * c - x2 * s, x2 * c + x1 * s) with c, s the first and second halves of the tables, since
+    a + (-x2) * s == a - x2 * s exactly. Bit-identical to HF (tested), with no concatenation or
+    roll and half-size passes straight into the output: half the time of a roll-based version at
+    4096 tokens. A few tokens (decode) take the roll: fewer, smaller ops (also bit-identical).
     """
-    rolled = x.roll(x.shape[-1] // 2, dims=-1).mul_(signed_sin[:, None, :])
-    return (x * cos[:, None, :]).add_(rolled)
+    h = x.shape[-1] // 2
+    if x.shape[0] < 64:
+        rolled = x.roll(h, dims=-1).mul_(signed_sin[:, None, :])  # (x2, x1) * (-s, s)
+        return (x * cos[:, None, :]).add_(rolled)
+    c, s = cos[:, None, :h], signed_sin[:, None, h:]  # [T, 1, D/2]: cos and +sin of each frequency
+    x1, x2 = x[..., :h], x[..., h:]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o1, o2 = out[..., :h], out[..., h:]
+    t = torch.mul(x2, s)
+    torch.mul(x1, c, out=o1).sub_(t)
+    torch.mul(x1, s, out=t)
+    torch.mul(x2, c, out=o2).add_(t)
+    return out
 
 
 class Attention(nn.Module):
