@@ -217,7 +217,9 @@ class Attention(nn.Module):
         projs = (self.q_proj, self.k_proj, self.v_proj)
         starts = self._starts()
         w = self._qkv_weight
-        if w is None or any(p.weight.data_ptr() != w[i].data_ptr()
+        # Where each projection's rows begin in the fused tensor, by address (no views per call).
+        base, row = (w.data_ptr(), w.stride(0) * w.element_size()) if w is not None else (0, 0)
+        if w is None or any(p.weight.data_ptr() != base + i * row
                             for i, p in zip(starts, projs, strict=True)):
             with torch.inference_mode(False), torch.no_grad():  # real tensors, usable outside inference
                 self._qkv_weight = w = torch.cat([p.weight for p in projs])
