@@ -3,6 +3,8 @@ grouped and plain heads, ragged contexts over scattered blocks, strided queries 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -48,3 +50,17 @@ def test_auto_uses_the_kernel_on_cpu_float32_only() -> None:
     assert select_backend(torch.device("cpu"), torch.float32)._native is not None
     assert select_backend(torch.device("cpu"), torch.bfloat16)._native is None
     assert select_backend(torch.device("cpu"), torch.float32, "sdpa")._native is None
+
+
+def test_the_built_library_is_cached_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first build lands in the cache folder; a later process loads it without compiling."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert paged_decode._build() is not None
+    built = list((tmp_path / "layerkv" / "paged-decode").glob("paged_decode-*.so"))
+    assert len(built) == 1
+
+    def no_compiler(cc: str, folder: str) -> str:
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(paged_decode, "_compile", no_compiler)
+    assert paged_decode._build() is not None

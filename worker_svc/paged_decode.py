@@ -3,21 +3,23 @@
 A decode step of the SDPA backend copies every row's K/V blocks into a workspace and then runs
 SDPA over it: three passes over the context's bytes (read, write, read again) where attention
 needs one, and on the CPU that traffic is most of its cost. This kernel walks each row's block
-table and reads K and V where they lie, one (row, KV head) at a time with its query heads
-together (grouped-query attention without expanding K/V): scores, an exact softmax (max, then
-exp and sum), then the weighted sum of V, all in float32.
+table and reads K and V where they lie, one row at a time with all its query heads (grouped-query
+attention without expanding K/V): scores, an exact softmax (max, then exp and sum), then the
+weighted sum of V, all in float32.
 
-The C source below is compiled once per process with the system C compiler (``cc -O3
--march=native``, a fraction of a second) into a temporary shared library loaded with ctypes;
-torch tensors are passed as pointers and strides. Where no compiler is found or the build fails,
-``load()`` returns None and the backend keeps its torch path (logged once).
+The C source below is compiled with the system C compiler (``cc -O3 -march=native``, a few
+seconds) into a shared library kept in the user's cache folder (one per source, compiler and CPU)
+and loaded with ctypes; torch tensors are passed as pointers and strides. Where no compiler is
+found or the build fails, ``load()`` returns None and the backend keeps its torch path (logged once).
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -165,26 +167,68 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
+_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
+
+
+def _cache_dir() -> str:
+    """Where built libraries are kept between processes (the user's cache folder)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "layerkv", "paged-decode")
+
+
+def _build_key(cc: str) -> str:
+    """The source, flags, compiler and CPU (-march=native code runs only where it was built: a
+    cache folder shared by machines with other CPUs gets another library)."""
+    h = hashlib.sha256()
+    for part in (_SOURCE, " ".join(_FLAGS), cc, platform.machine()):
+        h.update(part.encode())
+    try:
+        h.update(subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout)
+        with open("/proc/cpuinfo", "rb") as f:  # Linux: the CPU's model and instruction flags
+            h.update(b"".join(line for line in f if line.startswith((b"flags", b"model name")))[:4096])
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return h.hexdigest()[:24]
+
+
+def _compile(cc: str, folder: str) -> str:
+    """Compile into ``folder``; the library's path."""
+    src, lib = os.path.join(folder, "paged_decode.c"), os.path.join(folder, "paged_decode.so")
+    with open(src, "w") as f:
+        f.write(_SOURCE)
+    subprocess.run([cc, *_FLAGS, src, "-o", lib, "-lm"], check=True, capture_output=True, timeout=120)
+    return lib
+
+
 def _build() -> ctypes.CDLL | None:
+    """Load the library from the cache folder, compiling it there first when missing (a few
+    seconds once per machine; written under a temporary name and renamed, so concurrent
+    processes never load a half-written file). An unwritable cache: built in a temporary folder."""
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         log.info("no C compiler found: decode attention keeps the torch path")
         return None
-    folder = tempfile.mkdtemp(prefix="layerkv-paged-decode-")
-    src, lib = os.path.join(folder, "paged_decode.c"), os.path.join(folder, "paged_decode.so")
     try:
-        with open(src, "w") as f:
-            f.write(_SOURCE)
-        # -march=native: the library is built where it runs, never shipped
-        flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
-        subprocess.run([cc, *flags, src, "-o", lib, "-lm"], check=True, capture_output=True, timeout=120)
-        handle = ctypes.CDLL(lib)
+        cached = os.path.join(_cache_dir(), f"paged_decode-{_build_key(cc)}.so")
+        if not os.path.isfile(cached):
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            folder = tempfile.mkdtemp(prefix="build-", dir=os.path.dirname(cached))
+            try:
+                os.replace(_compile(cc, folder), cached)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        handle = ctypes.CDLL(cached)
     except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("building the paged decode kernel failed (%s): decode attention keeps the torch path",
-                    exc)
-        return None
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
+        log.info("no cached paged decode kernel (%s): building it in a temporary folder", exc)
+        folder = tempfile.mkdtemp(prefix="layerkv-paged-decode-")
+        try:
+            handle = ctypes.CDLL(_compile(cc, folder))
+        except (OSError, subprocess.SubprocessError) as exc2:
+            log.warning("building the paged decode kernel failed (%s): decode attention keeps the torch "
+                        "path", exc2)
+            return None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
     fn = handle.paged_decode
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64,
