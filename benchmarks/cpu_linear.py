@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from worker_svc.model.linear import MIN_ROWS, PackedWeights, linear
+from worker_svc.model.linear import _packed_weight, linear, uses_onednn
 
 # (in, out) of the projections: the vs_vllm "small" model (hidden 256) and "large" (hidden 576)
 SHAPES = [(256, 512), (256, 768), (768, 256), (576, 1728), (1728, 576)]
@@ -35,14 +35,15 @@ def timed_ms(fn: Callable[[], object], repeats: int) -> float:
 
 def one_shape(k: int, n: int, m: int, repeats: int) -> str:
     """One table row: an [m, k] x [k, n] matmul both ways."""
-    w, packed, x = torch.randn(n, k), PackedWeights(), torch.randn(m, k)
+    w, x = torch.randn(n, k), torch.randn(m, k)
     with torch.inference_mode():
-        assert torch.allclose(linear(x, w, None, packed), F.linear(x, w), rtol=1e-4, atol=1e-4)
+        assert torch.allclose(linear(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
         mkl = timed_ms(lambda: F.linear(x, w), repeats)
-        packed_w = packed.get(w)
+        packed_w = _packed_weight(w)
         onednn = timed_ms(lambda: torch.ops.mkldnn._linear_pointwise(x, packed_w, None, "none", [], ""),
                           repeats)
-    note = "" if m >= MIN_ROWS else f"  (under {MIN_ROWS} rows linear() keeps MKL)"
+    with torch.inference_mode():
+        note = "" if uses_onednn(x, w) else "  (linear() keeps MKL here)"
     gf = 2 * m * k * n / 1e6
     return (f"{k:>5}x{n:<5} {m:>5} {mkl:>8.3f} {onednn:>9.3f} {mkl / onednn:>5.2f}x {gf / mkl:>9.0f} "
             f"{gf / onednn:>11.0f}{note}")

@@ -77,3 +77,15 @@ def test_saved_folders_load_and_match(tmp_path: Path, shard: str | None) -> None
     prompt = prompt_of(12, 7)
     got = run_engine(engine, {"a": Job(prompt, 5)})
     assert_matches(got["a"], hf_generate(model, prompt, 5))
+
+
+def test_prefill_with_mlp_row_chunks_matches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU prefill longer than the MLP's row chunk (made small here) still matches HF."""
+    from worker_svc.model import llama
+
+    monkeypatch.setattr(llama, "MLP_CHUNK_ROWS", 16)
+    model = build_hf_model("llama", layers=2, heads=4, kv_heads=2)
+    engine = make_engine(save_model(model, tmp_path), block_size=16, gpu_blocks=256)
+    prompt = prompt_of(53, 5)  # three full chunks and a partial one
+    got = run_engine(engine, {"a": Job(prompt, 6)})
+    assert_matches(got["a"], hf_generate(model, prompt, 6))

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from worker_svc.model import linear as linear_module
+from worker_svc.model import llama
 from worker_svc.model.config import ModelConfig
+from worker_svc.model.linear import linear
 from worker_svc.model.llama import Attention, RMSNorm, RotaryEmbedding, apply_rotary
 
 
@@ -34,6 +37,12 @@ def test_rope_with_signed_sin_is_bit_identical_to_hf() -> None:
     x_strided = torch.randn(5, 8, 8)[:, :6]  # a slice of the fused q/k/v output, as in the forward
     x_strided.copy_(x)
     assert torch.equal(apply_rotary(x_strided, cos, signed_sin), _hf_rope(x, positions, rope.inv_freq))
+    long_pos = torch.arange(300) % 128  # a prefill's many tokens take the per-half path
+    x = torch.randn(300, 6, 8)
+    cos, signed_sin = rope(long_pos, torch.float32)
+    wide = torch.randn(300, 8, 8)[:, :6]
+    wide.copy_(x)
+    assert torch.equal(apply_rotary(wide, cos, signed_sin), _hf_rope(x, long_pos, rope.inv_freq))
 
 
 def test_rms_norm_is_bit_identical_to_hf_in_float32() -> None:
@@ -67,3 +76,62 @@ def test_fused_qkv_is_views_of_the_three_projections_and_follows_replacement() -
     assert torch.equal(rebuilt[48:], torch.full((16, 32), 2.0))
     assert torch.equal(rebuilt[32:48], torch.full((16, 32), 0.5))
     assert attn.v_proj.weight.data_ptr() == rebuilt[48:].data_ptr()
+
+
+def test_linear_matches_f_linear() -> None:
+    """The oneDNN matmul agrees with F.linear to float32 rounding (one row and batches, with and
+    without bias, strided input and weight)."""
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 40), torch.randn(96)
+    for rows in (1, 2, 5, 33):
+        x = torch.randn(rows, 80)[:, ::2]  # not contiguous, as a view of a wider tensor
+        for bias in (None, b):
+            got, want = linear(x, w, bias), torch.nn.functional.linear(x, w, bias)
+            assert got.shape == want.shape == (rows, 96)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    wide = torch.randn(96, 80)[:, ::2]  # a strided weight
+    x = torch.randn(3, 40)
+    want = torch.nn.functional.linear(x, wide, b)
+    torch.testing.assert_close(linear(x, wide, b), want, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # the forward's mode
+        x = torch.randn(7, 40)
+        torch.testing.assert_close(linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_weights_follow_writes_and_replacement_and_respect_the_bound() -> None:
+    """The packed copy of a weight is rebuilt after an in-place write or a new tensor at the same
+    parameter, and past PREPACK_MAX_BYTES the plain weight is used (same results either way)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 96, bias=False)
+    x = torch.randn(4, 40)
+    with torch.inference_mode():
+        first = linear(x, lin.weight)
+    torch.testing.assert_close(first, torch.nn.functional.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # in place: same storage, new version
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, lin.weight), 2 * first, rtol=1e-5, atol=1e-5)
+    lin.weight = torch.nn.Parameter(torch.zeros(96, 40))  # replaced
+    with torch.inference_mode():
+        assert torch.count_nonzero(linear(x, lin.weight)) == 0
+    bound = linear_module.PREPACK_MAX_BYTES
+    try:
+        linear_module.PREPACK_MAX_BYTES = 0
+        w = torch.randn(96, 40)
+        assert linear_module._packed_weight(w) is w  # over the bound: not packed
+        torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    finally:
+        linear_module.PREPACK_MAX_BYTES = bound
+
+
+def test_mlp_in_row_chunks_matches_one_pass() -> None:
+    """A CPU prefill longer than MLP_CHUNK_ROWS runs the MLP in chunks: same rows out (the last
+    chunk partial), to float32 rounding."""
+    torch.manual_seed(0)
+    mlp = llama.MLP(_config())
+    x = torch.randn(2 * llama.MLP_CHUNK_ROWS + 17, 32)
+    with torch.inference_mode():
+        got = mlp(x)
+        want = mlp._swiglu(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

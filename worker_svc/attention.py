@@ -4,17 +4,22 @@ The KV tensor of the GPU tier is [N, 2, block_size, Hkv, D] (one block = one lay
 ``block_size`` tokens, K at index 0 and V at 1, so a run of blocks is one contiguous copy). A step
 of whole prompts attends only to their own fresh K/V (no prefix cache); any other step (decodes,
 later prefill chunks, or both mixed) attends through a block table to the cached context.
-``SdpaBackend`` uses torch ``scaled_dot_product_attention`` (CPU and GPU); ``FlashAttnBackend`` uses
-flash-attn's varlen kernel for prefill and its paged kernel for decode when it is importable on CUDA.
+``AttentionBackend`` uses torch ``scaled_dot_product_attention`` (CPU and GPU), and on the CPU in
+float32 its decode steps read the paged blocks in place with ``worker_svc.paged_decode`` (``auto``;
+``sdpa`` keeps torch only); ``FlashAttnBackend`` uses flash-attn's varlen kernel for prefill and its
+paged kernel for decode when it is importable on CUDA.
 """
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
+
+from worker_svc import paged_decode
 
 
 @dataclass
@@ -83,7 +88,9 @@ class AttentionBackend:
             start += n
         return torch.cat(outs, dim=0)
 
-    def __init__(self) -> None:
+    def __init__(self, native_decode: bool = False) -> None:
+        # The in-place CPU decode kernel (None: torch only, or it could not be built).
+        self._native: ctypes.CDLL | None = paged_decode.load() if native_decode else None
         self._work: torch.Tensor | None = None  # gather workspace, reused by every layer and step
         # Most blocks one gather can need (the engine's memory plan budgets exactly this much):
         # growth by doubling stops there. None: unbounded.
@@ -119,8 +126,12 @@ class AttentionBackend:
         chunk after earlier chunks) attends to its gathered rows with a causal mask offset by its start.
         """
         assert meta.block_table is not None and meta.context_lens is not None
+        decodes = len(meta.seq_lens) == q.shape[0]  # one token per row
+        if decodes and self._native is not None and paged_decode.supports(q, cache):
+            return paged_decode.paged_decode(self._native, q, cache, meta.block_table, meta.context_lens,
+                                             meta.max_context)
         k_all, v_all = self._gather(cache, meta)  # [B, S, Hkv, D]
-        if all(n == 1 for n in meta.seq_lens):
+        if decodes:
             return self._decode_rows(q, k_all, v_all, meta)
         assert meta.context_list is not None
         out = torch.empty_like(q)
@@ -193,7 +204,8 @@ class FlashAttnBackend(AttentionBackend):
 
 
 def select_backend(device: torch.device, dtype: torch.dtype, name: str = "auto") -> AttentionBackend:
-    """``auto``: flash-attn on CUDA with a half dtype when importable, SDPA otherwise."""
+    """``auto``: flash-attn on CUDA with a half dtype when importable, SDPA otherwise (with the
+    in-place decode kernel on the CPU); ``sdpa``: torch's SDPA only."""
     if name == "sdpa":
         return AttentionBackend()
     usable = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
@@ -205,4 +217,4 @@ def select_backend(device: torch.device, dtype: torch.dtype, name: str = "auto")
                 raise
     if name == "flash-attn":
         raise ValueError("the flash-attn backend needs CUDA and float16/bfloat16")
-    return AttentionBackend()
+    return AttentionBackend(native_decode=device.type == "cpu" and dtype == torch.float32)

@@ -1,66 +1,108 @@
-"""Linear layers whose CPU matmuls go through oneDNN with a prepacked weight.
+"""Linear layers' CPU matmuls through oneDNN, with float32 weights prepacked in its layout.
 
-torch's default float32 matmul on CPU is MKL's sgemm. On the AMD EPYC cores of our benchmark
-machine it runs at about 90 GFLOP/s per core, while oneDNN with the weight reordered once into its
-blocked layout reaches about 220 GFLOP/s (`benchmarks/cpu_linear.py`; vLLM's CPU backend uses
-oneDNN as well). Below ``MIN_ROWS`` rows (small-batch decodes) MKL's GEMV path is as fast or
-faster, so those keep ``F.linear``. Elsewhere (CUDA, other dtypes, autograd) nothing changes.
-
-The packed weight is cached on the module and rebuilt when the weight tensor is replaced or written
-in place (its version moves), so loaders may keep assigning or copying into ``weight``. It is a
-second copy of the weight in host memory: a CPU worker's weights take twice their size.
+torch's float32 matmul on CPU is MKL's sgemm, whose code path on AMD CPUs stops at AVX2; oneDNN
+picks its kernels from the CPU's flags (AVX-512 where present) and, on a weight reordered once into
+its blocked layout, ran the projections of the bench models 2-2.4x faster from a few rows up on the
+AVX-512 EPYC of our benchmarks (``benchmarks/cpu_linear.py``; vLLM's CPU path uses oneDNN too). A
+GEMV of one to three rows over a small weight is faster through MKL, so it stays there. Elsewhere
+(CUDA, other dtypes, autograd) this is ``F.linear``.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-_PACKED_DTYPES = (torch.float32, torch.bfloat16)
-_ONEDNN = torch.backends.mkldnn.is_available()
-MIN_ROWS = 4  # fewer rows: MKL (measured by benchmarks/cpu_linear.py)
+MIN_ROWS = 4  # fewer rows go to MKL ...
+MIN_WEIGHT_ELEMENTS = 1 << 19  # ... unless the weight is this large (a memory-bound GEMV, streamed faster)
 
 
-class PackedWeights:
-    """oneDNN-packed copies of the weights one module multiplies by, keyed by the weight's identity."""
+def _onednn_usable() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
 
-    def __init__(self) -> None:
-        self._packed: dict[int, tuple[int, int, torch.Tensor]] = {}  # id(weight) -> (ptr, version, packed)
 
-    def get(self, weight: torch.Tensor) -> torch.Tensor:
-        # an inference tensor has no version counter: only replacing it is noticed
-        version = -1 if weight.is_inference() else weight._version
-        key, ptr = id(weight), weight.data_ptr()
-        entry = self._packed.get(key)
-        if entry is None or entry[0] != ptr or entry[1] != version:
-            with torch.inference_mode(False), torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)  # any batch size may use it
-            entry = self._packed[key] = (ptr, version, packed)
-        return entry[2]
+_ONEDNN = _onednn_usable()
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` goes through the packed oneDNN path (see the module docstring)."""
-    return (_ONEDNN and x.device.type == "cpu" and x.dim() == 2 and x.shape[0] >= MIN_ROWS
-            and x.dtype in _PACKED_DTYPES and weight.dtype == x.dtype
-            and (torch.is_inference_mode_enabled() or not torch.is_grad_enabled()))
+    """Whether ``linear(x, weight)`` goes through oneDNN (see the module docstring)."""
+    return (_ONEDNN and x.device.type == "cpu" and x.dim() == 2 and x.dtype == weight.dtype
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and (x.shape[0] >= MIN_ROWS or weight.numel() >= MIN_WEIGHT_ELEMENTS)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           packed: PackedWeights) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; x [T, in] -> [T, out]."""
-    if not uses_onednn(x, weight):
-        return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed.get(weight), bias, "none", [], "")
+# float32 matmul weights are also kept in oneDNN's blocked layout (a second copy, made at first
+# use), up to this many bytes in all: with weights streamed from memory, as in every decode step,
+# a [32, hidden] batch ran 1.35x faster on the packed copy. Past the bound the plain weight is used,
+# so a large model on the CPU does not double its weights' memory.
+PREPACK_MAX_BYTES = 2 << 30
+PACK_BATCH_HINT = 32  # the batch oneDNN lays the packed copy out for; it serves every batch size
+_packed: dict[int, tuple[int, int, torch.Tensor]] = {}  # id(weight) -> (data_ptr, version, packed copy)
+_packed_bytes = [0]
+_pack_lock = threading.Lock()
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state-dict names) with the packed CPU path."""
+def _forget(key: int, nbytes: int) -> None:
+    if _packed.pop(key, None) is not None:
+        _packed_bytes[0] -= nbytes
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs: object) -> None:
-        super().__init__(in_features, out_features, bias, **kwargs)  # type: ignore[arg-type]
-        self.packed = PackedWeights()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
+def _version(w: torch.Tensor) -> int:
+    try:
+        return w._version
+    except RuntimeError:  # an inference tensor has no version counter; it cannot be written either
+        return 0
+
+
+def _packed_weight(w: torch.Tensor) -> torch.Tensor:
+    """oneDNN's packed copy of ``w`` (made on first use, again after ``w`` is written or
+    replaced), or ``w`` itself past ``PREPACK_MAX_BYTES``."""
+    key = id(w)
+    hit = _packed.get(key)
+    if hit is not None and hit[0] == w.data_ptr() and hit[1] == _version(w):
+        return hit[2]
+    with _pack_lock:  # engines in several threads of one process share the cache
+        return _pack(w, key)
+
+
+def _pack(w: torch.Tensor, key: int) -> torch.Tensor:
+    hit = _packed.get(key)
+    if hit is not None and hit[0] == w.data_ptr() and hit[1] == _version(w):
+        return hit[2]
+    nbytes = w.numel() * w.element_size()
+    if hit is not None:
+        _packed_bytes[0] -= nbytes
+        del _packed[key]
+    elif _packed_bytes[0] + nbytes > PREPACK_MAX_BYTES:
+        return w
+    else:
+        weakref.finalize(w, _forget, key, nbytes)
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_BATCH_HINT)
+    _packed[key] = (w.data_ptr(), _version(w), packed)
+    _packed_bytes[0] += nbytes
+    return packed
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, through oneDNN for float32/bfloat16 on the CPU (what vLLM's CPU path uses too).
+
+    Why: torch's CPU matmul calls MKL, whose code path on AMD CPUs stops at AVX2, while oneDNN
+    picks its kernels from the CPU's flags (AVX-512 where present): 2-3x the float32 throughput of
+    a [32, 576] x [576, 1728] matmul on an AVX-512 EPYC, and 1.3x at one row over that weight (a
+    batch-1 decode: 24 GB/s of weights streamed against MKL's 16); float32 weights are prepacked
+    (above). A few rows over a small weight stay with MKL (``uses_onednn``).
+    The sums are accumulated in another order, so results differ from F.linear in the last bits
+    (relative ~1e-7); greedy ids and log-probs against transformers are checked by the tests.
+    """
+    if uses_onednn(x, weight):
+        w = _packed_weight(weight) if weight.dtype == torch.float32 and weight.is_contiguous() else weight
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, bias, "none", [], "")
+    return F.linear(x, weight, bias)

@@ -1,0 +1,66 @@
+"""The in-place CPU decode kernel gives what the SDPA backend's gather-then-attend path gives:
+grouped and plain heads, ragged contexts over scattered blocks, strided queries and tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker_svc import paged_decode
+from worker_svc.attention import AttentionBackend, AttentionMetadata, select_backend
+
+pytestmark = pytest.mark.skipif(paged_decode.load() is None, reason="no C compiler to build the kernel")
+
+
+def _meta(table: torch.Tensor, lens: list[int]) -> AttentionMetadata:
+    empty = torch.zeros(len(lens), dtype=torch.int64)
+    return AttentionMetadata(is_prefill=False, slot_blocks=empty, slot_offsets=empty,
+                             seq_lens=[1] * len(lens), block_table=table,
+                             context_lens=torch.tensor(lens, dtype=torch.int32),
+                             max_context=max(lens), context_list=lens)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "block_size", "d"),
+                         [(9, 3, 16, 64), (4, 4, 1, 64), (8, 1, 5, 128), (6, 2, 4, 32)])
+def test_kernel_matches_the_gather_path(heads: int, kv_heads: int, block_size: int, d: int) -> None:
+    torch.manual_seed(0)
+    lens = [1, 37, 160, 16, 81]
+    blocks = [-(-n // block_size) for n in lens]
+    m = max(blocks)
+    cache = torch.randn(sum(blocks) + 7, 2, block_size, kv_heads, d)
+    ids = torch.randperm(cache.shape[0])  # each row's blocks scattered over the cache
+    wide = torch.zeros(len(lens), m + 3, dtype=torch.int32)  # a view of a wider buffer: strided rows
+    used = 0
+    for row, n in enumerate(blocks):
+        wide[row, :n] = ids[used:used + n].to(torch.int32)
+        used += n
+    table = wide[:, :m]
+    qkv = torch.randn(len(lens), heads + 2 * kv_heads, d)  # q is a slice of it, as in the forward
+    q = qkv[:, :heads]
+    want = AttentionBackend().decode(q, cache, _meta(table, lens))
+    native = AttentionBackend(native_decode=True)
+    got = native.decode(q, cache, _meta(table, lens))
+    assert native._work is None  # no gather workspace was needed
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_uses_the_kernel_on_cpu_float32_only() -> None:
+    assert select_backend(torch.device("cpu"), torch.float32)._native is not None
+    assert select_backend(torch.device("cpu"), torch.bfloat16)._native is None
+    assert select_backend(torch.device("cpu"), torch.float32, "sdpa")._native is None
+
+
+def test_the_built_library_is_cached_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first build lands in the cache folder; a later process loads it without compiling."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert paged_decode._build() is not None
+    built = list((tmp_path / "layerkv" / "paged-decode").glob("paged_decode-*.so"))
+    assert len(built) == 1
+
+    def no_compiler(cc: str, folder: str) -> str:
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(paged_decode, "_compile", no_compiler)
+    assert paged_decode._build() is not None
