@@ -88,8 +88,9 @@ def test_settings_size_the_cache_in_requests() -> None:
     shape = MODEL_SHAPES["small"]
     budget = KvBudget(long.vllm_blocks(), shape.num_layers, 32)
     # the host tier holds every request of the run in every layer: it never limits our side
-    assert host_blocks_for(long, shape.num_layers, 32) >= long.num_requests * shape.num_layers * 68
-    assert staging_blocks_for(long, budget) == 2 * 68  # two layers of one 2176-token request
+    assert long.max_request_tokens == 2048 + 768  # decode-heavy: a request holds its KV for seconds
+    assert host_blocks_for(long, shape.num_layers, 32) >= long.num_requests * shape.num_layers * 88
+    assert staging_blocks_for(long, budget) == 2 * 88  # two layers of one 2816-token request
 
 
 def _result(i: int, sent: float, first: float, done: float, n: int, error: str = "") -> RequestResult:
