@@ -5,8 +5,9 @@ with its tokens, finishes, and its tokens and final record are in Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -30,6 +31,31 @@ from scheduler_svc.worker_pool import WorkerHandle, WorkerListener
 
 GPU_BLOCKS = 64
 OUTPUT = (7, 8, 9, 10)  # what the fake worker generates, one token per event
+
+
+@contextlib.asynccontextmanager
+async def fake_core(redis_url: str, fake: Any) -> AsyncIterator[tuple[SchedulerCore, Store]]:
+    """A started SchedulerCore (fcfs-full, no gRPC) over ``fake`` (its registry and client) and a
+    real Redis; stopped, with its store, on exit."""
+    settings = SchedulerSettings.build(redis_url=redis_url, workers=["fake:1"], policy="fcfs-full",
+                                       metrics_port=0, port=0, host="127.0.0.1")
+    store = Store(settings.redis_url, settings.redis_prefix, settings.retention_s)
+    core = SchedulerCore(settings, store, ServiceMetrics("scheduler"), client=fake, pool=fake.bind)
+    await core.start()
+    try:
+        yield core, store
+    finally:
+        await core.stop()
+        await store.close()
+
+
+async def stored_request(store: Store, request_id: str, prompt: list[int], max_tokens: int) -> RequestState:
+    """A waiting request created in Redis, as admission would create it."""
+    now = time.time()
+    record = RequestRecord(request_id=request_id, status=WAITING, prompt_ids=prompt,
+                           sampling={"max_tokens": max_tokens}, arrival_time=now)
+    assert await store.create_request(record, now)
+    return RequestState(record, SamplingParams(max_tokens=max_tokens))
 
 
 class FakeWorkers:
@@ -134,23 +160,13 @@ class FakeWorkers:
 
 @pytest.mark.asyncio
 async def test_request_runs_through_a_fake_worker_and_its_tokens_are_in_redis(redis_url: str) -> None:
-    settings = SchedulerSettings.build(redis_url=redis_url, workers=["fake:1"], policy="fcfs-full",
-                                       metrics_port=0, port=0, host="127.0.0.1")
-    store = Store(settings.redis_url, settings.redis_prefix, settings.retention_s)
     fake = FakeWorkers()
-    core = SchedulerCore(settings, store, ServiceMetrics("scheduler"), client=fake, pool=fake.bind)
-    await core.start()
-    try:
+    async with fake_core(redis_url, fake) as (core, store):
         handle = await core.pool.add_and_wait("fake:1")
         assert handle.accepting and core.ledger.get("fake-0") is not None
 
         prompt = [1, 2, 3, 4, 5]
-        sampling = SamplingParams(max_tokens=len(OUTPUT))
-        now = time.time()
-        record = RequestRecord(request_id="r1", status=WAITING, prompt_ids=prompt,
-                               sampling={"max_tokens": len(OUTPUT)}, arrival_time=now)
-        assert await store.create_request(record, now)
-        state = RequestState(record, sampling)
+        state = await stored_request(store, "r1", prompt, len(OUTPUT))
         core.admit(state)
 
         items = [item async for item in core.stream(state, 0, None)]
@@ -173,6 +189,3 @@ async def test_request_runs_through_a_fake_worker_and_its_tokens_are_in_redis(re
         assert state.finished and len(core.queue) == 0
         budget = core.ledger.get("fake-0")
         assert budget is not None and budget.gpu_free == GPU_BLOCKS  # the reservation was released
-    finally:
-        await core.stop()
-        await store.close()

@@ -13,11 +13,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from common.config import SchedulerSettings
-from common.metrics import ServiceMetrics
-from common.store import RequestRecord, Store
 from common.types import FinishReason, SamplingParams
-from scheduler_svc.core import SchedulerCore
 from scheduler_svc.policies.base import PreemptionMode
 from scheduler_svc.requests import WAITING, RequestState, StreamFinal
 from scheduler_svc.testing.fleet import collect, generate_request, start_fleet
@@ -34,7 +30,7 @@ from scheduler_svc.worker_client import (
     chunks,
 )
 from scheduler_svc.worker_events import DispatchCommand
-from tests.test_core_without_grpc import OUTPUT, FakeWorkers
+from tests.test_core_without_grpc import OUTPUT, FakeWorkers, fake_core, stored_request
 
 
 def command(rid: str, prompt: list[int], max_tokens: int = 4) -> DispatchCommand:
@@ -115,24 +111,15 @@ class BatchFakeWorkers(FakeWorkers):
 
 
 async def test_the_core_settles_each_outcome_of_a_round_sent_at_once(redis_url: str) -> None:
-    settings = SchedulerSettings.build(redis_url=redis_url, workers=["fake:1"], policy="fcfs-full",
-                                       metrics_port=0, port=0, host="127.0.0.1")
-    store = Store(settings.redis_url, settings.redis_prefix, settings.retention_s)
     fake = BatchFakeWorkers()
     assert isinstance(fake, BatchWorkerClient)
-    core = SchedulerCore(settings, store, ServiceMetrics("scheduler"), client=fake, pool=fake.bind)
-    await core.start()
-    try:
+    async with fake_core(redis_url, fake) as (core, store):
         await core.pool.add_and_wait("fake:1")
         fake.script = {"b@0": DispatchRefused("no room"), "c@0": DispatchRejected("bad prompt"),
                        "d@0": DispatchOutcomeUnknown("DEADLINE_EXCEEDED: late")}  # fmt: skip
         states = []
-        now = time.time()
         for rid in "abcd":
-            record = RequestRecord(request_id=rid, status=WAITING, prompt_ids=[1, 2, 3],
-                                   sampling={"max_tokens": len(OUTPUT)}, arrival_time=now)
-            assert await store.create_request(record, now)
-            states.append(RequestState(record, SamplingParams(max_tokens=len(OUTPUT))))
+            states.append(await stored_request(store, rid, [1, 2, 3], len(OUTPUT)))
         for state in states:  # no await between them: one round sees all four
             core.admit(state)
         async def final(state: RequestState) -> object:
@@ -151,9 +138,6 @@ async def test_the_core_settles_each_outcome_of_a_round_sent_at_once(redis_url: 
         assert await store.get_tokens("b") == list(OUTPUT)
         budget = core.ledger.get("fake-0")
         assert budget is not None and budget.num_requests == 0  # every reservation released
-    finally:
-        await core.stop()
-        await store.close()
 
 
 @pytest.mark.parametrize("n", [1, 3])
@@ -195,13 +179,8 @@ async def test_a_worker_silent_for_the_limit_is_marked_down_then_redialled(redis
 async def test_a_dispatch_whose_worker_goes_down_during_the_rounds_commit_is_not_sent(
     redis_url: str,
 ) -> None:
-    settings = SchedulerSettings.build(redis_url=redis_url, workers=["fake:1"], policy="fcfs-full",
-                                       metrics_port=0, port=0, host="127.0.0.1")
-    store = Store(settings.redis_url, settings.redis_prefix, settings.retention_s)
     fake = BatchFakeWorkers()
-    core = SchedulerCore(settings, store, ServiceMetrics("scheduler"), client=fake, pool=fake.bind)
-    await core.start()
-    try:
+    async with fake_core(redis_url, fake) as (core, store):
         handle = await core.pool.add_and_wait("fake:1")
         commit = core.lifecycle.commit
 
@@ -212,11 +191,7 @@ async def test_a_dispatch_whose_worker_goes_down_during_the_rounds_commit_is_not
                 await core.intake.worker_down(handle)
 
         core.lifecycle.commit = commit_then_lose_the_worker  # type: ignore[method-assign]
-        now = time.time()
-        record = RequestRecord(request_id="r", status=WAITING, prompt_ids=[1, 2, 3],
-                               sampling={"max_tokens": len(OUTPUT)}, arrival_time=now)
-        assert await store.create_request(record, now)
-        state = RequestState(record, SamplingParams(max_tokens=len(OUTPUT)))
+        state = await stored_request(store, "r", [1, 2, 3], len(OUTPUT))
         core.admit(state)
         for _ in range(100):
             if state.record.requeues:
@@ -227,9 +202,6 @@ async def test_a_dispatch_whose_worker_goes_down_during_the_rounds_commit_is_not
         assert fake.calls == [] and fake.dispatched == []  # the reserved attempt was never sent...
         assert (state.record.status, state.worker_request_id) == (WAITING, "r@1")  # ...it waits again
         assert list(core.queue) == ["r"]
-    finally:
-        await core.stop()
-        await store.close()
 
 
 async def test_a_consumer_held_up_longer_than_the_silence_limit_is_not_a_silent_worker(

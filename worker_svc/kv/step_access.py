@@ -22,7 +22,6 @@ import torch
 
 from worker_svc.attention import AttentionMetadata
 from worker_svc.kv.block_table import LayerBlockTable
-from worker_svc.kv.id_tensor import id_tensor
 from worker_svc.kv.kv_cache import KVCache
 from worker_svc.kv.manager import KVCacheManager
 from worker_svc.kv.offload import CopyEngine, CopyHandle
@@ -91,18 +90,24 @@ class StepAccess:
         # Only whole prompts from slot 0: attention can use the fresh K/V, no block table needed.
         self.fresh = all(s == 0 for s in starts)
         self.max_blocks = max(_cdiv(e, self.bs) for e in self.ends)
-        lens_t = id_tensor(lens)
-        self._tok_row = torch.repeat_interleave(torch.arange(len(tables)), lens_t)  # [T]
-        cu = torch.zeros(len(lens) + 1, dtype=torch.int64)
-        torch.cumsum(lens_t, 0, out=cu[1:])  # [B+1]
-        # Position of every token: its request's start plus its index inside the segment.
-        first = id_tensor(starts) - cu[:-1]  # [B]
-        pos = torch.arange(int(cu[-1])) + torch.repeat_interleave(first, lens_t)  # [T]
-        self._tok_row = self._tok_row.to(self.device)
-        self._tok_block = (pos // self.bs).to(self.device)  # [T] which of its request's blocks
-        self.offsets = (pos % self.bs).to(self.device)  # [T]
-        self.cu_seqlens = cu.to(torch.int32).to(self.device)  # [B+1]
-        self.context_lens = id_tensor(self.ends).to(torch.int32).to(self.device)  # [B]
+        # Token layout in numpy (a few small array ops cost microseconds, their torch versions tens).
+        b = len(tables)
+        start_a = np.asarray(starts, dtype=np.int64)  # [B]
+        if len(lens) == sum(lens):  # all decodes: token i is request i's one new token
+            tok_row, pos, cu = np.arange(b), start_a, np.arange(b + 1)
+        else:
+            lens_a = np.asarray(lens, dtype=np.int64)
+            cu = np.zeros(b + 1, dtype=np.int64)
+            np.cumsum(lens_a, out=cu[1:])  # [B+1]
+            tok_row = np.repeat(np.arange(b), lens_a)  # [T]
+            # Position of every token: its request's start plus its index inside the segment.
+            pos = np.arange(cu[-1]) + np.repeat(start_a - cu[:-1], lens_a)  # [T]
+        self._tok_row = torch.from_numpy(tok_row).to(self.device)  # [T]
+        self._tok_block = torch.from_numpy(pos // self.bs).to(self.device)  # [T] block of its request
+        self.offsets = torch.from_numpy(pos % self.bs).to(self.device)  # [T]
+        self.cu_seqlens = torch.from_numpy(cu.astype(np.int32)).to(self.device)  # [B+1]
+        self.context_lens = torch.from_numpy(start_a.astype(np.int32) + np.asarray(lens, dtype=np.int32)
+                                             ).to(self.device)  # [B]
         self._prebuilt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         row_index = buffer.rows_for(tables, manager.tables)  # [B]
         self._row_index = row_index.numpy()
