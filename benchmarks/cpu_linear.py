@@ -1,5 +1,7 @@
 """CPU matmul speed of a linear layer: torch's default (MKL sgemm) against oneDNN with a prepacked
 weight (``worker_svc.model.linear``), one thread, for the projection shapes of the bench models.
+The weight stays in cache across repeats here, which favours MKL at one row; in a model's decode
+step the weights stream from memory (see the module docstring of ``worker_svc.model.linear``).
 
     python benchmarks/cpu_linear.py [--rows 1,2,32,512,2048] [--threads 1]
 """
@@ -43,7 +45,7 @@ def one_shape(k: int, n: int, m: int, repeats: int) -> str:
         onednn = timed_ms(lambda: torch.ops.mkldnn._linear_pointwise(x, packed_w, None, "none", [], ""),
                           repeats)
     with torch.inference_mode():
-        note = "" if uses_onednn(x, w) else "  (linear() keeps MKL here)"
+        note = "" if uses_onednn(x, w) else "  (linear() keeps F.linear here)"
     gf = 2 * m * k * n / 1e6
     return (f"{k:>5}x{n:<5} {m:>5} {mkl:>8.3f} {onednn:>9.3f} {mkl / onednn:>5.2f}x {gf / mkl:>9.0f} "
             f"{gf / onednn:>11.0f}{note}")

@@ -3,9 +3,11 @@
 torch's float32 matmul on CPU is MKL's sgemm, whose code path on AMD CPUs stops at AVX2; oneDNN
 picks its kernels from the CPU's flags (AVX-512 where present) and, on a weight reordered once into
 its blocked layout, ran the projections of the bench models 2-2.4x faster from a few rows up on the
-AVX-512 EPYC of our benchmarks (``benchmarks/cpu_linear.py``; vLLM's CPU path uses oneDNN too). A
-GEMV of one to three rows over a small weight is faster through MKL, so it stays there. Elsewhere
-(CUDA, other dtypes, autograd) this is ``F.linear``.
+AVX-512 EPYC of our benchmarks (``benchmarks/cpu_linear.py``; vLLM's CPU path uses oneDNN too).
+One row is faster through MKL only while the weight sits in cache (that benchmark); in a model the
+weights of a decode step stream from memory, where oneDNN is faster at one row too (a batch-1 step
+of the 7M-parameter bench model: 3.2-3.8 ms against 4.5-4.8 with MKL for 1-3 rows), so every
+eligible matmul goes through oneDNN. Elsewhere (CUDA, other dtypes, autograd) this is ``F.linear``.
 """
 
 from __future__ import annotations
@@ -15,9 +17,6 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-
-MIN_ROWS = 4  # fewer rows go to MKL ...
-MIN_WEIGHT_ELEMENTS = 1 << 19  # ... unless the weight is this large (a memory-bound GEMV, streamed faster)
 
 
 def _onednn_usable() -> bool:
@@ -34,7 +33,6 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``linear(x, weight)`` goes through oneDNN (see the module docstring)."""
     return (_ONEDNN and x.device.type == "cpu" and x.dim() == 2 and x.dtype == weight.dtype
             and x.dtype in (torch.float32, torch.bfloat16)
-            and (x.shape[0] >= MIN_ROWS or weight.numel() >= MIN_WEIGHT_ELEMENTS)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
@@ -98,7 +96,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     picks its kernels from the CPU's flags (AVX-512 where present): 2-3x the float32 throughput of
     a [32, 576] x [576, 1728] matmul on an AVX-512 EPYC, and 1.3x at one row over that weight (a
     batch-1 decode: 24 GB/s of weights streamed against MKL's 16); float32 weights are prepacked
-    (above). A few rows over a small weight stay with MKL (``uses_onednn``).
+    (above).
     The sums are accumulated in another order, so results differ from F.linear in the last bits
     (relative ~1e-7); greedy ids and log-probs against transformers are checked by the tests.
     """
