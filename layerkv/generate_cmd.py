@@ -78,6 +78,8 @@ def register(app: typer.Typer) -> None:
         gpu_layers: Annotated[int | None, Opt(help="GPU-resident layers, spread through the depth")] = None,
         preemption: Annotated[str, Opt(help="when KV growth finds no room: recompute or swap-layers")] = (
             "recompute"),
+        host_access: Annotated[str, Opt(help="host layers: auto (in place on CPU), stream (through staging, "
+                                             "as on a GPU) or direct")] = "auto",
         max_num_batched_tokens: Annotated[int, Opt(help="tokens per engine step (prefill chunks)")] = 2048,
         json_output: Annotated[bool, Opt("--json", help="JSON Lines, one per prompt")] = False,
         endpoint: Annotated[str | None, Opt(help="HOST:PORT of a running scheduler")] = None,
@@ -123,7 +125,7 @@ def register(app: typer.Typer) -> None:
 
             config = EngineConfig(model=model, device=device, dtype=dtype, block_size=block_size,
                                   gpu_blocks=gpu_blocks, host_blocks=host_blocks, preemption_mode=preemption,
-                                  max_num_batched_tokens=max_num_batched_tokens)
+                                  max_num_batched_tokens=max_num_batched_tokens, host_access=host_access)
             code = run_local(config, specs, json_output, placement=placement, gpu_layers=gpu_layers,
                              chat=chat)
         except LayerKVError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from layerkv.cli import app
@@ -29,7 +30,8 @@ def test_tiny_preset_text_prompt_json() -> None:
     assert record["placement"] == "GGGG"
 
 
-def test_batch_file_matches_transformers_in_input_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize("host_access", ["auto", "stream"])
+def test_batch_file_matches_transformers_in_input_order(tmp_path: Path, host_access: str) -> None:
     model = build_hf_model("llama", layers=2)
     model.save_pretrained(tmp_path / "m")
     prompts = [prompt_of(n, i) for i, n in enumerate([9, 3, 20])]
@@ -37,14 +39,17 @@ def test_batch_file_matches_transformers_in_input_order(tmp_path: Path) -> None:
     batch.write_text("\n".join(json.dumps({"prompt_ids": p, "max_tokens": 3 + i})
                                for i, p in enumerate(prompts)) + "\n")
     result = runner.invoke(app, ["generate", "--model", str(tmp_path / "m"), "--batch", str(batch), "--json",
-                                 "--block-size", "4", "--placement", "HG"])
+                                 "--block-size", "4", "--placement", "HG", "--host-access", host_access])
     assert result.exit_code == 0, result.output
     records = _lines(result.output)
     assert [r["index"] for r in records] == [0, 1, 2]
     for i, (r, p) in enumerate(zip(records, prompts, strict=True)):
         assert r["token_ids"] == hf_generate(model, p, 3 + i).token_ids
         assert r["placement"] == "HG"
-        assert r["bytes_offloaded"] > 0 and r["bytes_loaded"] > 0
+        if host_access == "stream":  # the host layer goes through staging: offloaded, streamed back in
+            assert r["bytes_offloaded"] > 0 and r["bytes_loaded"] > 0
+        else:  # on CPU, auto reads the host layer in place: nothing is copied
+            assert r["bytes_offloaded"] == r["bytes_loaded"] == 0
 
 
 def test_prompt_ids_and_gpu_layers() -> None:

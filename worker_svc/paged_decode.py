@@ -48,6 +48,18 @@ static inline float hsum(v16 v) {  /* a tree: a chain of 16 scalar adds would bo
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+/* The K (part 0) or V (part half) half of the row's next block, or 0 after its last. */
+static inline const char *next_block(const float *cache, const int32_t *row, int64_t blk,
+                                     int64_t nblocks, int64_t half, int64_t part) {
+    return blk + 1 < nblocks ? (const char *)(cache + (int64_t)row[blk + 1] * 2 * half + part) : 0;
+}
+
+/* Prefetch token i of that block (tok floats: every KV head of one token). */
+static inline void prefetch_token(const char *next, int64_t i, int64_t tok) {
+    if (!next) return;
+    for (int64_t line = 0; line < tok * 4; line += 64) __builtin_prefetch(next + i * tok * 4 + line);
+}
+
 /* One row's job: every query head over the row's context. Each token's K (and V) of all KV heads is
    one contiguous run of hkv * d floats, read once, front to back; the next block is prefetched
    while this one is computed (a row's blocks are anywhere in the cache, so the hardware prefetcher
@@ -62,13 +74,9 @@ static inline __attribute__((always_inline)) void job(
     for (int64_t blk = 0; blk < nblocks; ++blk) {
         const int64_t t0 = blk * bs, n = ctx - t0 < bs ? ctx - t0 : bs;
         const float *kblock = cache + (int64_t)row[blk] * 2 * half;
-        const char *next =
-            blk + 1 < nblocks ? (const char *)(cache + (int64_t)row[blk + 1] * 2 * half) : 0;
+        const char *next = next_block(cache, row, blk, nblocks, half, 0);
         for (int64_t i = 0; i < n; ++i) {
-            if (next) {
-                for (int64_t line = 0; line < tok * 4; line += 64)
-                    __builtin_prefetch(next + i * tok * 4 + line);
-            }
+            prefetch_token(next, i, tok);
             const float *kt = kblock + i * tok;
             for (int64_t kh = 0; kh < hkv; ++kh) {
                 const v16 *k = (const v16 *)(kt + kh * nv * 16);
@@ -98,13 +106,9 @@ static inline __attribute__((always_inline)) void job(
     for (int64_t blk = 0; blk < nblocks; ++blk) {
         const int64_t t0 = blk * bs, n = ctx - t0 < bs ? ctx - t0 : bs;
         const float *vblock = cache + (int64_t)row[blk] * 2 * half + half;
-        const char *next =
-            blk + 1 < nblocks ? (const char *)(cache + (int64_t)row[blk + 1] * 2 * half + half) : 0;
+        const char *next = next_block(cache, row, blk, nblocks, half, half);
         for (int64_t i = 0; i < n; ++i) {
-            if (next) {
-                for (int64_t line = 0; line < tok * 4; line += 64)
-                    __builtin_prefetch(next + i * tok * 4 + line);
-            }
+            prefetch_token(next, i, tok);
             const float *vt = vblock + i * tok;
             for (int64_t kh = 0; kh < hkv; ++kh) {
                 const v16 *v = (const v16 *)(vt + kh * nv * 16);
