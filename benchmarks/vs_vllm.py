@@ -15,7 +15,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,7 +151,7 @@ def run_setting(
 ) -> tuple[SettingReport, list[SystemRun], dict[str, object]]:
     import asyncio
 
-    from benchmarks.vs_vllm_ours import OurSystemConfig, run_ours
+    from benchmarks.vs_vllm_ours import OurSystemConfig, one_at_a_time, run_ours
     from benchmarks.vs_vllm_real import VllmServerConfig, read_preemptions, run_openai_workload, vllm_server
     from layerkv.bench.runner import ClientConfig, parse_policy_params
     from layerkv.bench.workload import BenchRequest, generate
@@ -196,8 +195,7 @@ def run_setting(
                     await run_openai_workload(base, [req])
                 progress = _progress(REAL_VLLM, len(requests))
                 if setting.sequential:
-                    return [r for req in requests  # sent at once, each after the previous one
-                            for r in await run_openai_workload(base, [replace(req, arrival_s=0.0)], progress)]
+                    return await one_at_a_time(lambda rs: run_openai_workload(base, rs, progress), requests)
                 return await run_openai_workload(base, requests, progress)
 
             before = read_preemptions(base)

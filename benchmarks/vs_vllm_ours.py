@@ -14,7 +14,8 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -117,6 +118,24 @@ class _PreemptionCounter:
                     self.total += int(event.step.num_preemptions)
 
 
+Send = Callable[[list[BenchRequest]], Awaitable[list[RequestResult]]]
+
+
+async def one_at_a_time(send: Send, requests: Sequence[BenchRequest]) -> list[RequestResult]:
+    """Each request sent as soon as the previous one has finished, by ``send`` (either side's open-loop
+    client), with every result's times moved onto one timeline from the first send (so that the
+    run's duration, and its tokens per second, are those of the whole sequence)."""
+    start, out = time.monotonic(), []
+    for req in requests:
+        offset = time.monotonic() - start
+        for r in await send([replace(req, arrival_s=0.0)]):
+            out.append(replace(
+                r, sent_s=r.sent_s + offset,
+                first_token_s=None if r.first_token_s is None else r.first_token_s + offset,
+                finished_s=None if r.finished_s is None else r.finished_s + offset))
+    return out
+
+
 def run_ours(
     cfg: OurSystemConfig,
     policy: str,
@@ -144,10 +163,7 @@ def run_ours(
             follower = asyncio.create_task(counter.follow())
             try:
                 if sequential:
-                    out = []
-                    for req in requests:  # sent at once, each after the previous one
-                        out += await run_workload(config, [replace(req, arrival_s=0.0)], on_done=on_done)
-                    return out
+                    return await one_at_a_time(lambda rs: run_workload(config, rs, on_done=on_done), requests)
                 return await run_workload(config, requests, on_done=on_done)
             finally:
                 await asyncio.sleep(0.5)  # the last step reports trail the last token

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import itertools
 import json
 import threading
 import time
@@ -13,6 +14,7 @@ import pytest
 
 from benchmarks.vllm_venv import add_dist_alias
 from benchmarks.vs_vllm import parse_args
+from benchmarks.vs_vllm_ours import one_at_a_time
 from benchmarks.vs_vllm_real import (
     VllmServerConfig,
     completion_body,
@@ -156,6 +158,28 @@ def test_solo_target_is_the_per_request_time() -> None:
         assert r.mean_e2e_ratio == pytest.approx(finish)
         assert [t.split()[0] for t in report.targets] == [verdict]
     assert SETTINGS["solo"].sequential and not SETTINGS["kv1"].sequential
+
+
+def test_one_at_a_time_waits_for_each_request_and_keeps_one_timeline() -> None:
+    """The solo setting's sends: each after the previous one finished, at once (its own arrival
+    time ignored), and the results' times offset from the first send."""
+    calls: list[tuple[float, float]] = []
+
+    async def send(reqs: list[BenchRequest]) -> list[RequestResult]:
+        (req,) = reqs
+        calls.append((time.monotonic(), req.arrival_s))
+        await asyncio.sleep(0.05)
+        return [_result(req.index, 0.0, 0.01, 0.05, 5)]  # times relative to this call's start
+
+    requests = [BenchRequest(i, 10.0 * i, (1, 2), 5) for i in range(3)]
+    results = asyncio.run(one_at_a_time(send, requests))
+    assert [arrival for _, arrival in calls] == [0.0, 0.0, 0.0]
+    assert all(b - a >= 0.05 for (a, _), (b, _) in itertools.pairwise(calls))  # never overlapping
+    assert [r.index for r in results] == [0, 1, 2]
+    assert results[0].sent_s == pytest.approx(0.0, abs=0.01)
+    for prev, r in itertools.pairwise(results):
+        assert r.sent_s >= prev.finished_s  # one timeline: the next starts after the last finished
+        assert r.finished_s - r.sent_s == pytest.approx(0.05)
 
 
 def test_json_shape() -> None:
