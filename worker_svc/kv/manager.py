@@ -55,6 +55,8 @@ class KVCacheManager:
                  host_in_place: bool = False) -> None:
         self.geometry = geometry
         self.host_in_place = host_in_place
+        # The staging rule's bound: None when host layers are read in place (there is no rule).
+        self.staging_limit: int | None = None if host_in_place else staging_blocks
         self.num_layers = geometry.num_layers
         self.gpu = BlockPool(gpu_blocks)
         self.host = BlockPool(host_blocks)
@@ -88,16 +90,19 @@ class KVCacheManager:
         """Whether ``need`` more blocks fit the free blocks of both tiers and the staging rule."""
         host_per_layer = [a + b for a, b in zip(self._staging_demand(), need.host_per_layer, strict=True)]
         return (self.gpu.can_allocate(need.gpu_blocks) and self.host.can_allocate(need.host_blocks)
-                and (self.host_in_place or kv_budget.staging_fits(host_per_layer, self.staging.num_blocks)))
+                and self._staging_holds(kv_budget.staging_needed(host_per_layer)))
 
     def can_allocate(self, num_tokens: int, placement: Placement) -> bool:
         return self.fits(kv_budget.demand(self.geometry, num_tokens, placement))
 
+    def _staging_holds(self, needed: int) -> bool:
+        """Whether ``needed`` staging blocks (``kv_budget.staging_needed``) are within the rule's bound."""
+        return self.staging_limit is None or needed <= self.staging_limit
+
     def could_ever_fit(self, num_tokens: int, placement: Placement) -> str | None:
         """Why ``num_tokens`` tokens under ``placement`` cannot be held even by empty tiers, or ``None``."""
         capacity = TierCapacity(self.gpu.num_blocks, self.host.num_blocks)
-        staging = None if self.host_in_place else self.staging.num_blocks
-        return kv_budget.never_fits(self.geometry, num_tokens, placement, capacity, staging)
+        return kv_budget.never_fits(self.geometry, num_tokens, placement, capacity, self.staging_limit)
 
     # ---- admission and growth -----------------------------------------------------------------
     def allocate(self, request_id: str, num_tokens: int, placement: Placement) -> LayerBlockTable | None:
@@ -188,7 +193,7 @@ class KVCacheManager:
             after = list(base)
             after[layer] += n
             need = kv_budget.staging_needed(after)
-            if self.host_in_place or need <= self.staging.num_blocks:
+            if self._staging_holds(need):
                 scored.append((need, layer))
         return [layer for _, layer in sorted(scored)]
 
