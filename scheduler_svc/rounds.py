@@ -87,6 +87,9 @@ class Rounds:
         self._refused: dict[tuple[str, str], tuple[int, float]] = {}  # -> (refusals, not before)
         self.rounds = 0
         self.inflight = InflightPrefills()  # dispatched prefills the worker has not reported running
+        # worker id -> reserved dispatches waiting for the call in flight to that worker to end
+        self._outbox: dict[str, list[tuple[RequestState, str, PreemptionMode]]] = {}
+        self._sending: set[str] = set()  # workers with a dispatch call in flight
 
     # ---- snapshot ----
     def snapshot(self) -> FleetSnapshot:
@@ -213,16 +216,17 @@ class Rounds:
         # while a later round may hold it elsewhere.
         due = []
         for state, rid, worker_id, preemption in sends:
-            if state.worker_request_id == rid and state.record.worker_id == worker_id and not state.finished:
+            if _still_due(state, rid, worker_id):
                 due.append((state, rid, worker_id, preemption))
             else:
                 self.ledger.release(worker_id, rid)  # idempotent: mostly already dropped
         if isinstance(self.client, BatchWorkerClient):  # one call per worker for the whole round
-            by_worker: dict[str, list[tuple[RequestState, str, PreemptionMode]]] = {}
             for state, rid, worker_id, preemption in due:
-                by_worker.setdefault(worker_id, []).append((state, rid, preemption))
-            for worker_id, items in by_worker.items():
-                self._spawn(self._dispatch_many(worker_id, items))
+                self._outbox.setdefault(worker_id, []).append((state, rid, preemption))
+            for worker_id in {worker_id for _, _, worker_id, _ in due}:
+                if worker_id not in self._sending:  # else it rides the call after the one in flight
+                    self._sending.add(worker_id)
+                    self._spawn(self._send_dispatches(worker_id))
         else:
             for state, rid, worker_id, preemption in due:
                 self._spawn(self._dispatch(state, rid, worker_id, preemption))
@@ -277,6 +281,25 @@ class Rounds:
         except (DispatchRefused, DispatchRejected, DispatchUnsent, DispatchOutcomeUnknown) as err:
             error = err
         await self._settle(worker_id, [(state, worker_rid, error)])
+
+    async def _send_dispatches(self, worker_id: str) -> None:
+        """Group dispatch, as the commits are grouped: one ``DispatchBatch`` in flight per worker,
+        and every round's dispatches to it that came meanwhile go together in the next call. A
+        lone request goes at once; under load a call carries several rounds' requests (a call and
+        a worker event per round otherwise: most of the scheduler's per-request cost). What
+        changed while it waited (cancelled, requeued after its worker went down) is not sent."""
+        try:
+            while items := self._outbox.pop(worker_id, None):
+                due = []
+                for state, rid, preemption in items:
+                    if _still_due(state, rid, worker_id):
+                        due.append((state, rid, preemption))
+                    else:
+                        self.ledger.release(worker_id, rid)  # idempotent: mostly already dropped
+                if due:
+                    await self._dispatch_many(worker_id, due)
+        finally:
+            self._sending.discard(worker_id)
 
     async def _dispatch_many(
         self, worker_id: str, items: list[tuple[RequestState, str, PreemptionMode]]
@@ -350,6 +373,11 @@ class Rounds:
             await self.client.abort(worker_id, worker_rid)
         except Exception as exc:  # the worker reports it again if it still runs it
             log.warning("abort of %s on %s failed: %s", worker_rid, worker_id, exc)
+
+
+def _still_due(state: RequestState, worker_rid: str, worker_id: str) -> bool:
+    """Whether a reserved dispatch is still to be sent: the same attempt, to the same worker, live."""
+    return state.worker_request_id == worker_rid and state.record.worker_id == worker_id and not state.finished
 
 
 def _in_flight(state: RequestState, proposal: Dispatch, now: float) -> PrefillInFlight:

@@ -232,3 +232,48 @@ async def test_a_consumer_held_up_longer_than_the_silence_limit_is_not_a_silent_
         assert fleet.server.core.requests["held"].record.requeues == 0
     finally:
         await fleet.close()
+
+
+class GatedBatchWorkers(BatchFakeWorkers):
+    """Holds the first dispatch call until ``gate`` is set (a worker slow to answer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.in_flight = asyncio.Event()
+
+    async def dispatch_many(self, worker_id: str, commands):  # type: ignore[no-untyped-def]
+        if not self.calls:
+            self.in_flight.set()
+            await self.gate.wait()
+        return await super().dispatch_many(worker_id, commands)
+
+
+async def test_rounds_while_a_dispatch_call_is_in_flight_go_together_in_the_next_one(redis_url: str) -> None:
+    fake = GatedBatchWorkers()
+    async with fake_core(redis_url, fake) as (core, store):
+        await core.pool.add_and_wait("fake:1")
+        states = {rid: await stored_request(store, rid, [1, 2, 3], len(OUTPUT)) for rid in "abcde"}
+        core.admit(states["a"])
+        await asyncio.wait_for(fake.in_flight.wait(), 5)  # "a" is out, its call not answered yet
+        for rid in "bcd":  # three more rounds (each admission wakes one)...
+            core.admit(states[rid])
+            for _ in range(50):
+                if states[rid].record.status != WAITING:
+                    break
+                await asyncio.sleep(0.01)
+        cancelled, _ = await core.lifecycle.cancel("c")  # ...one cancelled while it waits to be sent
+        assert cancelled
+        fake.gate.set()
+
+        async def final(state: RequestState) -> object:
+            return [item async for item in core.stream(state, 0, None)][-1]
+
+        finals = await asyncio.wait_for(asyncio.gather(*(final(states[r]) for r in "abd")), 10)
+        assert fake.calls == [["a@0"], ["b@0", "d@0"]]  # one call in flight, the rest in the next
+        assert all(isinstance(f, StreamFinal) and f.record.output_tokens == len(OUTPUT) for f in finals)
+        core.admit(states["e"])  # nothing in flight: a lone request goes at once
+        await asyncio.wait_for(final(states["e"]), 10)
+        assert fake.calls[-1] == ["e@0"]
+        budget = core.ledger.get("fake-0")
+        assert budget is not None and budget.num_requests == 0  # "c"'s reservation released too
