@@ -81,6 +81,7 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
         self._subscribers: list[asyncio.Queue[worker_pb2.StreamEventsResponse | None]] = []
         self._server: grpc.aio.Server | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._work = asyncio.Event()  # set by Dispatch and Abort: an idle stub waits on it
         self._step = 0
         self._order = 0
         self.tokenizer = ByteTokenizer()
@@ -227,6 +228,7 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
         self.modes[rid] = request.preemption
         self._admitted.append(rid)
         self.dispatched.append(rid)
+        self._work.set()
         return worker_pb2.DispatchResponse(gpu_blocks=need.gpu_blocks, host_blocks=need.host_blocks)
 
     async def Abort(
@@ -239,6 +241,7 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
         self._finished.append(
             worker_pb2.TokenUpdate(request_id=rid, finished=True, finish_reason=types_pb2.FINISH_REASON_ABORT)
         )
+        self._work.set()
         return worker_pb2.AbortResponse(aborted=True)
 
     async def StreamEvents(
@@ -257,18 +260,26 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
             self._subscribers.remove(queue)
 
     # ---- the step loop ----
+    def _busy(self) -> bool:
+        return bool(self.kv.running or self.kv.waiting or self._admitted or self._finished)
+
     async def _step_loop(self) -> None:
-        idle_steps = 0
         while True:
-            await asyncio.sleep(self.step_s)
-            if not (self.kv.running or self.kv.waiting or self._admitted or self._finished):
-                idle_steps += 1
-                if idle_steps * self.step_s >= HEARTBEAT_S:  # state-only heartbeat, as the real worker
-                    idle_steps = 0
+            if not self._busy():
+                # Idle: wait for work (or send the state-only heartbeat, as the real worker does)
+                # instead of waking every step_s: a 1 ms tick costs an idle stub CPU the
+                # benchmark's other processes need.
+                self._work.clear()
+                try:
+                    async with asyncio.timeout(HEARTBEAT_S):
+                        await self._work.wait()
+                except TimeoutError:
                     for queue in self._subscribers:
                         queue.put_nowait(self._event([], StepCounts(), "idle"))
+                    continue
+            await asyncio.sleep(self.step_s)  # the step's time
+            if not self._busy():
                 continue
-            idle_steps = 0
             event = self.step()
             for queue in self._subscribers:
                 queue.put_nowait(event)
