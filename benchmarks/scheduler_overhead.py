@@ -65,10 +65,13 @@ def wait_port(port: int, timeout_s: float = 30.0) -> None:
 
 
 def request(prompt_tokens: int, max_tokens: int, request_id: str = "") -> scheduler_pb2.GenerateRequest:
+    # final_with_tokens: the last tokens ride in the final message (a one-token request streams
+    # one message instead of two), as a client that only needs the whole output would ask.
     return scheduler_pb2.GenerateRequest(
         request_id=request_id,
         token_ids=scheduler_pb2.TokenIds(ids=[7] * prompt_tokens),
         sampling=types_pb2.SamplingParams(max_tokens=max_tokens),
+        final_with_tokens=True,
     )
 
 

@@ -54,8 +54,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.GenerateResponse]:
         admitted = await submit(self.core, request)
-        async for item in self._events(admitted.state.request_id, 0):
-            yield scheduler_pb2.GenerateResponse(request_id=admitted.state.request_id, **item)
+        request_id = admitted.state.request_id
+        async for item in self._events(request_id, 0, final_with_tokens=request.final_with_tokens):
+            yield scheduler_pb2.GenerateResponse(request_id=request_id, **item)
 
     async def Attach(
         self, request: scheduler_pb2.AttachRequest, context: grpc.aio.ServicerContext
@@ -63,7 +64,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         async for item in self._events(request.request_id, request.offset):
             yield scheduler_pb2.AttachResponse(request_id=request.request_id, **item)
 
-    async def _events(self, request_id: str, offset: int) -> AsyncIterator[dict[str, Any]]:
+    async def _events(
+        self, request_id: str, offset: int, final_with_tokens: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The stream's messages; with ``final_with_tokens``, a chunk the final follows at once (the
+        finish was saved with it) rides in the final's ``last_chunk`` instead: one message fewer
+        per request, and a one-commit request is one message."""
         state = await lookup(self.core, request_id)
         if state is None:
             raise NotFound(f"unknown request id {quoted(request_id)}")
@@ -76,15 +82,23 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             if live
             else _iterate(stored_stream(state.record, state.tokens, offset, tokenizer))
         )
+        held: StreamChunk | None = None  # the last chunk, for the final to carry
         async for item in items:
             if isinstance(item, StreamChunk):
-                chunk = scheduler_pb2.TokenChunk(
-                    offset=item.offset, token_ids=list(item.token_ids), text_delta=item.text_delta
-                )
-                yield {"chunk": chunk}
+                if held is not None:  # only the detokenizer's held-back text follows a held chunk
+                    item = StreamChunk(held.offset, held.token_ids + item.token_ids, held.text_delta + item.text_delta)
+                    held = None
+                # Closed with nothing after this chunk: stream_from yields the final next, at once.
+                if final_with_tokens and state.closed and item.offset + len(item.token_ids) >= len(state.tokens):
+                    held = item
+                    continue
+                yield {"chunk": _token_chunk(item)}
             else:
                 assert isinstance(item, StreamFinal)
-                yield {"final": final_from_record(item.record)}
+                final = final_from_record(item.record)
+                if held is not None:
+                    final.last_chunk.CopyFrom(_token_chunk(held))
+                yield {"final": final}
 
     def _tokenizer(self) -> Any:
         return next((h.tokenizer for h in self.core.pool.handles() if h.tokenizer is not None), None)
@@ -101,6 +115,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if state is None:
             raise NotFound(f"unknown request id {quoted(request.request_id)}")
         return scheduler_pb2.GetRequestResponse(request=request_info(state.record, len(state.tokens)))
+
+
+def _token_chunk(item: StreamChunk) -> scheduler_pb2.TokenChunk:
+    return scheduler_pb2.TokenChunk(offset=item.offset, token_ids=item.token_ids, text_delta=item.text_delta)
 
 
 async def _iterate(items: list[StreamChunk | StreamFinal]) -> AsyncIterator[StreamChunk | StreamFinal]:

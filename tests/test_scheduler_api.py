@@ -56,6 +56,34 @@ async def test_generate_streams_token_ids_and_text(fleet: Fleet) -> None:
     assert 0 <= final.queue_s <= final.ttft_s <= final.latency_s
 
 
+async def messages(fleet: Fleet, request: scheduler_pb2.GenerateRequest) -> list[scheduler_pb2.GenerateResponse]:
+    return [response async for response in fleet.client.Generate(request)]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 12])
+async def test_with_final_with_tokens_the_last_tokens_ride_in_the_final(fleet: Fleet, max_tokens: int) -> None:
+    prompt = [5, 6, 7, 8]
+    request = generate_request(prompt, max_tokens)
+    request.final_with_tokens = True
+    out = await messages(fleet, request)
+    *chunks, last = out
+    assert all(m.HasField("chunk") for m in chunks) and last.HasField("final")
+    final = last.final
+    assert final.HasField("last_chunk") and final.last_chunk.token_ids
+    pieces = [m.chunk for m in chunks] + [final.last_chunk]
+    assert [p.offset for p in pieces] == [sum(len(q.token_ids) for q in pieces[:i]) for i in range(len(pieces))]
+    tokens = [t for p in pieces for t in p.token_ids]
+    assert tokens == expected_tokens(prompt, max_tokens)
+    assert "".join(p.text_delta for p in pieces) == bytes(tokens).decode()
+    assert (final.output_tokens, final.finish_reason) == (max_tokens, types_pb2.FINISH_REASON_LENGTH)
+    if max_tokens == 1:
+        assert len(out) == 1  # a one-commit request is one message
+    # Without the flag (older clients) every token comes in a chunk and the final carries none.
+    plain = await messages(fleet, generate_request(prompt, max_tokens))
+    assert plain[-1].HasField("final") and not plain[-1].final.HasField("last_chunk")
+    assert [t for m in plain[:-1] for t in m.chunk.token_ids] == tokens
+
+
 async def test_text_prompt_is_tokenized_with_the_workers_tokenizer(fleet: Fleet) -> None:
     request = scheduler_pb2.GenerateRequest(text="hé", sampling=types_pb2.SamplingParams(max_tokens=3))
     tokens, final = await collect(fleet.client.Generate(request))

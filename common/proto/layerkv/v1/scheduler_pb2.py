@@ -15,39 +15,39 @@ _sym_db = _symbol_database.Default()
 from common.proto.layerkv.v1 import types_pb2 as layerkv_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alayerkv/v1/scheduler.proto\x12\nlayerkv.v1\x1a\x16layerkv/v1/types.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.layerkv.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.layerkv.v1.SamplingParams\x12\x1c\n\x03slo\x18\x05 \x01(\x0b\x32\x0f.layerkv.v1.Slo\x12\x1e\n\x16\x65xpected_output_tokens\x18\x06 \x01(\rB\x08\n\x06prompt\"C\n\nTokenChunk\x12\x0e\n\x06offset\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x12\n\ntext_delta\x18\x03 \x01(\t\"\xc1\x01\n\rGenerateFinal\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.layerkv.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x15\n\routput_tokens\x18\x03 \x01(\r\x12\x0f\n\x07queue_s\x18\x04 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x12\x11\n\tlatency_s\x18\x06 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x07 \x01(\x01\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"\x84\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.layerkv.v1.TokenChunkH\x00\x12*\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x19.layerkv.v1.GenerateFinalH\x00\x42\x07\n\x05\x65vent\"3\n\rAttachRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\r\"\x82\x01\n\x0e\x41ttachResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.layerkv.v1.TokenChunkH\x00\x12*\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x19.layerkv.v1.GenerateFinalH\x00\x42\x07\n\x05\x65vent\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\'\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x9a\x03\n\x0bRequestInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.layerkv.v1.RequestStatus\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.layerkv.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x15\n\routput_tokens\x18\x05 \x01(\r\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x11\n\tplacement\x18\x07 \x01(\t\x12\x14\n\x0c\x61rrival_time\x18\x08 \x01(\x01\x12\x15\n\rdispatch_time\x18\t \x01(\x01\x12\x18\n\x10\x66irst_token_time\x18\n \x01(\x01\x12\x13\n\x0b\x66inish_time\x18\x0b \x01(\x01\x12,\n\x08sampling\x18\x0c \x01(\x0b\x32\x1a.layerkv.v1.SamplingParams\x12\x1c\n\x03slo\x18\r \x01(\x0b\x32\x0f.layerkv.v1.Slo\x12\x10\n\x08requeues\x18\x0e \x01(\r\x12\r\n\x05\x65rror\x18\x0f \x01(\t\">\n\x12GetRequestResponse\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.layerkv.v1.RequestInfo*\x84\x01\n\rRequestStatus\x12\x1e\n\x1aREQUEST_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16REQUEST_STATUS_WAITING\x10\x01\x12\x1a\n\x16REQUEST_STATUS_RUNNING\x10\x02\x12\x1b\n\x17REQUEST_STATUS_FINISHED\x10\x03\x32\xac\x02\n\x10SchedulerService\x12G\n\x08Generate\x12\x1b.layerkv.v1.GenerateRequest\x1a\x1c.layerkv.v1.GenerateResponse0\x01\x12\x41\n\x06\x41ttach\x12\x19.layerkv.v1.AttachRequest\x1a\x1a.layerkv.v1.AttachResponse0\x01\x12?\n\x06\x43\x61ncel\x12\x19.layerkv.v1.CancelRequest\x1a\x1a.layerkv.v1.CancelResponse\x12K\n\nGetRequest\x12\x1d.layerkv.v1.GetRequestRequest\x1a\x1e.layerkv.v1.GetRequestResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alayerkv/v1/scheduler.proto\x12\nlayerkv.v1\x1a\x16layerkv/v1/types.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xf1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.layerkv.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.layerkv.v1.SamplingParams\x12\x1c\n\x03slo\x18\x05 \x01(\x0b\x32\x0f.layerkv.v1.Slo\x12\x1e\n\x16\x65xpected_output_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x66inal_with_tokens\x18\x07 \x01(\x08\x42\x08\n\x06prompt\"C\n\nTokenChunk\x12\x0e\n\x06offset\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x12\n\ntext_delta\x18\x03 \x01(\t\"\xed\x01\n\rGenerateFinal\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.layerkv.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x15\n\routput_tokens\x18\x03 \x01(\r\x12\x0f\n\x07queue_s\x18\x04 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x12\x11\n\tlatency_s\x18\x06 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x07 \x01(\x01\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12*\n\nlast_chunk\x18\t \x01(\x0b\x32\x16.layerkv.v1.TokenChunk\"\x84\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.layerkv.v1.TokenChunkH\x00\x12*\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x19.layerkv.v1.GenerateFinalH\x00\x42\x07\n\x05\x65vent\"3\n\rAttachRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\r\"\x82\x01\n\x0e\x41ttachResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.layerkv.v1.TokenChunkH\x00\x12*\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x19.layerkv.v1.GenerateFinalH\x00\x42\x07\n\x05\x65vent\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\'\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x9a\x03\n\x0bRequestInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.layerkv.v1.RequestStatus\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.layerkv.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x15\n\routput_tokens\x18\x05 \x01(\r\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x11\n\tplacement\x18\x07 \x01(\t\x12\x14\n\x0c\x61rrival_time\x18\x08 \x01(\x01\x12\x15\n\rdispatch_time\x18\t \x01(\x01\x12\x18\n\x10\x66irst_token_time\x18\n \x01(\x01\x12\x13\n\x0b\x66inish_time\x18\x0b \x01(\x01\x12,\n\x08sampling\x18\x0c \x01(\x0b\x32\x1a.layerkv.v1.SamplingParams\x12\x1c\n\x03slo\x18\r \x01(\x0b\x32\x0f.layerkv.v1.Slo\x12\x10\n\x08requeues\x18\x0e \x01(\r\x12\r\n\x05\x65rror\x18\x0f \x01(\t\">\n\x12GetRequestResponse\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.layerkv.v1.RequestInfo*\x84\x01\n\rRequestStatus\x12\x1e\n\x1aREQUEST_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16REQUEST_STATUS_WAITING\x10\x01\x12\x1a\n\x16REQUEST_STATUS_RUNNING\x10\x02\x12\x1b\n\x17REQUEST_STATUS_FINISHED\x10\x03\x32\xac\x02\n\x10SchedulerService\x12G\n\x08Generate\x12\x1b.layerkv.v1.GenerateRequest\x1a\x1c.layerkv.v1.GenerateResponse0\x01\x12\x41\n\x06\x41ttach\x12\x19.layerkv.v1.AttachRequest\x1a\x1a.layerkv.v1.AttachResponse0\x01\x12?\n\x06\x43\x61ncel\x12\x19.layerkv.v1.CancelRequest\x1a\x1a.layerkv.v1.CancelResponse\x12K\n\nGetRequest\x12\x1d.layerkv.v1.GetRequestRequest\x1a\x1e.layerkv.v1.GetRequestResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'layerkv.v1.scheduler_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_REQUESTSTATUS']._serialized_start=1487
-  _globals['_REQUESTSTATUS']._serialized_end=1619
+  _globals['_REQUESTSTATUS']._serialized_start=1558
+  _globals['_REQUESTSTATUS']._serialized_end=1690
   _globals['_TOKENIDS']._serialized_start=66
   _globals['_TOKENIDS']._serialized_end=89
   _globals['_GENERATEREQUEST']._serialized_start=92
-  _globals['_GENERATEREQUEST']._serialized_end=306
-  _globals['_TOKENCHUNK']._serialized_start=308
-  _globals['_TOKENCHUNK']._serialized_end=375
-  _globals['_GENERATEFINAL']._serialized_start=378
-  _globals['_GENERATEFINAL']._serialized_end=571
-  _globals['_GENERATERESPONSE']._serialized_start=574
-  _globals['_GENERATERESPONSE']._serialized_end=706
-  _globals['_ATTACHREQUEST']._serialized_start=708
-  _globals['_ATTACHREQUEST']._serialized_end=759
-  _globals['_ATTACHRESPONSE']._serialized_start=762
-  _globals['_ATTACHRESPONSE']._serialized_end=892
-  _globals['_CANCELREQUEST']._serialized_start=894
-  _globals['_CANCELREQUEST']._serialized_end=929
-  _globals['_CANCELRESPONSE']._serialized_start=931
-  _globals['_CANCELRESPONSE']._serialized_end=966
-  _globals['_GETREQUESTREQUEST']._serialized_start=968
-  _globals['_GETREQUESTREQUEST']._serialized_end=1007
-  _globals['_REQUESTINFO']._serialized_start=1010
-  _globals['_REQUESTINFO']._serialized_end=1420
-  _globals['_GETREQUESTRESPONSE']._serialized_start=1422
-  _globals['_GETREQUESTRESPONSE']._serialized_end=1484
-  _globals['_SCHEDULERSERVICE']._serialized_start=1622
-  _globals['_SCHEDULERSERVICE']._serialized_end=1922
+  _globals['_GENERATEREQUEST']._serialized_end=333
+  _globals['_TOKENCHUNK']._serialized_start=335
+  _globals['_TOKENCHUNK']._serialized_end=402
+  _globals['_GENERATEFINAL']._serialized_start=405
+  _globals['_GENERATEFINAL']._serialized_end=642
+  _globals['_GENERATERESPONSE']._serialized_start=645
+  _globals['_GENERATERESPONSE']._serialized_end=777
+  _globals['_ATTACHREQUEST']._serialized_start=779
+  _globals['_ATTACHREQUEST']._serialized_end=830
+  _globals['_ATTACHRESPONSE']._serialized_start=833
+  _globals['_ATTACHRESPONSE']._serialized_end=963
+  _globals['_CANCELREQUEST']._serialized_start=965
+  _globals['_CANCELREQUEST']._serialized_end=1000
+  _globals['_CANCELRESPONSE']._serialized_start=1002
+  _globals['_CANCELRESPONSE']._serialized_end=1037
+  _globals['_GETREQUESTREQUEST']._serialized_start=1039
+  _globals['_GETREQUESTREQUEST']._serialized_end=1078
+  _globals['_REQUESTINFO']._serialized_start=1081
+  _globals['_REQUESTINFO']._serialized_end=1491
+  _globals['_GETREQUESTRESPONSE']._serialized_start=1493
+  _globals['_GETREQUESTRESPONSE']._serialized_end=1555
+  _globals['_SCHEDULERSERVICE']._serialized_start=1693
+  _globals['_SCHEDULERSERVICE']._serialized_end=1993
 # @@protoc_insertion_point(module_scope)

@@ -25,20 +25,22 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "sampling", "slo", "expected_output_tokens")
+    __slots__ = ("request_id", "text", "token_ids", "sampling", "slo", "expected_output_tokens", "final_with_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SLO_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_WITH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: TokenIds
     sampling: _types_pb2.SamplingParams
     slo: _types_pb2.Slo
     expected_output_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[_types_pb2.SamplingParams, _Mapping]] = ..., slo: _Optional[_Union[_types_pb2.Slo, _Mapping]] = ..., expected_output_tokens: _Optional[int] = ...) -> None: ...
+    final_with_tokens: bool
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[_types_pb2.SamplingParams, _Mapping]] = ..., slo: _Optional[_Union[_types_pb2.Slo, _Mapping]] = ..., expected_output_tokens: _Optional[int] = ..., final_with_tokens: bool = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("offset", "token_ids", "text_delta")
@@ -51,7 +53,7 @@ class TokenChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text_delta: _Optional[str] = ...) -> None: ...
 
 class GenerateFinal(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "output_tokens", "queue_s", "ttft_s", "latency_s", "tpot_s", "error")
+    __slots__ = ("finish_reason", "prompt_tokens", "output_tokens", "queue_s", "ttft_s", "latency_s", "tpot_s", "error", "last_chunk")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +62,7 @@ class GenerateFinal(_message.Message):
     LATENCY_S_FIELD_NUMBER: _ClassVar[int]
     TPOT_S_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHUNK_FIELD_NUMBER: _ClassVar[int]
     finish_reason: _types_pb2.FinishReason
     prompt_tokens: int
     output_tokens: int
@@ -68,7 +71,8 @@ class GenerateFinal(_message.Message):
     latency_s: float
     tpot_s: float
     error: str
-    def __init__(self, finish_reason: _Optional[_Union[_types_pb2.FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., latency_s: _Optional[float] = ..., tpot_s: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+    last_chunk: TokenChunk
+    def __init__(self, finish_reason: _Optional[_Union[_types_pb2.FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., latency_s: _Optional[float] = ..., tpot_s: _Optional[float] = ..., error: _Optional[str] = ..., last_chunk: _Optional[_Union[TokenChunk, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "chunk", "final")
