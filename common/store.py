@@ -54,13 +54,15 @@ return out
 """
 
 # ARGV: the key prefix, the retention TTL of finished requests, then a JSON list of batches, each
-# {"u": [[id, [field, value, ...]], ...], "t": [[id, log length before, [tokens]], ...],
-#  "e": [score, id, ...], "d": [id, ...], "r": [id, ...], "f": [id, ...]}: hash updates, token
-# appends, queue adds and removals, running adds, finishes. Applied in order, each batch's parts in
-# that order. A log is appended only when it has exactly the length given (-1: unconditionally),
-# so replaying an already applied commit changes nothing. One script per commit: the client packs
-# one JSON string instead of a command per write (packing commands was most of the scheduler's
-# Redis time), and Redis applies a commit whole.
+# {"c": [[id, queue score, [field, value, ...]], ...], "u": [[id, [field, value, ...]], ...],
+#  "t": [[id, log length before, [tokens]], ...], "e": [score, id, ...], "d": [id, ...],
+#  "r": [id, ...], "f": [id, ...]}: creates (record and queue entry, skipped when the record
+# exists: a replay never overwrites), hash updates, token appends, queue adds and removals,
+# running adds, finishes. Applied in order, each batch's parts in that order. A log is appended
+# only when it has exactly the length given (-1: unconditionally), so replaying an already applied
+# commit changes nothing. One script per commit: the client packs one JSON string instead of a
+# command per write (packing commands was most of the scheduler's Redis time), and Redis applies
+# a commit whole.
 _COMMIT_SCRIPT = """
 local prefix, ttl = ARGV[1], tonumber(ARGV[2])
 local waiting, running = prefix .. ':waiting', prefix .. ':running'
@@ -68,6 +70,13 @@ local function each_slice(values, call)  -- Lua's stack holds a few thousand val
   for first = 1, #values, 1000 do call(unpack(values, first, math.min(first + 999, #values))) end
 end
 for _, b in ipairs(cjson.decode(ARGV[3])) do
+  for _, c in ipairs(b.c) do
+    local key = prefix .. ':req:' .. c[1]
+    if redis.call('EXISTS', key) == 0 then
+      redis.call('HSET', key, unpack(c[3]))
+      redis.call('ZADD', waiting, c[2], c[1])
+    end
+  end
   for _, u in ipairs(b.u) do
     redis.call('HSET', prefix .. ':req:' .. u[1], unpack(u[2]))
   end
@@ -196,6 +205,14 @@ class StoreBatch:
     enqueued: dict[str, float] = field(default_factory=dict)  # request id -> queue score
     dequeued: set[str] = field(default_factory=set)
     running: set[str] = field(default_factory=set)
+    # new waiting requests, saved first (record and queue entry; a record that exists is kept)
+    created: list[tuple[str, float, list[str]]] = field(default_factory=list)
+
+    def create(self, record: RequestRecord, score: float) -> None:
+        """Save ``record`` as a new waiting request (what ``Store.create_request`` writes), in this
+        batch: for a request whose id nobody else can know yet, so there is no "exists" to answer."""
+        fields = [item for pair in record.to_hash().items() for item in pair]
+        self.created.append((record.request_id, score, fields))
 
     def update(self, record: RequestRecord, *names: str) -> None:
         fields = self.updates.setdefault(record.request_id, {})
@@ -205,6 +222,7 @@ class StoreBatch:
     def __bool__(self) -> bool:
         return bool(
             self.updates or self.tokens or self.finished or self.enqueued or self.dequeued or self.running
+            or self.created
         )
 
 
@@ -462,6 +480,7 @@ _COMMIT = _Script(_COMMIT_SCRIPT)
 def _to_json(batch: StoreBatch) -> dict[str, list[Any]]:
     """One batch as the commit script reads it."""
     return {
+        "c": [[rid, score, fields] for rid, score, fields in batch.created],
         "u": [[rid, [x for pair in fields.items() for x in pair]] for rid, fields in batch.updates.items()
               if fields],
         "t": [

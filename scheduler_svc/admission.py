@@ -68,6 +68,14 @@ async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) ->
     else:
         request_id = uuid.uuid4().hex
         record, sampling = _checked(core, request, request_id)
+        if core.store.reachable:
+            # An id of our own: no client can have stored or be retrying it, so the record needs no
+            # create call ("exists" cannot be the answer); it is saved in front of the next commit.
+            # While Redis is away the create call below runs anyway, so the client hears
+            # UNAVAILABLE after the read deadline instead of waiting on the outage.
+            state = RequestState(record, sampling)
+            core.lifecycle.admit_new(state)
+            return Admitted(state, created=True)
     created = await core.store.create_request(record, record.arrival_time)
     if not created:  # the id exists: stored before, or a concurrent retry with it won the race
         existing = await lookup(core, request_id)

@@ -68,6 +68,9 @@ class Lifecycle:
         self._wake = wake
         self._pending: list[tuple[Batch, asyncio.Future[None] | None]] = []  # batches to save next
         self._flusher: asyncio.Task[None] | None = None  # saving a group of batches now
+        # Admitted with an id the scheduler chose, not saved yet: the records ride in front of the
+        # next commit (under load, and for a lone request the round's dispatch commit).
+        self._unsaved = Batch()
         self.frozen = False  # the scheduler stops: change nothing any more
 
     async def commit(self, batch: Batch) -> None:
@@ -89,8 +92,11 @@ class Lifecycle:
 
     async def _flush(self) -> None:
         try:
-            while self._pending:
+            while self._pending or self._unsaved:
                 group, self._pending = self._pending, []
+                if self._unsaved:  # before every write that could touch those requests
+                    group.insert(0, (self._unsaved, None))
+                    self._unsaved = Batch()
                 await self._save(group)
         finally:
             self._flusher = None
@@ -132,6 +138,20 @@ class Lifecycle:
             self._spawn_commit(batch)
             return
         self._wake()
+
+    def admit_new(self, state: RequestState) -> None:
+        """Admit a request whose id the scheduler just chose (no client can know it, so nothing
+        can be stored under it): without its own Redis call first. Its record rides in front of
+        the next commit, which is the round's that dispatches it unless another comes first, and
+        is saved before any write about it; its streams send nothing before then (they send what
+        commits published). The flush is started after the round this admission wakes has run."""
+        self._unsaved.create(state.record, state.record.arrival_time)
+        self.admit(state)
+        asyncio.get_running_loop().call_soon(self._flush_unsaved)
+
+    def _flush_unsaved(self) -> None:
+        if self._unsaved and self._flusher is None:  # else they ride the group after the one out
+            self._flusher = asyncio.create_task(self._flush(), name="redis-commits")
 
     def _spawn_commit(self, batch: Batch) -> None:
         self._enqueue(batch, None)

@@ -377,7 +377,8 @@ class Rounds:
 
 def _still_due(state: RequestState, worker_rid: str, worker_id: str) -> bool:
     """Whether a reserved dispatch is still to be sent: the same attempt, to the same worker, live."""
-    return state.worker_request_id == worker_rid and state.record.worker_id == worker_id and not state.finished
+    record = state.record
+    return state.worker_request_id == worker_rid and record.worker_id == worker_id and not state.finished
 
 
 def _in_flight(state: RequestState, proposal: Dispatch, now: float) -> PrefillInFlight:

@@ -86,10 +86,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         async for item in items:
             if isinstance(item, StreamChunk):
                 if held is not None:  # only the detokenizer's held-back text follows a held chunk
-                    item = StreamChunk(held.offset, held.token_ids + item.token_ids, held.text_delta + item.text_delta)
+                    item = StreamChunk(
+                        held.offset, held.token_ids + item.token_ids, held.text_delta + item.text_delta
+                    )
                     held = None
                 # Closed with nothing after this chunk: stream_from yields the final next, at once.
-                if final_with_tokens and state.closed and item.offset + len(item.token_ids) >= len(state.tokens):
+                last = item.offset + len(item.token_ids) >= len(state.tokens)
+                if final_with_tokens and state.closed and last:
                     held = item
                     continue
                 yield {"chunk": _token_chunk(item)}

@@ -129,3 +129,51 @@ async def test_one_step_is_one_commit_and_one_chunk_per_client(redis_url: str) -
     finally:
         await core.stop()
         await store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_request_with_an_id_of_ours_is_saved_in_its_dispatch_commit(redis_url: str) -> None:
+    """No create call of its own: the record rides the round's commit, in front of the dispatch
+    (a lone request makes one Redis call before its dispatch instead of two)."""
+    from common.proto.layerkv.v1 import scheduler_pb2, types_pb2
+    from scheduler_svc.admission import submit
+
+    settings = SchedulerSettings.build(redis_url=redis_url, workers=["fake:1"], policy="fcfs-full",
+                                       metrics_port=0, port=0, host="127.0.0.1")
+    store = Store(settings.redis_url, settings.redis_prefix, settings.retention_s)
+    calls: list[list[tuple[list[str], list[str]]]] = []  # per commit call: (created, running) per batch
+    original = store.commit_many
+
+    async def counted(batches: Sequence[StoreBatch], *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append([([c[0] for c in b.created], sorted(b.running)) for b in batches])
+        return await original(batches, *args, **kwargs)
+
+    async def no_create(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("an id of ours needs no create call")
+
+    store.commit_many = counted  # type: ignore[method-assign]
+    store.create_request = no_create  # type: ignore[method-assign]
+    fake = Steps()
+    core = SchedulerCore(settings, store, ServiceMetrics("scheduler"), client=fake, pool=fake.bind)
+    await core.start()
+    try:
+        await core.pool.add_and_wait("fake:1")
+        calls.clear()
+        request = scheduler_pb2.GenerateRequest(
+            token_ids=scheduler_pb2.TokenIds(ids=[1, 2, 3]), sampling=types_pb2.SamplingParams(max_tokens=4)
+        )
+        admitted = await submit(core, request)
+        rid = admitted.state.request_id
+        for _ in range(200):
+            if fake.dispatched:
+                break
+            await asyncio.sleep(0.01)
+        assert [c.worker_request_id for c in fake.dispatched] == [f"{rid}@0"]
+        assert calls[0] == [([rid], []), ([], [rid])]  # one call: the create, then the dispatch
+        stored = await store.get_request(rid)
+        assert stored is not None and stored.status == "running" and stored.prompt_ids == [1, 2, 3]
+        assert stored.arrival_time == admitted.state.record.arrival_time
+        cancelled, _ = await core.lifecycle.cancel(rid)
+        assert cancelled and (await store.get_request(rid)).status == "finished"  # type: ignore[union-attr]
+    finally:
+        await core.stop()

@@ -56,12 +56,16 @@ async def test_generate_streams_token_ids_and_text(fleet: Fleet) -> None:
     assert 0 <= final.queue_s <= final.ttft_s <= final.latency_s
 
 
-async def messages(fleet: Fleet, request: scheduler_pb2.GenerateRequest) -> list[scheduler_pb2.GenerateResponse]:
+async def messages(
+    fleet: Fleet, request: scheduler_pb2.GenerateRequest
+) -> list[scheduler_pb2.GenerateResponse]:
     return [response async for response in fleet.client.Generate(request)]
 
 
 @pytest.mark.parametrize("max_tokens", [1, 12])
-async def test_with_final_with_tokens_the_last_tokens_ride_in_the_final(fleet: Fleet, max_tokens: int) -> None:
+async def test_with_final_with_tokens_the_last_tokens_ride_in_the_final(
+    fleet: Fleet, max_tokens: int
+) -> None:
     prompt = [5, 6, 7, 8]
     request = generate_request(prompt, max_tokens)
     request.final_with_tokens = True
@@ -71,7 +75,8 @@ async def test_with_final_with_tokens_the_last_tokens_ride_in_the_final(fleet: F
     final = last.final
     assert final.HasField("last_chunk") and final.last_chunk.token_ids
     pieces = [m.chunk for m in chunks] + [final.last_chunk]
-    assert [p.offset for p in pieces] == [sum(len(q.token_ids) for q in pieces[:i]) for i in range(len(pieces))]
+    starts = [sum(len(q.token_ids) for q in pieces[:i]) for i in range(len(pieces))]
+    assert [p.offset for p in pieces] == starts
     tokens = [t for p in pieces for t in p.token_ids]
     assert tokens == expected_tokens(prompt, max_tokens)
     assert "".join(p.text_delta for p in pieces) == bytes(tokens).decode()

@@ -49,6 +49,23 @@ async def test_create_is_idempotent_and_round_trips(store: Store) -> None:
     assert await store.get_request("missing") is None
 
 
+async def test_a_create_in_a_batch_is_saved_first_and_never_overwrites(store: Store) -> None:
+    batch = StoreBatch()
+    batch.create(record("a"), 1.0)
+    running = record("a", status="running")
+    batch.update(running, "status")  # a later write of the same commit applies on top of it
+    batch.dequeued.add("a")
+    batch.running.add("a")
+    await store.commit(batch)
+    assert await store.get_request("a") == running
+    assert await store.active_requests() == [running]  # listed once: dequeued, now running
+    again = StoreBatch()
+    again.create(record("a"), 2.0)  # a replay (or a taken id) keeps the stored record
+    await store.commit(again)
+    assert await store.get_request("a") == running
+    assert not await store.create_request(record("a"), 3.0)  # the same record create_request sees
+
+
 async def test_batch_commits_tokens_updates_and_queue_in_one_go(store: Store, redis_url: str) -> None:
     await store.create_request(record("a"), 1.0)
     await store.create_request(record("b"), 2.0)
