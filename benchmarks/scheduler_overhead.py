@@ -125,16 +125,17 @@ async def burst(
     """The burst's rates, and the CPU time each process spent on it per request (read as soon
     as the last request completes: the GetRequest calls after it are the benchmark's own)."""
     semaphore = asyncio.Semaphore(concurrency)
-    ids = [f"burst-{i}" for i in range(n)]
+    ids: list[str] = []  # the ids the scheduler chose, as a client that sends none (the OpenAI API)
 
-    async def one(rid: str) -> None:
+    async def one() -> None:
         async with semaphore:
-            async for _ in client.Generate(request(8, 1, rid)):
-                pass
+            async for response in client.Generate(request(8, 1)):
+                rid = response.request_id
+            ids.append(rid)
 
     before = {name: cpu_s(pid) for name, pid in pids.items()}
     start = time.perf_counter()
-    await asyncio.gather(*(one(rid) for rid in ids))
+    await asyncio.gather(*(one() for _ in range(n)))
     elapsed = time.perf_counter() - start
     spent = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
     others = {f"{name}_cpu_ms_per_request": 1000 * s / n for name, s in spent.items() if name != "scheduler"}
