@@ -34,3 +34,21 @@ def test_step_series_and_block_gauges_follow_every_step() -> None:
     assert value("layerkv_worker_kv_blocks_used", tier="gpu", layer="1") == 3
     assert value("layerkv_worker_kv_blocks_free", tier="gpu") == 35
     assert value("layerkv_worker_kv_blocks_free", tier="host") == 8
+
+
+def test_stack_overhead_reads_the_step_series_of_a_worker_page() -> None:
+    """``benchmarks/stack_overhead.py`` takes a request's prefill and decode steps from the
+    worker's metrics page, read before and after it."""
+    from prometheus_client import generate_latest
+
+    from benchmarks.stack_overhead import step_totals, steps_between
+
+    m = WorkerMetrics("w0")
+    before = step_totals(generate_latest(m.registry).decode())
+    m.observe_step(_step("prefill", (4, 5), duration_s=0.25))
+    for _ in range(3):
+        m.observe_step(_step("decode", (4, 5), duration_s=0.125))
+    after = step_totals(generate_latest(m.registry).decode())
+    assert steps_between(before, after, "prefill") == (0.25, 1)
+    assert steps_between(before, after, "decode") == (0.375, 3)
+    assert steps_between(after, after, "decode") == (0.0, 0)
