@@ -2,9 +2,12 @@
 
 Each policy gets a fresh embedded system (``layerkv.embedded``: its own Redis, scheduler and one
 worker process) on the shared model folder, with the GPU tier converted from vLLM's blocks, and is
-driven by ``layerkv.bench.runner`` exactly as ``layerkv bench`` does. Preemptions are summed from
-the worker's own step reports (a second ``StreamEvents`` subscriber); a worker that does not name
-a preemption mode in ``Describe`` never preempts and reports ``None`` ("n/a").
+driven by ``layerkv.bench.runner`` exactly as ``layerkv bench`` does. Preemptions are the growth
+of the scheduler's ``vllm:num_preemptions`` counter over the measured run (read from its metrics
+page, as real vLLM's is), which it counts from the worker's step reports. Not a second
+``StreamEvents`` subscriber: that made the worker build and send every step's event twice and
+the load generator decode each one, on the cores the measured system runs on. A worker that does
+not name a preemption mode in ``Describe`` never preempts and reports ``None`` ("n/a").
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from benchmarks.vs_vllm_real import read_preemptions
 from common.proto.layerkv.v1 import worker_pb2, worker_pb2_grpc
 from common.security import bearer_metadata
 from layerkv.bench.report import RequestResult
@@ -94,28 +98,17 @@ def our_system(cfg: OurSystemConfig, policy: str) -> Iterator[EmbeddedSystem]:
             print(f"[ours] logs kept in {run_dir}", flush=True)
 
 
-class _PreemptionCounter:
-    """Sums ``StepReport.num_preemptions`` from a worker's event stream while a run lasts."""
+async def preemption_mode(address: str, token: str) -> str:
+    """The worker's ``--preemption-mode`` from ``Describe`` (empty: it has no preemption)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await worker_pb2_grpc.WorkerServiceStub(channel).Describe(
+            worker_pb2.DescribeRequest(), timeout=10.0, metadata=bearer_metadata(token))
+    return str(reply.preemption_mode)
 
-    def __init__(self, address: str, token: str) -> None:
-        self.address = address
-        self.metadata = bearer_metadata(token)  # the worker answers only its scheduler's token
-        self.total = 0
-        self.mode = ""
 
-    async def describe(self) -> None:
-        async with grpc.aio.insecure_channel(self.address) as channel:
-            reply = await worker_pb2_grpc.WorkerServiceStub(channel).Describe(
-                worker_pb2.DescribeRequest(), timeout=10.0, metadata=self.metadata)
-        self.mode = str(reply.preemption_mode)
-
-    async def follow(self) -> None:
-        async with grpc.aio.insecure_channel(self.address) as channel:
-            events = worker_pb2_grpc.WorkerServiceStub(channel).StreamEvents(worker_pb2.StreamEventsRequest(),
-                                                                              metadata=self.metadata)
-            async for event in events:
-                if event.HasField("step"):
-                    self.total += int(event.step.num_preemptions)
+def preemptions_between(before: float | None, after: float | None) -> int:
+    """Preemptions counted between two reads of the scheduler's counter (absent: none yet)."""
+    return round((after or 0.0) - (before or 0.0))
 
 
 Send = Callable[[list[BenchRequest]], Awaitable[list[RequestResult]]]
@@ -152,24 +145,26 @@ def run_ours(
         # the embedded system generated its own tokens (secure by default): the client uses them
         config = replace(client(system.scheduler_address), api_token=system.tokens.api,
                                      admin_token=system.tokens.admin)
-        counter = _PreemptionCounter(system.workers[0][0], system.tokens.worker)
+        mode = ""
+        counted = 0
+        metrics_base = system.scheduler_metrics.removesuffix("/metrics")  # read_preemptions adds it
 
         async def run() -> list[RequestResult]:
+            nonlocal mode, counted
             await wait_ready(config)
             await set_policy(config, policy, params)
-            await counter.describe()
+            mode = await preemption_mode(system.workers[0][0], system.tokens.worker)
             for req in warmup:
                 await run_workload(config, [req])
-            follower = asyncio.create_task(counter.follow())
+            await asyncio.sleep(0.5)  # the warm-up's last step reports trail its last token
+            before = read_preemptions(metrics_base)
             try:
                 if sequential:
                     return await one_at_a_time(lambda rs: run_workload(config, rs, on_done=on_done), requests)
                 return await run_workload(config, requests, on_done=on_done)
             finally:
                 await asyncio.sleep(0.5)  # the last step reports trail the last token
-                follower.cancel()
-                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                    await follower
+                counted = preemptions_between(before, read_preemptions(metrics_base))
 
         results = asyncio.run(run())
-    return OurRun(results, counter.total if counter.mode else None, counter.mode)
+    return OurRun(results, counted if mode else None, mode)

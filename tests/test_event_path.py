@@ -177,3 +177,22 @@ async def test_a_request_with_an_id_of_ours_is_saved_in_its_dispatch_commit(redi
         assert cancelled and (await store.get_request(rid)).status == "finished"  # type: ignore[union-attr]
     finally:
         await core.stop()
+
+
+def test_the_hub_state_is_the_latest_event_without_its_tokens() -> None:
+    """The state a new subscriber (and a heartbeat) gets follows every published step, though it
+    is built only when asked for."""
+    hub = EventHub(worker_pb2.StreamEventsResponse(step=worker_pb2.StepReport(kind="idle")))
+    assert hub.state.step.kind == "idle" and not hub.state.running
+    hub.publish(worker_wire.step_to_proto(step_output(1, {"a@0": (5,)})))
+    first = hub.state
+    assert [r.request_id for r in first.running] == ["a@0"] and not first.tokens
+    assert first.step.kind == "idle" and list(first.gpu.used_blocks_per_layer) == [1, 1, 1, 1]
+    assert hub.state is first  # built once per published event
+    hub.publish(worker_wire.step_to_proto(step_output(2, {"b@0": (6,), "c@0": (7,)})))
+    assert [r.request_id for r in hub.state.running] == ["b@0", "c@0"]
+    queue = hub.subscribe()  # the two buffered steps (nobody listened), then that state
+    backlog = [queue.get_nowait() for _ in range(2)]
+    assert [m.step.step for m in backlog if m is not None] == [1, 2]
+    start = queue.get_nowait()
+    assert start is not None and [r.request_id for r in start.running] == ["b@0", "c@0"] and not start.tokens

@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.vllm_venv import add_dist_alias
 from benchmarks.vs_vllm import parse_args
-from benchmarks.vs_vllm_ours import one_at_a_time
+from benchmarks.vs_vllm_ours import one_at_a_time, preemptions_between
 from benchmarks.vs_vllm_real import (
     VllmServerConfig,
     completion_body,
@@ -209,6 +209,28 @@ def test_preemption_counter_parsing() -> None:
             'vllm:num_requests_running{engine="0"} 2.0\n')
     assert parse_preemptions(page) == 9.0
     assert parse_preemptions("vllm:num_requests_running 1\n") is None
+
+
+def test_our_preemptions_are_read_from_the_schedulers_own_vllm_series() -> None:
+    """Our side's count is the growth of our scheduler's ``vllm:num_preemptions`` over the run,
+    parsed as real vLLM's page is (no second event subscriber on the measured worker)."""
+    from prometheus_client import generate_latest
+
+    from common.metrics import SchedulerMetrics
+
+    metrics = SchedulerMetrics()
+
+    def page() -> float | None:
+        return parse_preemptions(generate_latest(metrics.registry).decode())
+
+    before = page()  # the warm-up preempted nothing: no series yet
+    metrics.preempted("worker-0", 3)
+    metrics.preempted("worker-0", 0)
+    middle = page()
+    metrics.preempted("worker-0", 2)
+    assert preemptions_between(before, middle) == 3
+    assert preemptions_between(middle, page()) == 2
+    assert preemptions_between(None, None) == 0
 
 
 def test_serve_command_limits_the_kv_cache(tmp_path) -> None:  # type: ignore[no-untyped-def]

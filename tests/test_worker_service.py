@@ -274,6 +274,23 @@ async def test_events_without_a_subscriber_reach_the_next_one(worker: Worker) ->
     assert got.admitted == ["y"]
 
 
+async def test_an_idle_subscriber_gets_the_state_as_a_heartbeat(
+    worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker_svc.service
+
+    monkeypatch.setattr(worker_svc.service, "HEARTBEAT_S", 0.05)
+    events = worker.stub.StreamEvents(worker_pb2.StreamEventsRequest())
+    seen = []
+    async for ev in events:  # the current state, then one heartbeat per HEARTBEAT_S while idle
+        seen.append(ev)
+        if len(seen) == 4:
+            break
+    events.cancel()
+    assert all(ev.step.kind == "idle" and not ev.tokens for ev in seen)
+    assert seen[-1].gpu.total_blocks == worker.engine.usage().gpu.total_blocks
+
+
 async def test_health_and_reflection(worker: Worker) -> None:
     health = health_pb2_grpc.HealthStub(worker.channel)
     for service in ("", "layerkv.v1.WorkerService"):

@@ -32,18 +32,31 @@ class EventHub:
         self._backlog_limit = backlog_limit
         self._dropped = 0
         # The latest running requests and block usage: the first event every subscriber gets, and
-        # the idle heartbeat (a state-only message, no tokens).
-        self.state = initial_state
+        # the idle heartbeat (a state-only message, no tokens). Built from the latest event only
+        # when asked for (a subscribe, a heartbeat, an admission), not at every step: copying the
+        # running list and the per-layer usage into a new message was loop work on every step,
+        # and the loop's work is time the engine thread waits for the GIL.
+        self._state: worker_pb2.StreamEventsResponse | None = initial_state
+        self._latest = initial_state
 
     @property
     def subscribers(self) -> int:
         return len(self._subscribers)
 
+    @property
+    def state(self) -> worker_pb2.StreamEventsResponse:
+        """A state-only message (``step.kind`` idle, no tokens) of the latest published event."""
+        if self._state is None:
+            event = self._latest
+            self._state = worker_pb2.StreamEventsResponse(
+                running=event.running, gpu=event.gpu, host=event.host,
+                step=worker_pb2.StepReport(kind="idle"), waiting_request_ids=event.waiting_request_ids,
+            )
+        return self._state
+
     def publish(self, event: worker_pb2.StreamEventsResponse) -> None:
-        self.state = worker_pb2.StreamEventsResponse(
-            running=event.running, gpu=event.gpu, host=event.host, step=worker_pb2.StepReport(kind="idle"),
-            waiting_request_ids=event.waiting_request_ids,
-        )
+        """Send ``event`` to every subscriber (it must not be changed afterwards: it is queued)."""
+        self._latest, self._state = event, None
         if not self._subscribers:
             if event.tokens or event.admitted_request_ids or event.preempted_request_ids:
                 if len(self._backlog) >= self._backlog_limit:

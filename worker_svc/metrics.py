@@ -5,7 +5,9 @@ time compute waited for them, dispatches it took or refused, preemptions. Reques
 token counts are the scheduler's series (``common.metrics``): the scheduler sees a request from
 arrival to finish across failovers, the worker sees one attempt. Each worker owns its registry, so
 several workers (and a scheduler) can live in one process; updated on the event loop from each
-step's report, never from the engine thread.
+step's report, never from the engine thread. The labelled series a step touches are looked up once
+and kept, and the per-layer block gauges are set only when the usage changed: the loop's work per
+step is time the engine thread can wait for the GIL.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class WorkerMetrics:
                                   ["worker", "tier", "layer"], registry=r)  # fmt: skip
         self._blocks_free = Gauge(f"{P}_kv_blocks_free", "Free KV blocks per tier", ["worker", "tier"],
                                   registry=r)  # fmt: skip
+        self._by_kind: dict[str, tuple[Histogram, Histogram]] = {}  # step kind -> (seconds, tokens)
+        self._usage_children: dict[str, tuple[list[Gauge], Gauge]] = {}  # tier -> (per layer, free)
+        self._last_usage: KVUsage | None = None  # the usage last exported
 
     def dispatch_accepted(self) -> None:
         self._dispatches.inc()
@@ -59,16 +64,30 @@ class WorkerMetrics:
         self._refused.inc()
 
     def observe_usage(self, usage: KVUsage) -> None:
+        if usage == self._last_usage:  # most decode steps cross no block boundary
+            return
+        self._last_usage = usage
         for tier, u in (("gpu", usage.gpu), ("host", usage.host)):
-            for layer, used in enumerate(u.used_per_layer):
-                self._blocks_used.labels(self._worker_id, tier, str(layer)).set(used)
-            self._blocks_free.labels(self._worker_id, tier).set(u.free_blocks)
+            children = self._usage_children.get(tier)
+            if children is None or len(children[0]) != len(u.used_per_layer):
+                children = self._usage_children[tier] = (
+                    [self._blocks_used.labels(self._worker_id, tier, str(layer))
+                     for layer in range(len(u.used_per_layer))],
+                    self._blocks_free.labels(self._worker_id, tier),
+                )
+            for gauge, used in zip(children[0], u.used_per_layer, strict=True):
+                gauge.set(used)
+            children[1].set(u.free_blocks)
 
     def observe_step(self, out: StepOutput) -> None:
         w, s = self._worker_id, out.stats
-        self._step_seconds.labels(w, s.kind).observe(s.duration_s)
+        series = self._by_kind.get(s.kind)
+        if series is None:
+            series = self._by_kind[s.kind] = (self._step_seconds.labels(w, s.kind),
+                                              self._step_tokens.labels(w, s.kind))
+        series[0].observe(s.duration_s)
         if s.kind != "idle":
-            self._step_tokens.labels(w, s.kind).observe(s.num_tokens)
+            series[1].observe(s.num_tokens)
         self._offloaded.inc(s.bytes_offloaded)
         self._loaded.inc(s.bytes_loaded)
         self._copy_wait.inc(s.copy_wait_s)

@@ -315,9 +315,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._lease_timer = None
         try:
             while not self._stopping.is_set():
+                # A timer, not wait_for: wait_for wrapped every get in a task of its own, which
+                # cost the loop (and so the GIL the engine thread needs) work and an extra loop
+                # pass between a step's event and its send, on every step.
                 try:
-                    event = await asyncio.wait_for(q.get(), timeout=HEARTBEAT_S)
-                except asyncio.TimeoutError:
+                    if q.empty():
+                        async with asyncio.timeout(HEARTBEAT_S):
+                            event = await q.get()
+                    else:
+                        event = q.get_nowait()
+                except TimeoutError:
                     event = self._hub.state
                 if event is None:  # the server is stopping
                     return
