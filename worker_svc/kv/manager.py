@@ -143,7 +143,12 @@ class KVCacheManager:
         """Add blocks so every layer holds ``to_tokens`` tokens; ``False`` (nothing taken) if no room."""
         if to_tokens <= table.blocks_per_layer * self.geometry.block_size:
             return True  # most decode steps: the last block has room
-        need = self.growth_demand(table, to_tokens)
+        if to_tokens <= (table.blocks_per_layer + 1) * self.geometry.block_size:
+            return self._grow_one(table)
+        return self._grow_by(table, self.growth_demand(table, to_tokens))
+
+    def _grow_by(self, table: LayerBlockTable, need: BlockDemand) -> bool:
+        """``grow`` by the blocks ``need`` (of ``growth_demand``): the general path."""
         if need.gpu_blocks == need.host_blocks == 0:
             return True
         if not self.fits(need):
@@ -167,6 +172,38 @@ class KVCacheManager:
                 used_host[layer] += h
                 self._host_read[layer] += h
         table.blocks_per_layer += max(need.gpu_per_layer + need.host_per_layer)
+        return True
+
+    def _grow_one(self, table: LayerBlockTable) -> bool:
+        """``grow`` by one block per layer (a decode crossing a block boundary: most growth), with
+        the same checks, ids and counts as the general path but no per-layer demand tuples."""
+        reads = table.reads_gpu
+        hosts = [i for i, r in enumerate(reads) if not r]  # host-read layers: their growth needs staging
+        n_gpu = len(reads) - len(hosts)
+        if not self.gpu.can_allocate(n_gpu) or not self.host.can_allocate(len(hosts)):
+            return False
+        if hosts and self.staging_limit is not None:  # (no host layer: the demand is unchanged)
+            after = list(self._host_read)
+            for i in hosts:
+                after[i] += 1
+            if kv_budget.staging_needed(after) > self.staging_limit:
+                return False
+        gpu_ids = self.gpu.allocate(n_gpu)
+        host_ids = self.host.allocate(len(hosts))
+        assert gpu_ids is not None and host_ids is not None, "a pool has fewer free blocks after the check"
+        used_gpu, used_host = self._used[Tier.GPU], self._used[Tier.HOST]
+        g_at = h_at = 0
+        for layer, (lb, r) in enumerate(zip(table.layers, reads, strict=True)):
+            if r:  # a GPU-read layer (a layer being promoted grows its GPU target only)
+                lb.gpu_blocks.append(gpu_ids[g_at])
+                g_at += 1
+                used_gpu[layer] += 1
+            else:
+                lb.host_blocks.append(host_ids[h_at])
+                h_at += 1
+                used_host[layer] += 1
+                self._host_read[layer] += 1
+        table.blocks_per_layer += 1
         return True
 
     def _take(self, tier: Tier, n: int, layer: int) -> list[int]:

@@ -306,6 +306,11 @@ class StepAccess:
         self.stats.bytes_loaded += int(self._loaded_blocks.sum()) * self.block_bytes
         self.stats.bytes_offloaded += int(self._stored_blocks.sum()) * self.block_bytes
 
+    @property
+    def copies_staged(self) -> bool:
+        """Some layer of the step goes through staging (else ``copied_bytes`` is all zeros)."""
+        return bool(self._host)
+
     def copied_bytes(self) -> tuple[list[int], list[int]]:
         """Bytes each request of the batch streamed in and wrote back through staging (step order)."""
         return ((self._loaded_blocks * self.block_bytes).tolist(),
