@@ -184,6 +184,7 @@ class BlockTableBuffer:
             self.ids[:, r] = 0
             self.host_ids[:, r] = 0
             self.run_count[:, r] = 0
+            self.run_len[:, r] = 0  # runs past a layer's count have length 0 (a step reads them unmasked)
             if self.host_offset is None:
                 self.host_read[:, r] = torch.tensor([not lb.reads_gpu_blocks for lb in table.layers])
         if n <= start:
