@@ -26,7 +26,7 @@ import torch
 from common.types import SamplingParams
 
 
-@dataclass
+@dataclass(slots=True)  # one per row per step
 class SampledToken:
     token_id: int
     logprob: float
