@@ -189,20 +189,23 @@ class KVCacheManager:
             if kv_budget.staging_needed(after) > self.staging_limit:
                 return False
         gpu_ids = self.gpu.allocate(n_gpu)
-        host_ids = self.host.allocate(len(hosts))
-        assert gpu_ids is not None and host_ids is not None, "a pool has fewer free blocks after the check"
-        used_gpu, used_host = self._used[Tier.GPU], self._used[Tier.HOST]
-        g_at = h_at = 0
-        for layer, (lb, r) in enumerate(zip(table.layers, reads, strict=True)):
-            if r:  # a GPU-read layer (a layer being promoted grows its GPU target only)
-                lb.gpu_blocks.append(gpu_ids[g_at])
-                g_at += 1
-                used_gpu[layer] += 1
-            else:
-                lb.host_blocks.append(host_ids[h_at])
-                h_at += 1
-                used_host[layer] += 1
-                self._host_read[layer] += 1
+        assert gpu_ids is not None, "the GPU pool has fewer free blocks after the check"
+        layers, used_gpu = table.layers, self._used[Tier.GPU]
+        if not hosts:  # every layer reads GPU blocks: one id each, in layer order
+            for lb, block in zip(layers, gpu_ids, strict=True):
+                lb.gpu_blocks.append(block)
+            used_gpu[:] = [u + 1 for u in used_gpu]
+        else:  # (a layer being promoted reads, and grows, its GPU target)
+            host_ids = self.host.allocate(len(hosts))
+            assert host_ids is not None, "the host pool has fewer free blocks after the check"
+            for i, block in zip([i for i, r in enumerate(reads) if r], gpu_ids, strict=True):
+                layers[i].gpu_blocks.append(block)
+                used_gpu[i] += 1
+            used_host = self._used[Tier.HOST]
+            for i, block in zip(hosts, host_ids, strict=True):
+                layers[i].host_blocks.append(block)
+                used_host[i] += 1
+                self._host_read[i] += 1
         table.blocks_per_layer += 1
         return True
 
