@@ -284,33 +284,39 @@ class Engine:
         failed: list[RequestOutput] = []
         admitted: list[Request] = []
         i = 0
+        # Locals for the per-request loop (it runs for every request of every step). ``running``
+        # is the list itself: admission and preemption change it in place.
+        running, admitted_state, bs = self._running, RequestState.ADMITTED, self.geometry.block_size
         while budget > 0:
-            if i == len(self._running):
+            if i == len(running):
                 if counts.preemptions or admitted or not self._waiting:
                     break  # vLLM's rule: nothing is admitted in a step that had to preempt
                 admitted = self._admit()
                 if not admitted:
                     break
                 continue
-            r = self._running[i]
-            n = min(r.num_tokens - r.num_computed, budget)
-            if r.state is RequestState.ADMITTED:
-                n = min(n, prefill_left)
+            r = running[i]
+            done = r.num_computed
+            n = min(len(r.prompt_ids) + len(r.output_ids) - done, budget)
+            prefilling = r.state is admitted_state  # (growth never changes r's state: it is kept)
+            if prefilling and n > prefill_left:
+                n = prefill_left
             if n <= 0:
                 i += 1
                 continue
-            assert r.table is not None
+            table = r.table
+            assert table is not None
             # Most decode steps stay inside the last block: no growth, no preemption check.
-            outcome = (None if r.num_computed + n <= r.table.blocks_per_layer * self.geometry.block_size
-                       else self._preemptor.make_room(r, r.num_computed + n, stats, counts))
-            if outcome is not None:  # r itself was preempted, or can never grow
-                if outcome.error:
-                    self._requests.pop(r.request_id, None)
-                    failed.append(outcome.error)
-                break
+            if done + n > table.blocks_per_layer * bs:
+                outcome = self._preemptor.make_room(r, done + n, stats, counts)
+                if outcome is not None:  # r itself was preempted, or can never grow
+                    if outcome.error:
+                        self._requests.pop(r.request_id, None)
+                        failed.append(outcome.error)
+                    break
             plan.append((r, n))
             budget -= n
-            if r.state is RequestState.ADMITTED:
+            if prefilling:
                 prefill_left -= n
             i += 1
         return plan, admitted, failed
