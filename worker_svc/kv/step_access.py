@@ -188,13 +188,17 @@ class StepAccess:
         store_layer = store_layer[np.cumsum(store[:, 2]) - store[:, 2]] if len(store) else store_layer
         load_cut = [*np.searchsorted(load_layer, layers, side="left").tolist(), len(load_layer)]
         store_cut = [*np.searchsorted(store_layer, layers, side="left").tolist(), len(store_layer)]
+        layout: dict[bytes, tuple[int, np.ndarray]] = {}  # host-row set -> (blocks, offsets)
         for x, layer in enumerate(layers.tolist()):
-            a, b = first_pair[x], first_pair[x] + per_layer[x]
-            offsets = np.zeros(len(rows), dtype=np.int64)
-            offsets[pb[a:b]] = offset[a:b]
-            self._host[layer] = _HostLayer(
-                hr[layer].tobytes(), int(pair_used[a:b].sum()), offsets,
-                load[load_cut[x]:load_cut[x + 1]], store[store_cut[x]:store_cut[x + 1]])
+            key = hr[layer].tobytes()
+            if key not in layout:  # layers with the same host rows share one layout (half-host: all)
+                a, b = first_pair[x], first_pair[x] + per_layer[x]
+                offsets = np.zeros(len(rows), dtype=np.int64)
+                offsets[pb[a:b]] = offset[a:b]
+                layout[key] = (int(pair_used[a:b].sum()), offsets)
+            blocks, offsets = layout[key]
+            self._host[layer] = _HostLayer(key, blocks, offsets, load[load_cut[x]:load_cut[x + 1]],
+                                           store[store_cut[x]:store_cut[x + 1]])
         # Bytes per request: every host-read layer streams its filled blocks in and writes back.
         host_layers = np.count_nonzero(hr, axis=0)  # [B]
         self._loaded_blocks = host_layers * filled  # [B]
