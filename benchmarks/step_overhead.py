@@ -5,13 +5,16 @@ staging and copy submission; the model is replaced by a stand-in that walks ever
 the step's ``LayerKVAccess`` (``begin_layer``/``end_layer``, so each host-placed layer's context is
 streamed through staging and written back) but launches no kernel, and returns zero logits. So the
 figure is what a GPU step costs the host (kernels are asynchronous there). On a CPU-only machine
-the tier copies are synchronous memcpys, tiny here (head_dim 2, one KV head), so they count as
-little more than their calls. For each batch size and context, B requests of C prompt tokens are
-prefilled, then ``--steps`` decode steps are timed (median CPU time of the process: torch runs one
-thread, and on a shared machine wall time would add the time spent waiting for a core).
+the tier copies are synchronous memcpys (DMA on a GPU), timed apart as "KV copy"; with
+``--kv-copies count`` the runs are submitted and counted but no KV moves, so the memcpy does not
+evict the caches the step's bookkeeping runs in either. For each batch size and context, B
+requests of C prompt tokens are prefilled, then ``--steps`` decode steps are timed (median CPU time
+of the process: torch runs one thread, and on a shared machine wall time would add the time spent
+waiting for a core).
 
     python benchmarks/step_overhead.py                       # 32 layers, batches 1,32,256, 1k and 16k
     python benchmarks/step_overhead.py --batches 1,32 --contexts 1024 --steps 5
+    python benchmarks/step_overhead.py --batches 256 --contexts 16384 --kv-copies count
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from common.tokenizer import ByteTokenizer
 from common.types import Placement, SamplingParams
 from worker_svc.engine import Engine, EngineConfig
-from worker_svc.kv.offload import CopyEngine, CopyHandle
+from worker_svc.kv.offload import CopyEngine, CopyHandle, DoneHandle
 from worker_svc.kv.step_access import StepAccess
 from worker_svc.model.config import ModelConfig
 from worker_svc.model.loader import LoadedModel, _random_model
@@ -46,17 +49,24 @@ def slack(batch: int, context: int) -> int:
 
 
 class TimedCopyEngine(CopyEngine):
-    """The CPU copy engine, timing its copies (data movement, DMA on a GPU) apart from the step."""
+    """The CPU copy engine, timing its copies (data movement, DMA on a GPU) apart from the step.
 
-    def __init__(self) -> None:
+    ``move=False`` counts the runs and moves no data (the stand-in model never reads the KV): on a
+    CPU the ~1 GB of memcpy a b256 x 16k half-host step makes also evicts the caches the step's own
+    bookkeeping runs in, a cost a GPU's DMA does not put on the host."""
+
+    def __init__(self, move: bool = True) -> None:
         self.seconds = 0.0
         self.runs = 0
+        self.move = move
 
     def copy_runs(self, src: torch.Tensor, dst: torch.Tensor, runs: np.ndarray) -> CopyHandle:
+        self.runs += len(runs)
+        if not self.move:
+            return DoneHandle()
         start = time.process_time()
         handle = super().copy_runs(src, dst, runs)
         self.seconds += time.process_time() - start
-        self.runs += len(runs)
         return handle
 
 
@@ -80,7 +90,8 @@ def tiny_config(num_layers: int) -> ModelConfig:
                        max_position_embeddings=1 << 20, eos_token_ids=(63,))
 
 
-def build(num_layers: int, batch: int, context: int, steps: int, block_size: int, host_layers: int) -> Engine:
+def build(num_layers: int, batch: int, context: int, steps: int, block_size: int, host_layers: int,
+          move: bool = True) -> Engine:
     mc = tiny_config(num_layers)
     loaded = LoadedModel("tiny-hidden", mc, _random_model(mc, torch.device("cpu"), torch.float32, 0),
                          ByteTokenizer(256, 257))
@@ -92,7 +103,7 @@ def build(num_layers: int, batch: int, context: int, steps: int, block_size: int
                           max_num_seqs=max(batch, 1), max_num_batched_tokens=BATCHED_TOKENS,
                           max_prefill_tokens=BATCHED_TOKENS, max_promotions_per_step=0,
                           host_access="stream")  # a GPU step's host work: host layers go through staging
-    engine = Engine(config, loaded, torch.device("cpu"), torch.float32, TimedCopyEngine())
+    engine = Engine(config, loaded, torch.device("cpu"), torch.float32, TimedCopyEngine(move))
     engine.model = NoKernelModel(num_layers, mc.vocab_size)  # type: ignore[assignment]
     return engine
 
@@ -108,9 +119,10 @@ class Cell:
     runs: float  # median copy runs a step submits (copy calls on a GPU)
 
 
-def measure(num_layers: int, batch: int, context: int, steps: int, block_size: int, letters: str) -> Cell:
+def measure(num_layers: int, batch: int, context: int, steps: int, block_size: int, letters: str,
+            move: bool = True) -> Cell:
     """Host and copy CPU time of a decode step of ``batch`` requests at ``context`` tokens."""
-    engine = build(num_layers, batch, context, steps, block_size, letters.count("H"))
+    engine = build(num_layers, batch, context, steps, block_size, letters.count("H"), move)
     copies = engine.copy_engine
     assert isinstance(copies, TimedCopyEngine)
     placement = Placement.from_letters(letters, num_layers)
@@ -141,20 +153,25 @@ def main() -> None:
     parser.add_argument("--contexts", default="1024,16384")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--kv-copies", choices=("memcpy", "count"), default="memcpy",
+                        help="count: submit the copy runs but move no KV (no memcpy evicting the caches)")
     args = parser.parse_args()
+    move = args.kv_copies == "memcpy"
     torch.set_num_threads(1)
     placements = {"all-GPU": "G" * args.layers, "half-host": half_host(args.layers)}
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
-          f"{args.layers} layers, block size {args.block_size}, median of {args.steps} decode steps")
+          f"{args.layers} layers, block size {args.block_size}, median of {args.steps} decode steps, "
+          f"KV copies: {args.kv_copies}")
     print(f"{'batch':>6} {'context':>8} " + " ".join(f"{name + ' host':>16} {'KV copy':>10} {'runs':>6}"
                                                      for name in placements))
     for context in (int(c) for c in args.contexts.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
-            cells = [measure(args.layers, batch, context, args.steps, args.block_size, letters)
+            cells = [measure(args.layers, batch, context, args.steps, args.block_size, letters, move)
                      for letters in placements.values()]
             row = " ".join(f"{c.host_s * 1e3:>13.2f} ms {c.copy_s * 1e3:>7.1f} ms {c.runs:>6.0f}"
                            for c in cells)
             print(f"{batch:>6} {context:>8} {row}", flush=True)
+
 
 if __name__ == "__main__":
     main()

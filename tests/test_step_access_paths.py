@@ -134,6 +134,11 @@ def test_step_copy_runs_and_tables_equal_a_per_block_rebuild() -> None:
             src, dst = expand_runs(store)
             assert src.tolist() == store_src and dst.tolist() == store_dst
             assert torch.equal(table, expect_table)
+            # each token's slot block: its row's table entry at the token's block (built without a
+            # gather when every row is host-read)
+            want_slots = [int(expect_table[i, p // bs]) for i in range(len(tables))
+                          for p in range(starts[i], starts[i] + lens[i])]
+            assert meta.slot_blocks.tolist() == want_slots
             # staging ranges of all host rows are disjoint and inside the pool
             spans = sorted((host.base + int(host.offsets[i]), -(-(starts[i] + lens[i]) // bs)) for i in rows)
             assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(spans))

@@ -131,3 +131,65 @@ def test_growth_writes_only_the_new_tail_and_rows_are_reused() -> None:
     assert int(buffer.rows_for([other], mgr.tables)[0]) == row  # the finished request's row, reclaimed
     assert buffer.ids.shape[1] == 1
     assert_buffer_matches(buffer, mgr, ["b"])
+
+
+def test_one_block_growth_takes_what_the_general_path_takes() -> None:
+    """``grow`` by one block (its own fast path) takes the same ids, and refuses the same growth
+    (a full tier, the staging rule), as the general path does."""
+    rnd = random.Random(3)
+    fast = KVCacheManager(GEOMETRY, gpu_blocks=50, host_blocks=40, staging_blocks=14)
+    general = KVCacheManager(GEOMETRY, gpu_blocks=50, host_blocks=40, staging_blocks=14)
+    bs = GEOMETRY.block_size
+    general._grow_one = lambda t: general._grow_by(  # type: ignore[method-assign]
+        t, general.growth_demand(t, (t.blocks_per_layer + 1) * bs))
+    refused = grown = 0
+    for step in range(400):
+        live = list(fast.tables)
+        if not live or rnd.random() < 0.15:
+            rid, n = f"r{step}", rnd.randint(1, 6)
+            placement = Placement.from_letters("".join(rnd.choice("GH") for _ in range(LAYERS)), LAYERS)
+            a, b = fast.allocate(rid, n, placement), general.allocate(rid, n, placement)
+            assert (a is None) == (b is None)
+        elif rnd.random() < 0.1:
+            rid = rnd.choice(live)
+            fast.release(rid)
+            general.release(rid)
+        else:
+            rid = rnd.choice(live)
+            to = fast.tables[rid].blocks_per_layer * bs + 1  # one block more
+            ok = fast.grow(fast.tables[rid], to)
+            assert ok == general.grow(general.tables[rid], to)
+            grown += ok
+            refused += not ok
+        for rid, table in fast.tables.items():
+            other = general.tables[rid]
+            assert table.blocks_per_layer == other.blocks_per_layer
+            assert [(lb.gpu_blocks, lb.host_blocks) for lb in table.layers] == [
+                (lb.gpu_blocks, lb.host_blocks) for lb in other.layers]
+        assert fast.usage() == general.usage()
+        assert fast._staging_demand() == general._staging_demand() == fast.derived_staging_demand()
+    assert grown and refused
+
+
+def test_in_place_buffer_growth_matches_tables() -> None:
+    """Host layers read in place: a row's ids are its GPU ids and its host ids shifted by the
+    offset, after growth by one block (written for all grown rows at once) and by several."""
+    mgr = KVCacheManager(GEOMETRY, gpu_blocks=400, host_blocks=400, staging_blocks=0,
+                         host_in_place=True)
+    off = 1000
+    buffer = BlockTableBuffer(LAYERS, rows=1, blocks=1, host_offset=off)
+    rnd = random.Random(5)
+    for i in range(4):
+        letters = "".join(rnd.choice("GH") for _ in range(LAYERS))
+        assert mgr.allocate(f"r{i}", rnd.randint(1, 6), Placement.from_letters(letters, LAYERS)) is not None
+    for _ in range(12):
+        for table in mgr.tables.values():
+            assert mgr.grow(table, table.blocks_per_layer * GEOMETRY.block_size + rnd.choice([1, 1, 5]))
+        tables = list(mgr.tables.values())
+        rows = buffer.rows_for(tables, mgr.tables).tolist()
+        for table, row in zip(tables, rows, strict=True):
+            n = table.blocks_per_layer
+            want = [lb.gpu_blocks[:n] if lb.home is Tier.GPU else [off + h for h in lb.host_blocks[:n]]
+                    for lb in table.layers]
+            assert buffer.ids[:, row, :n].tolist() == want
+            assert not buffer.host_read[:, row].any()

@@ -263,10 +263,11 @@ class Engine:
         for r in started:
             r.decode_time_s += duration
         self.kv_manager.poll()
-        running_states = tuple(
-            RunningState(r.request_id, len(r.output_ids), r.decode_time_s, r.context_tokens + 1,
+        running = RequestState.RUNNING
+        running_states = tuple([
+            RunningState(r.request_id, len(r.output_ids), r.decode_time_s, r.num_computed + 1,
                          r.table.letters)  # type: ignore[union-attr]
-            for r in self._running if r.state is RequestState.RUNNING)
+            for r in self._running if r.state is running])
         step_stats = StepStats(self._step, kind, duration, prefill_tokens + decodes, stats.bytes_offloaded,
                                stats.bytes_loaded, stats.wait_s + self.kv_manager.staging.wait_s,
                                prefill_tokens, decodes, counts.preemptions, counts.swapped_layers)
@@ -283,33 +284,39 @@ class Engine:
         failed: list[RequestOutput] = []
         admitted: list[Request] = []
         i = 0
+        # Locals for the per-request loop (it runs for every request of every step). ``running``
+        # is the list itself: admission and preemption change it in place.
+        running, admitted_state, bs = self._running, RequestState.ADMITTED, self.geometry.block_size
         while budget > 0:
-            if i == len(self._running):
+            if i == len(running):
                 if counts.preemptions or admitted or not self._waiting:
                     break  # vLLM's rule: nothing is admitted in a step that had to preempt
                 admitted = self._admit()
                 if not admitted:
                     break
                 continue
-            r = self._running[i]
-            n = min(r.num_tokens - r.num_computed, budget)
-            if r.state is RequestState.ADMITTED:
-                n = min(n, prefill_left)
+            r = running[i]
+            done = r.num_computed
+            n = min(len(r.prompt_ids) + len(r.output_ids) - done, budget)
+            prefilling = r.state is admitted_state  # (growth never changes r's state: it is kept)
+            if prefilling and n > prefill_left:
+                n = prefill_left
             if n <= 0:
                 i += 1
                 continue
-            assert r.table is not None
+            table = r.table
+            assert table is not None
             # Most decode steps stay inside the last block: no growth, no preemption check.
-            outcome = (None if r.num_computed + n <= r.table.blocks_per_layer * self.geometry.block_size
-                       else self._preemptor.make_room(r, r.num_computed + n, stats, counts))
-            if outcome is not None:  # r itself was preempted, or can never grow
-                if outcome.error:
-                    self._requests.pop(r.request_id, None)
-                    failed.append(outcome.error)
-                break
+            if done + n > table.blocks_per_layer * bs:
+                outcome = self._preemptor.make_room(r, done + n, stats, counts)
+                if outcome is not None:  # r itself was preempted, or can never grow
+                    if outcome.error:
+                        self._requests.pop(r.request_id, None)
+                        failed.append(outcome.error)
+                    break
             plan.append((r, n))
             budget -= n
-            if r.state is RequestState.ADMITTED:
+            if prefilling:
                 prefill_left -= n
             i += 1
         return plan, admitted, failed
@@ -353,15 +360,18 @@ class Engine:
         # Requests whose sequence is computed after this step sample their next token.
         sampled = [i for i, (r, s, n) in enumerate(zip(batch, starts, lens, strict=True))
                    if s + n == len(r.prompt_ids) + len(r.output_ids)]
+        every = len(sampled) == len(batch)  # (a decode step): rows and outputs map one to one
         access: StepAccess | None = None
         try:
             access = StepAccess(tables, starts, lens, self.kv, self.kv_manager,  # type: ignore[arg-type]
                                 self.copy_engine, stats, self.block_tables)
             dev = self.device
+            last = [e - 1 for e in ends] if every else [ends[i] - 1 for i in sampled]
             logits = self.model(id_tensor(ids).to(dev), id_tensor(positions).to(dev),
-                                id_tensor([ends[i] - 1 for i in sampled]).to(dev), access, self.backend)
-            tokens = sample(logits, [batch[i].sampling for i in sampled],
-                            [batch[i].generator for i in sampled], self._sampling_rng) if sampled else []
+                                id_tensor(last).to(dev), access, self.backend)
+            to_sample = batch if every else [batch[i] for i in sampled]
+            tokens = sample(logits, [r.sampling for r in to_sample], [r.generator for r in to_sample],
+                            self._sampling_rng) if sampled else []
         except Exception as exc:  # a failed forward fails its batch, never the engine
             if access is not None:
                 access.abandon()
@@ -374,31 +384,35 @@ class Engine:
             return outputs
         now = time.perf_counter()
         assert access is not None
-        staged_in, staged_out = access.copied_bytes()
-        for (r, n), loaded, stored in zip(plan, staged_in, staged_out, strict=True):
-            r.num_computed += n
-            r.table.num_tokens = r.num_computed  # type: ignore[union-attr]
-            if loaded or stored:  # this step's staging copies
-                r.bytes_loaded += loaded
-                r.bytes_offloaded += stored
+        if access.copies_staged:
+            staged_in, staged_out = access.copied_bytes()
+            for (r, n), loaded, stored in zip(plan, staged_in, staged_out, strict=True):
+                r.num_computed += n
+                r.table.num_tokens = r.num_computed  # type: ignore[union-attr]
+                if loaded or stored:  # this step's staging copies
+                    r.bytes_loaded += loaded
+                    r.bytes_offloaded += stored
+        else:  # no layer went through staging: progress only
+            for r, n in plan:
+                r.num_computed += n
+                r.table.num_tokens = r.num_computed  # type: ignore[union-attr]
         for r in batch if stats.loaded_by_request or stats.offloaded_by_request else ():
             # promotions and swap-outs, counted per request (rare)
             r.bytes_offloaded += stats.offloaded_by_request.get(r.request_id, 0)
             r.bytes_loaded += stats.loaded_by_request.get(r.request_id, 0)
         outputs = []
-        for i, tok in zip(sampled, tokens, strict=True):
-            r = batch[i]
+        running = RequestState.RUNNING
+        for r, tok in zip(to_sample, tokens, strict=True):
             if r.first_token_s is None:
                 r.first_token_s = now
-            r.state = RequestState.RUNNING
+            r.state = running
             reason = r.append(tok.token_id, tok.logprob)
             if reason is not None:
                 self._finish(r, reason)
                 self._requests.pop(r.request_id, None)
-            outputs.append(RequestOutput(
-                r.request_id, (tok.token_id,), (tok.logprob,), reason is not None, reason,
-                placement=r.admitted_placement, bytes_offloaded=r.bytes_offloaded,
-                bytes_loaded=r.bytes_loaded))
+            outputs.append(RequestOutput(  # positional: keywords cost a frozen dataclass more, per request
+                r.request_id, (tok.token_id,), (tok.logprob,), reason is not None, reason, None,
+                r.admitted_placement, r.bytes_offloaded, r.bytes_loaded))
             r.bytes_offloaded = r.bytes_loaded = 0
         return outputs
 

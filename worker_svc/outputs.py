@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from common.types import FinishReason
 
 
-@dataclass(frozen=True)
+# Slots: one RequestOutput and one RunningState per request per step, and a frozen dataclass
+# without them costs about twice as much to build (at batch 256, half a millisecond a step).
+@dataclass(frozen=True, slots=True)
 class RequestOutput:
     """What one step produced for one request."""
 
@@ -22,7 +24,7 @@ class RequestOutput:
     bytes_loaded: int = 0  # this request's host-to-device KV bytes in this step
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RunningState:
     """A running request after the step (feeds the scheduler's SLO slack)."""
 

@@ -26,7 +26,7 @@ import torch
 from common.types import SamplingParams
 
 
-@dataclass
+@dataclass(slots=True)  # one per row per step
 class SampledToken:
     token_id: int
     logprob: float
@@ -91,7 +91,9 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     unseeded: list[int] = []
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if p.greedy:
-            if isinstance(gen, PositionalGenerator):
+            # (``gen is not None`` first: isinstance on a torch.Generator class goes through a
+            # slow metaclass check, a cost per row of every step)
+            if gen is not None and isinstance(gen, PositionalGenerator):
                 gen.position += 1  # every row advances, greedy or not: positions stay absolute
         elif gen is None:
             unseeded.append(row)

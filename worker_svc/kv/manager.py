@@ -143,7 +143,12 @@ class KVCacheManager:
         """Add blocks so every layer holds ``to_tokens`` tokens; ``False`` (nothing taken) if no room."""
         if to_tokens <= table.blocks_per_layer * self.geometry.block_size:
             return True  # most decode steps: the last block has room
-        need = self.growth_demand(table, to_tokens)
+        if to_tokens <= (table.blocks_per_layer + 1) * self.geometry.block_size:
+            return self._grow_one(table)
+        return self._grow_by(table, self.growth_demand(table, to_tokens))
+
+    def _grow_by(self, table: LayerBlockTable, need: BlockDemand) -> bool:
+        """``grow`` by the blocks ``need`` (of ``growth_demand``): the general path."""
         if need.gpu_blocks == need.host_blocks == 0:
             return True
         if not self.fits(need):
@@ -167,6 +172,41 @@ class KVCacheManager:
                 used_host[layer] += h
                 self._host_read[layer] += h
         table.blocks_per_layer += max(need.gpu_per_layer + need.host_per_layer)
+        return True
+
+    def _grow_one(self, table: LayerBlockTable) -> bool:
+        """``grow`` by one block per layer (a decode crossing a block boundary: most growth), with
+        the same checks, ids and counts as the general path but no per-layer demand tuples."""
+        reads = table.reads_gpu
+        hosts = [i for i, r in enumerate(reads) if not r]  # host-read layers: their growth needs staging
+        n_gpu = len(reads) - len(hosts)
+        if not self.gpu.can_allocate(n_gpu) or not self.host.can_allocate(len(hosts)):
+            return False
+        if hosts and self.staging_limit is not None:  # (no host layer: the demand is unchanged)
+            after = list(self._host_read)
+            for i in hosts:
+                after[i] += 1
+            if kv_budget.staging_needed(after) > self.staging_limit:
+                return False
+        gpu_ids = self.gpu.allocate(n_gpu)
+        assert gpu_ids is not None, "the GPU pool has fewer free blocks after the check"
+        layers, used_gpu = table.layers, self._used[Tier.GPU]
+        if not hosts:  # every layer reads GPU blocks: one id each, in layer order
+            for lb, block in zip(layers, gpu_ids, strict=True):
+                lb.gpu_blocks.append(block)
+            used_gpu[:] = [u + 1 for u in used_gpu]
+        else:  # (a layer being promoted reads, and grows, its GPU target)
+            host_ids = self.host.allocate(len(hosts))
+            assert host_ids is not None, "the host pool has fewer free blocks after the check"
+            for i, block in zip([i for i, r in enumerate(reads) if r], gpu_ids, strict=True):
+                layers[i].gpu_blocks.append(block)
+                used_gpu[i] += 1
+            used_host = self._used[Tier.HOST]
+            for i, block in zip(hosts, host_ids, strict=True):
+                layers[i].host_blocks.append(block)
+                used_host[i] += 1
+                self._host_read[i] += 1
+        table.blocks_per_layer += 1
         return True
 
     def _take(self, tier: Tier, n: int, layer: int) -> list[int]:

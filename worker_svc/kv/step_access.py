@@ -86,28 +86,31 @@ class StepAccess:
         self.device = kv.gpu.device
         self.block_bytes = kv.geometry.bytes_per_block
         self.num_layers = len(tables[0].layers)
-        self.ends = [s + n for s, n in zip(starts, lens, strict=True)]
-        # Only whole prompts from slot 0: attention can use the fresh K/V, no block table needed.
-        self.fresh = all(s == 0 for s in starts)
-        self.max_blocks = max(_cdiv(e, self.bs) for e in self.ends)
         # Token layout in numpy (a few small array ops cost microseconds, their torch versions tens).
         b = len(tables)
         start_a = np.asarray(starts, dtype=np.int64)  # [B]
-        if len(lens) == sum(lens):  # all decodes: token i is request i's one new token
+        lens_a = np.asarray(lens, dtype=np.int64)  # [B]
+        ends_a = start_a + lens_a  # [B]
+        self._starts_a, self._ends_a = start_a, ends_a
+        self.ends = ends_a.tolist()
+        self.max_context = int(ends_a.max())
+        # Only whole prompts from slot 0: attention can use the fresh K/V, no block table needed.
+        self.fresh = not start_a.any()
+        self.max_blocks = _cdiv(self.max_context, self.bs)
+        if b == int(lens_a.sum()):  # all decodes: token i is request i's one new token
             tok_row, pos, cu = np.arange(b), start_a, np.arange(b + 1)
         else:
-            lens_a = np.asarray(lens, dtype=np.int64)
             cu = np.zeros(b + 1, dtype=np.int64)
             np.cumsum(lens_a, out=cu[1:])  # [B+1]
             tok_row = np.repeat(np.arange(b), lens_a)  # [T]
             # Position of every token: its request's start plus its index inside the segment.
             pos = np.arange(cu[-1]) + np.repeat(start_a - cu[:-1], lens_a)  # [T]
+        self._tok_row_np, self._tok_block_np = tok_row, pos // self.bs  # [T] each
         self._tok_row = torch.from_numpy(tok_row).to(self.device)  # [T]
-        self._tok_block = torch.from_numpy(pos // self.bs).to(self.device)  # [T] block of its request
+        self._tok_block = torch.from_numpy(self._tok_block_np).to(self.device)  # [T] block of its request
         self.offsets = torch.from_numpy(pos % self.bs).to(self.device)  # [T]
         self.cu_seqlens = torch.from_numpy(cu.astype(np.int32)).to(self.device)  # [B+1]
-        self.context_lens = torch.from_numpy(start_a.astype(np.int32) + np.asarray(lens, dtype=np.int32)
-                                             ).to(self.device)  # [B]
+        self.context_lens = torch.from_numpy(ends_a.astype(np.int32)).to(self.device)  # [B]
         self._prebuilt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         row_index = buffer.rows_for(tables, manager.tables)  # [B]
         self._row_index = row_index.numpy()
@@ -126,8 +129,9 @@ class StepAccess:
         if self._host_read.any():
             self._plan_host_layers()
         self._prebuild()
-        batch = {id(t) for t in tables}
-        self._loading = [(t, layer) for t, layer in manager.loading() if id(t) in batch]
+        loading = manager.loading()  # promotions in flight (rare): the batch's are waited for
+        batch = {id(t) for t in tables} if loading else set()
+        self._loading = [(t, layer) for t, layer in loading if id(t) in batch]
         self._last_store: CopyHandle | None = None
         self._staged_slots: dict[tuple[object, ...], torch.Tensor] = {}  # layout -> slots [T]
 
@@ -147,7 +151,7 @@ class StepAccess:
         are streamed in (one run per run of host ids, read from the persistent buffer), and the
         blocks the segment writes are copied back after attention. No per-block Python."""
         hr, buf, rows = self._host_read, self.buffer, self._row_index  # [L, B], -, [B]
-        starts, ends = np.array(self.starts, dtype=np.int64), np.array(self.ends, dtype=np.int64)
+        starts, ends = self._starts_a, self._ends_a  # [B] each
         filled = -(-starts // self.bs)  # [B] blocks holding earlier tokens: streamed in
         used = -(-ends // self.bs)  # [B] blocks the segment reads
         first_written = starts // self.bs  # [B]
@@ -160,10 +164,12 @@ class StepAccess:
         layers, first_pair, per_layer = np.unique(pl, return_index=True, return_counts=True)
         offset = cum - np.repeat(cum[first_pair], per_layer)  # [P] restarted at each layer
         # Stream-in runs: the host runs of each pair cut at its filled blocks.
-        counts = buf.run_count[pl, pr]  # [P]
+        flat = pl * buf.run_count.shape[1] + pr  # [P] (layer, row) as one index: one gather each
+        pairs = buf.run_count.size  # L * R
+        counts = buf.run_count.reshape(pairs)[flat]  # [P]
         k = int(counts.max()) if len(counts) else 0
-        run_start = buf.run_start[pl, pr, :k]  # [P, K]
-        run_len = np.where(np.arange(k) < counts[:, None], buf.run_len[pl, pr, :k], 0)  # [P, K]
+        run_start = buf.run_start.reshape(pairs, -1)[flat, :k]  # [P, K]
+        run_len = buf.run_len.reshape(pairs, -1)[flat, :k]  # [P, K], 0 past a pair's count
         before = np.cumsum(run_len, axis=1) - run_len  # [P, K] blocks of the pair before each run
         take = np.clip(filled[pb][:, None] - before, 0, run_len)  # [P, K]
         valid = take > 0
@@ -174,7 +180,7 @@ class StepAccess:
         pair_of = np.repeat(np.arange(len(pb)), n_written)  # [W]
         j = first_written[pb][pair_of] + np.arange(len(pair_of)) - np.repeat(
             np.cumsum(n_written) - n_written, n_written)  # [W] block index inside its request
-        store_dst = buf.host_ids[pl[pair_of], pr[pair_of], j].astype(np.int64)  # [W]
+        store_dst = buf.host_ids.reshape(pairs, -1)[flat[pair_of], j].astype(np.int64)  # [W]
         store_src = offset[pair_of] + j  # [W]
         # Runs do not depend on the range's base (it shifts a layer's sources alike): built once here.
         store_layer = pl[pair_of]
@@ -182,15 +188,19 @@ class StepAccess:
         store_layer = store_layer[np.cumsum(store[:, 2]) - store[:, 2]] if len(store) else store_layer
         load_cut = [*np.searchsorted(load_layer, layers, side="left").tolist(), len(load_layer)]
         store_cut = [*np.searchsorted(store_layer, layers, side="left").tolist(), len(store_layer)]
+        layout: dict[bytes, tuple[int, np.ndarray]] = {}  # host-row set -> (blocks, offsets)
         for x, layer in enumerate(layers.tolist()):
-            a, b = first_pair[x], first_pair[x] + per_layer[x]
-            offsets = np.zeros(len(rows), dtype=np.int64)
-            offsets[pb[a:b]] = offset[a:b]
-            self._host[layer] = _HostLayer(
-                hr[layer].tobytes(), int(pair_used[a:b].sum()), offsets,
-                load[load_cut[x]:load_cut[x + 1]], store[store_cut[x]:store_cut[x + 1]])
+            key = hr[layer].tobytes()
+            if key not in layout:  # layers with the same host rows share one layout (half-host: all)
+                a, b = first_pair[x], first_pair[x] + per_layer[x]
+                offsets = np.zeros(len(rows), dtype=np.int64)
+                offsets[pb[a:b]] = offset[a:b]
+                layout[key] = (int(pair_used[a:b].sum()), offsets)
+            blocks, offsets = layout[key]
+            self._host[layer] = _HostLayer(key, blocks, offsets, load[load_cut[x]:load_cut[x + 1]],
+                                           store[store_cut[x]:store_cut[x + 1]])
         # Bytes per request: every host-read layer streams its filled blocks in and writes back.
-        host_layers = hr.sum(axis=0)  # [B]
+        host_layers = np.count_nonzero(hr, axis=0)  # [B]
         self._loaded_blocks = host_layers * filled  # [B]
         self._stored_blocks = host_layers * written  # [B]
         self._last_host_layer = int(layers[-1])
@@ -247,7 +257,7 @@ class StepAccess:
             meta = AttentionMetadata(
                 is_prefill=False, slot_blocks=slot_blocks, slot_offsets=self.offsets, seq_lens=self.lens,
                 cu_seqlens=self.cu_seqlens, block_table=block_table, context_lens=self.context_lens,
-                max_context=max(self.ends), context_list=self.ends)
+                max_context=self.max_context, context_list=self.ends)
         return self.kv.compute, meta
 
     def _host_table(self, layer: int, host: _HostLayer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,8 +271,10 @@ class StepAccess:
         staged = self._staged(key, host)
         if host.key == self._all_rows:
             slots = self._staged_slots.get(key)
-            if slots is None:  # this step's tokens in the (cached) table: once per step and layout
-                slots = self._staged_slots[key] = staged[self._tok_row, self._tok_block]
+            if slots is None:  # this step's tokens in staging: row i's block j is base + offsets[i] + j
+                slots = self._staged_slots[key] = torch.from_numpy(
+                    (host.base + host.offsets[self._tok_row_np] + self._tok_block_np).astype(np.int32)
+                ).to(self.device)  # [T], what the table holds there, without a gather from it
             return staged, slots
         block_table = self._rows_all[layer] + staged  # the host rows of _rows_all hold 0
         return block_table, block_table[self._tok_row, self._tok_block]
@@ -272,12 +284,12 @@ class StepAccess:
         table = cache.get(key)
         if table is not None:
             return table
-        mask = torch.from_numpy(np.frombuffer(host.key, dtype=np.bool_).copy())  # [B]
-        used = torch.from_numpy(self._used)  # [B]
-        j = torch.arange(self.max_blocks)  # [M]
-        rel = torch.from_numpy(host.offsets)[:, None] + j[None, :] + host.base  # [B, M]
-        valid = mask[:, None] & (j[None, :] < used[:, None])
-        table = torch.where(valid, rel, 0).to(device=self.device, dtype=torch.int32)  # [B, M]
+        # In numpy int32, two broadcast ops (the torch version took five int64 ones: 5x the time).
+        blocks = np.where(np.frombuffer(host.key, dtype=np.bool_), self._used, 0)  # [B] 0: a GPU row
+        j = np.arange(self.max_blocks, dtype=np.int32)  # [M]
+        rel = j[None, :] + (host.offsets + host.base).astype(np.int32)[:, None]  # [B, M]
+        np.multiply(rel, j[None, :] < blocks[:, None], out=rel)  # 0 past each row's blocks
+        table = torch.from_numpy(rel).to(self.device)  # [B, M] int32
         if len(cache) >= 8:  # layouts of older steps: a block boundary or a batch change moved on
             cache.clear()
         cache[key] = table
@@ -305,6 +317,11 @@ class StepAccess:
             self.manager.set_store(self.tables[i], self._last_store)
         self.stats.bytes_loaded += int(self._loaded_blocks.sum()) * self.block_bytes
         self.stats.bytes_offloaded += int(self._stored_blocks.sum()) * self.block_bytes
+
+    @property
+    def copies_staged(self) -> bool:
+        """Some layer of the step goes through staging (else ``copied_bytes`` is all zeros)."""
+        return bool(self._host)
 
     def copied_bytes(self) -> tuple[list[int], list[int]]:
         """Bytes each request of the batch streamed in and wrote back through staging (step order)."""

@@ -72,22 +72,88 @@ class BlockTableBuffer:
         """Bring the rows of ``tables`` up to date; their row indices [B] int64. ``live``: every
         table holding blocks now (rows of any other request are reclaimed when rows run out)."""
         out = []
+        grown: list[_Row] = []  # rows whose table grew by one block: written together below
+        rows = self._rows
         for table in tables:
-            row = self._rows.get(table.request_id)
+            row = rows.get(table.request_id)
             if row is None or row.table is not table:
                 if row is not None:
                     self._free.append(row.index)
                 row = _Row(self._take_row(live), table, table.version, 0)
-                self._rows[table.request_id] = row
+                rows[table.request_id] = row
                 self._write(row, 0)
             elif row.version != table.version:
                 row.version = table.version
                 self._write(row, 0)
             elif row.blocks < table.blocks_per_layer:
-                self._write(row, row.blocks)
+                if row.blocks + 1 == table.blocks_per_layer:
+                    grown.append(row)
+                else:
+                    self._write(row, row.blocks)
             out.append(row.index)
+        if grown:
+            self._write_growth(grown)
         self.in_order = out == list(range(len(out)))  # rows 0..B-1: a step can take a view
         return id_tensor(out)
+
+    def _write_growth(self, grown: list[_Row]) -> None:
+        """Write the one new block of every layer of each row in ``grown`` (a decode's growth), in
+        one device write for all of them: ``_write`` per row cost a few small tensor ops each."""
+        n_max = max(row.blocks for row in grown) + 1
+        m = self.ids.shape[2]
+        if n_max > m:
+            self.ids = _grown(self.ids, 2, max(n_max, 2 * m))
+            self.host_ids = _grown(self.host_ids, 2, max(n_max, 2 * m))
+        off = self.host_offset
+        vals, host_rows = [], []
+        for row in grown:
+            j = row.blocks
+            reads = row.table.reads_gpu
+            pairs = zip(row.table.layers, reads, strict=True)
+            if off is not None:  # in place: a host layer's id, shifted
+                vals.append([lb.gpu_blocks[j] if gpu else off + lb.host_blocks[j] for lb, gpu in pairs])
+            else:
+                vals.append([lb.gpu_blocks[j] if gpu else 0 for lb, gpu in pairs])
+                if not all(reads):
+                    host_rows.append(row)
+        at_row = id_tensor([row.index for row in grown])  # [G]
+        at_block = id_tensor([row.blocks for row in grown])  # [G]
+        new = torch.from_numpy(np.array(vals, dtype=np.int32).T.copy())  # [L, G]
+        self.ids[:, at_row.to(self.device), at_block.to(self.device)] = new.to(self.device)
+        for row in grown:
+            row.blocks += 1
+        if host_rows:
+            self._grow_runs(host_rows)
+
+    def _grow_runs(self, rows: list[_Row]) -> None:
+        """Host ids and runs of the one new block of each host-read layer of ``rows`` (already
+        counted in ``row.blocks``): array ops over every (layer, row) pair at once."""
+        pl_parts, pr_parts, ids_parts, j_parts = [], [], [], []
+        for row in rows:
+            j = row.blocks - 1
+            hosts = [i for i, gpu in enumerate(row.table.reads_gpu) if not gpu]
+            pl_parts.append(hosts)
+            pr_parts.append([row.index] * len(hosts))
+            ids_parts.append([row.table.layers[i].host_blocks[j] for i in hosts])
+            j_parts.append([j] * len(hosts))
+        pl = np.fromiter(chain.from_iterable(pl_parts), dtype=np.int64)  # [P] layer of each pair
+        pr = np.fromiter(chain.from_iterable(pr_parts), dtype=np.int64)  # [P] buffer row
+        ids = np.fromiter(chain.from_iterable(ids_parts), dtype=np.int64)  # [P] the new host id
+        pj = np.fromiter(chain.from_iterable(j_parts), dtype=np.int64)  # [P] its block index
+        self.host_ids[pl, pr, pj] = ids
+        c = self.run_count[pl, pr]  # [P]
+        fresh = c == 0  # a row whose host layer had no block yet (not after a prefill)
+        last = np.maximum(c - 1, 0)
+        ends = self.run_start[pl, pr, last] + self.run_len[pl, pr, last]
+        extend = ~fresh & (ids == ends)
+        self.run_len[pl[extend], pr[extend], last[extend]] += 1
+        adds = ~extend
+        if adds.any():
+            self._reserve_runs(int(c.max()) + 1)
+            at = c[adds]
+            self.run_start[pl[adds], pr[adds], at] = ids[adds]
+            self.run_len[pl[adds], pr[adds], at] = 1
+            self.run_count[pl[adds], pr[adds]] = at + 1
 
     def _take_row(self, live: Mapping[str, LayerBlockTable]) -> int:
         if not self._free:
@@ -118,6 +184,7 @@ class BlockTableBuffer:
             self.ids[:, r] = 0
             self.host_ids[:, r] = 0
             self.run_count[:, r] = 0
+            self.run_len[:, r] = 0  # runs past a layer's count have length 0 (a step reads them unmasked)
             if self.host_offset is None:
                 self.host_read[:, r] = torch.tensor([not lb.reads_gpu_blocks for lb in table.layers])
         if n <= start:

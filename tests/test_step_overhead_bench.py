@@ -1,0 +1,24 @@
+"""The step-overhead benchmark at a toy size: both KV-copy modes submit the same copy runs, and
+only ``memcpy`` moves (and times) data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.step_overhead import half_host, measure
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def test_count_mode_submits_the_same_runs_without_moving_kv() -> None:
+    letters = half_host(4)
+    moved = measure(4, 3, 40, 2, 4, letters, move=True)
+    counted = measure(4, 3, 40, 2, 4, letters, move=False)
+    assert moved.runs == counted.runs > 0
+    assert counted.copy_s == 0.0
+    all_gpu = measure(4, 3, 40, 2, 4, "G" * 4, move=True)
+    assert all_gpu.runs == 0
