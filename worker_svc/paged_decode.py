@@ -11,27 +11,19 @@ tree, and vectors are the machine's own width (8 floats on AVX2, 16 on AVX-512):
 machine a batch-32 layer (context ~150, 4 heads over 2 KV heads) took 0.6-0.7 ms against ~1.0 ms
 for the earlier 16-float version, which GCC spilled through the stack there.
 
-The C source below is compiled with the system C compiler (``cc -O3 -march=native``, a few
-seconds) into a shared library kept in the user's cache folder (one per source, compiler and CPU)
-and loaded with ctypes; torch tensors are passed as pointers and strides. Where no compiler is
-found or the build fails, ``load()`` returns None and the backend keeps its torch path (logged once).
+The C source below is built by ``worker_svc.native`` (the system C compiler, once per machine, cached
+in the user's cache folder, loaded with ctypes). Where no compiler is found or the build fails,
+``load()`` returns None and the backend keeps its torch path (logged once).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 
 import torch
 
-log = logging.getLogger(__name__)
+from worker_svc import native
 
 _SOURCE = r"""
 #include <math.h>
@@ -221,74 +213,17 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
-_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
-
-
-def _cache_dir() -> str:
-    """Where built libraries are kept between processes (the user's cache folder)."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "layerkv", "paged-decode")
-
-
-def _build_key(cc: str) -> str:
-    """The source, flags, compiler and CPU (-march=native code runs only where it was built: a
-    cache folder shared by machines with other CPUs gets another library)."""
-    h = hashlib.sha256()
-    for part in (_SOURCE, " ".join(_FLAGS), cc, platform.machine()):
-        h.update(part.encode())
-    try:
-        h.update(subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout)
-        with open("/proc/cpuinfo", "rb") as f:  # Linux: the CPU's model and instruction flags
-            h.update(b"".join(line for line in f if line.startswith((b"flags", b"model name")))[:4096])
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return h.hexdigest()[:24]
-
-
-def _compile(cc: str, folder: str) -> str:
-    """Compile into ``folder``; the library's path."""
-    src, lib = os.path.join(folder, "paged_decode.c"), os.path.join(folder, "paged_decode.so")
-    with open(src, "w") as f:
-        f.write(_SOURCE)
-    subprocess.run([cc, *_FLAGS, src, "-o", lib, "-lm"], check=True, capture_output=True, timeout=120)
-    return lib
-
-
-def _build() -> ctypes.CDLL | None:
-    """Load the library from the cache folder, compiling it there first when missing (a few
-    seconds once per machine; written under a temporary name and renamed, so concurrent
-    processes never load a half-written file). An unwritable cache: built in a temporary folder."""
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
-        log.info("no C compiler found: decode attention keeps the torch path")
-        return None
-    try:
-        cached = os.path.join(_cache_dir(), f"paged_decode-{_build_key(cc)}.so")
-        if not os.path.isfile(cached):
-            os.makedirs(os.path.dirname(cached), exist_ok=True)
-            folder = tempfile.mkdtemp(prefix="build-", dir=os.path.dirname(cached))
-            try:
-                os.replace(_compile(cc, folder), cached)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-        handle = ctypes.CDLL(cached)
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.info("no cached paged decode kernel (%s): building it in a temporary folder", exc)
-        folder = tempfile.mkdtemp(prefix="layerkv-paged-decode-")
-        try:
-            handle = ctypes.CDLL(_compile(cc, folder))
-        except (OSError, subprocess.SubprocessError) as exc2:
-            log.warning("building the paged decode kernel failed (%s): decode attention keeps the torch "
-                        "path", exc2)
-            return None
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
+def _declare(handle: ctypes.CDLL) -> None:
     fn = handle.paged_decode
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64,
                    ctypes.c_float, ctypes.c_int]
     fn.restype = ctypes.c_int
-    return handle
+
+
+def _build() -> ctypes.CDLL | None:
+    """The library, from the cache folder or compiled (``worker_svc.native``)."""
+    return native.build("paged_decode", _SOURCE, _declare)
 
 
 def load() -> ctypes.CDLL | None:
