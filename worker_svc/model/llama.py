@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker_svc.attention import AttentionBackend, AttentionMetadata
-from worker_svc.model import cpu_norm
+from worker_svc.model import cpu_norm, cpu_rope
 from worker_svc.model.config import ModelConfig
 from worker_svc.model.linear import linear
 
@@ -171,11 +171,14 @@ class Attention(nn.Module):
                 backend: AttentionBackend) -> torch.Tensor:
         t, h, hkv = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = linear(x, *self.fused_qkv()).view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2 Hkv, D]
-        qk = apply_rotary(qkv[:, :h + hkv], cos, sin)  # q and k rotated in one pass: [T, H + Hkv, D]
-        q, k = qk[:, :h], qk[:, h:]  # [T, H, D], [T, Hkv, D]
-        v = qkv[:, h + hkv:]  # [T, Hkv, D]
         cache, meta = kv.begin_layer(self.layer)  # may wait for this layer's stream-in
-        backend.write_kv(cache, k, v, meta)
+        if cpu_rope.rope_write_kv(qkv, h, cos, sin, cache, meta.slot_blocks, meta.slot_offsets):
+            q, k = qkv[:, :h], qkv[:, h:h + hkv]  # rotated in place, k and v written (CPU kernel)
+        else:
+            qk = apply_rotary(qkv[:, :h + hkv], cos, sin)  # q and k rotated in one pass: [T, H + Hkv, D]
+            q, k = qk[:, :h], qk[:, h:]  # [T, H, D], [T, Hkv, D]
+            backend.write_kv(cache, k, qkv[:, h + hkv:], meta)
+        v = qkv[:, h + hkv:]  # [T, Hkv, D]
         # prefill: [T, H, D]; decode: [B, H, D] with T == B
         out = backend.prefill(q, k, v, meta) if meta.is_prefill else backend.decode(q, cache, meta)
         kv.end_layer(self.layer)  # may start this layer's offload
