@@ -22,14 +22,15 @@ def _rope(d: int) -> RotaryEmbedding:
 
 @pytest.mark.parametrize(("tokens", "heads", "kv_heads", "d", "bs"), [(1, 4, 2, 64, 16), (37, 9, 3, 64, 16),
                                                                       (300, 8, 1, 128, 5), (5, 6, 6, 32, 1)])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_kernel_is_bit_identical_to_the_torch_path(tokens: int, heads: int, kv_heads: int, d: int,
-                                                   bs: int) -> None:
+                                                   bs: int, index_dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     cos, sin = _rope(d)(torch.randint(0, 4000, (tokens,)), torch.float32)
     qkv = torch.randn(tokens, heads + 2 * kv_heads, d)
     n = tokens // bs + 4
     slots = torch.randperm(n * bs)[:tokens]  # scattered, distinct slots
-    blocks, offsets = slots // bs, slots % bs
+    blocks, offsets = (slots // bs).to(index_dtype), slots % bs  # blocks come int32 from a step
     want_cache = torch.zeros(n, 2, bs, kv_heads, d)
     meta = AttentionMetadata(is_prefill=True, slot_blocks=blocks, slot_offsets=offsets, seq_lens=[tokens])
     qk = apply_rotary(qkv[:, :heads + kv_heads], cos, sin)
@@ -50,7 +51,7 @@ def test_declines_what_it_does_not_take() -> None:
     assert not cpu_rope.rope_write_kv(qkv.double(), 2, cos.double(), sin.double(), cache.double(), blocks,
                                       offsets)
     assert not cpu_rope.rope_write_kv(torch.randn(3, 4, 32)[..., ::2], 2, cos, sin, cache, blocks, offsets)
-    assert not cpu_rope.rope_write_kv(qkv, 2, cos, sin, cache, blocks.int(), offsets)
+    assert not cpu_rope.rope_write_kv(qkv, 2, cos, sin, cache, blocks.short(), offsets)
     two_kv_heads = torch.zeros(4, 2, 2, 2, 16)  # qkv has one
     assert not cpu_rope.rope_write_kv(qkv, 2, cos, sin, two_kv_heads, blocks, offsets)
     assert torch.equal(qkv, before) and not cache.any()

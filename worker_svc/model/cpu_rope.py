@@ -27,10 +27,15 @@ _SOURCE = r"""
 /* qkv: [T, heads + 2 * hkv, d] contiguous: q heads, then k heads, then v heads. cos, sin: rows of
    cs_row floats, cos = (c, c) and signed sin = (-s, s) per token (RotaryEmbedding's tables).
    Rotates the q and k heads in place, then writes k and v of token t into cache[blocks[t], 0] and
-   cache[blocks[t], 1] at offsets[t] ([N, 2, bs, hkv, d] contiguous). */
+   cache[blocks[t], 1] at offsets[t] ([N, 2, bs, hkv, d] contiguous). blocks and offsets: int32
+   where wide32/off32 say so, else int64 (the step's tensors come in either). */
+static inline int64_t at(const void *p, int is32, int64_t i) {
+    return is32 ? (int64_t)((const int32_t *)p)[i] : ((const int64_t *)p)[i];
+}
+
 void rope_write_kv(float *qkv, const float *cos, const float *sin, int64_t cs_row, float *cache,
-                   const int64_t *blocks, const int64_t *offsets, int64_t tokens, int64_t heads,
-                   int64_t hkv, int64_t d, int64_t bs, int threads) {
+                   const void *blocks, int blocks32, const void *offsets, int offsets32, int64_t tokens,
+                   int64_t heads, int64_t hkv, int64_t d, int64_t bs, int threads) {
     const int64_t half = d / 2, row = (heads + 2 * hkv) * d, tok = hkv * d;
     #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && tokens >= 64)
     for (int64_t t = 0; t < tokens; ++t) {
@@ -46,7 +51,7 @@ void rope_write_kv(float *qkv, const float *cos, const float *sin, int64_t cs_ro
                 x2[i] = bc + as;
             }
         }
-        float *slot = cache + (blocks[t] * 2 * bs + offsets[t]) * tok;
+        float *slot = cache + (at(blocks, blocks32, t) * 2 * bs + at(offsets, offsets32, t)) * tok;
         memcpy(slot, x + heads * d, sizeof(float) * (size_t)tok);
         memcpy(slot + bs * tok, x + (heads + hkv) * d, sizeof(float) * (size_t)tok);
     }
@@ -61,8 +66,9 @@ ENABLED = True  # False: always torch (tests compare the two)
 
 def _declare(handle: ctypes.CDLL) -> None:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    handle.rope_write_kv.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64,
-                                     ctypes.c_int]
+    c_int = ctypes.c_int
+    handle.rope_write_kv.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, c_int, ptr, c_int, i64, i64, i64, i64,
+                                     i64, c_int]
     handle.rope_write_kv.restype = None
 
 
@@ -75,6 +81,9 @@ def load() -> ctypes.CDLL | None:
                 _lib = native.build("cpu_rope", _SOURCE, _declare)
                 _tried = True
     return _lib
+
+
+_INDEX = (torch.int32, torch.int64)
 
 
 def _f32(t: torch.Tensor) -> bool:
@@ -92,7 +101,7 @@ def rope_write_kv(qkv: torch.Tensor, heads: int, cos: torch.Tensor, signed_sin: 
             and _f32(signed_sin) and qkv.is_contiguous() and cache.is_contiguous() and d % 2 == 0
             and cache.shape[3:] == (hkv, d) and cos.shape == signed_sin.shape == (t, d)
             and cos.stride() == signed_sin.stride() and cos.stride(1) == 1
-            and slot_blocks.dtype == slot_offsets.dtype == torch.int64
+            and slot_blocks.dtype in _INDEX and slot_offsets.dtype in _INDEX
             and slot_blocks.shape == slot_offsets.shape == (t,)
             and slot_blocks.is_contiguous() and slot_offsets.is_contiguous()
             and not (torch.is_grad_enabled() and qkv.requires_grad)):
@@ -101,6 +110,7 @@ def rope_write_kv(qkv: torch.Tensor, heads: int, cos: torch.Tensor, signed_sin: 
     if lib is None:
         return False
     lib.rope_write_kv(qkv.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), cos.stride(0), cache.data_ptr(),
-                      slot_blocks.data_ptr(), slot_offsets.data_ptr(), t, heads, hkv, d, cache.shape[2],
+                      slot_blocks.data_ptr(), slot_blocks.dtype == torch.int32, slot_offsets.data_ptr(),
+                      slot_offsets.dtype == torch.int32, t, heads, hkv, d, cache.shape[2],
                       torch.get_num_threads())
     return True
