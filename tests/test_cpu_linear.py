@@ -1,5 +1,6 @@
 """Which matmuls ``worker_svc.model.linear`` sends to oneDNN: every float32/bfloat16 [T, in] CPU
-matmul outside autograd, one row included; anything under autograd, other dtypes and shapes stay
+matmul outside autograd, one row included where the CPU has AVX-512 (else one row keeps MKL's
+F.linear); anything under autograd, other dtypes and shapes stay
 with F.linear; results match F.linear either way (the packed copy's lifecycle is tested in
 ``test_model_forward_kernels``)."""
 
@@ -9,18 +10,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from worker_svc.model import linear as linear_mod
 from worker_svc.model.linear import linear, uses_onednn
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
 
+@pytest.mark.parametrize("one_row_onednn", [True, False])
 @pytest.mark.parametrize("rows", [1, 3, 33])
-def test_every_row_count_goes_through_onednn_with_f_linears_results(rows: int) -> None:
+def test_every_row_count_goes_through_onednn_with_f_linears_results(
+        rows: int, one_row_onednn: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linear_mod, "ONE_ROW_ONEDNN", one_row_onednn)
     weight, bias = torch.randn(80, 48), torch.randn(80)
     with torch.inference_mode():
         x = torch.randn(rows, 48)
-        assert uses_onednn(x, weight)
+        assert uses_onednn(x, weight) == (rows > 1 or one_row_onednn)
         torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+        if not uses_onednn(x, weight):  # MKL's own result, bit for bit
+            assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
+
+
+def test_one_row_follows_the_cpu() -> None:
+    assert ("AVX512" in torch.backends.cpu.get_cpu_capability()) == linear_mod.ONE_ROW_ONEDNN
 
 
 def test_autograd_other_dtypes_and_shapes_keep_f_linear() -> None:

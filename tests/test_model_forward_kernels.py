@@ -3,10 +3,11 @@ weight stays the checkpoint's weights: views of it, rebuilt when a parameter is 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from worker_svc.model import cpu_norm, llama
 from worker_svc.model import linear as linear_module
-from worker_svc.model import llama
 from worker_svc.model.config import ModelConfig
 from worker_svc.model.linear import linear
 from worker_svc.model.llama import Attention, RMSNorm, RotaryEmbedding, apply_rotary
@@ -45,7 +46,9 @@ def test_rope_with_signed_sin_is_bit_identical_to_hf() -> None:
     assert torch.equal(apply_rotary(wide, cos, signed_sin), _hf_rope(x, long_pos, rope.inv_freq))
 
 
-def test_rms_norm_is_bit_identical_to_hf_in_float32() -> None:
+def test_rms_norm_is_bit_identical_to_hf_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's path (the CPU kernel of ``cpu_norm`` is checked against HF in test_cpu_norm)."""
+    monkeypatch.setattr(cpu_norm, "ENABLED", False)
     torch.manual_seed(0)
     norm = RMSNorm(32, 1e-6)
     with torch.no_grad():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker_svc import paged_decode
+from worker_svc import native, paged_decode
 from worker_svc.attention import AttentionBackend, AttentionMetadata, select_backend
 
 pytestmark = pytest.mark.skipif(paged_decode.load() is None, reason="no C compiler to build the kernel")
@@ -59,8 +59,8 @@ def test_the_built_library_is_cached_and_reused(tmp_path: Path, monkeypatch: pyt
     built = list((tmp_path / "layerkv" / "paged-decode").glob("paged_decode-*.so"))
     assert len(built) == 1
 
-    def no_compiler(cc: str, folder: str) -> str:
+    def no_compiler(name: str, source: str, cc: str, folder: str) -> str:
         raise AssertionError("compiled again")
 
-    monkeypatch.setattr(paged_decode, "_compile", no_compiler)
+    monkeypatch.setattr(native, "_compile", no_compiler)
     assert paged_decode._build() is not None

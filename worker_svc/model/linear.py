@@ -7,7 +7,8 @@ AVX-512 EPYC of our benchmarks (``benchmarks/cpu_linear.py``; vLLM's CPU path us
 One row is faster through MKL only while the weight sits in cache (that benchmark); in a model the
 weights of a decode step stream from memory, where oneDNN is faster at one row too (a batch-1 step
 of the 7M-parameter bench model: 3.2-3.8 ms against 4.5-4.8 with MKL for 1-3 rows), so every
-eligible matmul goes through oneDNN. Elsewhere (CUDA, other dtypes, autograd) this is ``F.linear``.
+eligible matmul goes through oneDNN, one row included where the CPU has AVX-512 (without it one row
+stays with MKL: ``ONE_ROW_ONEDNN``). Elsewhere (CUDA, other dtypes, autograd) this is ``F.linear``.
 """
 
 from __future__ import annotations
@@ -28,11 +29,18 @@ def _onednn_usable() -> bool:
 
 _ONEDNN = _onednn_usable()
 
+# One row on a CPU without AVX-512 stays with MKL: there oneDNN has only AVX2 kernels too, and its
+# one-row call costs more than MKL's GEMV (an [1, 256] x [256, 768] matmul in cache: 47 against
+# 25 us; a batch-1 decode step of the 7M bench model on a 2-core AVX2 EPYC: 6.7-6.8 against
+# 8.1-8.8 ms, of the 51M one 22.8 against 24.9, alternating in one process). On AVX-512, oneDNN
+# is faster at one row too (module docstring).
+ONE_ROW_ONEDNN = "AVX512" in torch.backends.cpu.get_cpu_capability()
+
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``linear(x, weight)`` goes through oneDNN (see the module docstring)."""
     return (_ONEDNN and x.device.type == "cpu" and x.dim() == 2 and x.dtype == weight.dtype
-            and x.dtype in (torch.float32, torch.bfloat16)
+            and x.dtype in (torch.float32, torch.bfloat16) and (ONE_ROW_ONEDNN or x.shape[0] > 1)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 

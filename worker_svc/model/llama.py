@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker_svc.attention import AttentionBackend, AttentionMetadata
+from worker_svc.model import cpu_norm, cpu_rope
 from worker_svc.model.config import ModelConfig
 from worker_svc.model.linear import linear
 
@@ -40,11 +41,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel instead of five; bit-identical to HF's float32 formula (tested).
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            # CPU: one C kernel (cpu_norm); elsewhere torch's, bit-identical to HF's formula (tested).
+            out = cpu_norm.rms_norm(x, self.weight, self.eps)
+            return out if out is not None else F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Half dtypes: normalise in float32 as HF does, then scale in the model dtype.
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``x += residual`` in place, then the norm of x: one pass of the CPU kernel."""
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            out = cpu_norm.rms_norm(x, self.weight, self.eps, residual)
+            if out is not None:
+                return out
+        return self(x.add_(residual))
 
 
 class RotaryEmbedding(nn.Module):
@@ -161,11 +171,14 @@ class Attention(nn.Module):
                 backend: AttentionBackend) -> torch.Tensor:
         t, h, hkv = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = linear(x, *self.fused_qkv()).view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2 Hkv, D]
-        qk = apply_rotary(qkv[:, :h + hkv], cos, sin)  # q and k rotated in one pass: [T, H + Hkv, D]
-        q, k = qk[:, :h], qk[:, h:]  # [T, H, D], [T, Hkv, D]
-        v = qkv[:, h + hkv:]  # [T, Hkv, D]
         cache, meta = kv.begin_layer(self.layer)  # may wait for this layer's stream-in
-        backend.write_kv(cache, k, v, meta)
+        if cpu_rope.rope_write_kv(qkv, h, cos, sin, cache, meta.slot_blocks, meta.slot_offsets):
+            q, k = qkv[:, :h], qkv[:, h:h + hkv]  # rotated in place, k and v written (CPU kernel)
+        else:
+            qk = apply_rotary(qkv[:, :h + hkv], cos, sin)  # q and k rotated in one pass: [T, H + Hkv, D]
+            q, k = qk[:, :h], qk[:, h:]  # [T, H, D], [T, Hkv, D]
+            backend.write_kv(cache, k, qkv[:, h + hkv:], meta)
+        v = qkv[:, h + hkv:]  # [T, Hkv, D]
         # prefill: [T, H, D]; decode: [B, H, D] with T == B
         out = backend.prefill(q, k, v, meta) if meta.is_prefill else backend.decode(q, cache, meta)
         kv.end_layer(self.layer)  # may start this layer's offload
@@ -214,8 +227,9 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKVAccess,
                 backend: AttentionBackend) -> torch.Tensor:
         # x is this forward's own activation (never a caller's tensor): the residual adds go in place
-        x = x.add_(self.self_attn(self.input_layernorm(x), cos, sin, kv, backend))
-        return x.add_(self.mlp(self.post_attention_layernorm(x)))
+        h = self.post_attention_layernorm.add_forward(
+            x, self.self_attn(self.input_layernorm(x), cos, sin, kv, backend))
+        return x.add_(self.mlp(h))
 
 
 class Backbone(nn.Module):

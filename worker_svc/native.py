@@ -1,0 +1,86 @@
+"""Small C kernels for the CPU: compiled with the system C compiler on first use, cached, loaded.
+
+A kernel module hands its C source to ``build``: the source is compiled (``cc -O3 -march=native``,
+a few seconds) into a shared library kept in the user's cache folder (one per source, compiler and
+CPU) and loaded with ctypes; torch tensors are passed as pointers and strides. Where no compiler is
+found or the build fails, ``build`` returns None and the caller keeps its torch path (logged once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
+
+
+def cache_dir(name: str) -> str:
+    """Where the libraries of kernel ``name`` are kept between processes (the user's cache folder)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "layerkv", name.replace("_", "-"))
+
+
+def _build_key(source: str, cc: str) -> str:
+    """The source, flags, compiler and CPU (-march=native code runs only where it was built: a
+    cache folder shared by machines with other CPUs gets another library)."""
+    h = hashlib.sha256()
+    for part in (source, " ".join(FLAGS), cc, platform.machine()):
+        h.update(part.encode())
+    try:
+        h.update(subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout)
+        with open("/proc/cpuinfo", "rb") as f:  # Linux: the CPU's model and instruction flags
+            h.update(b"".join(line for line in f if line.startswith((b"flags", b"model name")))[:4096])
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return h.hexdigest()[:24]
+
+
+def _compile(name: str, source: str, cc: str, folder: str) -> str:
+    """Compile into ``folder``; the library's path."""
+    src, lib = os.path.join(folder, f"{name}.c"), os.path.join(folder, f"{name}.so")
+    with open(src, "w") as f:
+        f.write(source)
+    subprocess.run([cc, *FLAGS, src, "-o", lib, "-lm"], check=True, capture_output=True, timeout=120)
+    return lib
+
+
+def build(name: str, source: str, declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL | None:
+    """The library of ``source`` from the cache folder, compiled there first when missing (a few
+    seconds once per machine; written under a temporary name and renamed, so concurrent processes
+    never load a half-written file); ``declare`` sets its functions' argument types. An unwritable
+    cache: built in a temporary folder. None where it cannot be built."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        log.info("no C compiler found: %s keeps the torch path", name)
+        return None
+    try:
+        cached = os.path.join(cache_dir(name), f"{name}-{_build_key(source, cc)}.so")
+        if not os.path.isfile(cached):
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            folder = tempfile.mkdtemp(prefix="build-", dir=os.path.dirname(cached))
+            try:
+                os.replace(_compile(name, source, cc, folder), cached)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        handle = ctypes.CDLL(cached)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.info("no cached %s library (%s): building it in a temporary folder", name, exc)
+        folder = tempfile.mkdtemp(prefix=f"layerkv-{name}-")
+        try:
+            handle = ctypes.CDLL(_compile(name, source, cc, folder))
+        except (OSError, subprocess.SubprocessError) as exc2:
+            log.warning("building the %s kernel failed (%s): it keeps the torch path", name, exc2)
+            return None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
+    declare(handle)
+    return handle
