@@ -55,7 +55,7 @@ def test_auto_uses_the_kernel_on_cpu_float32_only() -> None:
 def test_the_built_library_is_cached_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first build lands in the cache folder; a later process loads it without compiling."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert paged_decode._build() is not None
+    assert paged_decode.KERNEL.build() is not None
     built = list((tmp_path / "layerkv" / "paged-decode").glob("paged_decode-*.so"))
     assert len(built) == 1
 
@@ -63,4 +63,4 @@ def test_the_built_library_is_cached_and_reused(tmp_path: Path, monkeypatch: pyt
         raise AssertionError("compiled again")
 
     monkeypatch.setattr(native, "_compile", no_compiler)
-    assert paged_decode._build() is not None
+    assert paged_decode.KERNEL.build() is not None

@@ -3,6 +3,8 @@ only ``memcpy`` moves (and times) data."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -10,8 +12,11 @@ from benchmarks.step_overhead import half_host, measure
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> None:
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()  # process-wide: later tests get back what they had
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_count_mode_submits_the_same_runs_without_moving_kv() -> None:

@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -84,3 +85,26 @@ def build(name: str, source: str, declare: Callable[[ctypes.CDLL], None]) -> cty
             shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
     declare(handle)
     return handle
+
+
+class Kernel:
+    """One kernel's library, built on the first ``load`` of the process (thread-safe) and kept."""
+
+    def __init__(self, name: str, source: str, declare: Callable[[ctypes.CDLL], None]) -> None:
+        self.name, self.source, self.declare = name, source, declare
+        self._lock = threading.Lock()
+        self._lib: ctypes.CDLL | None = None
+        self._tried = False
+
+    def build(self) -> ctypes.CDLL | None:
+        """The library from the cache folder, compiled there first when missing (see ``build``)."""
+        return build(self.name, self.source, self.declare)
+
+    def load(self) -> ctypes.CDLL | None:
+        """The library (built on the first call), or None where it cannot be built."""
+        if not self._tried:
+            with self._lock:
+                if not self._tried:
+                    self._lib = self.build()
+                    self._tried = True
+        return self._lib

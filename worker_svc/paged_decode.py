@@ -19,7 +19,6 @@ in the user's cache folder, loaded with ctypes). Where no compiler is found or t
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
@@ -208,9 +207,6 @@ int paged_decode(const float *q, int64_t q_row, const float *cache, const int32_
 }
 """
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
 
 
 def _declare(handle: ctypes.CDLL) -> None:
@@ -221,19 +217,12 @@ def _declare(handle: ctypes.CDLL) -> None:
     fn.restype = ctypes.c_int
 
 
-def _build() -> ctypes.CDLL | None:
-    """The library, from the cache folder or compiled (``worker_svc.native``)."""
-    return native.build("paged_decode", _SOURCE, _declare)
+KERNEL = native.Kernel("paged_decode", _SOURCE, _declare)
 
 
 def load() -> ctypes.CDLL | None:
     """The compiled kernel (built on first call), or None where it cannot be built."""
-    global _lib, _tried
-    with _lock:
-        if not _tried:
-            _tried = True
-            _lib = _build()
-    return _lib
+    return KERNEL.load()
 
 
 def supports(q: torch.Tensor, cache: torch.Tensor) -> bool:

@@ -12,7 +12,6 @@ other dtypes, devices and layouts, ``rms_norm`` returns None and the caller keep
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
@@ -49,9 +48,6 @@ void rms_norm(float *x, const float *res, const float *w, float *out, int64_t ro
 }
 """
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
 ENABLED = True  # False: always torch (tests compare the two)
 
 
@@ -61,15 +57,12 @@ def _declare(handle: ctypes.CDLL) -> None:
     handle.rms_norm.restype = None
 
 
+_KERNEL = native.Kernel("cpu_norm", _SOURCE, _declare)
+
+
 def load() -> ctypes.CDLL | None:
     """The compiled kernel (built on first call), or None where it cannot be built."""
-    global _lib, _tried
-    if not _tried:
-        with _lock:
-            if not _tried:
-                _lib = native.build("cpu_norm", _SOURCE, _declare)
-                _tried = True
-    return _lib
+    return _KERNEL.load()
 
 
 def _usable(t: torch.Tensor) -> bool:

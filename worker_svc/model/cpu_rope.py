@@ -13,7 +13,6 @@ devices and layouts, ``rope_write_kv`` returns False and the caller keeps the to
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
@@ -58,9 +57,6 @@ void rope_write_kv(float *qkv, const float *cos, const float *sin, int64_t cs_ro
 }
 """
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
 ENABLED = True  # False: always torch (tests compare the two)
 
 
@@ -72,15 +68,12 @@ def _declare(handle: ctypes.CDLL) -> None:
     handle.rope_write_kv.restype = None
 
 
+_KERNEL = native.Kernel("cpu_rope", _SOURCE, _declare)
+
+
 def load() -> ctypes.CDLL | None:
     """The compiled kernel (built on first call), or None where it cannot be built."""
-    global _lib, _tried
-    if not _tried:
-        with _lock:
-            if not _tried:
-                _lib = native.build("cpu_rope", _SOURCE, _declare)
-                _tried = True
-    return _lib
+    return _KERNEL.load()
 
 
 _INDEX = (torch.int32, torch.int64)
