@@ -186,7 +186,7 @@ class KVCacheManager:
             after = list(self._host_read)
             for i in hosts:
                 after[i] += 1
-            if kv_budget.staging_needed(after) > self.staging_limit:
+            if not self._staging_holds(kv_budget.staging_needed(after)):
                 return False
         gpu_ids = self.gpu.allocate(n_gpu)
         assert gpu_ids is not None, "the GPU pool has fewer free blocks after the check"
