@@ -8,9 +8,11 @@ figure is what a GPU step costs the host (kernels are asynchronous there). On a 
 the tier copies are synchronous memcpys (DMA on a GPU), timed apart as "KV copy"; with
 ``--kv-copies count`` the runs are submitted and counted but no KV moves, so the memcpy does not
 evict the caches the step's bookkeeping runs in either. For each batch size and context, B
-requests of C prompt tokens are prefilled, then ``--steps`` decode steps are timed (median CPU time
-of the process: torch runs one thread, and on a shared machine wall time would add the time spent
-waiting for a core).
+requests of C prompt tokens are prefilled, then ``--steps`` decode steps are timed; "runs" is the
+copy runs a step submits (one ``copy_`` each on a GPU before batching), "calls" the copy calls
+(one batched call per layer and direction now). Times are the median CPU time of the process
+(torch runs one thread, and on a shared machine wall time would add the time spent waiting for a
+core).
 
     python benchmarks/step_overhead.py                       # 32 layers, batches 1,32,256, 1k and 16k
     python benchmarks/step_overhead.py --batches 1,32 --contexts 1024 --steps 5
@@ -58,10 +60,12 @@ class TimedCopyEngine(CopyEngine):
     def __init__(self, move: bool = True) -> None:
         self.seconds = 0.0
         self.runs = 0
+        self.calls = 0
         self.move = move
 
     def copy_runs(self, src: torch.Tensor, dst: torch.Tensor, runs: np.ndarray) -> CopyHandle:
         self.runs += len(runs)
+        self.calls += 1  # a GPU makes one batched copy call for all of them (CudaCopyEngine)
         if not self.move:
             return DoneHandle()
         start = time.process_time()
@@ -116,7 +120,8 @@ def half_host(num_layers: int) -> str:
 class Cell:
     host_s: float  # median CPU time of a step less its KV copies
     copy_s: float  # median CPU time of the copy engine (memcpy of KV) in a step
-    runs: float  # median copy runs a step submits (copy calls on a GPU)
+    runs: float  # median copy runs a step submits (the copy calls of a GPU's run-by-run path)
+    calls: float  # median copy calls a step submits (one per layer and direction; a GPU's batched path)
 
 
 def measure(num_layers: int, batch: int, context: int, steps: int, block_size: int, letters: str,
@@ -132,9 +137,9 @@ def measure(num_layers: int, batch: int, context: int, steps: int, block_size: i
                            placement)
     while any(r.output_ids == [] for r in engine._requests.values()):
         engine.step()  # prefill
-    host, copy, runs = [], [], []
+    host, copy, runs, calls = [], [], [], []
     for _ in range(steps):
-        copies.seconds, copies.runs = 0.0, 0
+        copies.seconds, copies.runs, copies.calls = 0.0, 0, 0
         start = time.process_time()
         out = engine.step()
         took = time.process_time() - start
@@ -142,7 +147,9 @@ def measure(num_layers: int, batch: int, context: int, steps: int, block_size: i
         host.append(took - copies.seconds)
         copy.append(copies.seconds)
         runs.append(copies.runs)
-    return Cell(statistics.median(host), statistics.median(copy), statistics.median(runs))
+        calls.append(copies.calls)
+    return Cell(statistics.median(host), statistics.median(copy), statistics.median(runs),
+                statistics.median(calls))
 
 
 def main() -> None:
@@ -162,14 +169,14 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
           f"{args.layers} layers, block size {args.block_size}, median of {args.steps} decode steps, "
           f"KV copies: {args.kv_copies}")
-    print(f"{'batch':>6} {'context':>8} " + " ".join(f"{name + ' host':>16} {'KV copy':>10} {'runs':>6}"
-                                                     for name in placements))
+    print(f"{'batch':>6} {'context':>8} " + " ".join(
+        f"{name + ' host':>16} {'KV copy':>10} {'runs':>6} {'calls':>6}" for name in placements))
     for context in (int(c) for c in args.contexts.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
             cells = [measure(args.layers, batch, context, args.steps, args.block_size, letters, move)
                      for letters in placements.values()]
-            row = " ".join(f"{c.host_s * 1e3:>13.2f} ms {c.copy_s * 1e3:>7.1f} ms {c.runs:>6.0f}"
-                           for c in cells)
+            row = " ".join(f"{c.host_s * 1e3:>13.2f} ms {c.copy_s * 1e3:>7.1f} ms {c.runs:>6.0f} "
+                           f"{c.calls:>6.0f}" for c in cells)
             print(f"{batch:>6} {context:>8} {row}", flush=True)
 
 

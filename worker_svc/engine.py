@@ -247,10 +247,9 @@ class Engine:
         counts = StepCounts()
         self.kv_manager.staging.wait_s = 0.0
         started = [r for r in self._requests.values() if r.output_ids]  # T_past runs for these
-        plan, admitted, failed = self._schedule(stats, counts)
+        plan, admitted, failed, prefills, prefill_tokens = self._schedule(stats, counts)
         outputs += failed
-        decodes = sum(r.state is RequestState.RUNNING for r, _ in plan)
-        prefill_tokens = sum(n for r, n in plan if r.state is not RequestState.RUNNING)
+        decodes = len(plan) - prefills
         kind = ("idle" if not plan else "decode" if not prefill_tokens
                 else "prefill" if not decodes else "mixed")
         if plan:
@@ -275,11 +274,13 @@ class Engine:
                           step_stats, self.kv_manager.usage(), tuple(counts.preempted),
                           tuple(r.request_id for r in self._waiting))
 
-    def _schedule(self, stats: CopyStats,
-                  counts: StepCounts) -> tuple[list[tuple[Request, int]], list[Request], list[RequestOutput]]:
-        """(request, tokens to compute) of this step, the requests admitted, and failures."""
+    def _schedule(self, stats: CopyStats, counts: StepCounts
+                  ) -> tuple[list[tuple[Request, int]], list[Request], list[RequestOutput], int, int]:
+        """(request, tokens to compute) of this step, the requests admitted, failures, and how many
+        of the plan's requests are prefilling (the rest decode) with their tokens."""
         budget = self.config.max_num_batched_tokens
         prefill_left = self.config.max_prefill_tokens
+        prefills = 0
         plan: list[tuple[Request, int]] = []
         failed: list[RequestOutput] = []
         admitted: list[Request] = []
@@ -318,8 +319,9 @@ class Engine:
             budget -= n
             if prefilling:
                 prefill_left -= n
+                prefills += 1
             i += 1
-        return plan, admitted, failed
+        return plan, admitted, failed, prefills, self.config.max_prefill_tokens - prefill_left
 
     def _promote(self, stats: CopyStats) -> None:
         if not self.kv_manager.has_host_reads or self.config.max_promotions_per_step <= 0:

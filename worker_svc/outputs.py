@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from common.types import FinishReason
 
 
-# Slots: one RequestOutput and one RunningState per request per step, and a frozen dataclass
-# without them costs about twice as much to build (at batch 256, half a millisecond a step).
-@dataclass(frozen=True, slots=True)
+# One RequestOutput and one RunningState per request per step: slotted and not frozen, as a frozen
+# dataclass's __init__ sets each field through object.__setattr__ (1.6 us for a RequestOutput
+# against 0.3 us; at batch 256, 0.6 ms a step for the two). Nothing mutates them once built.
+@dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request."""
 
@@ -24,7 +25,7 @@ class RequestOutput:
     bytes_loaded: int = 0  # this request's host-to-device KV bytes in this step
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RunningState:
     """A running request after the step (feeds the scheduler's SLO slack)."""
 

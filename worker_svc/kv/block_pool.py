@@ -43,10 +43,12 @@ class BlockPool:
         if n == 0:
             return []
         top = len(self._free) - n
-        ids = self._free[top:].tolist()[::-1]  # the top of the stack, lowest id first
+        taken = self._free[top:]  # a copy: the top of the stack, lowest id last
         del self._free[top:]
-        self._is_free[np.array(ids, dtype=np.int64) - self.first_id] = False
-        return ids
+        taken.reverse()  # lowest id first
+        # [n] a view of the array: no list-to-array conversion of the ids
+        self._is_free[np.frombuffer(taken, dtype=np.int64) - self.first_id] = False
+        return taken.tolist()
 
     def free(self, ids: list[int]) -> None:
         if not ids:

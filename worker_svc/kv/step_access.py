@@ -97,7 +97,8 @@ class StepAccess:
         # Only whole prompts from slot 0: attention can use the fresh K/V, no block table needed.
         self.fresh = not start_a.any()
         self.max_blocks = _cdiv(self.max_context, self.bs)
-        if b == int(lens_a.sum()):  # all decodes: token i is request i's one new token
+        self._decodes = b == int(lens_a.sum())
+        if self._decodes:  # all decodes: token i is request i's one new token
             tok_row, pos, cu = np.arange(b), start_a, np.arange(b + 1)
         else:
             cu = np.zeros(b + 1, dtype=np.int64)
@@ -114,13 +115,14 @@ class StepAccess:
         self._prebuilt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         row_index = buffer.rows_for(tables, manager.tables)  # [B]
         self._row_index = row_index.numpy()
+        self._row_index_t = row_index if buffer.in_order else row_index.to(self.device)
         # [L, B, M] int32 GPU-read block ids of every layer: a view when the batch holds rows
         # 0..B-1 in order (a steady batch), else gathered on the device in one op
         if buffer.in_order:
             self._rows_all = buffer.ids[:, :len(tables), :self.max_blocks]
             host_read = buffer.host_read[:, :len(tables)]  # [L, B] on the host
         else:
-            self._rows_all = buffer.ids[:, row_index.to(self.device), :self.max_blocks]
+            self._rows_all = buffer.ids[:, self._row_index_t, :self.max_blocks]
             host_read = buffer.host_read[:, row_index]
         self._host_read = host_read.numpy()
         self._host: dict[int, _HostLayer] = {}
@@ -214,14 +216,24 @@ class StepAccess:
         if not layers:
             return
         rows = self._rows_all  # [L, B, M]
-        if len(layers) < self.num_layers:
+        buf = self.buffer
+        if self._decodes and bool((self._tok_block_np == buf.row_blocks[self._row_index] - 1).all()):
+            # Every token is a decode writing its row's last block: the slots are the buffer's
+            # tails (a view for a steady batch), not a gather of one id a page apart per (layer, row).
+            tails = buf.tail[:, :len(self.tables)] if buf.in_order else buf.tail[:, self._row_index_t]
+            if len(layers) < self.num_layers:
+                tails = tails[torch.tensor(layers, device=self.device)]  # [L', B]
+            slots = tails
+        elif len(layers) < self.num_layers:
             # The slots of the GPU-read layers in one gather, their tables as views: selecting the
             # layers first would copy every row of them.
             which = torch.tensor(layers, device=self.device)[:, None]  # [L', 1]
             slots = rows[which, self._tok_row[None, :], self._tok_block[None, :]]  # [L', T]
         else:
             slots = rows[:, self._tok_row, self._tok_block]  # [L, T]
-        self._prebuilt = {layer: (rows[layer], slots[j]) for j, layer in enumerate(layers)}
+        tables = rows.unbind(0)  # L views in one call
+        self._prebuilt = dict(zip(layers, zip([tables[i] for i in layers], slots.unbind(0), strict=True),
+                                  strict=True))
 
     def _prefetch(self, layer: int) -> None:
         """Take layer ``layer``'s staging range and stream its host KV in (one copy call)."""

@@ -12,9 +12,14 @@ Row ``r`` holds, per layer, for one request:
   consecutive ids (what a step streams in: one copy per run, however long the context).
 With ``host_offset`` (host layers read in place, ``kv_cache``) a host-home layer's ids are its
 host ids shifted into the one compute tensor, and nothing is read through staging.
+* ``tail`` [L, R] int32 on the device: ``ids[:, r, blocks - 1]``, the last block of each layer (the
+  block a decode writes: a step of decodes reads its slots here, not with a gather over ``ids``,
+  whose rows lie a page apart);
+* ``row_blocks`` [R] int64: blocks per layer written in each row.
 A row is rewritten when its table is new (admission, re-admission after a recompute preemption) or
 its ``version`` moved (a swap-out or a promotion changed a layer's blocks); growth writes only the
-new tail (and extends or adds a run).
+new tail (and extends or adds a run). A batch of the same tables as the previous call is synced by
+comparing each table's (version, blocks) with the last call's, in one pass.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
+from operator import attrgetter, is_
 from typing import Any
 
 import numpy as np
@@ -37,6 +43,9 @@ class _Row:
     table: LayerBlockTable  # the table object synced (a re-admitted request has a new one)
     version: int
     blocks: int  # blocks per layer written
+
+
+_sync_state = attrgetter("version", "blocks_per_layer")  # what a row is synced to, besides its table
 
 
 def _runs(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,16 +72,37 @@ class BlockTableBuffer:
         # Staging block tables of recent steps, reused while the batch's layout is unchanged
         # (``StepAccess`` owns the keys; a few entries: one per host-row set and pool side).
         self.staged_tables: dict[tuple[object, ...], torch.Tensor] = {}
+        self.tail = torch.zeros((num_layers, rows), dtype=torch.int32, device=self.device)  # [L, R]
+        self.row_blocks = np.zeros(rows, dtype=np.int64)  # [R]
         self._rows: dict[str, _Row] = {}
         self._free: list[int] = list(range(rows - 1, -1, -1))
         self.in_order = False  # the last ``rows_for`` gave rows 0..B-1 in batch order
+        # The last call's batch: its tables, their (version, blocks) and the row indices returned.
+        self._last_tables: list[LayerBlockTable] = []
+        self._last_state: list[tuple[int, int]] = []
+        self._last_out: torch.Tensor = torch.zeros(0, dtype=torch.int64)
 
     def rows_for(self, tables: Sequence[LayerBlockTable],
                  live: Mapping[str, LayerBlockTable]) -> torch.Tensor:
         """Bring the rows of ``tables`` up to date; their row indices [B] int64. ``live``: every
         table holding blocks now (rows of any other request are reclaimed when rows run out)."""
+        state = list(map(_sync_state, tables))  # [(version, blocks)] of each table
+        last = self._last_tables
+        if len(tables) == len(last) and all(map(is_, tables, last)):
+            # The previous batch again (a steady decode): only rows whose table moved need work,
+            # and their row indices are unchanged (a row is reassigned only for a new table).
+            if state != self._last_state:
+                grown: list[_Row] = []
+                rows = self._rows
+                for table, now, was in zip(tables, state, self._last_state, strict=True):
+                    if now != was:
+                        self._sync(rows[table.request_id], table, grown)
+                if grown:
+                    self._write_growth(grown)
+                self._last_state = state
+            return self._last_out
         out = []
-        grown: list[_Row] = []  # rows whose table grew by one block: written together below
+        grown = []
         rows = self._rows
         for table in tables:
             row = rows.get(table.request_id)
@@ -82,19 +112,26 @@ class BlockTableBuffer:
                 row = _Row(self._take_row(live), table, table.version, 0)
                 rows[table.request_id] = row
                 self._write(row, 0)
-            elif row.version != table.version:
-                row.version = table.version
-                self._write(row, 0)
-            elif row.blocks < table.blocks_per_layer:
-                if row.blocks + 1 == table.blocks_per_layer:
-                    grown.append(row)
-                else:
-                    self._write(row, row.blocks)
+            else:
+                self._sync(row, table, grown)
             out.append(row.index)
         if grown:
             self._write_growth(grown)
         self.in_order = out == list(range(len(out)))  # rows 0..B-1: a step can take a view
-        return id_tensor(out)
+        self._last_tables, self._last_state = list(tables), state
+        self._last_out = id_tensor(out)
+        return self._last_out
+
+    def _sync(self, row: _Row, table: LayerBlockTable, grown: list[_Row]) -> None:
+        """Rewrite ``row`` if its table's version moved, or write its growth (one block: into ``grown``)."""
+        if row.version != table.version:
+            row.version = table.version
+            self._write(row, 0)
+        elif row.blocks < table.blocks_per_layer:
+            if row.blocks + 1 == table.blocks_per_layer:
+                grown.append(row)
+            else:
+                self._write(row, row.blocks)
 
     def _write_growth(self, grown: list[_Row]) -> None:
         """Write the one new block of every layer of each row in ``grown`` (a decode's growth), in
@@ -109,6 +146,9 @@ class BlockTableBuffer:
         for row in grown:
             j = row.blocks
             reads = row.table.reads_gpu
+            if all(reads):  # every layer in its GPU blocks (most rows)
+                vals.append([lb.gpu_blocks[j] for lb in row.table.layers])
+                continue
             pairs = zip(row.table.layers, reads, strict=True)
             if off is not None:  # in place: a host layer's id, shifted
                 vals.append([lb.gpu_blocks[j] if gpu else off + lb.host_blocks[j] for lb, gpu in pairs])
@@ -116,10 +156,15 @@ class BlockTableBuffer:
                 vals.append([lb.gpu_blocks[j] if gpu else 0 for lb, gpu in pairs])
                 if not all(reads):
                     host_rows.append(row)
-        at_row = id_tensor([row.index for row in grown])  # [G]
-        at_block = id_tensor([row.blocks for row in grown])  # [G]
-        new = torch.from_numpy(np.array(vals, dtype=np.int32).T.copy())  # [L, G]
-        self.ids[:, at_row.to(self.device), at_block.to(self.device)] = new.to(self.device)
+        at_row_np = np.array([row.index for row in grown], dtype=np.int64)  # [G]
+        at_block = np.array([row.blocks for row in grown], dtype=np.int64)  # [G]
+        new = torch.from_numpy(np.array(vals, dtype=np.int32).T.copy()).to(self.device)  # [L, G]
+        # One flat scatter into ids (an index per (layer, row)), and the same values are the tails.
+        r, m = self.ids.shape[1], self.ids.shape[2]
+        flat = (np.arange(self.num_layers)[:, None] * (r * m) + (at_row_np * m + at_block)[None, :])  # [L, G]
+        self.ids.view(-1)[torch.from_numpy(flat.reshape(-1)).to(self.device)] = new.reshape(-1)
+        self.tail[:, torch.from_numpy(at_row_np).to(self.device)] = new
+        self.row_blocks[at_row_np] += 1
         for row in grown:
             row.blocks += 1
         if host_rows:
@@ -169,6 +214,8 @@ class BlockTableBuffer:
             self.run_start = _grown(self.run_start, 1, 2 * r)
             self.run_len = _grown(self.run_len, 1, 2 * r)
             self.run_count = _grown(self.run_count, 1, 2 * r)
+            self.tail = _grown(self.tail, 1, 2 * r)
+            self.row_blocks = _grown(self.row_blocks, 0, 2 * r)
             self._free = list(range(2 * r - 1, r - 1, -1))
         return self._free.pop()
 
@@ -188,6 +235,7 @@ class BlockTableBuffer:
             if self.host_offset is None:
                 self.host_read[:, r] = torch.tensor([not lb.reads_gpu_blocks for lb in table.layers])
         if n <= start:
+            self._set_tail(row, n)
             return
         reads = table.reads_gpu
         if self.host_offset is not None:  # in place: a host layer's ids, shifted; no staging
@@ -196,7 +244,7 @@ class BlockTableBuffer:
                     for lb, gpu in zip(table.layers, reads, strict=True)]
             flat = id_tensor(list(chain.from_iterable(tail))).to(torch.int32)
             self.ids[:, r, start:n] = flat.view(len(tail), n - start).to(self.device)
-            row.blocks = n
+            self._set_tail(row, n)
             return
         pad = [0] * (n - start)
         tail = [lb.gpu_blocks[start:n] if gpu else pad for lb, gpu in zip(table.layers, reads, strict=True)]
@@ -209,7 +257,16 @@ class BlockTableBuffer:
             new = np.array([table.layers[i].host_blocks[start:n] for i in host], dtype=np.int64)  # [Lh, g]
             self.host_ids[host, r, start:n] = new
             self._append_runs(np.array(host), r, new, start == 0)
+        self._set_tail(row, n)
+
+    def _set_tail(self, row: _Row, n: int) -> None:
+        """``row`` holds ``n`` blocks per layer now: its block count and tails follow."""
         row.blocks = n
+        self.row_blocks[row.index] = n
+        if n:
+            self.tail[:, row.index] = self.ids[:, row.index, n - 1]
+        else:
+            self.tail[:, row.index] = 0
 
     def _append_runs(self, layers: np.ndarray, r: int, new: np.ndarray, fresh: bool) -> None:
         """Add host ids ``new`` [Lh, g] after the runs of ``layers`` in row ``r`` (``fresh``: no runs yet)."""
