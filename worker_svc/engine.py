@@ -255,7 +255,7 @@ class Engine:
         if plan:
             if not self._waiting:
                 self._promote(stats)
-            outputs += self._run(plan, stats)
+            outputs += self._run(plan, stats, prefills == 0)
         duration = time.perf_counter() - start
         # T_past is wall time since the first token: a prefill chunk stalls every running request
         # too (and a preempted one waits), and the scheduler's TPOT slack must see that.
@@ -344,7 +344,8 @@ class Engine:
             stats.loaded(table.request_id, moved)
             budget -= 1
 
-    def _run(self, plan: list[tuple[Request, int]], stats: CopyStats) -> list[RequestOutput]:
+    def _run(self, plan: list[tuple[Request, int]], stats: CopyStats,
+             decodes_only: bool = False) -> list[RequestOutput]:
         batch = [r for r, _ in plan]
         tables = [r.table for r in batch]
         assert all(t is not None for t in tables)
@@ -360,8 +361,11 @@ class Engine:
             positions = [p for s, n in zip(starts, lens, strict=True) for p in range(s, s + n)]
             ends = list(itertools.accumulate(lens))
         # Requests whose sequence is computed after this step sample their next token.
-        sampled = [i for i, (r, s, n) in enumerate(zip(batch, starts, lens, strict=True))
-                   if s + n == len(r.prompt_ids) + len(r.output_ids)]
+        # (A decode-only step: a running request has every token but its last computed, so all do.)
+        assert not decodes_only or len(lens) == sum(lens), "a decode computes one token"
+        sampled = list(range(len(batch))) if decodes_only else [
+            i for i, (r, s, n) in enumerate(zip(batch, starts, lens, strict=True))
+            if s + n == len(r.prompt_ids) + len(r.output_ids)]
         every = len(sampled) == len(batch)  # (a decode step): rows and outputs map one to one
         access: StepAccess | None = None
         try:
