@@ -150,3 +150,54 @@ def test_step_copy_runs_and_tables_equal_a_per_block_rebuild() -> None:
                                         for t, s in zip(tables, starts, strict=True)]))
     assert checked > 40
     assert (buffer.run_count > 1).any()
+
+
+def test_decode_slots_from_the_tails_equal_the_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU-read layers' slots and tables of a step: for decodes writing their last block they come
+    from the buffer's tails, otherwise from a gather; either way they equal the tables' lists."""
+    import random
+
+    import torch
+
+    from common.types import KVGeometry, Placement
+    from worker_svc.kv.kv_cache import KVCache
+    from worker_svc.kv.manager import KVCacheManager
+    from worker_svc.kv.offload import CopyEngine
+    from worker_svc.kv.step_access import CopyStats, StepAccess
+
+    layers, bs = 4, 4
+    geo = KVGeometry(layers, 1, 2, bs, 4)
+    rnd = random.Random(11)
+    mgr = KVCacheManager(geo, gpu_blocks=400, host_blocks=300, staging_blocks=200)
+    kv = KVCache(geo, 400, 200, 300, torch.device("cpu"), torch.float32)
+    buffer = BlockTableBuffer(layers, rows=2, blocks=2)
+    tail_steps = gather_steps = checked = 0
+    for step in range(60):
+        if len(mgr.tables) < 7:
+            letters = "".join(rnd.choice("GGGH") for _ in range(layers))
+            mgr.allocate(f"s{step}", rnd.randint(1, 12), Placement.from_letters(letters, layers))
+        for table in mgr.tables.values():
+            if rnd.random() < 0.4:
+                mgr.grow(table, table.blocks_per_layer * bs + 1)  # one block more
+        if rnd.random() < 0.15 and len(mgr.tables) > 2:
+            mgr.release(rnd.choice(list(mgr.tables)))
+        tables = [t for t in mgr.tables.values() if rnd.random() < 0.8] or list(mgr.tables.values())
+        if rnd.random() < 0.5:
+            rnd.shuffle(tables)  # rows out of batch order: the tails are gathered too
+        # a decode in its last block (the common case), or now and then one earlier
+        starts = [max(0, t.blocks_per_layer * bs - 1 - (rnd.random() < 0.1) * bs) for t in tables]
+        access = StepAccess(tables, starts, [1] * len(tables), kv, mgr, CopyEngine(), CopyStats(), buffer)
+        last = all(s // bs == t.blocks_per_layer - 1 for t, s in zip(tables, starts, strict=True))
+        tail_steps += last
+        gather_steps += not last
+        for layer in range(layers):
+            _, meta = access.begin_layer(layer)
+            if layer not in access._host:  # every row reads this layer's own GPU blocks
+                want = [t.layers[layer].gpu_blocks[s // bs] for t, s in zip(tables, starts, strict=True)]
+                assert meta.slot_blocks.tolist() == want
+                for i, t in enumerate(tables):
+                    n = -(-(starts[i] + 1) // bs)
+                    assert meta.block_table[i, :n].tolist() == t.layers[layer].gpu_blocks[:n]
+                checked += last
+            access.end_layer(layer)
+    assert tail_steps > 10 and gather_steps > 3 and checked > 5

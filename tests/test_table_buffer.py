@@ -49,6 +49,8 @@ def assert_buffer_matches(buffer: BlockTableBuffer, mgr: KVCacheManager, batch: 
         n = table.blocks_per_layer
         assert torch.equal(buffer.ids[:, row, :n].long(), ids), table.request_id
         assert not buffer.ids[:, row, n:].any()  # padded with block 0 beyond its blocks
+        assert int(buffer.row_blocks[row]) == n
+        assert torch.equal(buffer.tail[:, row].long(), ids[:, n - 1] if n else torch.zeros(LAYERS).long())
         assert torch.equal(buffer.host_read[:, row], host)
         for layer, lb in enumerate(table.layers):  # host ids and their runs: what staging copies use
             host_ids = lb.host_blocks[:n] if not lb.reads_gpu_blocks else []
@@ -193,3 +195,47 @@ def test_in_place_buffer_growth_matches_tables() -> None:
                     for lb in table.layers]
             assert buffer.ids[:, row, :n].tolist() == want
             assert not buffer.host_read[:, row].any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_steady_batch_synced_in_one_pass_equals_rebuild(seed: int) -> None:
+    """The same batch step after step (``rows_for``'s fast path: only tables whose version or block
+    count moved are rewritten), through growth, swap-outs and promotions, matches a rebuild, and
+    keeps its rows."""
+    rnd = random.Random(seed)
+    mgr = KVCacheManager(GEOMETRY, gpu_blocks=80, host_blocks=80, staging_blocks=60)
+    gpu = torch.zeros(140, 2, 4, 1, 2)
+    host = torch.zeros(80, 2, 4, 1, 2)
+    copy = CopyEngine()
+    buffer = BlockTableBuffer(LAYERS, rows=2, blocks=2)
+    tokens = {}
+    for i in range(4):
+        letters = "".join(rnd.choice("GH") for _ in range(LAYERS))
+        assert mgr.allocate(f"r{i}", 3 + i, Placement.from_letters(letters, LAYERS)) is not None
+        tokens[f"r{i}"] = 3 + i
+    batch = list(mgr.tables)
+    assert_buffer_matches(buffer, mgr, batch)
+    first = buffer.rows_for([mgr.tables[r] for r in batch], mgr.tables).tolist()
+    moved = 0
+    for _ in range(60):
+        op = rnd.choice(["grow", "grow", "grow", "swap", "promote", "none"])
+        rid = rnd.choice(batch)
+        table = mgr.tables[rid]
+        if op == "grow":
+            to = tokens[rid] + rnd.choice([1, 1, 1, 6])  # mostly one block at a time
+            if mgr.grow(table, to):
+                tokens[rid] = table.num_tokens = to
+        elif op == "swap":
+            layers = mgr.swap_candidates(table)
+            if layers:
+                mgr.swap_out(table, layers[0], copy, gpu, host)
+                moved += 1
+        elif op == "promote":
+            options = mgr.promotable()
+            if options:
+                mgr.start_promotion(*rnd.choice(options), copy, gpu, host)
+                moved += 1
+            mgr.poll()
+        assert_buffer_matches(buffer, mgr, batch)
+        assert buffer.rows_for([mgr.tables[r] for r in batch], mgr.tables).tolist() == first
+    assert moved
