@@ -163,7 +163,10 @@ class StepAccess:
         # Where each pair's blocks begin in its layer's range: the blocks of earlier host rows.
         pair_used = used[pb]
         cum = np.cumsum(pair_used) - pair_used  # [P] over all pairs
-        layers, first_pair, per_layer = np.unique(pl, return_index=True, return_counts=True)
+        # The host-read layers, each one's first pair and pair count (``pl`` is sorted: np.unique
+        # would sort it again)
+        first_pair = np.flatnonzero(np.concatenate(([True], pl[1:] != pl[:-1]))) if len(pl) else pl
+        layers, per_layer = pl[first_pair], np.diff(np.append(first_pair, len(pl)))
         offset = cum - np.repeat(cum[first_pair], per_layer)  # [P] restarted at each layer
         # Stream-in runs: the host runs of each pair cut at its filled blocks.
         flat = pl * buf.run_count.shape[1] + pr  # [P] (layer, row) as one index: one gather each
@@ -173,7 +176,8 @@ class StepAccess:
         run_start = buf.run_start.reshape(pairs, -1)[flat, :k]  # [P, K]
         run_len = buf.run_len.reshape(pairs, -1)[flat, :k]  # [P, K], 0 past a pair's count
         before = np.cumsum(run_len, axis=1) - run_len  # [P, K] blocks of the pair before each run
-        take = np.clip(filled[pb][:, None] - before, 0, run_len)  # [P, K]
+        take = filled[pb][:, None] - before  # [P, K] (np.clip's wrappers cost more than the work)
+        np.minimum(np.maximum(take, 0, out=take), run_len, out=take)
         valid = take > 0
         load = np.stack((run_start[valid], (offset[:, None] + before)[valid], take[valid]), axis=1)  # [R, 3]
         load_layer = np.broadcast_to(pl[:, None], valid.shape)[valid]  # [R]
