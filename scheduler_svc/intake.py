@@ -112,6 +112,7 @@ class EventIntake:
                 batch.tokens_of(state, new)
                 self.metrics.observe_tokens(request_id, len(new), len(state.record.prompt_ids), now)
             if update.finished and update.finish_reason is not None:
+                state.ended_on_worker = True
                 lc.finish(state, update.finish_reason, batch, update.error)
         await lc.commit(batch)
         if len(lc.queue):  # the report may have freed blocks for a waiting request

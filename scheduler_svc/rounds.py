@@ -359,8 +359,13 @@ class Rounds:
             counter.inc()
             if state.record.requeues == 0:  # queueing ends when a worker takes the request
                 lc.metrics.queue_time.observe(state.record.dispatch_time - state.record.arrival_time)
-            if state.finished:  # cancelled while the dispatch was in flight
-                await self.abort(worker_id, worker_rid)
+            # Cancelled while the dispatch was in flight: the cancel's abort may have reached the
+            # worker before the dispatch did, so abort again. Not when the worker itself reported
+            # the attempt's end (a short request under load finishes before its dispatch call
+            # returns): that was one needless Abort RPC per request. In the background, so the
+            # worker's next dispatch call does not wait on it.
+            if state.finished and not state.ended_on_worker:
+                self._spawn(self.abort(worker_id, worker_rid))
 
     def _refuse(self, request_id: str, worker_id: str) -> None:
         count = self._refused.get((request_id, worker_id), (0, 0.0))[0] + 1
