@@ -332,7 +332,7 @@ class Rounds:
                 continue
             failed = True
             if isinstance(err, DispatchRefused):
-                lc.metrics.dispatches_refused.labels(worker_id).inc()
+                lc.metrics.series(lc.metrics.dispatches_refused, worker_id).inc()
                 self._refuse(state.request_id, worker_id)
                 lc.back_to_queue(state, batch)
             elif isinstance(err, DispatchRejected):
@@ -353,7 +353,7 @@ class Rounds:
             self._wake()
         accepted = [(state, worker_rid) for state, worker_rid, err in outcomes if err is None]
         if accepted:
-            counter = lc.metrics.dispatches.labels(worker_id)
+            counter = lc.metrics.series(lc.metrics.dispatches, worker_id)
         for state, worker_rid in accepted:
             self._refused.pop((state.request_id, worker_id), None)
             counter.inc()
