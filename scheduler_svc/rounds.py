@@ -362,7 +362,7 @@ class Rounds:
             # Cancelled while the dispatch was in flight: the cancel's abort may have reached the
             # worker before the dispatch did, so abort again. Not when the worker itself reported
             # the attempt's end (a short request under load finishes before its dispatch call
-            # returns): that was one needless Abort RPC per request. In the background, so the
+            # returns): that was one needless Abort RPC per such request. In the background, so the
             # worker's next dispatch call does not wait on it.
             if state.finished and not state.ended_on_worker:
                 self._spawn(self.abort(worker_id, worker_rid))
