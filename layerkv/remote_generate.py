@@ -84,7 +84,9 @@ def _request(prompt: str, opts: RemoteOptions) -> scheduler_pb2.GenerateRequest:
     )
     if opts.seed is not None:
         sampling.seed = opts.seed
-    return scheduler_pb2.GenerateRequest(text=prompt, sampling=sampling)
+    # final_with_tokens: the last tokens ride in the final message (one message fewer; an older
+    # scheduler ignores the field and sends them in a chunk, read alike below).
+    return scheduler_pb2.GenerateRequest(text=prompt, sampling=sampling, final_with_tokens=True)
 
 
 async def _one(
@@ -99,12 +101,11 @@ async def _one(
                              timeout=opts.timeout_s)
         async for msg in call:
             if msg.HasField("chunk"):
-                result.token_ids.extend(msg.chunk.token_ids)
-                result.text += msg.chunk.text_delta
-                if msg.chunk.text_delta:
-                    on_text.put_nowait((result.index, msg.chunk.text_delta))
+                _take(result, msg.chunk, on_text)
             elif msg.HasField("final"):
                 f = msg.final
+                if f.HasField("last_chunk"):
+                    _take(result, f.last_chunk, on_text)
                 result.finish_reason = _FINISH_NAMES.get(f.finish_reason, "unspecified")
                 result.ttft_s = f.ttft_s
                 result.latency_s = f.latency_s
@@ -116,6 +117,16 @@ async def _one(
     finally:
         result.done.set()
         on_text.put_nowait((result.index, ""))  # wake the printer
+
+
+def _take(
+    result: RemoteResult, chunk: scheduler_pb2.TokenChunk, on_text: asyncio.Queue[tuple[int, str]]
+) -> None:
+    """A chunk's tokens and text into ``result``; its text to the printer."""
+    result.token_ids.extend(chunk.token_ids)
+    result.text += chunk.text_delta
+    if chunk.text_delta:
+        on_text.put_nowait((result.index, chunk.text_delta))
 
 
 async def generate_remote(

@@ -112,6 +112,7 @@ class EventIntake:
                 batch.tokens_of(state, new)
                 self.metrics.observe_tokens(request_id, len(new), len(state.record.prompt_ids), now)
             if update.finished and update.finish_reason is not None:
+                state.ended_on_worker = True
                 lc.finish(state, update.finish_reason, batch, update.error)
         await lc.commit(batch)
         if len(lc.queue):  # the report may have freed blocks for a waiting request
@@ -143,14 +144,14 @@ class EventIntake:
             self.metrics.observe_usage(worker_id, "gpu", event.gpu.used_per_layer, event.gpu.free_blocks)
         if event.host is not None:
             self.metrics.observe_usage(worker_id, "host", event.host.used_per_layer, event.host.free_blocks)
-        self.metrics.running.labels(worker_id).set(len(event.running))
+        self.metrics.series(self.metrics.running, worker_id).set(len(event.running))
         step = event.step
         if step is None:
             return
         if step.bytes_offloaded:  # most steps move nothing: skip the series lookups
-            self.metrics.bytes_offloaded.labels(worker_id).inc(step.bytes_offloaded)
+            self.metrics.series(self.metrics.bytes_offloaded, worker_id).inc(step.bytes_offloaded)
         if step.bytes_loaded:
-            self.metrics.bytes_loaded.labels(worker_id).inc(step.bytes_loaded)
+            self.metrics.series(self.metrics.bytes_loaded, worker_id).inc(step.bytes_loaded)
         self.metrics.preempted(worker_id, step.num_preemptions)
         kind = _FITTED_KINDS.get(step.kind)
         if worker.fitter is not None and kind is not None:

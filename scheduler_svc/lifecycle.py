@@ -191,7 +191,7 @@ class Lifecycle:
         batch.update(record, "status", "finish_reason", "error", "finish_time", "output_tokens")
         batch.finished.add(record.request_id)
         batch.finished_of(state)
-        self.metrics.requests.labels(reason.value).inc()
+        self.metrics.series(self.metrics.requests, reason.value).inc()
         self.metrics.e2e.observe(record.finish_time - record.arrival_time)
         if len(state.tokens) > 1 and record.first_token_time:
             self.metrics.tpot.observe(

@@ -89,6 +89,8 @@ class RequestState:
     published: int = -1  # tokens streams may send (saved in Redis); -1: all given at construction
     closed: bool = False  # the final message may be sent (the finish is saved)
     streams: int = 0  # client streams attached now
+    # Its worker reported this attempt's end (finished there): nothing is left there to abort.
+    ended_on_worker: bool = False
 
     def __post_init__(self) -> None:
         # Built from Redis (recovery, a finished request) or new: everything it holds is saved.

@@ -332,7 +332,7 @@ class Rounds:
                 continue
             failed = True
             if isinstance(err, DispatchRefused):
-                lc.metrics.dispatches_refused.labels(worker_id).inc()
+                lc.metrics.series(lc.metrics.dispatches_refused, worker_id).inc()
                 self._refuse(state.request_id, worker_id)
                 lc.back_to_queue(state, batch)
             elif isinstance(err, DispatchRejected):
@@ -353,14 +353,19 @@ class Rounds:
             self._wake()
         accepted = [(state, worker_rid) for state, worker_rid, err in outcomes if err is None]
         if accepted:
-            counter = lc.metrics.dispatches.labels(worker_id)
+            counter = lc.metrics.series(lc.metrics.dispatches, worker_id)
         for state, worker_rid in accepted:
             self._refused.pop((state.request_id, worker_id), None)
             counter.inc()
             if state.record.requeues == 0:  # queueing ends when a worker takes the request
                 lc.metrics.queue_time.observe(state.record.dispatch_time - state.record.arrival_time)
-            if state.finished:  # cancelled while the dispatch was in flight
-                await self.abort(worker_id, worker_rid)
+            # Cancelled while the dispatch was in flight: the cancel's abort may have reached the
+            # worker before the dispatch did, so abort again. Not when the worker itself reported
+            # the attempt's end (a short request under load finishes before its dispatch call
+            # returns): that was one needless Abort RPC per such request. In the background, so the
+            # worker's next dispatch call does not wait on it.
+            if state.finished and not state.ended_on_worker:
+                self._spawn(self.abort(worker_id, worker_rid))
 
     def _refuse(self, request_id: str, worker_id: str) -> None:
         count = self._refused.get((request_id, worker_id), (0, 0.0))[0] + 1

@@ -30,21 +30,20 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt refused")
         await asyncio.sleep(FIRST_TOKEN_DELAY_S)
         n = request.sampling.max_tokens
-        for offset in range(0, n, 2):
-            ids = list(range(offset, min(offset + 2, n)))
-            yield scheduler_pb2.GenerateResponse(
-                request_id=request.request_id, chunk=scheduler_pb2.TokenChunk(offset=offset, token_ids=ids)
-            )
-            await asyncio.sleep(0.001)
-        yield scheduler_pb2.GenerateResponse(
-            request_id=request.request_id,
-            final=scheduler_pb2.GenerateFinal(
-                finish_reason=types_pb2.FINISH_REASON_LENGTH,
-                prompt_tokens=len(request.token_ids.ids),
-                output_tokens=n,
-                queue_s=0.25,
-            ),
+        final = scheduler_pb2.GenerateFinal(
+            finish_reason=types_pb2.FINISH_REASON_LENGTH,
+            prompt_tokens=len(request.token_ids.ids),
+            output_tokens=n,
+            queue_s=0.25,
         )
+        for offset in range(0, n, 2):
+            chunk = scheduler_pb2.TokenChunk(offset=offset, token_ids=list(range(offset, min(offset + 2, n))))
+            if request.final_with_tokens and offset + 2 >= n:  # the last chunk rides the final
+                final.last_chunk.CopyFrom(chunk)
+                break
+            yield scheduler_pb2.GenerateResponse(request_id=request.request_id, chunk=chunk)
+            await asyncio.sleep(0.001)
+        yield scheduler_pb2.GenerateResponse(request_id=request.request_id, final=final)
 
 
 class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
@@ -95,11 +94,14 @@ async def test_workload_is_sent_at_its_arrival_times_and_measured(
     assert ok.ttft_s is not None and ok.ttft_s >= FIRST_TOKEN_DELAY_S
     assert ok.finished_s is not None and ok.first_token_s is not None and ok.finished_s >= ok.first_token_s
     assert single.ok and single.output_tokens == 1 and single.tpot_s is None
+    # its one token came in the final (final_with_tokens): that is its first token's arrival
+    assert single.first_token_s is not None and single.first_token_s == single.finished_s
     assert not refused.ok and refused.error == "INVALID_ARGUMENT: prompt refused"
     # What the scheduler received: greedy, EOS ignored, the SLOs, fresh unique request ids.
     first = sched.seen[0]
     assert first.sampling.ignore_eos and first.sampling.temperature == 0.0 and first.sampling.max_tokens == 5
     assert first.slo.ttft_s == pytest.approx(2.0) and first.slo.tpot_s == pytest.approx(0.25)
+    assert first.final_with_tokens  # the last tokens may ride in the final message
     assert len({m.request_id for m in sched.seen}) == 3
     again = await run_workload(config, requests[:1])
     assert again[0].ok and sched.seen[-1].request_id != first.request_id  # a rerun never re-attaches

@@ -277,3 +277,65 @@ async def test_rounds_while_a_dispatch_call_is_in_flight_go_together_in_the_next
         assert fake.calls[-1] == ["e@0"]
         budget = core.ledger.get("fake-0")
         assert budget is not None and budget.num_requests == 0  # "c"'s reservation released too
+
+
+class FinishingFirstWorkers(BatchFakeWorkers):
+    """A worker whose steps outrun its answer: each request runs to its end, and its events reach
+    the scheduler, before the dispatch call returns (a short request under load). With
+    ``cancel_first``, the client cancels it while the call is out instead."""
+
+    def __init__(self, core_of: list[object], cancel_first: bool = False) -> None:
+        super().__init__()
+        self.core_of = core_of
+        self.cancel_first = cancel_first
+
+    async def dispatch_many(self, worker_id: str, commands):  # type: ignore[no-untyped-def]
+        self.calls.append([c.worker_request_id for c in commands])
+        for c in commands:
+            self.dispatched.append(c)
+            if self.cancel_first:
+                core = self.core_of[0]
+                await core.cancel(c.worker_request_id.split("@")[0])  # type: ignore[attr-defined]
+            else:
+                await self._run(worker_id, c)  # every event, the finish included, before the answer
+        return [None] * len(commands)
+
+
+async def test_an_attempt_its_worker_finished_before_answering_is_not_aborted(redis_url: str) -> None:
+    core_of: list[object] = []
+    fake = FinishingFirstWorkers(core_of)
+    async with fake_core(redis_url, fake) as (core, store):
+        core_of.append(core)
+        await core.pool.add_and_wait("fake:1")
+        states = [await stored_request(store, rid, [1, 2, 3], len(OUTPUT)) for rid in "ab"]
+        for state in states:
+            core.admit(state)
+        finals = await asyncio.wait_for(
+            asyncio.gather(*(_last(core.stream(s, 0, None)) for s in states)), 10
+        )
+        assert all(isinstance(f, StreamFinal) and f.record.output_tokens == len(OUTPUT) for f in finals)
+        await asyncio.sleep(0.05)  # an abort would be sent in the background
+        assert fake.aborted == []  # the worker ended them itself: no Abort call for either
+
+
+async def test_an_attempt_cancelled_while_its_dispatch_is_out_is_still_aborted(redis_url: str) -> None:
+    core_of: list[object] = []
+    fake = FinishingFirstWorkers(core_of, cancel_first=True)
+    async with fake_core(redis_url, fake) as (core, store):
+        core_of.append(core)
+        await core.pool.add_and_wait("fake:1")
+        state = await stored_request(store, "c", [1, 2, 3], len(OUTPUT))
+        core.admit(state)
+        final = await asyncio.wait_for(_last(core.stream(state, 0, None)), 10)
+        assert isinstance(final, StreamFinal) and final.record.finish_reason == FinishReason.ABORT.value
+        for _ in range(100):
+            if fake.aborted.count("c@0") >= 2:
+                break
+            await asyncio.sleep(0.01)
+        # once by the cancel, once more when the dispatch's answer came (the cancel's abort may
+        # have reached the worker before the dispatch did)
+        assert fake.aborted.count("c@0") == 2
+
+
+async def _last(items):  # type: ignore[no-untyped-def]
+    return [item async for item in items][-1]

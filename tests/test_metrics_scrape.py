@@ -81,3 +81,28 @@ async def test_vllm_style_series_count_what_was_generated(redis_url: str) -> Non
         assert not any(n.startswith("layerkv_worker_") for n in names), "worker series live on the worker"
     finally:
         await fleet.close()
+
+
+def test_a_kept_series_is_the_exported_one() -> None:
+    from prometheus_client import generate_latest
+
+    from common.metrics import SchedulerMetrics
+
+    metrics = SchedulerMetrics()
+    first = metrics.series(metrics.dispatches, "w0")
+    assert first is metrics.series(metrics.dispatches, "w0") is metrics.dispatches.labels("w0")
+    assert metrics.series(metrics.dispatches, "w1") is not first  # one series per label value
+    first.inc()
+    metrics.series(metrics.dispatches, "w0").inc(2)
+    metrics.series(metrics.requests, "length").inc()
+    metrics.observe_tokens("r", 3, 5, 1.0)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples
+    }
+    assert samples[("layerkv_dispatches_total", (("worker", "w0"),))] == 3
+    assert samples[("layerkv_dispatches_total", (("worker", "w1"),))] == 0
+    assert samples[("layerkv_requests_finished_total", (("reason", "length"),))] == 1
+    assert samples[("vllm:generation_tokens_total", (("model_name", ""),))] == 3
+    assert samples[("vllm:prompt_tokens_total", (("model_name", ""),))] == 5

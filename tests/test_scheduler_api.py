@@ -89,6 +89,24 @@ async def test_with_final_with_tokens_the_last_tokens_ride_in_the_final(
     assert [t for m in plain[:-1] for t in m.chunk.token_ids] == tokens
 
 
+@pytest.mark.parametrize("max_tokens", [1, 5])
+async def test_remote_generate_reads_the_tokens_that_ride_in_the_final(fleet: Fleet, max_tokens: int) -> None:
+    import io
+
+    from layerkv.remote_generate import RemoteOptions, _request, generate_remote
+
+    assert _request("hi", RemoteOptions()).final_with_tokens  # it asks for them there
+    prompts = ["hi", "héllo"]
+    out = io.StringIO()
+    results = await generate_remote(fleet.address, prompts, RemoteOptions(max_tokens=max_tokens), False, out)
+    tokenizer = fleet.workers[0].tokenizer
+    for prompt, result in zip(prompts, results, strict=True):
+        want = expected_tokens(tokenizer.encode(prompt), max_tokens)
+        assert result.token_ids == want  # the last ones came in GenerateFinal.last_chunk
+        assert result.text == bytes(want).decode() and result.finish_reason == "length"
+    assert out.getvalue() == "".join(r.text + "\n" for r in results)
+
+
 async def test_text_prompt_is_tokenized_with_the_workers_tokenizer(fleet: Fleet) -> None:
     request = scheduler_pb2.GenerateRequest(text="hé", sampling=types_pb2.SamplingParams(max_tokens=3))
     tokens, final = await collect(fleet.client.Generate(request))

@@ -133,6 +133,9 @@ def _generate_request(config: ClientConfig, run_id: str, req: BenchRequest) -> s
         # Greedy and EOS ignored: every policy generates exactly max_tokens tokens per request.
         sampling=types_pb2.SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True),
         slo=types_pb2.Slo(ttft_s=config.ttft_slo_s, tpot_s=config.tpot_slo_s),
+        # The last tokens ride in the final message (one message fewer per request; a scheduler
+        # from before the field ignores it and sends them in a chunk, which is read alike).
+        final_with_tokens=True,
     )
 
 
@@ -166,6 +169,10 @@ async def _one(
                 tokens += len(message.chunk.token_ids)
             elif message.HasField("final"):
                 final = message.final
+                if final.last_chunk.token_ids:  # tokens no chunk carried: they arrive now
+                    if first is None:
+                        first = now
+                    tokens += len(final.last_chunk.token_ids)
                 finished = now
                 queue_s = float(final.queue_s)
                 tokens = max(tokens, int(final.output_tokens))
