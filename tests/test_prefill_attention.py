@@ -40,7 +40,7 @@ def test_a_chunk_after_earlier_chunks_matches_the_reference() -> None:
     torch.testing.assert_close(causal_attention(q, k, v), _reference(q, k, v), rtol=1e-4, atol=1e-5)
 
 
-def test_short_prompts_take_the_gqa_call_and_long_ones_expanded_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_short_prompts_take_the_gqa_call_long_ones_expanded_heads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Which SDPA call each prompt length makes (the speed choice of GQA_FLASH_MAX_TOKENS)."""
     seen: list[tuple[int, bool]] = []
     real = F.scaled_dot_product_attention

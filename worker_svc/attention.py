@@ -40,7 +40,7 @@ class AttentionMetadata:
 # Longest whole prompt whose causal attention takes SDPA's flash kernel with ``enable_gqa`` rather
 # than K/V expanded per query head (see causal_attention): per layer on one core, 32 prompts of
 # 128 tokens 10.1 against 12.9 ms (4 heads over 2), 23.3 against 26.0 (9 over 3); one of 512 tokens
-# 4.5 against 4.8; one of 2048 tokens 43 against 39 and 121 against 84 (docs/benchmarks.md, "Prefill against vLLM").
+# 4.5 against 4.8; one of 2048 tokens 43 against 39 and 121 against 84 (docs/benchmarks.md).
 GQA_FLASH_MAX_TOKENS = 512
 
 
