@@ -138,3 +138,38 @@ def test_mlp_in_row_chunks_matches_one_pass() -> None:
         want = mlp._swiglu(x)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_with_post_ops_matches_the_plain_formula(monkeypatch: pytest.MonkeyPatch) -> None:
+    """linear.swiglu (silu and the product as oneDNN post-ops from FUSED_SWIGLU_MIN_ROWS rows)
+    gives silu(x g^T + bg) * (x u^T + bu) to float32 rounding, with and without biases, on a
+    strided input, below and above the threshold; and the many-row case takes the fused call."""
+    torch.manual_seed(0)
+    g, u = torch.randn(96, 40) * 0.2, torch.randn(96, 40) * 0.2
+    bg, bu = torch.randn(96), torch.randn(96)
+    threshold = linear_module.FUSED_SWIGLU_MIN_ROWS
+    for rows in (1, threshold - 1, threshold, 300):
+        x = torch.randn(rows, 80)[:, ::2]  # not contiguous
+        for biases in ((None, None), (bg, bu)):
+            want = (torch.nn.functional.silu(torch.nn.functional.linear(x, g, biases[0]))
+                    * torch.nn.functional.linear(x, u, biases[1]))
+            with torch.inference_mode():
+                got = linear_module.swiglu(x, g, u, *biases)
+            assert got.shape == want.shape == (rows, 96)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if linear_module.uses_onednn(torch.randn(threshold, 40), g):
+        calls: list[str] = []
+        real = torch.ops.mkldnn._linear_pointwise
+
+        class Spy:
+            def __call__(self, *args: object) -> torch.Tensor:
+                calls.append(str(args[3]))
+                return real(*args)
+
+            def binary(self, *args: object) -> torch.Tensor:
+                calls.append(str(args[4]))
+                return real.binary(*args)
+
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", Spy())
+        linear_module.swiglu(torch.randn(threshold, 40), g, u)
+        assert calls == ["swish", "mul"]

@@ -37,21 +37,33 @@ class AttentionMetadata:
     context_list: list[int] | None = None  # context_lens on the host (chunks longer than one token)
 
 
+# Longest whole prompt whose causal attention takes SDPA's flash kernel with ``enable_gqa`` rather
+# than K/V expanded per query head (see causal_attention): per layer on one core, 32 prompts of
+# 128 tokens 10.1 against 12.9 ms (4 heads over 2), 23.3 against 26.0 (9 over 3); one of 512 tokens
+# 4.5 against 4.8; one of 2048 tokens 43 against 39 and 121 against 84 (docs/benchmarks.md).
+GQA_FLASH_MAX_TOKENS = 512
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``n`` queries that are the last ``n`` of ``S`` positions, causally. q [..., H, n, D],
     k/v [..., Hkv, S, D] -> [..., H, n, D].
 
-    K/V are expanded to every query head first: with ``enable_gqa`` or an explicit mask, SDPA falls
-    back to its math kernel on CPU (it materialises [H, n, S] scores); the expanded heads with
-    ``is_causal`` (n == S) or a lower-right causal bias (a chunk after earlier chunks) take the
-    fused flash kernel, several times faster for long prompts."""
+    A whole prompt (n == S) up to ``GQA_FLASH_MAX_TOKENS`` takes the flash kernel with
+    ``enable_gqa`` (torch 2.13's CPU flash kernel maps each query head to its KV head itself, so the
+    K/V are not copied per query head). Otherwise K/V are expanded to every query head first: a
+    longer prompt ran faster on the expanded heads, and with an explicit mask ``enable_gqa`` falls
+    back to SDPA's math kernel on CPU (it materialises [H, n, S] scores), where the expanded heads
+    with a lower-right causal bias (a chunk after earlier chunks) take the fused flash kernel,
+    several times faster for long prompts."""
     if q.dim() == 3:  # the flash kernel takes 4-D inputs only: one batch row
         return causal_attention(q[None], k[None], v[None])[0]
     groups = q.shape[-3] // k.shape[-3]
+    n, s = q.shape[-2], k.shape[-2]
+    if n == s and n <= GQA_FLASH_MAX_TOKENS:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
     if groups > 1:
         k = k.repeat_interleave(groups, dim=-3)
         v = v.repeat_interleave(groups, dim=-3)
-    n, s = q.shape[-2], k.shape[-2]
     if n == s:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, s))

@@ -112,3 +112,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         w = _packed_weight(weight) if weight.dtype == torch.float32 and weight.is_contiguous() else weight
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+# Rows from which the MLP's SwiGLU runs its activation and product inside the gate and up matmuls
+# (``swiglu``): a prefill's many rows. Fewer rows (decode) keep the plain ops.
+FUSED_SWIGLU_MIN_ROWS = 64
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_bias: torch.Tensor | None = None,
+           up_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(x @ gate.T + gate_bias) * (x @ up.T + up_bias)``, the MLP's input to its down matmul.
+
+    Why: with many rows (a prefill) oneDNN applies silu as a post-op of the gate matmul and the
+    product as a binary post-op of the up matmul, on each output tile while it is in registers,
+    instead of two more passes over [rows, intermediate] tensors (what vLLM's compiled graph and
+    its fused silu_and_mul kernel avoid too). oneDNN's silu rounds differently from torch's in the
+    last bits (relative ~1e-6); greedy ids against transformers are checked by the tests.
+    Otherwise (fewer rows, CUDA, other dtypes) the same formula with plain ops."""
+    if (x.dim() == 2 and x.shape[0] >= FUSED_SWIGLU_MIN_ROWS and uses_onednn(x, gate)
+            and uses_onednn(x, up)):
+        x = x.contiguous()
+        g = _packed_weight(gate) if gate.dtype == torch.float32 and gate.is_contiguous() else gate
+        u = _packed_weight(up) if up.dtype == torch.float32 and up.is_contiguous() else up
+        act = torch.ops.mkldnn._linear_pointwise(x, g, gate_bias, "swish", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, act, u, up_bias, "mul")
+    return F.silu(linear(x, gate, gate_bias)) * linear(x, up, up_bias)
