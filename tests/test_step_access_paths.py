@@ -154,7 +154,9 @@ def test_step_copy_runs_and_tables_equal_a_per_block_rebuild() -> None:
 
 def test_decode_slots_from_the_tails_equal_the_tables(monkeypatch: pytest.MonkeyPatch) -> None:
     """GPU-read layers' slots and tables of a step: for decodes writing their last block they come
-    from the buffer's tails, otherwise from a gather; either way they equal the tables' lists."""
+    from the buffer's tails, otherwise from a gather; either way they equal the tables' lists. And
+    host-read layers' write-back runs (for such decodes taken from the pairs' last runs) equal the
+    blocks listed one by one."""
     import random
 
     import torch
@@ -162,7 +164,7 @@ def test_decode_slots_from_the_tails_equal_the_tables(monkeypatch: pytest.Monkey
     from common.types import KVGeometry, Placement
     from worker_svc.kv.kv_cache import KVCache
     from worker_svc.kv.manager import KVCacheManager
-    from worker_svc.kv.offload import CopyEngine
+    from worker_svc.kv.offload import CopyEngine, expand_runs
     from worker_svc.kv.step_access import CopyStats, StepAccess
 
     layers, bs = 4, 4
@@ -171,7 +173,7 @@ def test_decode_slots_from_the_tails_equal_the_tables(monkeypatch: pytest.Monkey
     mgr = KVCacheManager(geo, gpu_blocks=400, host_blocks=300, staging_blocks=200)
     kv = KVCache(geo, 400, 200, 300, torch.device("cpu"), torch.float32)
     buffer = BlockTableBuffer(layers, rows=2, blocks=2)
-    tail_steps = gather_steps = checked = 0
+    tail_steps = gather_steps = checked = stored = 0
     for step in range(60):
         if len(mgr.tables) < 7:
             letters = "".join(rnd.choice("GGGH") for _ in range(layers))
@@ -199,5 +201,13 @@ def test_decode_slots_from_the_tails_equal_the_tables(monkeypatch: pytest.Monkey
                     n = -(-(starts[i] + 1) // bs)
                     assert meta.block_table[i, :n].tolist() == t.layers[layer].gpu_blocks[:n]
                 checked += last
+            else:  # the write-back runs (from the pairs' last runs when every pair writes its last block)
+                host = access._host[layer]
+                rows = [i for i, t in enumerate(tables) if not t.layers[layer].reads_gpu_blocks]
+                store = host.store.copy()
+                src, dst = expand_runs(store)
+                assert src.tolist() == [int(host.offsets[i]) + starts[i] // bs for i in rows]
+                assert dst.tolist() == [tables[i].layers[layer].host_blocks[starts[i] // bs] for i in rows]
+                stored += last
             access.end_layer(layer)
-    assert tail_steps > 10 and gather_steps > 3 and checked > 5
+    assert tail_steps > 10 and gather_steps > 3 and checked > 5 and stored > 5

@@ -24,6 +24,8 @@ def test_count_mode_submits_the_same_runs_without_moving_kv() -> None:
     moved = measure(4, 3, 40, 2, 4, letters, move=True)
     counted = measure(4, 3, 40, 2, 4, letters, move=False)
     assert moved.runs == counted.runs > 0
+    # one copy call per host layer and direction (2 host layers of 4), however many runs
+    assert moved.calls == counted.calls == 4 < counted.runs
     assert counted.copy_s == 0.0
     all_gpu = measure(4, 3, 40, 2, 4, "G" * 4, move=True)
-    assert all_gpu.runs == 0
+    assert all_gpu.runs == all_gpu.calls == 0

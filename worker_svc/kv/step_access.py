@@ -183,10 +183,19 @@ class StepAccess:
         load_layer = np.broadcast_to(pl[:, None], valid.shape)[valid]  # [R]
         # Copy-back pairs: blocks first_written .. used-1 of each pair.
         n_written = written[pb]  # [P]
-        pair_of = np.repeat(np.arange(len(pb)), n_written)  # [W]
-        j = first_written[pb][pair_of] + np.arange(len(pair_of)) - np.repeat(
-            np.cumsum(n_written) - n_written, n_written)  # [W] block index inside its request
-        store_dst = buf.host_ids.reshape(pairs, -1)[flat[pair_of], j].astype(np.int64)  # [W]
+        if bool((n_written == 1).all() and (first_written[pb] == buf.row_blocks[pr] - 1).all()
+                and (counts > 0).all()):
+            # Every pair writes its last block (decodes): its host id ends the pair's last run, in
+            # the runs gathered above, not a gather of one id a page apart per pair from host_ids.
+            pair_of = np.arange(len(pb))  # [W = P]
+            j = first_written[pb]
+            last = counts - 1
+            store_dst = run_start[pair_of, last] + run_len[pair_of, last] - 1  # [W]
+        else:
+            pair_of = np.repeat(np.arange(len(pb)), n_written)  # [W]
+            j = first_written[pb][pair_of] + np.arange(len(pair_of)) - np.repeat(
+                np.cumsum(n_written) - n_written, n_written)  # [W] block index inside its request
+            store_dst = buf.host_ids.reshape(pairs, -1)[flat[pair_of], j].astype(np.int64)  # [W]
         store_src = offset[pair_of] + j  # [W]
         # Runs do not depend on the range's base (it shifts a layer's sources alike): built once here.
         store_layer = pl[pair_of]
