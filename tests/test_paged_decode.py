@@ -64,3 +64,29 @@ def test_the_built_library_is_cached_and_reused(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(native, "_compile", no_compiler)
     assert paged_decode.KERNEL.build() is not None
+
+
+@pytest.mark.parametrize("spread", [0.01, 30.0])
+def test_peaked_and_flat_softmax_match_across_blocks(spread: float) -> None:
+    """The one-pass kernel rescales each head's running sum when a later block holds a larger
+    score: near-one-hot weights (large scores, the maximum in the last block) and near-uniform ones
+    (exp of scores near 0) both give the gather path's result."""
+    torch.manual_seed(1)
+    heads, kv_heads, block_size, d = 4, 2, 4, 64
+    lens = [3, 45, 64]
+    blocks = [-(-n // block_size) for n in lens]
+    cache = torch.randn(sum(blocks), 2, block_size, kv_heads, d)
+    table = torch.zeros(len(lens), max(blocks), dtype=torch.int32)
+    used = 0
+    for row, n in enumerate(blocks):
+        table[row, :n] = torch.arange(used, used + n, dtype=torch.int32)
+        used += n
+    # each row's last key equals its query's direction: the largest score is in the last block
+    q = torch.randn(len(lens), heads, d) * spread
+    for row, n in enumerate(lens):
+        last = table[row, (n - 1) // block_size]
+        first_of_each_group = q[row].view(kv_heads, heads // kv_heads, d)[:, 0]
+        cache[last, 0, (n - 1) % block_size] = first_of_each_group / max(spread, 1.0)
+    want = AttentionBackend().decode(q, cache, _meta(table, lens))
+    got = AttentionBackend(native_decode=True).decode(q, cache, _meta(table, lens))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

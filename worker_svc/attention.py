@@ -140,8 +140,7 @@ class AttentionBackend:
         assert meta.block_table is not None and meta.context_lens is not None
         decodes = len(meta.seq_lens) == q.shape[0]  # one token per row
         if decodes and self._native is not None and paged_decode.supports(q, cache):
-            return paged_decode.paged_decode(self._native, q, cache, meta.block_table, meta.context_lens,
-                                             meta.max_context)
+            return paged_decode.paged_decode(self._native, q, cache, meta.block_table, meta.context_lens)
         k_all, v_all = self._gather(cache, meta)  # [B, S, Hkv, D]
         if decodes:
             return self._decode_rows(q, k_all, v_all, meta)

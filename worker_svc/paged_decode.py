@@ -4,12 +4,12 @@ A decode step of the SDPA backend copies every row's K/V blocks into a workspace
 SDPA over it: three passes over the context's bytes (read, write, read again) where attention
 needs one, and on the CPU that traffic is most of its cost. This kernel walks each row's block
 table and reads K and V where they lie, one row at a time with all its query heads (grouped-query
-attention without expanding K/V): scores, an exact softmax (max, then exp and sum), then the
-weighted sum of V, all in float32. Within a block each query head keeps its query (scores) or its
-accumulator (values) in registers over the block's tokens, four scores share one horizontal-sum
-tree, and vectors are the machine's own width (8 floats on AVX2, 16 on AVX-512): on the AVX2 bench
-machine a batch-32 layer (context ~150, 4 heads over 2 KV heads) took 0.6-0.7 ms against ~1.0 ms
-for the earlier 16-float version, which GCC spilled through the stack there.
+attention without expanding K/V), in one pass over the row's blocks with an online softmax (each
+block's scores, then the running max and sum rescaled and the block's V added), all in float32,
+exp included (a vectorised polynomial, not libm's scalar call). Within a block each query head
+keeps its query (scores) or its accumulator (values) in registers over the block's tokens, four
+scores share one horizontal-sum tree, and vectors are the machine's own width (8 floats on AVX2,
+16 on AVX-512: wider generic vectors made GCC spill through the stack on AVX2).
 
 The C source below is built by ``worker_svc.native`` (the system C compiler, once per machine, cached
 in the user's cache folder, loaded with ctypes). Where no compiler is found or the build fails,
@@ -54,6 +54,24 @@ static inline float hsum(vw v) {  /* a tree: a chain of W scalar adds would boun
 
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 
+/* exp(x) for x <= 0 (softmax's x - max): Cody-Waite reduction and Cephes' degree-6 polynomial,
+   about 1 ulp, in arithmetic only so that its loops vectorise (libm's expf is a scalar call each:
+   with 4 heads over a 530-token context that was a third of the kernel's time with warm caches). */
+static inline float exp_nonpos(float x) {
+    x = x < -87.33654f ? -87.33654f : x;  /* 2^-126: the smallest normal float, and -inf's image */
+    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } scale = { .i = ((int32_t)n + 127) << 23 };
+    return p * scale.f;
+}
+
 static inline v8 fold8(vw v) {  /* W lanes summed down to 8 */
 #if W == 16
     return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
@@ -82,29 +100,38 @@ static inline void prefetch_tokens(const char *block, int64_t i, int64_t count, 
     for (int64_t line = 0; line < count * tok * 4; line += 64) __builtin_prefetch(p + line);
 }
 
-/* One row's job: every query head over the row's context, block by block. Within a block, for each
-   KV head and each of its g query heads, the head's query (nv vectors) stays in registers over the
-   block's tokens (scores), then its accumulator does (weighted sum of V): the block's K/V of one KV
-   head (bs * d floats) is read from L1 g times, and from memory once. The next block is prefetched
-   while this one is computed (a row's blocks are anywhere in the cache, so the hardware prefetcher
-   cannot guess the jump). Inlined into callers with constant nv, so the loops over it unroll.
-   s: [heads][max_ctx] scores; acc: [heads][nv] accumulators. */
+/* How many blocks ahead of the one being computed a row's K/V is prefetched (a row's blocks are
+   anywhere in the cache, so the hardware prefetcher cannot guess the jump): two hid more of the
+   memory's latency than one in a cold-cache micro-benchmark (4 rows x 530 tokens, 190 MB cache). */
+#define PREFETCH_AHEAD 2
+
+/* One row's job, in one pass over its blocks (online softmax, as flash-decoding does): for each
+   block, the scores of its tokens for every query head, then each head's running max, sum and
+   accumulator are rescaled to the new max and the block's V is added. K and V of a block lie side
+   by side, so the row's context streams through once. For each KV head and each of its g query
+   heads the head's query (scores) or accumulator (values) stays in registers over the block's
+   tokens: a block's K/V of one KV head is read from L1 g times and from memory once. Inlined into
+   callers with constant nv, so the loops over it unroll.
+   s: [heads][bs] block scores, then [heads] maxima and [heads] sums; acc: [heads][nv]. */
 static inline __attribute__((always_inline)) void job(
         const int64_t g, const int64_t nv, const int64_t hkv, const float *qb, const float *cache,
-        const int32_t *row, int64_t ctx, int64_t tok, int64_t half, int64_t bs, int64_t max_ctx,
-        float scale, float *s, vw *acc, float *ob) {
+        const int32_t *row, int64_t ctx, int64_t tok, int64_t half, int64_t bs, float scale,
+        float *s, vw *acc, float *ob) {
     const int64_t heads = g * hkv, nblocks = (ctx + bs - 1) / bs, d = nv * W;
+    float *m = s + heads * bs, *l = m + heads;
+    for (int64_t h = 0; h < heads; ++h) { m[h] = -INFINITY; l[h] = 0.0f; }
+    for (int64_t x = 0; x < heads * nv; ++x) acc[x] = (vw){0};
     for (int64_t blk = 0; blk < nblocks; ++blk) {
         const int64_t t0 = blk * bs, n = ctx - t0 < bs ? ctx - t0 : bs;
-        const float *kblock = cache + (int64_t)row[blk] * 2 * half;
-        const char *next = blk + 1 < nblocks ? (const char *)(cache + (int64_t)row[blk + 1] * 2 * half)
-                                             : 0;
+        const float *kblock = cache + (int64_t)row[blk] * 2 * half, *vblock = kblock + half;
+        const int64_t ahead = blk + PREFETCH_AHEAD;
+        const char *next = ahead < nblocks ? (const char *)(cache + (int64_t)row[ahead] * 2 * half) : 0;
         for (int64_t h = 0; h < heads; ++h) {
             const vw *qh = (const vw *)(qb + h * d);
             const float *kh = kblock + (h / g) * d;
-            float *sh = s + h * max_ctx + t0;
-            /* the first head's pass prefetches the next block's K, a slice per group of tokens:
-               all of it at once filled the miss buffers and stalled */
+            float *sh = s + h * bs;
+            /* the first head's pass prefetches that block's K, a slice per group of tokens: all of
+               it at once filled the miss buffers and stalled */
             const char *pf = h == 0 ? next : 0;
             int64_t i = 0;
             for (; i + 4 <= n; i += 4) {
@@ -127,47 +154,42 @@ static inline __attribute__((always_inline)) void job(
             }
             if (pf) prefetch_tokens(pf, n, bs - n, tok);
         }
-    }
-    for (int64_t h = 0; h < heads; ++h) {
-        float *sh = s + h * max_ctx;
-        float m = -INFINITY, sum = 0.0f;
-        #pragma omp simd reduction(max:m)
-        for (int64_t t = 0; t < ctx; ++t) m = sh[t] > m ? sh[t] : m;
-        for (int64_t t = 0; t < ctx; ++t) sh[t] = expf(sh[t] - m);
-        #pragma omp simd reduction(+:sum)
-        for (int64_t t = 0; t < ctx; ++t) sum += sh[t];
-        const float inv = 1.0f / sum;
-        #pragma omp simd
-        for (int64_t t = 0; t < ctx; ++t) sh[t] *= inv;
-    }
-    for (int64_t x = 0; x < heads * nv; ++x) acc[x] = (vw){0};
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-        const int64_t t0 = blk * bs, n = ctx - t0 < bs ? ctx - t0 : bs;
-        const float *vblock = cache + (int64_t)row[blk] * 2 * half + half;
-        const char *next = blk + 1 < nblocks
-            ? (const char *)(cache + (int64_t)row[blk + 1] * 2 * half + half) : 0;
         for (int64_t h = 0; h < heads; ++h) {
+            float *sh = s + h * bs;
+            float mb = m[h], sum = 0.0f;
+            for (int64_t t = 0; t < n; ++t) mb = sh[t] > mb ? sh[t] : mb;
+            #pragma omp simd reduction(+:sum)
+            for (int64_t t = 0; t < n; ++t) {
+                sh[t] = exp_nonpos(sh[t] - mb);
+                sum += sh[t];
+            }
+            const float rescale = exp_nonpos(m[h] - mb);  /* the first block: exp(-inf) = 0 */
+            l[h] = l[h] * rescale + sum;
+            m[h] = mb;
             const float *vh = vblock + (h / g) * d;
-            const float *ph = s + h * max_ctx + t0;
-            const char *pf = h == 0 ? next : 0;
+            const char *pf = h == 0 && next ? next + half * sizeof(float) : 0;  /* that block's V */
             vw a[nv];
-            for (int64_t c = 0; c < nv; ++c) a[c] = acc[h * nv + c];
+            for (int64_t c = 0; c < nv; ++c) a[c] = acc[h * nv + c] * rescale;
             for (int64_t i = 0; i < n; ++i) {
                 if (pf) prefetch_tokens(pf, i, 1, tok);
                 const vw *v = (const vw *)(vh + i * tok);
-                const float p = ph[i];
+                const float p = sh[i];
                 for (int64_t c = 0; c < nv; ++c) a[c] += p * v[c];
             }
             if (pf) prefetch_tokens(pf, n, bs - n, tok);
             for (int64_t c = 0; c < nv; ++c) acc[h * nv + c] = a[c];
         }
     }
+    for (int64_t h = 0; h < heads; ++h) {
+        const float inv = 1.0f / l[h];
+        for (int64_t c = 0; c < nv; ++c) acc[h * nv + c] *= inv;
+    }
     memcpy(ob, acc, sizeof(float) * (size_t)(heads * d));
 }
 
 #define CASE(NV) \
     if (nv == NV) { \
-        job(g, NV, hkv, qb, cache, row, ctx, tok, half, bs, max_ctx, scale, s, acc, ob); \
+        job(g, NV, hkv, qb, cache, row, ctx, tok, half, bs, scale, s, acc, ob); \
         continue; \
     }
 
@@ -178,19 +200,19 @@ static inline __attribute__((always_inline)) void job(
    d must be a multiple of 16 (the caller checks). */
 int paged_decode(const float *q, int64_t q_row, const float *cache, const int32_t *table, int64_t t_row,
                  const int32_t *ctx_lens, float *out, int64_t batch, int64_t heads, int64_t hkv,
-                 int64_t d, int64_t bs, int64_t max_ctx, float scale, int threads) {
+                 int64_t d, int64_t bs, float scale, int threads) {
     const int64_t g = heads / hkv, nv = d / W;
     const int64_t tok = hkv * d;            /* floats per token of one block half */
     const int64_t half = bs * tok;          /* floats of one block half (K or V) */
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
-        float *s = (float *)malloc(sizeof(float) * (size_t)(heads * max_ctx + heads * d));
+        float *s = (float *)malloc(sizeof(float) * (size_t)(heads * (bs + 2) + heads * d));
         if (s == NULL) {
             #pragma omp atomic write
             failed = 1;
         } else {
-            vw *acc = (vw *)(s + heads * max_ctx);
+            vw *acc = (vw *)(s + heads * (bs + 2));
             #pragma omp for schedule(static)
             for (int64_t b = 0; b < batch; ++b) {
                 const int64_t ctx = ctx_lens[b];
@@ -198,7 +220,7 @@ int paged_decode(const float *q, int64_t q_row, const float *cache, const int32_
                 const int32_t *row = table + b * t_row;
                 float *ob = out + b * heads * d;
                 CASE(2) CASE(4) CASE(8) CASE(16)
-                job(g, nv, hkv, qb, cache, row, ctx, tok, half, bs, max_ctx, scale, s, acc, ob);
+                job(g, nv, hkv, qb, cache, row, ctx, tok, half, bs, scale, s, acc, ob);
             }
             free(s);
         }
@@ -212,7 +234,7 @@ int paged_decode(const float *q, int64_t q_row, const float *cache, const int32_
 def _declare(handle: ctypes.CDLL) -> None:
     fn = handle.paged_decode
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64,
+    fn.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64,
                    ctypes.c_float, ctypes.c_int]
     fn.restype = ctypes.c_int
 
@@ -233,7 +255,7 @@ def supports(q: torch.Tensor, cache: torch.Tensor) -> bool:
 
 
 def paged_decode(lib: ctypes.CDLL, q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
-                 context_lens: torch.Tensor, max_context: int) -> torch.Tensor:
+                 context_lens: torch.Tensor) -> torch.Tensor:
     """q [B, H, D] (rows may be strided; see ``supports``), cache [N, 2, bs, Hkv, D], block_table
     [B, M] int32 (row stride free, columns contiguous), context_lens [B] int32 -> [B, H, D]."""
     b, h, d = q.shape
@@ -243,7 +265,7 @@ def paged_decode(lib: ctypes.CDLL, q: torch.Tensor, cache: torch.Tensor, block_t
     lens = context_lens.to(torch.int32).contiguous()
     out = torch.empty((b, h, d), dtype=q.dtype)
     failed = lib.paged_decode(q.data_ptr(), q.stride(0), cache.data_ptr(), table.data_ptr(), table.stride(0),
-                              lens.data_ptr(), out.data_ptr(), b, h, hkv, d, bs, max(1, max_context),
+                              lens.data_ptr(), out.data_ptr(), b, h, hkv, d, bs,
                               d ** -0.5, torch.get_num_threads())
     if failed:
         raise MemoryError("paged decode kernel: out of memory for its score buffers")
