@@ -4,11 +4,14 @@ tables (a view of rows in order, a gather otherwise) give tokens identical to tr
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from common.types import KVGeometry, Placement
 from tests.test_engine_reference import (
     Job,
     assert_all_free,
@@ -19,7 +22,23 @@ from tests.test_engine_reference import (
     run_engine,
 )
 from worker_svc.kv import step_access
+from worker_svc.kv.kv_cache import KVCache
+from worker_svc.kv.manager import KVCacheManager
+from worker_svc.kv.offload import CopyEngine, expand_runs
+from worker_svc.kv.step_access import CopyStats, StepAccess
 from worker_svc.kv.table_buffer import BlockTableBuffer
+
+LAYERS, BLOCK_SIZE = 4, 4
+
+
+def _random_pools(seed: int, gpu_blocks: int
+                  ) -> tuple[random.Random, KVCacheManager, KVCache, BlockTableBuffer]:
+    """A seeded generator, a 4-layer manager with its KV tensors (300 host and 200 staging
+    blocks), and a tiny table buffer that has to grow."""
+    geo = KVGeometry(LAYERS, 1, 2, BLOCK_SIZE, 4)
+    mgr = KVCacheManager(geo, gpu_blocks=gpu_blocks, host_blocks=300, staging_blocks=200)
+    kv = KVCache(geo, gpu_blocks, 200, 300, torch.device("cpu"), torch.float32)
+    return random.Random(seed), mgr, kv, BlockTableBuffer(LAYERS, rows=2, blocks=2)
 
 
 @pytest.mark.parametrize("mixed", [False, True])
@@ -64,23 +83,11 @@ def test_step_copy_runs_and_tables_equal_a_per_block_rebuild() -> None:
     """A step's stream-in and write-back runs, expanded, and its host layers' block tables equal
     lists built block by block from the tables, for random batches of decodes and chunks."""
     import itertools
-    import random
 
     import numpy as np
-    import torch
 
-    from common.types import KVGeometry, Placement
-    from worker_svc.kv.kv_cache import KVCache
-    from worker_svc.kv.manager import KVCacheManager
-    from worker_svc.kv.offload import CopyEngine, expand_runs
-    from worker_svc.kv.step_access import CopyStats, StepAccess
-
-    layers, bs = 4, 4
-    geo = KVGeometry(layers, 1, 2, bs, 4)
-    rnd = random.Random(7)
-    mgr = KVCacheManager(geo, gpu_blocks=300, host_blocks=300, staging_blocks=200)
-    kv = KVCache(geo, 300, 200, 300, torch.device("cpu"), torch.float32)
-    buffer = BlockTableBuffer(layers, rows=2, blocks=2)
+    layers, bs = LAYERS, BLOCK_SIZE
+    rnd, mgr, kv, buffer = _random_pools(7, gpu_blocks=300)
     checked = 0
     for step in range(40):
         if len(mgr.tables) < 6:  # admit, then grow some so host ids fragment into several runs
@@ -157,22 +164,8 @@ def test_decode_slots_from_the_tails_equal_the_tables(monkeypatch: pytest.Monkey
     from the buffer's tails, otherwise from a gather; either way they equal the tables' lists. And
     host-read layers' write-back runs (for such decodes taken from the pairs' last runs) equal the
     blocks listed one by one."""
-    import random
-
-    import torch
-
-    from common.types import KVGeometry, Placement
-    from worker_svc.kv.kv_cache import KVCache
-    from worker_svc.kv.manager import KVCacheManager
-    from worker_svc.kv.offload import CopyEngine, expand_runs
-    from worker_svc.kv.step_access import CopyStats, StepAccess
-
-    layers, bs = 4, 4
-    geo = KVGeometry(layers, 1, 2, bs, 4)
-    rnd = random.Random(11)
-    mgr = KVCacheManager(geo, gpu_blocks=400, host_blocks=300, staging_blocks=200)
-    kv = KVCache(geo, 400, 200, 300, torch.device("cpu"), torch.float32)
-    buffer = BlockTableBuffer(layers, rows=2, blocks=2)
+    layers, bs = LAYERS, BLOCK_SIZE
+    rnd, mgr, kv, buffer = _random_pools(11, gpu_blocks=400)
     tail_steps = gather_steps = checked = stored = 0
     for step in range(60):
         if len(mgr.tables) < 7:
