@@ -295,5 +295,6 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = model.rotary_emb.forward(positions, x.dtype)  # [T, D] each
         for layer in model.layers:  # (forward called directly: see DecoderLayer.forward)
             x = layer.forward(x, cos, sin, kv, backend)
-        x = model.norm.forward(x[logits_index])  # [B, hidden]
+        # (index_select, not x[logits_index]: the same rows without advanced indexing's overhead)
+        x = model.norm.forward(x.index_select(0, logits_index))  # [B, hidden]
         return linear(x, self.lm_head.weight).float()  # [B, vocab]
