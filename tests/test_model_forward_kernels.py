@@ -230,3 +230,17 @@ def test_fused_qkv_matmul_sees_an_in_place_write_after_first_use() -> None:
     qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
     want = torch.nn.functional.linear(x, qkv)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_rows_work_on_parameters_made_in_inference_mode() -> None:
+    """A model built under inference_mode has inference-tensor parameters (no version counter):
+    the fused weights are still built and reused, with the same results."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        attn = Attention(_config(), layer=0)
+        x = torch.randn(2, 32)
+        first = attn.fused_qkv()[0]
+        assert attn.fused_qkv()[0] is first  # built once, then reused
+        want = torch.nn.functional.linear(x, torch.cat([attn.q_proj.weight, attn.k_proj.weight,
+                                                        attn.v_proj.weight]))
+        torch.testing.assert_close(linear(x, first), want, rtol=1e-5, atol=1e-5)

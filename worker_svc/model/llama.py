@@ -124,6 +124,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return out
 
 
+def _version(w: torch.Tensor) -> int:
+    try:
+        return w._version
+    except RuntimeError:  # an inference tensor has no version counter; it cannot be written either
+        return 0
+
+
 class FusedRows:
     """Several ``nn.Linear`` of one input as one [sum of out_features, in] weight (and bias), so
     they take one matmul (q/k/v; gate/up of a decode's few rows).
@@ -147,7 +154,7 @@ class FusedRows:
     def get(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         w = self.weight
         for params, weight, address, version in self._views:
-            if params["weight"] is not weight or weight.data_ptr() != address or weight._version != version:
+            if params["weight"] is not weight or weight.data_ptr() != address or _version(weight) != version:
                 break
         else:
             if w is not None:
@@ -167,7 +174,7 @@ class FusedRows:
                 if self.bias is not None and p.bias is not None:
                     p.bias.data = self.bias[start:start + n]
                 start += n
-        self._views = tuple((p._parameters, p.weight, p.weight.data_ptr(), p.weight._version) for p in projs)
+        self._views = tuple((p._parameters, p.weight, p.weight.data_ptr(), _version(p.weight)) for p in projs)
         return w, self.bias
 
 
