@@ -173,3 +173,74 @@ def test_swiglu_with_post_ops_matches_the_plain_formula(monkeypatch: pytest.Monk
         monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", Spy())
         linear_module.swiglu(torch.randn(threshold, 40), g, u)
         assert calls == ["swish", "mul"]
+
+
+def test_mlp_few_rows_take_one_fused_gate_up_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below FUSED_SWIGLU_MIN_ROWS (decode) gate and up are one matmul over a fused weight whose
+    halves are the two parameters (views): silu(x g^T) * (x u^T) then down, to float32 rounding;
+    a write into a parameter and a replaced parameter are both followed."""
+    torch.manual_seed(0)
+    mlp = llama.MLP(ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                                max_position_embeddings=128, mlp_bias=True))
+    F = torch.nn.functional
+
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        act = F.silu(F.linear(x, g.weight, g.bias)) * F.linear(x, u.weight, u.bias)
+        return F.linear(act, d.weight, d.bias)
+
+    calls: list[int] = []
+    real = llama.linear
+    monkeypatch.setattr(llama, "linear", lambda x, w, b=None: calls.append(w.shape[0]) or real(x, w, b))
+    for rows in (1, 4, linear_module.FUSED_SWIGLU_MIN_ROWS - 1):
+        x = torch.randn(rows, 32)
+        calls.clear()
+        with torch.inference_mode():
+            got = mlp(x)
+        assert calls == [128, 32]  # one [2 * intermediate] matmul, then down
+        torch.testing.assert_close(got, plain(x), rtol=1e-5, atol=1e-5)
+    fused_w, fused_b = mlp._gate_up.get()
+    assert mlp.up_proj.weight.data_ptr() == fused_w[64:].data_ptr()
+    assert fused_b is not None and mlp.gate_proj.bias.data_ptr() == fused_b.data_ptr()
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        mlp.up_proj.weight.mul_(2.0)  # in place, as a loader's copy_: seen by the fused matmul
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp(x), plain(x), rtol=1e-5, atol=1e-5)
+    state = {k: torch.randn_like(v) if k == "gate_proj.weight" else v for k, v in mlp.state_dict().items()}
+    mlp.load_state_dict(state, assign=True)  # replaced: the fused weight is rebuilt from it
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert mlp.gate_proj.weight.data_ptr() == mlp._gate_up.get()[0].data_ptr()
+
+
+def test_fused_qkv_matmul_sees_an_in_place_write_after_first_use() -> None:
+    """A parameter written in place after the fused weight was used (and packed for oneDNN) is
+    seen by the next fused matmul: the packed copy is not left stale."""
+    torch.manual_seed(0)
+    attn = Attention(_config(), layer=0)
+    x = torch.randn(2, 32)
+    with torch.inference_mode():
+        linear(x, *attn.fused_qkv())
+    with torch.no_grad():
+        attn.q_proj.weight.fill_(0.25)
+    with torch.inference_mode():
+        got = linear(x, *attn.fused_qkv())
+    qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    want = torch.nn.functional.linear(x, qkv)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_rows_work_on_parameters_made_in_inference_mode() -> None:
+    """A model built under inference_mode has inference-tensor parameters (no version counter):
+    the fused weights are still built and reused, with the same results."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        attn = Attention(_config(), layer=0)
+        x = torch.randn(2, 32)
+        first = attn.fused_qkv()[0]
+        assert attn.fused_qkv()[0] is first  # built once, then reused
+        want = torch.nn.functional.linear(x, torch.cat([attn.q_proj.weight, attn.k_proj.weight,
+                                                        attn.v_proj.weight]))
+        torch.testing.assert_close(linear(x, first), want, rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ from torch import nn
 from worker_svc.attention import AttentionBackend, AttentionMetadata
 from worker_svc.model import cpu_norm, cpu_rope
 from worker_svc.model.config import ModelConfig
-from worker_svc.model.linear import linear, swiglu
+from worker_svc.model.linear import FUSED_SWIGLU_MIN_ROWS, linear, swiglu
 
 
 class LayerKVAccess(Protocol):
@@ -124,6 +124,60 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return out
 
 
+def _version(w: torch.Tensor) -> int:
+    try:
+        return w._version
+    except RuntimeError:  # an inference tensor has no version counter; it cannot be written either
+        return 0
+
+
+class FusedRows:
+    """Several ``nn.Linear`` of one input as one [sum of out_features, in] weight (and bias), so
+    they take one matmul (q/k/v; gate/up of a decode's few rows).
+
+    Built on first use after loading, and the parameters become views into it, so memory stays
+    the same and the HF names (state_dict, loaders, copy_ into a weight) keep working. A parameter
+    replaced since (``load_state_dict(assign=True)``, ``.data =``, ``.to()``) is noticed and the
+    fused tensor rebuilt; so is one written in place (a loader's ``copy_``): the parameter has a
+    version counter of its own, not the fused tensor's, and without the rebuild ``linear``'s packed
+    copy of the fused tensor would stay stale. The check runs every call, so it is kept to an
+    identity, an address and a version per projection (the module attribute lookups of
+    ``p.weight`` alone cost more than the whole check).
+    """
+
+    def __init__(self, projs: tuple[nn.Linear, ...]) -> None:
+        self.projs = projs
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self._views: tuple[tuple[dict[str, nn.Parameter | None], torch.Tensor, int, int], ...] = ()
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w = self.weight
+        for params, weight, address, version in self._views:
+            if params["weight"] is not weight or weight.data_ptr() != address or _version(weight) != version:
+                break
+        else:
+            if w is not None:
+                return w, self.bias
+        return self._build()
+
+    def _build(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        projs = self.projs
+        with torch.inference_mode(False), torch.no_grad():  # real tensors, usable outside inference
+            self.weight = w = torch.cat([p.weight for p in projs])
+            biases: list[torch.Tensor] = [p.bias for p in projs if p.bias is not None]
+            self.bias = torch.cat(biases) if len(biases) == len(projs) else None
+            start = 0
+            for p in projs:
+                n = p.weight.shape[0]
+                p.weight.data = w[start:start + n]
+                if self.bias is not None and p.bias is not None:
+                    p.bias.data = self.bias[start:start + n]
+                start += n
+        self._views = tuple((p._parameters, p.weight, p.weight.data_ptr(), _version(p.weight)) for p in projs)
+        return w, self.bias
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -135,42 +189,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=config.o_bias)
-        self._qkv_weight: torch.Tensor | None = None  # [(H + 2 Hkv) * D, hidden]; see fused_qkv
-        self._qkv_bias: torch.Tensor | None = None
+        self._qkv = FusedRows((self.q_proj, self.k_proj, self.v_proj))  # one matmul per layer
 
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """q/k/v weights (and biases) as one [(H + 2 Hkv) * D, hidden] tensor: one matmul per layer.
-
-        Built on first use after loading, and the three parameters become views into it, so memory
-        stays the same and the HF names (state_dict, loaders, copy_ into a weight) keep working. A
-        parameter replaced by a new tensor since (``load_state_dict(assign=True)``) is noticed and
-        the fused tensor rebuilt."""
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        starts = self._starts()
-        w = self._qkv_weight
-        # Where each projection's rows begin in the fused tensor, by address (no views per call).
-        base, row = (w.data_ptr(), w.stride(0) * w.element_size()) if w is not None else (0, 0)
-        if w is None or any(p.weight.data_ptr() != base + i * row
-                            for i, p in zip(starts, projs, strict=True)):
-            with torch.inference_mode(False), torch.no_grad():  # real tensors, usable outside inference
-                self._qkv_weight = w = torch.cat([p.weight for p in projs])
-                biases: list[torch.Tensor] = [p.bias for p in projs if p.bias is not None]
-                self._qkv_bias = torch.cat(biases) if len(biases) == 3 else None
-                for i, p in zip(starts, projs, strict=True):
-                    n = p.weight.shape[0]
-                    p.weight.data = w[i:i + n]
-                    if self._qkv_bias is not None and p.bias is not None:
-                        p.bias.data = self._qkv_bias[i:i + n]
-        return w, self._qkv_bias
-
-    def _starts(self) -> tuple[int, int, int]:
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return 0, q, q + kv
+        """q/k/v weights (and biases) as one [(H + 2 Hkv) * D, hidden] tensor (``FusedRows``)."""
+        return self._qkv.get()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKVAccess,
                 backend: AttentionBackend) -> torch.Tensor:
         t, h, hkv = x.shape[0], self.num_heads, self.num_kv_heads
-        qkv = linear(x, *self.fused_qkv()).view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2 Hkv, D]
+        qkv = linear(x, *self._qkv.get()).view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2 Hkv, D]
         cache, meta = kv.begin_layer(self.layer)  # may wait for this layer's stream-in
         if cpu_rope.rope_write_kv(qkv, h, cos, sin, cache, meta.slot_blocks, meta.slot_offsets):
             q, k = qkv[:, :h], qkv[:, h:h + hkv]  # rotated in place, k and v written (CPU kernel)
@@ -195,6 +223,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=b)
         self.up_proj = nn.Linear(h, i, bias=b)
         self.down_proj = nn.Linear(i, h, bias=b)
+        self._gate_up = FusedRows((self.gate_proj, self.up_proj))  # [2 * intermediate, hidden]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A long prefill on the CPU goes through in row chunks: each chunk's [rows, intermediate]
@@ -210,10 +239,16 @@ class MLP(nn.Module):
         return out
 
     def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
-        # gate and up stay two matmuls: on CPU one [hidden, 2 * intermediate] matmul ran slower
-        # than two halves at batch 32 (MKL's blocking); with many rows silu and the product run
-        # inside them as oneDNN post-ops (linear.swiglu).
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
+        if x.shape[0] < FUSED_SWIGLU_MIN_ROWS:
+            # Few rows (decode): gate and up as one matmul over the fused [2 * intermediate, hidden]
+            # weight, then silu and the product on its halves (a new tensor, then in place): one
+            # oneDNN call fewer per layer, whose fixed cost (~20 us) dominates a few-row matmul.
+            # (With many rows two matmuls ran faster than one wide one at batch 32 under MKL.)
+            gate_up = linear(x, *self._gate_up.get())  # [rows, 2 * intermediate]
+            i = gate_up.shape[1] // 2
+            return linear(F.silu(gate_up[:, :i]).mul_(gate_up[:, i:]), d.weight, d.bias)
+        # Many rows: silu and the product inside the gate and up matmuls as oneDNN post-ops.
         return linear(swiglu(x, g.weight, u.weight, g.bias, u.bias), d.weight, d.bias)
 
 
@@ -228,9 +263,11 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKVAccess,
                 backend: AttentionBackend) -> torch.Tensor:
         # x is this forward's own activation (never a caller's tensor): the residual adds go in place
+        # (``.forward`` called directly: nn.Module.__call__'s hook handling costs ~2 us a call, four
+        # calls a layer every step, and the model registers no hooks)
         h = self.post_attention_layernorm.add_forward(
-            x, self.self_attn(self.input_layernorm(x), cos, sin, kv, backend))
-        return x.add_(self.mlp(h))
+            x, self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, kv, backend))
+        return x.add_(self.mlp.forward(h))
 
 
 class Backbone(nn.Module):
@@ -260,9 +297,11 @@ class LlamaForCausalLM(nn.Module):
                 kv: LayerKVAccess, backend: AttentionBackend) -> torch.Tensor:
         """input_ids, positions [T] (requests packed back to back); logits_index [B] picks the token
         whose next-token distribution each request needs. Returns float32 logits [B, vocab]."""
-        x = self.model.embed_tokens(input_ids)  # [T, hidden]
-        cos, sin = self.model.rotary_emb(positions, x.dtype)  # [T, D] each
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, kv, backend)
-        x = self.model.norm(x[logits_index])  # [B, hidden]
+        model = self.model
+        x = F.embedding(input_ids, model.embed_tokens.weight)  # [T, hidden]
+        cos, sin = model.rotary_emb.forward(positions, x.dtype)  # [T, D] each
+        for layer in model.layers:  # (forward called directly: see DecoderLayer.forward)
+            x = layer.forward(x, cos, sin, kv, backend)
+        # (index_select, not x[logits_index]: the same rows without advanced indexing's overhead)
+        x = model.norm.forward(x.index_select(0, logits_index))  # [B, hidden]
         return linear(x, self.lm_head.weight).float()  # [B, vocab]
