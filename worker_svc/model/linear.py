@@ -103,6 +103,16 @@ def _pack(w: torch.Tensor, key: int) -> torch.Tensor:
     return packed
 
 
+# The op resolved once: ``torch.ops.mkldnn._linear_pointwise`` is two attribute lookups through
+# torch.ops' namespaces and an overload dispatch per call (~1 us of a ~20 us one-row matmul).
+_linear_pointwise: Any = torch.ops.mkldnn._linear_pointwise.default if _ONEDNN else None
+
+
+def _onednn_weight(w: torch.Tensor) -> torch.Tensor:
+    """The weight oneDNN multiplies by: its prepacked copy for a contiguous float32 one."""
+    return _packed_weight(w) if w.dtype == torch.float32 and w.is_contiguous() else w
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, through oneDNN for float32/bfloat16 on the CPU (what vLLM's CPU path uses too).
 
@@ -115,14 +125,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (relative ~1e-7); greedy ids and log-probs against transformers are checked by the tests.
     """
     if uses_onednn(x, weight):
-        w = _packed_weight(weight) if weight.dtype == torch.float32 and weight.is_contiguous() else weight
-        return _linear_pointwise(x if x.is_contiguous() else x.contiguous(), w, bias, "none", [], "")
+        return _linear_pointwise(x if x.is_contiguous() else x.contiguous(), _onednn_weight(weight), bias,
+                                 "none", [], "")
     return F.linear(x, weight, bias)
 
-
-# The op resolved once: ``torch.ops.mkldnn._linear_pointwise`` is two attribute lookups through
-# torch.ops' namespaces and an overload dispatch per call (~1 us of a ~20 us one-row matmul).
-_linear_pointwise: Any = torch.ops.mkldnn._linear_pointwise.default if _ONEDNN else None
 
 
 # Rows from which the MLP's SwiGLU runs its activation and product inside the gate and up matmuls
@@ -143,8 +149,6 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_bias: tor
     if (x.dim() == 2 and x.shape[0] >= FUSED_SWIGLU_MIN_ROWS and uses_onednn(x, gate)
             and uses_onednn(x, up)):
         x = x.contiguous()
-        g = _packed_weight(gate) if gate.dtype == torch.float32 and gate.is_contiguous() else gate
-        u = _packed_weight(up) if up.dtype == torch.float32 and up.is_contiguous() else up
-        act = torch.ops.mkldnn._linear_pointwise(x, g, gate_bias, "swish", [], "")
-        return torch.ops.mkldnn._linear_pointwise.binary(x, act, u, up_bias, "mul")
+        act = torch.ops.mkldnn._linear_pointwise(x, _onednn_weight(gate), gate_bias, "swish", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, act, _onednn_weight(up), up_bias, "mul")
     return F.silu(linear(x, gate, gate_bias)) * linear(x, up, up_bias)
