@@ -30,19 +30,25 @@ _SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 
-/* W floats: the machine's native vector (AVX-512: 16, else 8); aligned(4): loads may be unaligned.
-   Wider generic vectors than the hardware's made GCC spill through the stack on AVX2 (4x slower). */
 #ifdef __AVX512F__
 #define W 16
 #else
 #define W 8
 #endif
 typedef float vw __attribute__((vector_size(W * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(W * 4), aligned(4)));
 typedef float v4 __attribute__((vector_size(16), aligned(4)));
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
 
-static inline float hsum(vw v) {  /* a tree: a chain of W scalar adds would bound the kernel */
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 2
+#endif
+#ifndef PF_HINT
+#define PF_HINT 3
+#endif
+
+static inline float hsum(vw v) {
 #if W == 16
-    typedef float v8 __attribute__((vector_size(32), aligned(4)));
     v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
          + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
 #else
@@ -52,13 +58,45 @@ static inline float hsum(vw v) {  /* a tree: a chain of W scalar adds would boun
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-typedef float v8 __attribute__((vector_size(32), aligned(4)));
+static inline v8 fold8(vw v) {
+#if W == 16
+    return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+         + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    return v;
+#endif
+}
+static inline v8 hadd8(v8 a, v8 b) {
+    return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14)
+         + __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+static inline v4 hsum4(vw a0, vw a1, vw a2, vw a3) {
+    v8 t = hadd8(hadd8(fold8(a0), fold8(a1)), hadd8(fold8(a2), fold8(a3)));
+    return __builtin_shufflevector(t, t, 0, 1, 2, 3) + __builtin_shufflevector(t, t, 4, 5, 6, 7);
+}
 
-/* exp(x) for x <= 0 (softmax's x - max): Cody-Waite reduction and Cephes' degree-6 polynomial,
-   about 1 ulp, in arithmetic only so that its loops vectorise (libm's expf is a scalar call each:
-   with 4 heads over a 530-token context that was a third of the kernel's time with warm caches). */
+static inline vw vsel(vi m, vw a, vw b) { return (vw)((m & (vi)a) | (~m & (vi)b)); }
+
+/* exp(x) for x <= 0, W lanes: the scalar version's arithmetic (Cody-Waite, Cephes degree 6),
+   rounding to nearest by the 1.5 * 2^23 trick (what rintf does in the default rounding mode). */
+static inline vw vexp_nonpos(vw x) {
+    const vw lo = (vw){0} - 87.33654f;
+    x = vsel(x < lo, lo, x);
+    const vw n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const vw r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    vw p = (vw){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vw)e;
+}
+
 static inline float exp_nonpos(float x) {
-    x = x < -87.33654f ? -87.33654f : x;  /* 2^-126: the smallest normal float, and -inf's image */
+    x = x < -87.33654f ? -87.33654f : x;
     const float n = __builtin_rintf(x * 1.44269504088896341f);
     const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -72,113 +110,102 @@ static inline float exp_nonpos(float x) {
     return p * scale.f;
 }
 
-static inline v8 fold8(vw v) {  /* W lanes summed down to 8 */
-#if W == 16
-    return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
-         + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
-    return v;
-#endif
+/* A stream of cache lines to prefetch, issued a few at a time between the computation's loads. */
+typedef struct { const char *p, *end; } stream;
+static inline void pf(stream *st, int64_t lines) {
+    for (int64_t k = 0; k < lines && st->p < st->end; ++k, st->p += 64) __builtin_prefetch(st->p, 0, PF_HINT);
 }
 
-/* Pairwise sums of a and b: lanes (a0+a1, a2+a3, b0+b1, b2+b3) of each 128-bit half (vhaddps). */
-static inline v8 hadd8(v8 a, v8 b) {
-    return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14)
-         + __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
-}
+#define CH 8  /* V accumulators per pass (registers) */
 
-/* The four horizontal sums of a0..a3 in one vector: three pairwise sums and one fold, where four
-   separate trees took six operations each (the score pass is bound by them, not by its FMAs). */
-static inline v4 hsum4(vw a0, vw a1, vw a2, vw a3) {
-    v8 t = hadd8(hadd8(fold8(a0), fold8(a1)), hadd8(fold8(a2), fold8(a3)));
-    return __builtin_shufflevector(t, t, 0, 1, 2, 3) + __builtin_shufflevector(t, t, 4, 5, 6, 7);
-}
-
-/* Prefetch tokens [i, i + count) of a block half (tok floats each: every KV head of one token). */
-static inline void prefetch_tokens(const char *block, int64_t i, int64_t count, int64_t tok) {
-    const char *p = block + i * tok * 4;
-    for (int64_t line = 0; line < count * tok * 4; line += 64) __builtin_prefetch(p + line);
-}
-
-/* How many blocks ahead of the one being computed a row's K/V is prefetched (a row's blocks are
-   anywhere in the cache, so the hardware prefetcher cannot guess the jump): two hid more of the
-   memory's latency than one in a cold-cache micro-benchmark (4 rows x 530 tokens, 190 MB cache). */
-#define PREFETCH_AHEAD 2
-
-/* One row's job, in one pass over its blocks (online softmax, as flash-decoding does): for each
-   block, the scores of its tokens for every query head, then each head's running max, sum and
-   accumulator are rescaled to the new max and the block's V is added. K and V of a block lie side
-   by side, so the row's context streams through once. For each KV head and each of its g query
-   heads the head's query (scores) or accumulator (values) stays in registers over the block's
-   tokens: a block's K/V of one KV head is read from L1 g times and from memory once. Inlined into
-   callers with constant nv, so the loops over it unroll.
-   s: [heads][bs] block scores, then [heads] maxima and [heads] sums; acc: [heads][nv]. */
 static inline __attribute__((always_inline)) void job(
         const int64_t g, const int64_t nv, const int64_t hkv, const float *qb, const float *cache,
-        const int32_t *row, int64_t ctx, int64_t tok, int64_t half, int64_t bs, float scale,
-        float *s, vw *acc, float *ob) {
+        const int32_t *row, int64_t ctx, const int32_t *nrow, int64_t nctx,
+        int64_t tok, int64_t half, int64_t bs, int64_t sp, float scale,
+        float *s, float *m, float *l, vw *acc, float *ob) {
     const int64_t heads = g * hkv, nblocks = (ctx + bs - 1) / bs, d = nv * W;
-    float *m = s + heads * bs, *l = m + heads;
+    const int64_t nnext = nrow ? (nctx + bs - 1) / bs : 0;
+    const int64_t half_lines = (half * 4 + 63) / 64;
     for (int64_t h = 0; h < heads; ++h) { m[h] = -INFINITY; l[h] = 0.0f; }
     for (int64_t x = 0; x < heads * nv; ++x) acc[x] = (vw){0};
     for (int64_t blk = 0; blk < nblocks; ++blk) {
         const int64_t t0 = blk * bs, n = ctx - t0 < bs ? ctx - t0 : bs;
         const float *kblock = cache + (int64_t)row[blk] * 2 * half, *vblock = kblock + half;
+        /* the block PREFETCH_AHEAD ahead: this row's, or past its end the next row's first ones */
         const int64_t ahead = blk + PREFETCH_AHEAD;
-        const char *next = ahead < nblocks ? (const char *)(cache + (int64_t)row[ahead] * 2 * half) : 0;
+        const float *tgt = ahead < nblocks ? cache + (int64_t)row[ahead] * 2 * half
+                         : ahead - nblocks < nnext ? cache + (int64_t)nrow[ahead - nblocks] * 2 * half : 0;
+        stream sk = { (const char *)tgt, tgt ? (const char *)(tgt + half) : 0 };
+        stream sv = { sk.end, tgt ? (const char *)(tgt + 2 * half) : 0 };
+        const int64_t groups = heads * ((n + 3) / 4);
+        const int64_t kstep = (half_lines + groups - 1) / groups;
+        const int64_t vstep = (half_lines + heads * n - 1) / (heads * n);
         for (int64_t h = 0; h < heads; ++h) {
             const vw *qh = (const vw *)(qb + h * d);
             const float *kh = kblock + (h / g) * d;
-            float *sh = s + h * bs;
-            /* the first head's pass prefetches that block's K, a slice per group of tokens: all of
-               it at once filled the miss buffers and stalled */
-            const char *pf = h == 0 ? next : 0;
+            float *sh = s + h * sp;
             int64_t i = 0;
             for (; i + 4 <= n; i += 4) {
-                if (pf) prefetch_tokens(pf, i, 4, tok);
+                pf(&sk, kstep);
                 const vw *k0 = (const vw *)(kh + i * tok), *k1 = (const vw *)(kh + (i + 1) * tok);
                 const vw *k2 = (const vw *)(kh + (i + 2) * tok), *k3 = (const vw *)(kh + (i + 3) * tok);
                 vw a0 = qh[0] * k0[0], a1 = qh[0] * k1[0], a2 = qh[0] * k2[0], a3 = qh[0] * k3[0];
-                for (int64_t c = 1; c < nv; ++c) {
-                    a0 += qh[c] * k0[c]; a1 += qh[c] * k1[c]; a2 += qh[c] * k2[c]; a3 += qh[c] * k3[c];
+                vw b0 = (vw){0}, b1 = (vw){0}, b2 = (vw){0}, b3 = (vw){0};
+                int64_t c = 1;
+                for (; c + 1 < nv; c += 2) {
+                    b0 += qh[c] * k0[c]; b1 += qh[c] * k1[c]; b2 += qh[c] * k2[c]; b3 += qh[c] * k3[c];
+                    a0 += qh[c + 1] * k0[c + 1]; a1 += qh[c + 1] * k1[c + 1];
+                    a2 += qh[c + 1] * k2[c + 1]; a3 += qh[c + 1] * k3[c + 1];
                 }
-                const v4 r = hsum4(a0, a1, a2, a3) * scale;
+                for (; c < nv; ++c) {
+                    b0 += qh[c] * k0[c]; b1 += qh[c] * k1[c]; b2 += qh[c] * k2[c]; b3 += qh[c] * k3[c];
+                }
+                const v4 r = hsum4(a0 + b0, a1 + b1, a2 + b2, a3 + b3) * scale;
                 memcpy(sh + i, &r, sizeof r);
             }
+            if (i < n) pf(&sk, kstep);
             for (; i < n; ++i) {
-                if (pf) prefetch_tokens(pf, i, 1, tok);
                 const vw *k = (const vw *)(kh + i * tok);
                 vw a = qh[0] * k[0];
                 for (int64_t c = 1; c < nv; ++c) a += qh[c] * k[c];
                 sh[i] = hsum(a) * scale;
             }
-            if (pf) prefetch_tokens(pf, n, bs - n, tok);
         }
+        pf(&sk, half_lines);  /* what the rounding left */
         for (int64_t h = 0; h < heads; ++h) {
-            float *sh = s + h * bs;
-            float mb = m[h], sum = 0.0f;
-            for (int64_t t = 0; t < n; ++t) mb = sh[t] > mb ? sh[t] : mb;
-            #pragma omp simd reduction(+:sum)
-            for (int64_t t = 0; t < n; ++t) {
-                sh[t] = exp_nonpos(sh[t] - mb);
-                sum += sh[t];
+            float *sh = s + h * sp;
+            for (int64_t t = n; t < sp; ++t) sh[t] = -INFINITY;
+            vw mv = *(const vw *)sh;
+            for (int64_t c = W; c < sp; c += W) { const vw x = *(const vw *)(sh + c); mv = vsel(x > mv, x, mv); }
+            float mb = m[h];
+            for (int w = 0; w < W; ++w) mb = mv[w] > mb ? mv[w] : mb;
+            vw sum = (vw){0};
+            vi lane;
+            for (int w = 0; w < W; ++w) lane[w] = w;
+            for (int64_t c = 0; c < sp; c += W) {
+                vw e = vexp_nonpos(*(const vw *)(sh + c) - mb);
+                e = vsel(lane + (int32_t)c < (vi){0} + (int32_t)n, e, (vw){0});
+                *(vw *)(sh + c) = e;
+                sum += e;
             }
-            const float rescale = exp_nonpos(m[h] - mb);  /* the first block: exp(-inf) = 0 */
-            l[h] = l[h] * rescale + sum;
+            const float rescale = exp_nonpos(m[h] - mb);
+            l[h] = l[h] * rescale + hsum(sum);
             m[h] = mb;
             const float *vh = vblock + (h / g) * d;
-            const char *pf = h == 0 && next ? next + half * sizeof(float) : 0;  /* that block's V */
-            vw a[nv];
-            for (int64_t c = 0; c < nv; ++c) a[c] = acc[h * nv + c] * rescale;
-            for (int64_t i = 0; i < n; ++i) {
-                if (pf) prefetch_tokens(pf, i, 1, tok);
-                const vw *v = (const vw *)(vh + i * tok);
-                const float p = sh[i];
-                for (int64_t c = 0; c < nv; ++c) a[c] += p * v[c];
+            for (int64_t c0 = 0; c0 < nv; c0 += CH) {
+                const int64_t cn = nv - c0 < CH ? nv - c0 : CH;
+                vw a[CH];
+                for (int64_t c = 0; c < cn; ++c) a[c] = acc[h * nv + c0 + c] * rescale;
+                for (int64_t i = 0; i < n; ++i) {
+                    if (c0 == 0) pf(&sv, vstep);
+                    const vw *v = (const vw *)(vh + i * tok) + c0;
+                    const float p = sh[i];
+                    for (int64_t c = 0; c < cn; ++c) a[c] += p * v[c];
+                }
+                for (int64_t c = 0; c < cn; ++c) acc[h * nv + c0 + c] = a[c];
             }
-            if (pf) prefetch_tokens(pf, n, bs - n, tok);
-            for (int64_t c = 0; c < nv; ++c) acc[h * nv + c] = a[c];
         }
+        pf(&sv, half_lines);
     }
     for (int64_t h = 0; h < heads; ++h) {
         const float inv = 1.0f / l[h];
@@ -189,40 +216,37 @@ static inline __attribute__((always_inline)) void job(
 
 #define CASE(NV) \
     if (nv == NV) { \
-        job(g, NV, hkv, qb, cache, row, ctx, tok, half, bs, scale, s, acc, ob); \
+        job(g, NV, hkv, qb, cache, row, ctx, nrow, nctx, tok, half, bs, sp, scale, s, m, l, acc, ob); \
         continue; \
     }
 
-/* out[b, h, :] = softmax(scale * q[b, h] . K[b, :ctx_b, h / g]) V[b, :ctx_b, h / g] for every row b
-   and query head h (g = heads / kv_heads), K/V read through the row's block table.
-   cache: [N, 2, bs, hkv, d] contiguous float32 (K at index 0, V at 1); q: row stride q_row, head
-   stride d; table: [B, *] int32 with row stride t_row; out: [B, heads, d] contiguous.
-   d must be a multiple of 16 (the caller checks). */
 int paged_decode(const float *q, int64_t q_row, const float *cache, const int32_t *table, int64_t t_row,
                  const int32_t *ctx_lens, float *out, int64_t batch, int64_t heads, int64_t hkv,
                  int64_t d, int64_t bs, float scale, int threads) {
     const int64_t g = heads / hkv, nv = d / W;
-    const int64_t tok = hkv * d;            /* floats per token of one block half */
-    const int64_t half = bs * tok;          /* floats of one block half (K or V) */
+    const int64_t tok = hkv * d, half = bs * tok;
+    const int64_t sp = (bs + W - 1) / W * W;  /* a head's scores, padded to whole vectors */
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
-        float *s = (float *)malloc(sizeof(float) * (size_t)(heads * (bs + 2) + heads * d));
-        if (s == NULL) {
+        vw *acc = (vw *)aligned_alloc(64, sizeof(float) * (size_t)((heads * d + heads * sp + 2 * heads + 15) / 16 * 16));
+        if (acc == NULL) {
             #pragma omp atomic write
             failed = 1;
         } else {
-            vw *acc = (vw *)(s + heads * (bs + 2));
+            float *s = (float *)(acc + heads * nv), *m = s + heads * sp, *l = m + heads;
             #pragma omp for schedule(static)
             for (int64_t b = 0; b < batch; ++b) {
                 const int64_t ctx = ctx_lens[b];
-                const float *qb = q + b * q_row;  /* [heads][d] */
+                const float *qb = q + b * q_row;
                 const int32_t *row = table + b * t_row;
+                const int32_t *nrow = b + 1 < batch ? row + t_row : 0;
+                const int64_t nctx = b + 1 < batch ? ctx_lens[b + 1] : 0;
                 float *ob = out + b * heads * d;
                 CASE(2) CASE(4) CASE(8) CASE(16)
-                job(g, nv, hkv, qb, cache, row, ctx, tok, half, bs, scale, s, acc, ob);
+                job(g, nv, hkv, qb, cache, row, ctx, nrow, nctx, tok, half, bs, sp, scale, s, m, l, acc, ob);
             }
-            free(s);
+            free(acc);
         }
     }
     return failed;
