@@ -23,7 +23,8 @@ def _meta(table: torch.Tensor, lens: list[int]) -> AttentionMetadata:
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "block_size", "d"),
-                         [(9, 3, 16, 64), (4, 4, 1, 64), (8, 1, 5, 128), (6, 2, 4, 32)])
+                         [(9, 3, 16, 64), (4, 4, 1, 64), (8, 1, 5, 128), (6, 2, 4, 32),
+                          (4, 2, 32, 64), (8, 2, 24, 128)])
 def test_kernel_matches_the_gather_path(heads: int, kv_heads: int, block_size: int, d: int) -> None:
     torch.manual_seed(0)
     lens = [1, 37, 160, 16, 81]
@@ -90,3 +91,42 @@ def test_peaked_and_flat_softmax_match_across_blocks(spread: float) -> None:
     want = AttentionBackend().decode(q, cache, _meta(table, lens))
     got = AttentionBackend(native_decode=True).decode(q, cache, _meta(table, lens))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds ``address`` (Linux's smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return []
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "never"
+
+
+@pytest.mark.skipif(_thp_mode() == "never", reason="no transparent huge pages on this machine")
+@pytest.mark.parametrize("in_place", [True, False])
+def test_the_cpu_kv_pool_is_advised_onto_huge_pages(in_place: bool) -> None:
+    """The pool the decode kernel reads in place is madvise(MADV_HUGEPAGE)d ('hg' in its mapping's
+    flags) before it is zeroed, and still reads as zeros."""
+    from common.types import KVGeometry
+    from worker_svc.kv.kv_cache import KVCache
+
+    geo = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=64, block_size=16, dtype_bytes=4)
+    kv = KVCache(geo, 512, 0, 256, torch.device("cpu"), torch.float32, host_in_place=in_place)
+    pool = kv.compute
+    assert pool.numel() * pool.element_size() >= 8 << 20
+    middle = pool.data_ptr() + pool.numel() * pool.element_size() // 2
+    assert "hg" in _vm_flags(middle)
+    assert not pool.any()
