@@ -7,9 +7,12 @@ table and reads K and V where they lie, one row at a time with all its query hea
 attention without expanding K/V), in one pass over the row's blocks with an online softmax (each
 block's scores, then the running max and sum rescaled and the block's V added), all in float32,
 exp included (a vectorised polynomial, not libm's scalar call). Within a block each query head
-keeps its query (scores) or its accumulator (values) in registers over the block's tokens, four
-scores share one horizontal-sum tree, and vectors are the machine's own width (8 floats on AVX2,
-16 on AVX-512: wider generic vectors made GCC spill through the stack on AVX2).
+keeps its query (scores) or its accumulator (values) in registers over the block's tokens (fixed
+register arrays: a variable-length one spilled to the stack), four scores share one
+horizontal-sum tree, the block's max and exp run on whole vectors, and vectors are the machine's
+own width (8 floats on AVX2, 16 on AVX-512: wider generic vectors made GCC spill through the stack
+on AVX2). The blocks two ahead (past a row's end, the next row's first ones) are prefetched a few
+cache lines per step of the block's work, so memory keeps streaming while the block is computed.
 
 The C source below is built by ``worker_svc.native`` (the system C compiler, once per machine, cached
 in the user's cache folder, loaded with ctypes). Where no compiler is found or the build fails,
@@ -30,6 +33,8 @@ _SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 
+/* W floats: the machine's native vector (AVX-512: 16, else 8); aligned(4): loads may be unaligned.
+   Wider generic vectors than the hardware's made GCC spill through the stack on AVX2 (4x slower). */
 #ifdef __AVX512F__
 #define W 16
 #else
@@ -40,14 +45,14 @@ typedef int32_t vi __attribute__((vector_size(W * 4), aligned(4)));
 typedef float v4 __attribute__((vector_size(16), aligned(4)));
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 
+/* How many blocks ahead of the one being computed a row's K/V is prefetched (a row's blocks are
+   anywhere in the cache, so the hardware prefetcher cannot guess the jump). 1, 2 and 4 measured
+   alike once the prefetches were spread over the block's work (cold-cache micro-benchmark). */
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 2
 #endif
-#ifndef PF_HINT
-#define PF_HINT 3
-#endif
 
-static inline float hsum(vw v) {
+static inline float hsum(vw v) {  /* a tree: a chain of W scalar adds would bound the kernel */
 #if W == 16
     v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
          + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -58,7 +63,7 @@ static inline float hsum(vw v) {
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-static inline v8 fold8(vw v) {
+static inline v8 fold8(vw v) {  /* W lanes summed down to 8 */
 #if W == 16
     return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
          + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -66,19 +71,43 @@ static inline v8 fold8(vw v) {
     return v;
 #endif
 }
+
+/* Pairwise sums of a and b: lanes (a0+a1, a2+a3, b0+b1, b2+b3) of each 128-bit half (vhaddps). */
 static inline v8 hadd8(v8 a, v8 b) {
     return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14)
          + __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
 }
+
+/* The four horizontal sums of a0..a3 in one vector: three pairwise sums and one fold, where four
+   separate trees took six operations each. */
 static inline v4 hsum4(vw a0, vw a1, vw a2, vw a3) {
     v8 t = hadd8(hadd8(fold8(a0), fold8(a1)), hadd8(fold8(a2), fold8(a3)));
     return __builtin_shufflevector(t, t, 0, 1, 2, 3) + __builtin_shufflevector(t, t, 4, 5, 6, 7);
 }
 
-static inline vw vsel(vi m, vw a, vw b) { return (vw)((m & (vi)a) | (~m & (vi)b)); }
+static inline vw vsel(vi m, vw a, vw b) { return (vw)((m & (vi)a) | (~m & (vi)b)); }  /* m ? a : b */
 
-/* exp(x) for x <= 0, W lanes: the scalar version's arithmetic (Cody-Waite, Cephes degree 6),
-   rounding to nearest by the 1.5 * 2^23 trick (what rintf does in the default rounding mode). */
+/* exp(x) for x <= 0 (softmax's x - max): Cody-Waite reduction and Cephes' degree-6 polynomial,
+   about 1 ulp, in arithmetic only (libm's expf is a scalar call each). The scalar form is for the
+   one rescale factor a head takes per block. */
+static inline float exp_nonpos(float x) {
+    x = x < -87.33654f ? -87.33654f : x;  /* 2^-126: the smallest normal float, and -inf's image */
+    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } scale = { .i = ((int32_t)n + 127) << 23 };
+    return p * scale.f;
+}
+
+/* The same on W lanes, written with vectors (GCC did not vectorise the scalar form's loop well):
+   round to nearest by adding and taking away 1.5 * 2^23 (rintf's result in the default rounding
+   mode, for the |x * log2(e)| <= 126 the clamp leaves). */
 static inline vw vexp_nonpos(vw x) {
     const vw lo = (vw){0} - 87.33654f;
     x = vsel(x < lo, lo, x);
@@ -95,29 +124,29 @@ static inline vw vexp_nonpos(vw x) {
     return p * (vw)e;
 }
 
-static inline float exp_nonpos(float x) {
-    x = x < -87.33654f ? -87.33654f : x;
-    const float n = __builtin_rintf(x * 1.44269504088896341f);
-    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } scale = { .i = ((int32_t)n + 127) << 23 };
-    return p * scale.f;
-}
-
-/* A stream of cache lines to prefetch, issued a few at a time between the computation's loads. */
+/* Cache lines still to prefetch, issued a few at a time between the computation's own loads:
+   all of a block at once filled the miss buffers and stalled the loads behind them. */
 typedef struct { const char *p, *end; } stream;
-static inline void pf(stream *st, int64_t lines) {
-    for (int64_t k = 0; k < lines && st->p < st->end; ++k, st->p += 64) __builtin_prefetch(st->p, 0, PF_HINT);
+static inline void prefetch(stream *st, int64_t lines) {
+    for (int64_t k = 0; k < lines && st->p < st->end; ++k, st->p += 64) __builtin_prefetch(st->p);
 }
 
-#define CH 8  /* V accumulators per pass (registers) */
+/* V accumulators of one pass over a block's tokens: 8 vectors stay in registers on AVX2 (16 of
+   them); wider heads take several passes. A variable-length array here (the former kernel's)
+   lived on the stack, and the value pass ran at the speed of store-to-load forwarding. */
+#define CH 8
 
+/* One row's job, in one pass over its blocks (online softmax, as flash-decoding does): for each
+   block, the scores of its tokens for every query head, then each head's running max, sum and
+   accumulator are rescaled to the new max and the block's V is added. K and V of a block lie side
+   by side, so the row's context streams through once; the block PREFETCH_AHEAD ahead (past the
+   row's end: the next row's first blocks) is prefetched a few lines per step of the block's work.
+   Each query head keeps its query (scores: four tokens at a time, two accumulators per token so
+   the chains of FMAs are half as long) or its accumulator (values) in registers over the block's
+   tokens: a block's K/V of one KV head is read from L1 g times and from memory once. Inlined into
+   callers with constant nv, so the loops over it unroll.
+   s: [heads][sp] block scores (sp: bs rounded up to W); m, l: [heads] running max and sum;
+   acc: [heads][nv]. */
 static inline __attribute__((always_inline)) void job(
         const int64_t g, const int64_t nv, const int64_t hkv, const float *qb, const float *cache,
         const int32_t *row, int64_t ctx, const int32_t *nrow, int64_t nctx,
@@ -126,19 +155,20 @@ static inline __attribute__((always_inline)) void job(
     const int64_t heads = g * hkv, nblocks = (ctx + bs - 1) / bs, d = nv * W;
     const int64_t nnext = nrow ? (nctx + bs - 1) / bs : 0;
     const int64_t half_lines = (half * 4 + 63) / 64;
+    vi lane;
+    for (int w = 0; w < W; ++w) lane[w] = w;
     for (int64_t h = 0; h < heads; ++h) { m[h] = -INFINITY; l[h] = 0.0f; }
     for (int64_t x = 0; x < heads * nv; ++x) acc[x] = (vw){0};
     for (int64_t blk = 0; blk < nblocks; ++blk) {
         const int64_t t0 = blk * bs, n = ctx - t0 < bs ? ctx - t0 : bs;
         const float *kblock = cache + (int64_t)row[blk] * 2 * half, *vblock = kblock + half;
-        /* the block PREFETCH_AHEAD ahead: this row's, or past its end the next row's first ones */
         const int64_t ahead = blk + PREFETCH_AHEAD;
-        const float *tgt = ahead < nblocks ? cache + (int64_t)row[ahead] * 2 * half
-                         : ahead - nblocks < nnext ? cache + (int64_t)nrow[ahead - nblocks] * 2 * half : 0;
-        stream sk = { (const char *)tgt, tgt ? (const char *)(tgt + half) : 0 };
-        stream sv = { sk.end, tgt ? (const char *)(tgt + 2 * half) : 0 };
-        const int64_t groups = heads * ((n + 3) / 4);
-        const int64_t kstep = (half_lines + groups - 1) / groups;
+        const float *next = ahead < nblocks ? cache + (int64_t)row[ahead] * 2 * half
+                          : ahead - nblocks < nnext ? cache + (int64_t)nrow[ahead - nblocks] * 2 * half : 0;
+        /* its K over this block's score steps, its V over the value steps */
+        stream sk = { (const char *)next, next ? (const char *)(next + half) : 0 };
+        stream sv = { sk.end, next ? (const char *)(next + 2 * half) : 0 };
+        const int64_t kstep = (half_lines + heads * ((n + 3) / 4) - 1) / (heads * ((n + 3) / 4));
         const int64_t vstep = (half_lines + heads * n - 1) / (heads * n);
         for (int64_t h = 0; h < heads; ++h) {
             const vw *qh = (const vw *)(qb + h * d);
@@ -146,7 +176,7 @@ static inline __attribute__((always_inline)) void job(
             float *sh = s + h * sp;
             int64_t i = 0;
             for (; i + 4 <= n; i += 4) {
-                pf(&sk, kstep);
+                prefetch(&sk, kstep);
                 const vw *k0 = (const vw *)(kh + i * tok), *k1 = (const vw *)(kh + (i + 1) * tok);
                 const vw *k2 = (const vw *)(kh + (i + 2) * tok), *k3 = (const vw *)(kh + (i + 3) * tok);
                 vw a0 = qh[0] * k0[0], a1 = qh[0] * k1[0], a2 = qh[0] * k2[0], a3 = qh[0] * k3[0];
@@ -163,7 +193,7 @@ static inline __attribute__((always_inline)) void job(
                 const v4 r = hsum4(a0 + b0, a1 + b1, a2 + b2, a3 + b3) * scale;
                 memcpy(sh + i, &r, sizeof r);
             }
-            if (i < n) pf(&sk, kstep);
+            if (i < n) prefetch(&sk, kstep);
             for (; i < n; ++i) {
                 const vw *k = (const vw *)(kh + i * tok);
                 vw a = qh[0] * k[0];
@@ -171,24 +201,25 @@ static inline __attribute__((always_inline)) void job(
                 sh[i] = hsum(a) * scale;
             }
         }
-        pf(&sk, half_lines);  /* what the rounding left */
+        prefetch(&sk, half_lines);  /* what the rounding of kstep left */
         for (int64_t h = 0; h < heads; ++h) {
             float *sh = s + h * sp;
-            for (int64_t t = n; t < sp; ++t) sh[t] = -INFINITY;
+            for (int64_t t = n; t < sp; ++t) sh[t] = -INFINITY;  /* the padding takes no part */
             vw mv = *(const vw *)sh;
-            for (int64_t c = W; c < sp; c += W) { const vw x = *(const vw *)(sh + c); mv = vsel(x > mv, x, mv); }
+            for (int64_t c = W; c < sp; c += W) {
+                const vw x = *(const vw *)(sh + c);
+                mv = vsel(x > mv, x, mv);
+            }
             float mb = m[h];
             for (int w = 0; w < W; ++w) mb = mv[w] > mb ? mv[w] : mb;
             vw sum = (vw){0};
-            vi lane;
-            for (int w = 0; w < W; ++w) lane[w] = w;
             for (int64_t c = 0; c < sp; c += W) {
                 vw e = vexp_nonpos(*(const vw *)(sh + c) - mb);
                 e = vsel(lane + (int32_t)c < (vi){0} + (int32_t)n, e, (vw){0});
                 *(vw *)(sh + c) = e;
                 sum += e;
             }
-            const float rescale = exp_nonpos(m[h] - mb);
+            const float rescale = exp_nonpos(m[h] - mb);  /* the first block: exp(-inf) = 0 */
             l[h] = l[h] * rescale + hsum(sum);
             m[h] = mb;
             const float *vh = vblock + (h / g) * d;
@@ -197,7 +228,7 @@ static inline __attribute__((always_inline)) void job(
                 vw a[CH];
                 for (int64_t c = 0; c < cn; ++c) a[c] = acc[h * nv + c0 + c] * rescale;
                 for (int64_t i = 0; i < n; ++i) {
-                    if (c0 == 0) pf(&sv, vstep);
+                    if (c0 == 0) prefetch(&sv, vstep);
                     const vw *v = (const vw *)(vh + i * tok) + c0;
                     const float p = sh[i];
                     for (int64_t c = 0; c < cn; ++c) a[c] += p * v[c];
@@ -205,7 +236,7 @@ static inline __attribute__((always_inline)) void job(
                 for (int64_t c = 0; c < cn; ++c) acc[h * nv + c0 + c] = a[c];
             }
         }
-        pf(&sv, half_lines);
+        prefetch(&sv, half_lines);
     }
     for (int64_t h = 0; h < heads; ++h) {
         const float inv = 1.0f / l[h];
@@ -220,16 +251,24 @@ static inline __attribute__((always_inline)) void job(
         continue; \
     }
 
+/* out[b, h, :] = softmax(scale * q[b, h] . K[b, :ctx_b, h / g]) V[b, :ctx_b, h / g] for every row b
+   and query head h (g = heads / kv_heads), K/V read through the row's block table.
+   cache: [N, 2, bs, hkv, d] contiguous float32 (K at index 0, V at 1); q: row stride q_row, head
+   stride d; table: [B, *] int32 with row stride t_row; out: [B, heads, d] contiguous.
+   d must be a multiple of 16 (the caller checks). */
 int paged_decode(const float *q, int64_t q_row, const float *cache, const int32_t *table, int64_t t_row,
                  const int32_t *ctx_lens, float *out, int64_t batch, int64_t heads, int64_t hkv,
                  int64_t d, int64_t bs, float scale, int threads) {
     const int64_t g = heads / hkv, nv = d / W;
-    const int64_t tok = hkv * d, half = bs * tok;
-    const int64_t sp = (bs + W - 1) / W * W;  /* a head's scores, padded to whole vectors */
+    const int64_t tok = hkv * d;            /* floats per token of one block half */
+    const int64_t half = bs * tok;          /* floats of one block half (K or V) */
+    const int64_t sp = (bs + W - 1) / W * W;  /* a head's block scores, padded to whole vectors */
+    /* per thread: acc [heads][d], s [heads][sp], m and l [heads]; in 64-byte units (aligned_alloc) */
+    const size_t floats = (size_t)((heads * d + heads * sp + 2 * heads + 15) / 16 * 16);
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
-        vw *acc = (vw *)aligned_alloc(64, sizeof(float) * (size_t)((heads * d + heads * sp + 2 * heads + 15) / 16 * 16));
+        vw *acc = (vw *)aligned_alloc(64, sizeof(float) * floats);
         if (acc == NULL) {
             #pragma omp atomic write
             failed = 1;
@@ -238,8 +277,10 @@ int paged_decode(const float *q, int64_t q_row, const float *cache, const int32_
             #pragma omp for schedule(static)
             for (int64_t b = 0; b < batch; ++b) {
                 const int64_t ctx = ctx_lens[b];
-                const float *qb = q + b * q_row;
+                const float *qb = q + b * q_row;  /* [heads][d] */
                 const int32_t *row = table + b * t_row;
+                /* the next row's blocks are prefetched while this one ends (the same thread's
+                   next row under schedule(static) with one thread; a harmless guess with more) */
                 const int32_t *nrow = b + 1 < batch ? row + t_row : 0;
                 const int64_t nctx = b + 1 < batch ? ctx_lens[b + 1] : 0;
                 float *ob = out + b * heads * d;

@@ -26,7 +26,6 @@ import torch
 
 from common.types import KVGeometry
 
-
 _HUGE = 2 << 20  # the x86-64 / arm64 transparent huge page
 _MADV_HUGEPAGE = 14  # Linux's value on every architecture
 
