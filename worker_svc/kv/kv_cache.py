@@ -10,10 +10,10 @@ tiers are views of one tensor, ``compute`` (GPU-tier ids first, then host id ``h
 and no staging exists.
 
 Tensors in CPU memory (the in-place pool, and the GPU tier where the compute device is the CPU)
-are allocated on transparent huge pages where the kernel offers them on request (``madvise``
-mode): decode attention reads each row's blocks from anywhere in a pool of hundreds of MB, and
-with 4 KB pages every 16 KB block costs four TLB misses (the in-place decode kernel took about 10 %
-less time over a huge-page pool than over a 4 KB-page one in a cold-cache micro-benchmark).
+are allocated on transparent huge pages where Linux grants them on request (``madvise`` mode):
+decode attention reads each row's blocks from anywhere in a pool of hundreds of MB, and with 4 KB
+pages every 16 KB block costs four TLB misses (the in-place decode kernel took 9-20 % less time
+over a huge-page pool than over a 4 KB-page one in a cold-cache micro-benchmark).
 """
 
 from __future__ import annotations
