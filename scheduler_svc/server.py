@@ -33,6 +33,7 @@ from common.store import Store, WorkerEntry
 from scheduler_svc.admission import lookup, submit
 from scheduler_svc.core import SchedulerCore
 from scheduler_svc.fleet_view import CoreFleetView
+from scheduler_svc.gc_tuning import tune_gc
 from scheduler_svc.multiplex import StreamSession
 from scheduler_svc.openai_api.server import http_server
 from scheduler_svc.policies.base import Policy
@@ -402,6 +403,7 @@ async def serve(settings: SchedulerSettings) -> None:
     import signal
 
     server, _ = await create_server(settings)
+    tune_gc()  # a process of its own: start-up's objects are the scheduler's, freezing them is safe
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
