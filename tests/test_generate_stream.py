@@ -312,9 +312,9 @@ async def test_the_stream_needs_the_bearer_token(redis_url: str) -> None:
     fleet = await start_fleet(redis_url, [StubWorker("w0")], api_token="s3cret")
     try:
         call = fleet.client.GenerateStream()
-        await call.write(submit((1, generate_request([1], 2))))
-        await call.done_writing()
-        with pytest.raises(grpc.aio.AioRpcError) as err:
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # the write may already see the refusal
+            await call.write(submit((1, generate_request([1], 2))))
+            await call.done_writing()
             await read_all(call, {})
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         call = fleet.client.GenerateStream(metadata=(("authorization", "Bearer s3cret"),))
