@@ -4,13 +4,20 @@ Processes: a redis-server, one process with the stub workers, the real ``layerkv
 command, and this client. Two measurements, side by side:
 
 * **added latency per request**: the same request (``--prompt-tokens``, ``--max-tokens``) sent one at
-  a time (a) straight to a stub worker (Dispatch + its StreamEvents) and (b) through the scheduler
-  (``Generate``); the difference of the medians (and of the 99th percentiles) is what the
-  scheduler adds (admission, Redis writes, the scheduling round, the extra gRPC hop and
-  re-streaming). The direct side uses a stub of its own that the scheduler does not watch.
-* **dispatches per second**: a burst of ``--burst`` one-token requests, ``--concurrency`` in flight;
-  the rate at which the scheduler dispatched them (first arrival to last dispatch, from the
-  requests' own timestamps) and the completed requests per second.
+  a time (a) straight to a stub worker (Dispatch + its StreamEvents), (b) through the scheduler
+  with a call per request (``Generate``) and (c) through the scheduler on one multiplexed
+  ``GenerateStream`` kept open (a front end's way); the difference of the medians (and of the
+  99th percentiles) to (a) is what the scheduler adds (admission, Redis writes, the scheduling
+  round, the extra gRPC hop and re-streaming). The direct side uses a stub of its own that the
+  scheduler does not watch.
+* **dispatches per second**: a burst of ``--burst`` one-token requests, ``--concurrency`` in flight,
+  three ways: on one ``GenerateStream`` (the headline: a front end sends the requests that are
+  ready in one message, here the refills for the finals of one response), with a ``Generate``
+  call per request (``burst_per_call``), and straight to the direct stub the same way as the
+  stream (``burst_direct``: the ready requests in one ``DispatchBatch``, finishes read from its
+  ``StreamEvents``). Through the scheduler: the rate at which it dispatched them (first arrival to
+  last dispatch, from the requests' own timestamps); direct: requests over the time until the
+  last ``DispatchBatch`` was answered; and the completed requests per second.
 * **scheduler CPU time per request**, in both phases (from ``/proc``): on a machine shared with
   other work wall-clock rates include waiting for a core; 1 / (CPU s per request) is the rate the
   scheduler could sustain on one core of its own. ``--scheduler-cpu N`` pins it to core N and
@@ -119,8 +126,40 @@ async def scheduler_latencies(
     return out
 
 
+async def stream_latencies(
+    client: scheduler_pb2_grpc.SchedulerServiceStub, n: int, prompt_tokens: int, max_tokens: int
+) -> list[float]:
+    """One request at a time on one open GenerateStream: send it, read until its final."""
+    out = []
+    call = client.GenerateStream()
+    for tag in range(n):
+        start = time.perf_counter()
+        await call.write(submit_message([(tag, request(prompt_tokens, max_tokens))]))
+        done = False
+        while not done:
+            response = await call.read()
+            for event in response.events:
+                assert not event.HasField("error"), event.error
+                if event.HasField("final"):
+                    assert event.final.output_tokens == max_tokens, event.final
+                    done = True
+        out.append(time.perf_counter() - start)
+    await call.done_writing()
+    await call.read()  # EOF: every tag ended
+    return out
+
+
+def submit_message(
+    tagged: list[tuple[int, scheduler_pb2.GenerateRequest]],
+) -> scheduler_pb2.GenerateStreamRequest:
+    return scheduler_pb2.GenerateStreamRequest(
+        requests=[scheduler_pb2.TaggedGenerateRequest(tag=t, request=r) for t, r in tagged]
+    )
+
+
 async def burst(
-    client: scheduler_pb2_grpc.SchedulerServiceStub, n: int, concurrency: int, pids: dict[str, int]
+    client: scheduler_pb2_grpc.SchedulerServiceStub, n: int, concurrency: int, pids: dict[str, int],
+    stream: bool,
 ) -> dict[str, float]:
     """The burst's rates, and the CPU time each process spent on it per request (read as soon
     as the last request completes: the GetRequest calls after it are the benchmark's own)."""
@@ -133,9 +172,32 @@ async def burst(
                 rid = response.request_id
             ids.append(rid)
 
+    async def multiplexed() -> None:
+        # The first window in one message, then per response the refills for its finals in one.
+        call = client.GenerateStream()
+        sent = min(concurrency, n)
+        await call.write(submit_message([(t, request(8, 1)) for t in range(sent)]))
+        while len(ids) < n:
+            response = await call.read()
+            ended = 0
+            for event in response.events:
+                assert not event.HasField("error"), event.error
+                if event.HasField("final"):
+                    ids.append(event.request_id)
+                    ended += 1
+            refill = min(ended, n - sent)
+            if refill:
+                await call.write(submit_message([(sent + i, request(8, 1)) for i in range(refill)]))
+                sent += refill
+        await call.done_writing()
+        await call.read()
+
     before = {name: cpu_s(pid) for name, pid in pids.items()}
     start = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(n)))
+    if stream:
+        await multiplexed()
+    else:
+        await asyncio.gather(*(one() for _ in range(n)))
     elapsed = time.perf_counter() - start
     spent = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
     others = {f"{name}_cpu_ms_per_request": 1000 * s / n for name, s in spent.items() if name != "scheduler"}
@@ -157,6 +219,56 @@ async def burst(
         "scheduler_cpu_ms_per_request": 1000 * spent["scheduler"] / n,
         "dispatches_per_scheduler_cpu_s": n / spent["scheduler"] if spent["scheduler"] else float("inf"),
         **others,
+    }
+
+
+async def direct_burst(address: str, n: int, concurrency: int, pids: dict[str, int]) -> dict[str, float]:
+    """The stream burst's twin straight to a stub: the ready requests in one DispatchBatch (the
+    first window, then the refills for the finishes of one event), finishes from StreamEvents."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        events = stub.StreamEvents(worker_pb2.StreamEventsRequest())
+        iterator = events.__aiter__()
+        await iterator.__anext__()  # the initial state: the subscription is live
+
+        def batch(first: int, count: int) -> worker_pb2.DispatchBatchRequest:
+            return worker_pb2.DispatchBatchRequest(requests=[
+                worker_pb2.DispatchRequest(
+                    request_id=f"burst-{i}", prompt_token_ids=[7] * 8,
+                    sampling=types_pb2.SamplingParams(max_tokens=1), placement="GGGG",
+                ) for i in range(first, first + count)
+            ])  # fmt: skip
+
+        before = {name: cpu_s(pid) for name, pid in pids.items()}
+        start = time.perf_counter()
+        sent = min(concurrency, n)
+        last_dispatch = start
+        calls = [asyncio.ensure_future(stub.DispatchBatch(batch(0, sent)))]
+        done = 0
+        while done < n:
+            event = await iterator.__anext__()
+            ended = sum(1 for u in event.tokens if u.finished and u.request_id.startswith("burst-"))
+            done += ended
+            refill = min(ended, n - sent)
+            if refill:
+                calls.append(asyncio.ensure_future(stub.DispatchBatch(batch(sent, refill))))
+                sent += refill
+            while calls and calls[0].done():
+                calls.pop(0).result()
+                last_dispatch = time.perf_counter()
+        for call in calls:
+            await call
+            last_dispatch = time.perf_counter()
+        elapsed = time.perf_counter() - start
+        spent = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
+        events.cancel()
+    return {
+        "requests": n,
+        "concurrency": concurrency,
+        "wall_s": elapsed,
+        "dispatches_per_s": n / (last_dispatch - start),
+        "completed_per_s": n / elapsed,
+        **{f"{name}_cpu_ms_per_request": 1000 * s / n for name, s in spent.items() if name != "scheduler"},
     }
 
 
@@ -188,29 +300,45 @@ async def measure(
                 break
             except grpc.aio.AioRpcError:
                 await asyncio.sleep(0.1)
-        await scheduler_latencies(client, 20, args.prompt_tokens, args.max_tokens)  # warm-up
-        await direct_latencies(direct_worker, 20, args.prompt_tokens, args.max_tokens)
-        # Interleave the two measurements in blocks so drift affects both alike.
+        shape = (args.prompt_tokens, args.max_tokens)
+        await scheduler_latencies(client, 20, *shape)  # warm-up
+        await stream_latencies(client, 20, *shape)
+        await direct_latencies(direct_worker, 20, *shape)
+        # Interleave the three measurements in blocks so drift affects them alike.
         direct: list[float] = []
         via: list[float] = []
-        via_cpu = 0.0
+        streamed: list[float] = []
+        via_cpu = stream_cpu = 0.0
+        block = args.requests // 5
         for _ in range(5):
-            direct += await direct_latencies(
-                direct_worker, args.requests // 5, args.prompt_tokens, args.max_tokens
-            )
+            direct += await direct_latencies(direct_worker, block, *shape)
             before = cpu_s(scheduler_pid)
-            via += await scheduler_latencies(client, args.requests // 5, args.prompt_tokens, args.max_tokens)
-            via_cpu += cpu_s(scheduler_pid) - before
-        throughput = await burst(client, args.burst, args.concurrency, pids)
-    d, v = ms(direct), ms(via)
+            via += await scheduler_latencies(client, block, *shape)
+            middle = cpu_s(scheduler_pid)
+            streamed += await stream_latencies(client, block, *shape)
+            via_cpu += middle - before
+            stream_cpu += cpu_s(scheduler_pid) - middle
+        throughput = {}
+        if args.burst_client in ("stream", "both"):
+            throughput["burst"] = await burst(client, args.burst, args.concurrency, pids, stream=True)
+        if args.burst_client in ("call", "both"):
+            key = "burst_per_call" if throughput else "burst"
+            throughput[key] = await burst(client, args.burst, args.concurrency, pids, stream=False)
+        throughput["burst_direct"] = await direct_burst(direct_worker, args.burst, args.concurrency, pids)
+    d, v, st = ms(direct), ms(via), ms(streamed)
     return {
         "direct_worker": d,
         "through_scheduler": v,
+        "through_stream": st,
         "added_latency_p50_ms": v["p50_ms"] - d["p50_ms"],
         "added_latency_mean_ms": v["mean_ms"] - d["mean_ms"],
         "added_latency_p99_ms": v["p99_ms"] - d["p99_ms"],
+        "stream_added_latency_p50_ms": st["p50_ms"] - d["p50_ms"],
+        "stream_added_latency_mean_ms": st["mean_ms"] - d["mean_ms"],
+        "stream_added_latency_p99_ms": st["p99_ms"] - d["p99_ms"],
         "scheduler_cpu_ms_per_sequential_request": 1000 * via_cpu / len(via),
-        "burst": throughput,
+        "scheduler_cpu_ms_per_sequential_stream_request": 1000 * stream_cpu / len(streamed),
+        **throughput,
     }
 
 
@@ -223,6 +351,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--burst", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument(
+        "--burst-client", choices=("stream", "call", "both"), default="both",
+        help="the burst on one GenerateStream (reported as 'burst'), a Generate call per request, or both",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the results here too")
     parser.add_argument(
         "--scheduler-cpu", type=int, default=None,

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from common.config import SchedulerSettings
 from common.cost_profile import describe_cost
 from common.errors import InvalidArgument, NotFound, Unavailable, quoted
-from common.grpc_errors import ErrorInterceptor
+from common.grpc_errors import Authorizer, ErrorInterceptor, admit_call, grpc_errors
 from common.metrics import ServiceMetrics, start_metrics_server
 from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from common.security import AccessGuard, AccessRule, add_port, warn_if_insecure
@@ -33,6 +33,8 @@ from common.store import Store, WorkerEntry
 from scheduler_svc.admission import lookup, submit
 from scheduler_svc.core import SchedulerCore
 from scheduler_svc.fleet_view import CoreFleetView
+from scheduler_svc.gc_tuning import tune_gc
+from scheduler_svc.multiplex import StreamSession
 from scheduler_svc.openai_api.server import http_server
 from scheduler_svc.policies.base import Policy
 from scheduler_svc.policies.registry import describe_policies, policy_params
@@ -46,9 +48,14 @@ SCHEDULER_SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
+GENERATE_STREAM = f"/{SCHEDULER_SERVICE}/GenerateStream"
+
+
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    def __init__(self, core: SchedulerCore) -> None:
+    def __init__(self, core: SchedulerCore, authorize: Authorizer | None = None) -> None:
         self.core = core
+        # The ErrorInterceptor guards unary-request calls only; GenerateStream checks here.
+        self._authorize = authorize
 
     async def Generate(
         self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -57,6 +64,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         request_id = admitted.state.request_id
         async for item in self._events(request_id, 0, final_with_tokens=request.final_with_tokens):
             yield scheduler_pb2.GenerateResponse(request_id=request_id, **item)
+
+    @grpc_errors
+    async def GenerateStream(
+        self,
+        requests: AsyncIterator[scheduler_pb2.GenerateStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[scheduler_pb2.GenerateStreamResponse]:
+        admit_call(None, context, GENERATE_STREAM, None, self._authorize)  # the bearer token
+        async for response in StreamSession(self.core, self._events).run(requests):
+            yield response
 
     async def Attach(
         self, request: scheduler_pb2.AttachRequest, context: grpc.aio.ServicerContext
@@ -299,7 +316,9 @@ class SchedulerServer:
         })
         self.server = grpc.aio.server(interceptors=[ErrorInterceptor(guard)])
         self.core.pool.on_drop = self.store.remove_worker  # a registered worker the pool gave up on
-        scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(SchedulerServicer(self.core), self.server)
+        scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
+            SchedulerServicer(self.core, guard), self.server
+        )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.core), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -384,6 +403,7 @@ async def serve(settings: SchedulerSettings) -> None:
     import signal
 
     server, _ = await create_server(settings)
+    tune_gc()  # a process of its own: start-up's objects are the scheduler's, freezing them is safe
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -171,3 +171,34 @@ async def test_dispatch_with_an_unknown_preemption_mode_is_invalid() -> None:
             assert "preemption" in (err.value.details() or "")
     finally:
         await stub.stop()
+
+
+def test_a_step_inside_the_last_blocks_does_not_sum_the_running_requests(monkeypatch) -> None:
+    """Growth that needs no block skips the sum over running requests (it made a step quadratic
+    in them); the tokens and blocks stay what the full check gives."""
+    from common.types import Placement
+    from scheduler_svc.testing.stub_kv import StepCounts, StubKV, StubRequest
+    from scheduler_svc.testing.stub_worker import STUB_GEOMETRY
+
+    kv = StubKV(STUB_GEOMETRY, gpu_blocks=1 << 20, host_blocks=0)
+    placement = Placement.from_letters("GGGG", STUB_GEOMETRY.num_layers)
+    for i in range(200):
+        kv.running[f"r{i}"] = StubRequest(f"r{i}", [1] * 3, 8, frozenset(), placement, "recompute", i,
+                                          held_tokens=3)  # fmt: skip
+    before = kv.used()
+    calls = 0
+    real = StubKV.used
+
+    def counted(self: StubKV):
+        nonlocal calls
+        calls += 1
+        return real(self)
+
+    monkeypatch.setattr(StubKV, "used", counted)
+    counts = StepCounts()
+    for r in kv.running.values():
+        r.context.append(2)  # the fourth token: inside the first block of every layer
+        assert kv.grow(r, counts)
+    assert calls == 0
+    assert [r.held_tokens for r in kv.running.values()] == [4] * 200
+    assert real(kv) == before and counts.preemptions == 0

@@ -159,3 +159,47 @@ class GetRequestResponse(_message.Message):
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     request: RequestInfo
     def __init__(self, request: _Optional[_Union[RequestInfo, _Mapping]] = ...) -> None: ...
+
+class TaggedGenerateRequest(_message.Message):
+    __slots__ = ("tag", "request")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    tag: int
+    request: GenerateRequest
+    def __init__(self, tag: _Optional[int] = ..., request: _Optional[_Union[GenerateRequest, _Mapping]] = ...) -> None: ...
+
+class GenerateStreamRequest(_message.Message):
+    __slots__ = ("requests", "cancel_tags")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_TAGS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[TaggedGenerateRequest]
+    cancel_tags: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, requests: _Optional[_Iterable[_Union[TaggedGenerateRequest, _Mapping]]] = ..., cancel_tags: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StreamStatus(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class TaggedEvent(_message.Message):
+    __slots__ = ("tag", "request_id", "chunk", "final", "error")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    tag: int
+    request_id: str
+    chunk: TokenChunk
+    final: GenerateFinal
+    error: StreamStatus
+    def __init__(self, tag: _Optional[int] = ..., request_id: _Optional[str] = ..., chunk: _Optional[_Union[TokenChunk, _Mapping]] = ..., final: _Optional[_Union[GenerateFinal, _Mapping]] = ..., error: _Optional[_Union[StreamStatus, _Mapping]] = ...) -> None: ...
+
+class GenerateStreamResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[TaggedEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[TaggedEvent, _Mapping]]] = ...) -> None: ...

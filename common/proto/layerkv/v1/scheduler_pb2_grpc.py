@@ -40,6 +40,11 @@ class SchedulerServiceStub(object):
                 request_serializer=layerkv_dot_v1_dot_scheduler__pb2.GetRequestRequest.SerializeToString,
                 response_deserializer=layerkv_dot_v1_dot_scheduler__pb2.GetRequestResponse.FromString,
                 )
+        self.GenerateStream = channel.stream_stream(
+                '/layerkv.v1.SchedulerService/GenerateStream',
+                request_serializer=layerkv_dot_v1_dot_scheduler__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=layerkv_dot_v1_dot_scheduler__pb2.GenerateStreamResponse.FromString,
+                )
 
 
 class SchedulerServiceServicer(object):
@@ -79,6 +84,21 @@ class SchedulerServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateStream(self, request_iterator, context):
+        """Many requests on one bidirectional stream (a gateway, a load generator, a router): each
+        submitted request carries a client tag, and its chunks and final come back with that tag,
+        several requests' events in one message (what one scheduler commit made visible). Every
+        request is admitted, validated and answered as Generate would; an error of one request (the
+        status codes above) is a tagged StreamStatus, never a broken stream. The call itself fails
+        only for UNAUTHENTICATED or an undecodable message. Cancel by tag on the same stream. When the
+        stream breaks its requests are detached as a broken Generate's are: cancelled unless a client
+        re-attaches to them (Attach, by request id) within the scheduler's disconnect grace. After the
+        client half-closes, the stream ends once every request it carries has sent its final.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -101,6 +121,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.GetRequest,
                     request_deserializer=layerkv_dot_v1_dot_scheduler__pb2.GetRequestRequest.FromString,
                     response_serializer=layerkv_dot_v1_dot_scheduler__pb2.GetRequestResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=layerkv_dot_v1_dot_scheduler__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=layerkv_dot_v1_dot_scheduler__pb2.GenerateStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,5 +208,22 @@ class SchedulerService(object):
         return grpc.experimental.unary_unary(request, target, '/layerkv.v1.SchedulerService/GetRequest',
             layerkv_dot_v1_dot_scheduler__pb2.GetRequestRequest.SerializeToString,
             layerkv_dot_v1_dot_scheduler__pb2.GetRequestResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def GenerateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(request_iterator, target, '/layerkv.v1.SchedulerService/GenerateStream',
+            layerkv_dot_v1_dot_scheduler__pb2.GenerateStreamRequest.SerializeToString,
+            layerkv_dot_v1_dot_scheduler__pb2.GenerateStreamResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
