@@ -12,8 +12,9 @@ polynomial, vectorised; the score scale and log2(e) folded into the packed queri
 micro-kernel adds P V (6 rows x 2 vectors of the head dim). Tiles wholly above the diagonal are
 skipped; only tiles crossing it are masked. Requests and KV heads are spread over OpenMP threads.
 
-Why: torch's CPU flash kernel ran 14-30 GFLOP/s on the bench shapes (a third of a 512-token prefill
-of the small bench model; docs/benchmarks.md), with GQA either expanded or mapped per head.
+Why: torch's CPU flash kernel ran 14-30 GFLOP/s on the bench shapes (a quarter to a third of a
+512-token prefill of the small bench model), with GQA either expanded or mapped per head; this one
+ran 1.2-2.7x faster per layer and a 512-token prefill step 1.15-1.22x (docs/benchmarks.md, stop 19).
 
 The C source is built by ``worker_svc.native`` (cached per machine). Where it cannot be built,
 ``load()`` returns None and the backend keeps its torch path.
