@@ -5,9 +5,11 @@ The KV tensor of the GPU tier is [N, 2, block_size, Hkv, D] (one block = one lay
 of whole prompts attends only to their own fresh K/V (no prefix cache); any other step (decodes,
 later prefill chunks, or both mixed) attends through a block table to the cached context.
 ``AttentionBackend`` uses torch ``scaled_dot_product_attention`` (CPU and GPU), and on the CPU in
-float32 its decode steps read the paged blocks in place with ``worker_svc.paged_decode`` (``auto``;
-``sdpa`` keeps torch only); ``FlashAttnBackend`` uses flash-attn's varlen kernel for prefill and its
-paged kernel for decode when it is importable on CUDA.
+float32 its decode steps read the paged blocks in place with ``worker_svc.paged_decode`` and its
+prefill steps (whole prompts, and chunks after earlier chunks over the paged cache) run the blocked
+kernel of ``worker_svc.prefill_attention`` (``auto``; ``sdpa`` keeps torch only);
+``FlashAttnBackend`` uses flash-attn's varlen kernel for prefill and its paged kernel for decode
+when it is importable on CUDA.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from worker_svc import paged_decode
+from worker_svc import paged_decode, prefill_attention
 
 
 @dataclass
@@ -83,6 +85,8 @@ class AttentionBackend:
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """Causal attention of each packed prompt over itself. q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""
+        if self._prefill is not None and prefill_attention.supports(q, k, v):
+            return prefill_attention.prompts(self._prefill, q, k, v, meta.seq_lens)
         if len(set(meta.seq_lens)) == 1:  # equal lengths: one batched call
             b, n = len(meta.seq_lens), meta.seq_lens[0]
             qb = q.view(b, n, *q.shape[1:]).transpose(1, 2)  # [B, H, n, D]
@@ -101,8 +105,10 @@ class AttentionBackend:
         return torch.cat(outs, dim=0)
 
     def __init__(self, native_decode: bool = False) -> None:
-        # The in-place CPU decode kernel (None: torch only, or it could not be built).
+        # The in-place CPU decode kernel and the blocked CPU prefill kernel (None: torch only, or
+        # it could not be built).
         self._native: ctypes.CDLL | None = paged_decode.load() if native_decode else None
+        self._prefill: ctypes.CDLL | None = prefill_attention.load() if native_decode else None
         self._work: torch.Tensor | None = None  # gather workspace, reused by every layer and step
         # Most blocks one gather can need (the engine's memory plan budgets exactly this much):
         # growth by doubling stops there. None: unbounded.
@@ -141,6 +147,10 @@ class AttentionBackend:
         decodes = len(meta.seq_lens) == q.shape[0]  # one token per row
         if decodes and self._native is not None and paged_decode.supports(q, cache):
             return paged_decode.paged_decode(self._native, q, cache, meta.block_table, meta.context_lens)
+        if not decodes and self._prefill is not None and prefill_attention.supports_cache(q, cache):
+            # prefill chunks (and any decodes beside them) read the paged cache in place
+            return prefill_attention.chunks(self._prefill, q, cache, meta.block_table, meta.context_lens,
+                                            meta.seq_lens)
         k_all, v_all = self._gather(cache, meta)  # [B, S, Hkv, D]
         if decodes:
             return self._decode_rows(q, k_all, v_all, meta)
