@@ -239,3 +239,38 @@ def test_a_steady_batch_synced_in_one_pass_equals_rebuild(seed: int) -> None:
         assert_buffer_matches(buffer, mgr, batch)
         assert buffer.rows_for([mgr.tables[r] for r in batch], mgr.tables).tolist() == first
     assert moved
+
+
+def test_layer_split_follows_swaps_and_promotions() -> None:
+    """A table's kept layer split (what one-block growth and the buffer's growth read) is rebuilt
+    when a swap-out or a promotion moves a layer, so the next block lands in the layer's new tier."""
+    mgr = KVCacheManager(GEOMETRY, gpu_blocks=60, host_blocks=60, staging_blocks=40)
+    gpu, host, copy = torch.zeros(100, 2, 4, 1, 2), torch.zeros(60, 2, 4, 1, 2), CopyEngine()
+    table = mgr.allocate("r", 5, Placement.from_letters("GHGG", LAYERS))
+    assert table is not None
+    table.num_tokens = 5
+
+    def split() -> tuple[tuple[int, ...], ...]:
+        reads = [lb.reads_gpu_blocks for lb in table.layers]
+        return (tuple(i for i, r in enumerate(reads) if r), tuple(i for i, r in enumerate(reads) if not r),
+                tuple(int(r) for r in reads), tuple(int(not r) for r in reads))
+
+    def grow_one_block() -> None:
+        hosts_before = [len(lb.host_blocks) for lb in table.layers]
+        assert mgr.grow(table, table.blocks_per_layer * 4 + 1)
+        for layer, lb in enumerate(table.layers):  # the new block is in the tier the layer reads
+            grew_host = len(lb.host_blocks) > hosts_before[layer]
+            assert grew_host == (not lb.reads_gpu_blocks), layer
+        assert mgr._staging_demand() == mgr.derived_staging_demand()
+
+    assert table.read_split == split() == ((0, 2, 3), (1,), (1, 0, 1, 1), (0, 1, 0, 0))
+    grow_one_block()
+    mgr.swap_out(table, 3, copy, gpu, host)
+    assert table.read_split == split() == ((0, 2), (1, 3), (1, 0, 1, 0), (0, 1, 0, 1))
+    grow_one_block()
+    mgr.start_promotion(table, 1, copy, gpu, host)  # loading: read (and grown) in its GPU target
+    assert table.read_split == split() == ((0, 1, 2), (3,), (1, 1, 1, 0), (0, 0, 0, 1))
+    grow_one_block()
+    mgr.poll()
+    assert table.layers[1].home is Tier.GPU and table.read_split == split()
+    grow_one_block()

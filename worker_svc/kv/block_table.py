@@ -61,6 +61,21 @@ class LayerBlockTable:
             self._reads = (self.version, tuple(lb.reads_gpu_blocks for lb in self.layers))
         return self._reads[1]
 
+    _split: tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]] = (
+        -1, (), (), (), ())
+
+    @property
+    def read_split(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(GPU-read layers, host-read layers, 1 per GPU-read layer else 0, 1 per host-read layer
+        else 0) from ``reads_gpu``: what a one-block growth takes and counts per layer, kept per
+        version like it rather than rebuilt by every growth of every step."""
+        if self._split[0] != self.version:
+            reads = self.reads_gpu
+            self._split = (self.version, tuple(i for i, r in enumerate(reads) if r),
+                           tuple(i for i, r in enumerate(reads) if not r), tuple(int(r) for r in reads),
+                           tuple(int(not r) for r in reads))
+        return self._split[1:]  # type: ignore[return-value]
+
     def host_layers(self) -> list[int]:
         return [i for i, lb in enumerate(self.layers) if lb.home is Tier.HOST]
 

@@ -14,6 +14,7 @@ layers read in place on the CPU, ``kv_cache``) there is no staging rule and noth
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import add
 
 from common import kv_budget
 from common.kv_budget import BlockDemand
@@ -176,36 +177,35 @@ class KVCacheManager:
 
     def _grow_one(self, table: LayerBlockTable) -> bool:
         """``grow`` by one block per layer (a decode crossing a block boundary: most growth), with
-        the same checks, ids and counts as the general path but no per-layer demand tuples."""
-        reads = table.reads_gpu
-        hosts = [i for i, r in enumerate(reads) if not r]  # host-read layers: their growth needs staging
-        n_gpu = len(reads) - len(hosts)
-        if not self.gpu.can_allocate(n_gpu) or not self.host.can_allocate(len(hosts)):
+        the same checks, ids and counts as the general path but no per-layer demand tuples: the
+        table's layer split is kept per version, and the per-layer counts move by its 0/1 masks in
+        one ``map`` each (a batch-256 step grows 16 requests x 32 layers)."""
+        gpu_at, host_at, gpu_mask, host_mask = table.read_split
+        if not self.gpu.can_allocate(len(gpu_at)) or not self.host.can_allocate(len(host_at)):
             return False
-        if hosts and self.staging_limit is not None:  # (no host layer: the demand is unchanged)
-            after = list(self._host_read)
-            for i in hosts:
-                after[i] += 1
-            if not self._staging_holds(kv_budget.staging_needed(after)):
-                return False
-        gpu_ids = self.gpu.allocate(n_gpu)
+        host_read = self._host_read
+        after = list(map(add, host_read, host_mask)) if host_at else host_read  # [L] with the growth
+        if host_at and self.staging_limit is not None and not self._staging_holds(
+                kv_budget.staging_needed(after)):  # (no host layer: the staging demand is unchanged)
+            return False
+        gpu_ids = self.gpu.allocate(len(gpu_at))
         assert gpu_ids is not None, "the GPU pool has fewer free blocks after the check"
         layers, used_gpu = table.layers, self._used[Tier.GPU]
-        if not hosts:  # every layer reads GPU blocks: one id each, in layer order
+        if not host_at:  # every layer reads GPU blocks: one id each, in layer order
             for lb, block in zip(layers, gpu_ids, strict=True):
                 lb.gpu_blocks.append(block)
             used_gpu[:] = [u + 1 for u in used_gpu]
         else:  # (a layer being promoted reads, and grows, its GPU target)
-            host_ids = self.host.allocate(len(hosts))
+            host_ids = self.host.allocate(len(host_at))
             assert host_ids is not None, "the host pool has fewer free blocks after the check"
-            for i, block in zip([i for i, r in enumerate(reads) if r], gpu_ids, strict=True):
+            for i, block in zip(gpu_at, gpu_ids, strict=True):
                 layers[i].gpu_blocks.append(block)
-                used_gpu[i] += 1
-            used_host = self._used[Tier.HOST]
-            for i, block in zip(hosts, host_ids, strict=True):
+            for i, block in zip(host_at, host_ids, strict=True):
                 layers[i].host_blocks.append(block)
-                used_host[i] += 1
-                self._host_read[i] += 1
+            used_gpu[:] = list(map(add, used_gpu, gpu_mask))
+            used_host = self._used[Tier.HOST]
+            used_host[:] = list(map(add, used_host, host_mask))
+            host_read[:] = after
         table.blocks_per_layer += 1
         return True
 

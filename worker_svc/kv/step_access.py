@@ -173,14 +173,25 @@ class StepAccess:
         pairs = buf.run_count.size  # L * R
         counts = buf.run_count.reshape(pairs)[flat]  # [P]
         k = int(counts.max()) if len(counts) else 0
-        run_start = buf.run_start.reshape(pairs, -1)[flat, :k]  # [P, K]
-        run_len = buf.run_len.reshape(pairs, -1)[flat, :k]  # [P, K], 0 past a pair's count
-        before = np.cumsum(run_len, axis=1) - run_len  # [P, K] blocks of the pair before each run
+        # Row gathers by np.take (a fancy index with a slice goes through numpy's general indexing:
+        # ~3x), and the exclusive cumsum over the few run columns one column at a time (cumsum
+        # along a short inner axis loops per row: ~10x)
+        run_start = np.ascontiguousarray(np.take(buf.run_start.reshape(pairs, -1), flat, axis=0)[:, :k])
+        run_len = np.ascontiguousarray(np.take(buf.run_len.reshape(pairs, -1), flat, axis=0)[:, :k])  # [P, K]
+        before = np.zeros_like(run_len)  # [P, K] blocks of the pair before each run
+        for c in range(1, k):
+            np.add(before[:, c - 1], run_len[:, c - 1], out=before[:, c])
         take = filled[pb][:, None] - before  # [P, K] (np.clip's wrappers cost more than the work)
         np.minimum(np.maximum(take, 0, out=take), run_len, out=take)
-        valid = take > 0
-        load = np.stack((run_start[valid], (offset[:, None] + before)[valid], take[valid]), axis=1)  # [R, 3]
-        load_layer = np.broadcast_to(pl[:, None], valid.shape)[valid]  # [R]
+        # The runs that stream something, as flat indices into [P, K] found once (four boolean
+        # selections recomputed the mask's nonzeros each, and broadcast the layers to [P, K]).
+        at = np.flatnonzero(take > 0)  # [R]
+        run_pair = at // k if k else at  # [R] the pair of each run
+        load = np.empty((len(at), 3), dtype=np.int64)  # [R, 3]
+        load[:, 0] = run_start.reshape(-1)[at]
+        load[:, 1] = offset[run_pair] + before.reshape(-1)[at]
+        load[:, 2] = take.reshape(-1)[at]
+        load_layer = pl[run_pair]  # [R]
         # Copy-back pairs: blocks first_written .. used-1 of each pair.
         n_written = written[pb]  # [P]
         if bool((n_written == 1).all() and (first_written[pb] == buf.row_blocks[pr] - 1).all()
@@ -190,7 +201,8 @@ class StepAccess:
             pair_of = np.arange(len(pb))  # [W = P]
             j = first_written[pb]
             last = counts - 1
-            store_dst = run_start[pair_of, last] + run_len[pair_of, last] - 1  # [W]
+            at_last = pair_of * k + last  # [W] flat index of each pair's last run in [P, K]
+            store_dst = run_start.reshape(-1)[at_last] + run_len.reshape(-1)[at_last] - 1  # [W]
         else:
             pair_of = np.repeat(np.arange(len(pb)), n_written)  # [W]
             j = first_written[pb][pair_of] + np.arange(len(pair_of)) - np.repeat(
@@ -199,8 +211,14 @@ class StepAccess:
         store_src = offset[pair_of] + j  # [W]
         # Runs do not depend on the range's base (it shifts a layer's sources alike): built once here.
         store_layer = pl[pair_of]
-        store = pair_runs(store_src, store_dst, store_layer)  # [K', 3]
-        store_layer = store_layer[np.cumsum(store[:, 2]) - store[:, 2]] if len(store) else store_layer
+        if len(pair_of) == len(pb) and bool((pair_used > 1).all()):
+            # One block written per pair, and no row of one block: pair p + 1's source lies
+            # used[p + 1] past pair p's, so no two pairs form a run and every pair is its own one
+            # (what pair_runs finds, without its diff and stack passes over every pair).
+            store = np.stack((store_src, store_dst, np.ones_like(store_src)), axis=1).astype(np.int64)
+        else:
+            store = pair_runs(store_src, store_dst, store_layer)  # [K', 3]
+            store_layer = store_layer[np.cumsum(store[:, 2]) - store[:, 2]] if len(store) else store_layer
         load_cut = [*np.searchsorted(load_layer, layers, side="left").tolist(), len(load_layer)]
         store_cut = [*np.searchsorted(store_layer, layers, side="left").tolist(), len(store_layer)]
         layout: dict[bytes, tuple[int, np.ndarray]] = {}  # host-row set -> (blocks, offsets)
@@ -309,14 +327,26 @@ class StepAccess:
         table = cache.get(key)
         if table is not None:
             return table
-        # In numpy int32, two broadcast ops (the torch version took five int64 ones: 5x the time).
-        blocks = np.where(np.frombuffer(host.key, dtype=np.bool_), self._used, 0)  # [B] 0: a GPU row
-        j = np.arange(self.max_blocks, dtype=np.int32)  # [M]
+        # In numpy int32 (the torch version took five int64 ops: 5x the time).
+        blocks = self._used if host.key == self._all_rows else np.where(  # [B] 0: a GPU row
+            np.frombuffer(host.key, dtype=np.bool_), self._used, 0)
+        m = self.max_blocks
+        j = np.arange(m, dtype=np.int32)  # [M]
         rel = j[None, :] + (host.offsets + host.base).astype(np.int32)[:, None]  # [B, M]
-        np.multiply(rel, j[None, :] < blocks[:, None], out=rel)  # 0 past each row's blocks
+        pad = m - blocks  # [B] entries past each row's blocks: 0 there (a GPU row: all of it)
+        n_pad = int(pad.sum())
+        if n_pad * 8 < rel.size:  # rows of about the same length: zero the few tails by index
+            tail_begin = np.arange(len(pad)) * m + blocks  # [B] flat index of each row's first pad
+            flat = np.repeat(tail_begin - (np.cumsum(pad) - pad), pad) + np.arange(n_pad)  # [n_pad]
+            rel.reshape(-1)[flat] = 0
+        else:  # (a pass of the mask over the whole table)
+            np.multiply(rel, j[None, :] < blocks[:, None], out=rel)
         table = torch.from_numpy(rel).to(self.device)  # [B, M] int32
-        if len(cache) >= 8:  # layouts of older steps: a block boundary or a batch change moved on
-            cache.clear()
+        while len(cache) >= 8:  # layouts of older steps: a block boundary or a batch change moved on
+            # The oldest one goes (dicts keep insertion order), not all of them: its memory is reused
+            # by the next table, where freeing eight at once handed it back to the OS and every new
+            # table paid its page faults again (at batch 256: 1 MB a table, ~5x the build).
+            del cache[next(iter(cache))]
         cache[key] = table
         return table
 

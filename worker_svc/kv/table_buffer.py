@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
-from operator import attrgetter, is_
+from itertools import chain, compress, count
+from operator import attrgetter, is_, ne
 from typing import Any
 
 import numpy as np
@@ -94,9 +94,10 @@ class BlockTableBuffer:
             if state != self._last_state:
                 grown: list[_Row] = []
                 rows = self._rows
-                for table, now, was in zip(tables, state, self._last_state, strict=True):
-                    if now != was:
-                        self._sync(rows[table.request_id], table, grown)
+                # the tables whose (version, blocks) moved, found by C-level maps (no loop over the batch)
+                for i in compress(count(), map(ne, state, self._last_state)):
+                    table = tables[i]
+                    self._sync(rows[table.request_id], table, grown)
                 if grown:
                     self._write_growth(grown)
                 self._last_state = state
@@ -143,27 +144,32 @@ class BlockTableBuffer:
             self.host_ids = _grown(self.host_ids, 2, max(n_max, 2 * m))
         off = self.host_offset
         vals, host_rows = [], []
+        zeros = [0] * self.num_layers
         for row in grown:
             j = row.blocks
-            reads = row.table.reads_gpu
-            if all(reads):  # every layer in its GPU blocks (most rows)
-                vals.append([lb.gpu_blocks[j] for lb in row.table.layers])
+            layers = row.table.layers
+            gpu_at, host_at, _, _ = row.table.read_split  # (kept per table version)
+            if not host_at:  # every layer in its GPU blocks (most rows)
+                vals.append([lb.gpu_blocks[j] for lb in layers])
                 continue
-            pairs = zip(row.table.layers, reads, strict=True)
-            if off is not None:  # in place: a host layer's id, shifted
-                vals.append([lb.gpu_blocks[j] if gpu else off + lb.host_blocks[j] for lb, gpu in pairs])
+            v = zeros.copy()  # a host-read layer's id is 0 (its staging ids are lent per step) ...
+            for i in gpu_at:
+                v[i] = layers[i].gpu_blocks[j]
+            if off is not None:  # ... or, in place, its host id shifted
+                for i in host_at:
+                    v[i] = off + layers[i].host_blocks[j]
             else:
-                vals.append([lb.gpu_blocks[j] if gpu else 0 for lb, gpu in pairs])
-                if not all(reads):
-                    host_rows.append(row)
+                host_rows.append(row)
+            vals.append(v)
         at_row_np = np.array([row.index for row in grown], dtype=np.int64)  # [G]
         at_block = np.array([row.blocks for row in grown], dtype=np.int64)  # [G]
         new = torch.from_numpy(np.array(vals, dtype=np.int32).T.copy()).to(self.device)  # [L, G]
         # One flat scatter into ids (an index per (layer, row)), and the same values are the tails.
         r, m = self.ids.shape[1], self.ids.shape[2]
         flat = (np.arange(self.num_layers)[:, None] * (r * m) + (at_row_np * m + at_block)[None, :])  # [L, G]
-        self.ids.view(-1)[torch.from_numpy(flat.reshape(-1)).to(self.device)] = new.reshape(-1)
-        self.tail[:, torch.from_numpy(at_row_np).to(self.device)] = new
+        # (index_copy_: a tensor index through __setitem__ costs several times the op itself)
+        self.ids.view(-1).index_copy_(0, torch.from_numpy(flat.reshape(-1)).to(self.device), new.reshape(-1))
+        self.tail.index_copy_(1, torch.from_numpy(at_row_np).to(self.device), new)
         self.row_blocks[at_row_np] += 1
         for row in grown:
             row.blocks += 1
@@ -176,10 +182,11 @@ class BlockTableBuffer:
         pl_parts, pr_parts, ids_parts, j_parts = [], [], [], []
         for row in rows:
             j = row.blocks - 1
-            hosts = [i for i, gpu in enumerate(row.table.reads_gpu) if not gpu]
+            hosts = row.table.read_split[1]
+            layers = row.table.layers
             pl_parts.append(hosts)
             pr_parts.append([row.index] * len(hosts))
-            ids_parts.append([row.table.layers[i].host_blocks[j] for i in hosts])
+            ids_parts.append([layers[i].host_blocks[j] for i in hosts])
             j_parts.append([j] * len(hosts))
         pl = np.fromiter(chain.from_iterable(pl_parts), dtype=np.int64)  # [P] layer of each pair
         pr = np.fromiter(chain.from_iterable(pr_parts), dtype=np.int64)  # [P] buffer row
