@@ -139,6 +139,7 @@ def test_steady_decode_views_are_kept_and_stay_the_buffers_own() -> None:
         ids_before = buffer.ids
         access = StepAccess(tables, list(lens), [1, 1, 1], kv, mgr, CopyEngine(), CopyStats(), buffer)
         replaced += buffer.ids is not ids_before
+        assert access.max_position == max(lens)  # the model's RoPE table reads it from the access
         if previous is not None and access._prebuilt is previous._prebuilt:
             reused += 1
         for layer in range(layers):

@@ -374,8 +374,7 @@ class Engine:
             dev = self.device
             last = [e - 1 for e in ends] if every else [ends[i] - 1 for i in sampled]
             logits = self.model(id_tensor(ids).to(dev), id_tensor(positions).to(dev),
-                                id_tensor(last).to(dev), access, self.backend,
-                                max(s + n for s, n in zip(starts, lens, strict=True)) - 1)
+                                id_tensor(last).to(dev), access, self.backend)
             to_sample = batch if every else [batch[i] for i in sampled]
             tokens = sample(logits, [r.sampling for r in to_sample], [r.generator for r in to_sample],
                             self._sampling_rng) if sampled else []

@@ -169,6 +169,7 @@ class StepAccess:
         self._starts_a, self._ends_a = start_a, ends_a
         self.ends = ends_a.tolist()
         self.max_context = max(self.ends)
+        self.max_position = self.max_context - 1  # the step's largest token position (RoPE's table)
         # Only whole prompts from slot 0: attention can use the fresh K/V, no block table needed.
         self.fresh = not any(starts)
         self.max_blocks = _cdiv(self.max_context, self.bs)

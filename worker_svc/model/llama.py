@@ -355,9 +355,12 @@ class LlamaForCausalLM(nn.Module):
                 max_position: int | None = None) -> torch.Tensor:
         """input_ids, positions [T] (requests packed back to back); logits_index [B] picks the token
         whose next-token distribution each request needs; ``max_position``: the largest position,
-        when the caller knows it (RoPE's table, see ``RotaryEmbedding.forward``). Returns float32
+        when the caller knows it (RoPE's table, see ``RotaryEmbedding.forward``; by default the KV
+        access's ``max_position`` where it has one, as ``StepAccess`` does). Returns float32
         logits [B, vocab]."""
         model = self.model
+        if max_position is None:
+            max_position = getattr(kv, "max_position", None)
         # (index_select: the rows F.embedding gives, without its dispatch, ~4x cheaper for a decode)
         x = model.embed_tokens.weight.index_select(0, input_ids)  # [T, hidden]
         cos, sin = model.rotary_emb.forward(positions, x.dtype, max_position)  # [T, D] each
