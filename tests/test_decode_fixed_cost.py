@@ -48,7 +48,9 @@ def test_rope_table_rows_equal_the_direct_computation_and_grow() -> None:
     for rope, pos, top in ((RotaryEmbedding(_config(8)), torch.tensor([4]), 4),
                            (RotaryEmbedding(_config()), torch.arange(65), 64),
                            (RotaryEmbedding(_config()), torch.tensor([4]), None),
-                           (RotaryEmbedding(_config(max_positions=16)), torch.tensor([4]), 16)):
+                           (RotaryEmbedding(_config(max_positions=16)), torch.tensor([4]), 16),
+                           (RotaryEmbedding(_config(max_positions=1 << 20)), torch.tensor([4, 1 << 17]),
+                            1 << 17)):  # past ROPE_TABLE_MAX_POSITIONS
         cos, sin = rope(pos, torch.float32, top)
         assert rope._table is None
         want = rope._compute(pos, torch.float32)

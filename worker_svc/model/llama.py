@@ -64,6 +64,8 @@ class RMSNorm(nn.Module):
 
 ROPE_TABLE_MAX_TOKENS = 64  # steps of at most this many tokens (decodes) read cos/sin from a table
 ROPE_TABLE_CHUNK = 32768  # table elements computed per op (torch's grain: one chunk is never split)
+# Positions past this are computed directly: the table stays within 64 MB (head dim 128, float32).
+ROPE_TABLE_MAX_POSITIONS = 1 << 16
 
 
 class RotaryEmbedding(nn.Module):
@@ -100,7 +102,7 @@ class RotaryEmbedding(nn.Module):
         chunks that torch never splits between threads, each row a whole number of vectors (so no
         element takes a kernel's scalar tail; other head dims keep ``_compute``)."""
         if (max_position is not None and positions.shape[0] <= ROPE_TABLE_MAX_TOKENS
-                and max_position < self.config.max_position_embeddings
+                and max_position < min(self.config.max_position_embeddings, ROPE_TABLE_MAX_POSITIONS)
                 and (self.config.head_dim // 2) % 32 == 0):
             table = self._table_to(max_position, dtype)
             rows = table.index_select(0, positions)  # [T, 2, D]
@@ -118,7 +120,8 @@ class RotaryEmbedding(nn.Module):
         if (cached is not None and cached[0] is self.inv_freq and cached[1] == dtype
                 and cached[2].shape[0] > max_position):
             return cached[2]
-        n = min(self.config.max_position_embeddings, max(1024, 1 << max_position.bit_length()))
+        n = min(self.config.max_position_embeddings, ROPE_TABLE_MAX_POSITIONS,
+                max(1024, 1 << max_position.bit_length()))
         d = self.config.head_dim
         table = torch.empty((n, 2, d), dtype=dtype, device=self.inv_freq.device)
         step = max(1, ROPE_TABLE_CHUNK // (d // 2))  # rows per chunk
