@@ -15,6 +15,7 @@ requests and copy runs, not with their contexts.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,6 +73,79 @@ class _HostLayer:
     handle: CopyHandle | None = None  # the stream-in
 
 
+class _Steady:
+    """Views of a buffer's first ``B`` rows and ``M`` columns (a steady batch's), kept between steps.
+
+    They stay the buffer's own while its tensors do: growth writes into them in place, and a buffer
+    that outgrows a tensor replaces it (``matches`` then fails and the views are made again)."""
+
+    def __init__(self, buffer: BlockTableBuffer, b: int, m: int) -> None:
+        self.ids, self.tail, self.host_read_t = buffer.ids, buffer.tail, buffer.host_read
+        self.rows_all = buffer.ids[:, :b, :m]  # [L, B, M]
+        self.host_read = buffer.host_read[:, :b].numpy()  # [L, B], shares the buffer's memory
+        self.b = b
+        self._decode_layers: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def matches(self, buffer: BlockTableBuffer) -> bool:
+        return self.ids is buffer.ids and self.tail is buffer.tail and self.host_read_t is buffer.host_read
+
+    def decode_layers(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Layer -> (block table [B, M], decode slots [B]: each row's tail) of an all-GPU decode step."""
+        if self._decode_layers is None:
+            tails = self.tail[:, :self.b].unbind(0)
+            self._decode_layers = dict(enumerate(zip(self.rows_all.unbind(0), tails, strict=True)))
+        return self._decode_layers
+
+
+class _BufferViews:
+    """What a buffer's steps share across steps: the steady batch's views (``_Steady``, the last two
+    shapes: a block boundary moves ``M`` on) and a decode step's token rows per batch size."""
+
+    def __init__(self) -> None:
+        self._steady: dict[tuple[int, int], _Steady] = {}
+        self._rows: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._aranges: dict[int, np.ndarray] = {}
+
+    def steady(self, buffer: BlockTableBuffer, b: int, m: int) -> _Steady:
+        hit = self._steady.get((b, m))
+        if hit is None or not hit.matches(buffer):
+            if len(self._steady) >= 2:
+                self._steady.clear()
+            hit = self._steady[(b, m)] = _Steady(buffer, b, m)
+        return hit
+
+    def arange(self, b: int) -> np.ndarray:
+        hit = self._aranges.get(b)
+        if hit is None:
+            if len(self._aranges) >= 8:
+                self._aranges.clear()
+            hit = self._aranges[b] = np.arange(b)
+            hit.setflags(write=False)  # shared by steps: never written
+        return hit
+
+    def decode_rows(self, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token rows [B] int64 = 0..B-1, cu_seqlens [B+1] int32 = 0..B) of a decode step; shared
+        by steps, read only."""
+        hit = self._rows.get((b, device))
+        if hit is None:
+            if len(self._rows) >= 8:
+                self._rows.clear()
+            hit = self._rows[(b, device)] = (torch.arange(b, device=device),
+                                             torch.arange(b + 1, dtype=torch.int32, device=device))
+        return hit
+
+
+# One per buffer (an engine's), dropped with it.
+_VIEWS: weakref.WeakKeyDictionary[BlockTableBuffer, _BufferViews] = weakref.WeakKeyDictionary()
+
+
+def _views_of(buffer: BlockTableBuffer) -> _BufferViews:
+    views = _VIEWS.get(buffer)
+    if views is None:
+        views = _VIEWS[buffer] = _BufferViews()
+    return views
+
+
 class StepAccess:
     """Segments of ``tables`` (same order): request ``i`` computes ``lens[i]`` tokens from ``starts[i]``."""
 
@@ -86,45 +160,49 @@ class StepAccess:
         self.device = kv.gpu.device
         self.block_bytes = kv.geometry.bytes_per_block
         self.num_layers = len(tables[0].layers)
-        # Token layout in numpy (a few small array ops cost microseconds, their torch versions tens).
+        # Token layout in numpy (a few small array ops cost microseconds, their torch versions tens;
+        # the scalars from the lists: a numpy reduction costs more than a short list's builtin).
         b = len(tables)
         start_a = np.asarray(starts, dtype=np.int64)  # [B]
         lens_a = np.asarray(lens, dtype=np.int64)  # [B]
         ends_a = start_a + lens_a  # [B]
         self._starts_a, self._ends_a = start_a, ends_a
         self.ends = ends_a.tolist()
-        self.max_context = int(ends_a.max())
+        self.max_context = max(self.ends)
+        self.max_position = self.max_context - 1  # the step's largest token position (RoPE's table)
         # Only whole prompts from slot 0: attention can use the fresh K/V, no block table needed.
-        self.fresh = not start_a.any()
+        self.fresh = not any(starts)
         self.max_blocks = _cdiv(self.max_context, self.bs)
-        self._decodes = b == int(lens_a.sum())
+        self._decodes = b == sum(lens)
+        views = _views_of(buffer)
         if self._decodes:  # all decodes: token i is request i's one new token
-            tok_row, pos, cu = np.arange(b), start_a, np.arange(b + 1)
+            tok_row, pos = views.arange(b), start_a
+            self._tok_row, self.cu_seqlens = views.decode_rows(b, self.device)  # [T], [B+1] (shared)
         else:
             cu = np.zeros(b + 1, dtype=np.int64)
             np.cumsum(lens_a, out=cu[1:])  # [B+1]
             tok_row = np.repeat(np.arange(b), lens_a)  # [T]
             # Position of every token: its request's start plus its index inside the segment.
             pos = np.arange(cu[-1]) + np.repeat(start_a - cu[:-1], lens_a)  # [T]
+            self._tok_row = torch.from_numpy(tok_row).to(self.device)  # [T]
+            self.cu_seqlens = torch.from_numpy(cu.astype(np.int32)).to(self.device)  # [B+1]
         self._tok_row_np, self._tok_block_np = tok_row, pos // self.bs  # [T] each
-        self._tok_row = torch.from_numpy(tok_row).to(self.device)  # [T]
         self._tok_block = torch.from_numpy(self._tok_block_np).to(self.device)  # [T] block of its request
         self.offsets = torch.from_numpy(pos % self.bs).to(self.device)  # [T]
-        self.cu_seqlens = torch.from_numpy(cu.astype(np.int32)).to(self.device)  # [B+1]
         self.context_lens = torch.from_numpy(ends_a.astype(np.int32)).to(self.device)  # [B]
         self._prebuilt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         row_index = buffer.rows_for(tables, manager.tables)  # [B]
         self._row_index = row_index.numpy()
         self._row_index_t = row_index if buffer.in_order else row_index.to(self.device)
         # [L, B, M] int32 GPU-read block ids of every layer: a view when the batch holds rows
-        # 0..B-1 in order (a steady batch), else gathered on the device in one op
-        if buffer.in_order:
-            self._rows_all = buffer.ids[:, :len(tables), :self.max_blocks]
-            host_read = buffer.host_read[:, :len(tables)]  # [L, B] on the host
+        # 0..B-1 in order (a steady batch; the views are kept between steps), else gathered on the
+        # device in one op
+        self._steady = views.steady(buffer, b, self.max_blocks) if buffer.in_order else None
+        if self._steady is not None:
+            self._rows_all, self._host_read = self._steady.rows_all, self._steady.host_read
         else:
             self._rows_all = buffer.ids[:, self._row_index_t, :self.max_blocks]
-            host_read = buffer.host_read[:, row_index]
-        self._host_read = host_read.numpy()
+            self._host_read = buffer.host_read[:, row_index].numpy()
         self._host: dict[int, _HostLayer] = {}
         self._loaded_blocks = self._stored_blocks = np.zeros(len(tables), dtype=np.int64)  # [B]
         self._last_host_layer = -1
@@ -251,6 +329,11 @@ class StepAccess:
         if self._decodes and bool((self._tok_block_np == buf.row_blocks[self._row_index] - 1).all()):
             # Every token is a decode writing its row's last block: the slots are the buffer's
             # tails (a view for a steady batch), not a gather of one id a page apart per (layer, row).
+            steady = self._steady
+            if steady is not None and len(layers) == self.num_layers:
+                # A steady all-GPU decode batch: the previous step's views, still the buffer's.
+                self._prebuilt = steady.decode_layers()
+                return
             tails = buf.tail[:, :len(self.tables)] if buf.in_order else buf.tail[:, self._row_index_t]
             if len(layers) < self.num_layers:
                 tails = tails[torch.tensor(layers, device=self.device)]  # [L', B]

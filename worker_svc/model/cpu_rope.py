@@ -80,7 +80,8 @@ _INDEX = (torch.int32, torch.int64)
 
 
 def _f32(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype == torch.float32
+    # (``is_cpu``, not ``device.type``: no device object per call, four tensors a layer every step)
+    return t.is_cpu and t.dtype == torch.float32
 
 
 def rope_write_kv(qkv: torch.Tensor, heads: int, cos: torch.Tensor, signed_sin: torch.Tensor,
@@ -97,9 +98,9 @@ def rope_write_kv(qkv: torch.Tensor, heads: int, cos: torch.Tensor, signed_sin: 
             and slot_blocks.dtype in _INDEX and slot_offsets.dtype in _INDEX
             and slot_blocks.shape == slot_offsets.shape == (t,)
             and slot_blocks.is_contiguous() and slot_offsets.is_contiguous()
-            and not (torch.is_grad_enabled() and qkv.requires_grad)):
+            and not (qkv.requires_grad and torch.is_grad_enabled())):
         return False
-    lib = load()
+    lib = _KERNEL.load()
     if lib is None:
         return False
     lib.rope_write_kv(qkv.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), cos.stride(0), cache.data_ptr(),

@@ -41,20 +41,31 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+        # (``_parameters``, not ``self.weight``: nn.Module's attribute lookup, ~1 us, 17 norms a step)
+        w = self._parameters["weight"]
+        assert w is not None
+        if x.dtype == torch.float32 and w.dtype == torch.float32:
             # CPU: one C kernel (cpu_norm); elsewhere torch's, bit-identical to HF's formula (tested).
-            out = cpu_norm.rms_norm(x, self.weight, self.eps)
-            return out if out is not None else F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            out = cpu_norm.rms_norm(x, w, self.eps)
+            return out if out is not None else F.rms_norm(x, w.shape, w, self.eps)
         # Half dtypes: normalise in float32 as HF does, then scale in the model dtype.
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+        return w * F.rms_norm(x.float(), w.shape, None, self.eps).to(x.dtype)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``x += residual`` in place, then the norm of x: one pass of the CPU kernel."""
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            out = cpu_norm.rms_norm(x, self.weight, self.eps, residual)
+        w = self._parameters["weight"]
+        assert w is not None
+        if x.dtype == torch.float32 and w.dtype == torch.float32:
+            out = cpu_norm.rms_norm(x, w, self.eps, residual)
             if out is not None:
                 return out
-        return self(x.add_(residual))
+        return self.forward(x.add_(residual))
+
+
+ROPE_TABLE_MAX_TOKENS = 64  # steps of at most this many tokens (decodes) read cos/sin from a table
+ROPE_TABLE_CHUNK = 32768  # table elements computed per op (torch's grain: one chunk is never split)
+# Positions past this are computed directly: the table stays within 64 MB (head dim 128, float32).
+ROPE_TABLE_MAX_POSITIONS = 1 << 16
 
 
 class RotaryEmbedding(nn.Module):
@@ -64,6 +75,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.register_buffer("inv_freq", self._inv_freq(torch.device("cpu")), persistent=False)  # [D/2]
+        # cos and signed sin of positions 0..n-1, [n, 2, D] (built on first use, grown by doubling)
+        self._table: tuple[torch.Tensor, torch.dtype, torch.Tensor] | None = None  # (inv_freq, dtype, table)
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
         dim = self.config.head_dim
@@ -76,12 +89,49 @@ class RotaryEmbedding(nn.Module):
     def reset(self, device: torch.device) -> None:
         """Recompute the table (after building the model on the meta device), in float32."""
         self.inv_freq = self._inv_freq(device)
+        self._table = None
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos [T, D] and the *signed* sin [T, D] (first half negated) that ``apply_rotary`` takes."""
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype,
+                max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos [T, D] and the *signed* sin [T, D] (first half negated) that ``apply_rotary`` takes.
+
+        With ``max_position`` (the largest of ``positions``, known to the caller without reading the
+        tensor) a step of few tokens (a decode) takes its rows from a table of every position up
+        to it: one gather instead of nine small ops. The table holds what ``_compute`` gives for
+        those positions, bit for bit: its elements go through the same elementwise kernels, in
+        chunks that torch never splits between threads, each row a whole number of vectors (so no
+        element takes a kernel's scalar tail; other head dims keep ``_compute``)."""
+        if (max_position is not None and positions.shape[0] <= ROPE_TABLE_MAX_TOKENS
+                and max_position < min(self.config.max_position_embeddings, ROPE_TABLE_MAX_POSITIONS)
+                and (self.config.head_dim // 2) % 32 == 0):
+            table = self._table_to(max_position, dtype)
+            rows = table.index_select(0, positions)  # [T, 2, D]
+            return rows[:, 0], rows[:, 1]
+        return self._compute(positions, dtype)
+
+    def _compute(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, D/2]
         cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
         return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+    def _table_to(self, max_position: int, dtype: torch.dtype) -> torch.Tensor:
+        """The table [n, 2, D] of positions 0..n-1 with n > max_position (rebuilt, doubled, when short)."""
+        cached = self._table
+        if (cached is not None and cached[0] is self.inv_freq and cached[1] == dtype
+                and cached[2].shape[0] > max_position):
+            return cached[2]
+        n = min(self.config.max_position_embeddings, ROPE_TABLE_MAX_POSITIONS,
+                max(1024, 1 << max_position.bit_length()))
+        d = self.config.head_dim
+        table = torch.empty((n, 2, d), dtype=dtype, device=self.inv_freq.device)
+        step = max(1, ROPE_TABLE_CHUNK // (d // 2))  # rows per chunk
+        for start in range(0, n, step):
+            pos = torch.arange(start, min(n, start + step), device=self.inv_freq.device)
+            cos, sin = self._compute(pos, dtype)
+            table[start:start + len(pos), 0] = cos
+            table[start:start + len(pos), 1] = sin
+        self._table = (self.inv_freq, dtype, table)
+        return table
 
 
 def _llama3_scale(inv_freq: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -201,16 +251,21 @@ class Attention(nn.Module):
         qkv = linear(x, *self._qkv.get()).view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2 Hkv, D]
         cache, meta = kv.begin_layer(self.layer)  # may wait for this layer's stream-in
         if cpu_rope.rope_write_kv(qkv, h, cos, sin, cache, meta.slot_blocks, meta.slot_offsets):
-            q, k = qkv[:, :h], qkv[:, h:h + hkv]  # rotated in place, k and v written (CPU kernel)
+            q = qkv[:, :h]  # rotated in place, k and v written (CPU kernel)
+            k = qkv[:, h:h + hkv] if meta.is_prefill else None  # (a decode reads them from the cache)
         else:
             qk = apply_rotary(qkv[:, :h + hkv], cos, sin)  # q and k rotated in one pass: [T, H + Hkv, D]
             q, k = qk[:, :h], qk[:, h:]  # [T, H, D], [T, Hkv, D]
             backend.write_kv(cache, k, qkv[:, h + hkv:], meta)
-        v = qkv[:, h + hkv:]  # [T, Hkv, D]
         # prefill: [T, H, D]; decode: [B, H, D] with T == B
-        out = backend.prefill(q, k, v, meta) if meta.is_prefill else backend.decode(q, cache, meta)
+        if meta.is_prefill:
+            assert k is not None
+            out = backend.prefill(q, k, qkv[:, h + hkv:], meta)  # v: [T, Hkv, D]
+        else:
+            out = backend.decode(q, cache, meta)
         kv.end_layer(self.layer)  # may start this layer's offload
-        return linear(out.reshape(t, self.num_heads * self.head_dim), self.o_proj.weight, self.o_proj.bias)
+        o = self.o_proj
+        return linear(out.reshape(t, h * self.head_dim), o.weight, o.bias)
 
 
 MLP_CHUNK_ROWS = 256  # rows of one MLP chunk of a CPU prefill (see MLP.forward)
@@ -261,13 +316,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKVAccess,
-                backend: AttentionBackend) -> torch.Tensor:
+                backend: AttentionBackend, pending: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream, this layer's MLP output): the caller adds the second to the first,
+        the next layer as its ``pending``, in one pass with its input norm (``add_forward``)."""
         # x is this forward's own activation (never a caller's tensor): the residual adds go in place
         # (``.forward`` called directly: nn.Module.__call__'s hook handling costs ~2 us a call, four
         # calls a layer every step, and the model registers no hooks)
-        h = self.post_attention_layernorm.add_forward(
-            x, self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, kv, backend))
-        return x.add_(self.mlp.forward(h))
+        norm = self.input_layernorm
+        normed = norm.forward(x) if pending is None else norm.add_forward(x, pending)
+        attn = self.self_attn.forward(normed, cos, sin, kv, backend)
+        h = self.post_attention_layernorm.add_forward(x, attn)
+        return x, self.mlp.forward(h)
 
 
 class Backbone(nn.Module):
@@ -294,14 +354,24 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
-                kv: LayerKVAccess, backend: AttentionBackend) -> torch.Tensor:
+                kv: LayerKVAccess, backend: AttentionBackend,
+                max_position: int | None = None) -> torch.Tensor:
         """input_ids, positions [T] (requests packed back to back); logits_index [B] picks the token
-        whose next-token distribution each request needs. Returns float32 logits [B, vocab]."""
+        whose next-token distribution each request needs; ``max_position``: the largest position,
+        when the caller knows it (RoPE's table, see ``RotaryEmbedding.forward``; by default the KV
+        access's ``max_position`` where it has one, as ``StepAccess`` does). Returns float32
+        logits [B, vocab]."""
         model = self.model
-        x = F.embedding(input_ids, model.embed_tokens.weight)  # [T, hidden]
-        cos, sin = model.rotary_emb.forward(positions, x.dtype)  # [T, D] each
+        if max_position is None:
+            max_position = getattr(kv, "max_position", None)
+        # (index_select: the rows F.embedding gives, without its dispatch, ~4x cheaper for a decode)
+        x = model.embed_tokens.weight.index_select(0, input_ids)  # [T, hidden]
+        cos, sin = model.rotary_emb.forward(positions, x.dtype, max_position)  # [T, D] each
+        pending: torch.Tensor | None = None  # the last layer's MLP output, not yet added to x
         for layer in model.layers:  # (forward called directly: see DecoderLayer.forward)
-            x = layer.forward(x, cos, sin, kv, backend)
+            x, pending = layer.forward(x, cos, sin, kv, backend, pending)
+        if pending is not None:
+            x.add_(pending)
         # (index_select, not x[logits_index]: the same rows without advanced indexing's overhead)
         x = model.norm.forward(x.index_select(0, logits_index))  # [B, hidden]
         return linear(x, self.lm_head.weight).float()  # [B, vocab]
