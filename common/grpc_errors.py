@@ -176,10 +176,11 @@ def wrap_handler(fn: F, name: str) -> F:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Guards every unary-unary and unary-stream handler of a server.
+    """Guards every unary-unary, unary-stream and bidirectional handler of a server.
 
-    Each handler gets its raw request bytes: ``authorize`` (if any) runs first, then the request is
-    decoded (undecodable → INVALID_ARGUMENT), then the handler runs with errors mapped to status.
+    Each handler gets its raw request bytes: ``authorize`` (if any) runs first (once per call), then
+    each request message is decoded (undecodable → INVALID_ARGUMENT), then the handler runs with
+    errors mapped to status.
     """
 
     def __init__(self, authorize: Authorizer | None = None) -> None:
@@ -233,4 +234,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=None, response_serializer=handler.response_serializer
             )
-        return handler  # streaming-request methods (server reflection) are not guarded
+        if handler.stream_stream is not None:
+            inner_bidi: Any = wrap_handler(handler.stream_stream, method)
+
+            async def bidi(raws: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    admit_call(None, context, method, None, authorize)  # once, before any message
+                except Exception as exc:
+                    await abort_with(context, exc, method)
+
+                async def decoded() -> AsyncIterator[Any]:
+                    async for raw in raws:  # undecodable: INVALID_ARGUMENT, raised into the handler
+                        yield admit_call(raw, context, method, deserialize, None)
+
+                async for item in inner_bidi(decoded(), context):
+                    yield item
+
+            return grpc.stream_stream_rpc_method_handler(
+                bidi, request_deserializer=None, response_serializer=handler.response_serializer
+            )
+        return handler  # client-streaming methods (none here) are not guarded

