@@ -13,6 +13,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from common.proto.layerkv.v1 import scheduler_pb2
@@ -21,6 +22,7 @@ from common.types import SamplingParams
 from common.wire import sampling_from_proto
 from scheduler_svc.core import SchedulerCore
 from scheduler_svc.requests import WAITING, RequestState, sampling_from_dict, sampling_to_dict
+from scheduler_svc.worker_events import WorkerDescription
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 
@@ -31,6 +33,29 @@ class Admitted:
 
     state: RequestState
     created: bool
+
+
+@dataclass(frozen=True)
+class FleetFacts:
+    """What admission checks a request against, read from the healthy workers: computed once per
+    ``GenerateStream`` message rather than per request (nothing can change it between requests
+    admitted in one pass of the event loop), and per call on ``Generate``."""
+
+    descriptions: list[WorkerDescription]  # the accepting workers that described themselves
+    tokenizer: Any  # the first loaded worker tokenizer, or None
+    vocab: int  # the smallest vocabulary among them (0: none reported)
+    longest: int  # the longest max_model_len among them
+
+
+def fleet_facts(core: SchedulerCore) -> FleetFacts:
+    workers = [h for h in core.pool.handles() if h.accepting and h.description is not None]
+    descriptions = [h.description for h in workers if h.description is not None]
+    return FleetFacts(
+        descriptions=descriptions,
+        tokenizer=next((h.tokenizer for h in workers if h.tokenizer is not None), None),
+        vocab=min((d.vocab_size for d in descriptions if d.vocab_size), default=0),
+        longest=max((d.max_model_len for d in descriptions), default=0),
+    )
 
 
 async def lookup(core: SchedulerCore, request_id: str) -> RequestState | None:
@@ -45,7 +70,13 @@ async def lookup(core: SchedulerCore, request_id: str) -> RequestState | None:
     return RequestState(record, sampling_from_dict(record.sampling), tokens)
 
 
-async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) -> Admitted:
+async def submit(
+    core: SchedulerCore, request: scheduler_pb2.GenerateRequest, fleet: FleetFacts | None = None
+) -> Admitted:
+    """Admit ``request``; ``fleet`` is the workers' facts when the caller already has them current
+    (read in this pass of the event loop), else they are read here."""
+    if fleet is None:
+        fleet = fleet_facts(core)
     request_id = request.request_id
     if request_id:
         if not REQUEST_ID_RE.match(request_id):
@@ -59,7 +90,7 @@ async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) ->
         # id stored earlier, and a request that fails a check looks there before it is refused, so
         # an existing id still attaches to its first run whatever this call carries.
         try:
-            record, sampling = _checked(core, request, request_id)
+            record, sampling = _checked(core, request, request_id, fleet)
         except (InvalidArgument, Unavailable, ResourceExhausted):
             existing = await lookup(core, request_id)
             if existing is not None:
@@ -67,7 +98,7 @@ async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) ->
             raise
     else:
         request_id = uuid.uuid4().hex
-        record, sampling = _checked(core, request, request_id)
+        record, sampling = _checked(core, request, request_id, fleet)
         if core.store.reachable:
             # An id of our own: no client can have stored or be retrying it, so the record needs no
             # create call ("exists" cannot be the answer); it is saved in front of the next commit.
@@ -91,11 +122,10 @@ async def submit(core: SchedulerCore, request: scheduler_pb2.GenerateRequest) ->
 
 
 def _checked(
-    core: SchedulerCore, request: scheduler_pb2.GenerateRequest, request_id: str
+    core: SchedulerCore, request: scheduler_pb2.GenerateRequest, request_id: str, fleet: FleetFacts
 ) -> tuple[RequestRecord, SamplingParams]:
     """The request's record once every admission check passed (else the error to answer)."""
-    workers = [h for h in core.pool.handles() if h.accepting and h.description is not None]
-    if not workers:
+    if not fleet.descriptions:
         raise Unavailable("no healthy worker is available; retry later")
     sampling = sampling_from_proto(request.sampling, core.settings.default_max_tokens)
     if request.expected_output_tokens > sampling.max_tokens:
@@ -105,7 +135,7 @@ def _checked(
         )
     kind = request.WhichOneof("prompt")
     if kind == "text":
-        tokenizer = next((h.tokenizer for h in workers if h.tokenizer is not None), None)
+        tokenizer = fleet.tokenizer
         if tokenizer is None:
             raise Unavailable("no worker tokenizer is loaded yet; retry later")
         if not request.text:
@@ -117,19 +147,19 @@ def _checked(
         raise InvalidArgument("the request has no prompt (set text or token_ids)")
     if not prompt:
         raise InvalidArgument("the prompt is empty")
-    vocab = min((h.description.vocab_size for h in workers if h.description and h.description.vocab_size),
-                default=0)
-    outside = [t for t in prompt if t >= vocab] if vocab else []
+    vocab = fleet.vocab
+    # max() first (C, one pass): the list only for the error message
+    outside = [t for t in prompt if t >= vocab] if vocab and max(prompt) >= vocab else []
     if outside:
         raise InvalidArgument(f"prompt token ids {outside[:5]} are outside the vocabulary [0, {vocab})")
     total = len(prompt) + sampling.max_tokens
-    longest = max(h.description.max_model_len for h in workers if h.description is not None)
+    longest = fleet.longest
     if total > longest:
         raise InvalidArgument(
             f"prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) is {total} tokens, "
             f"more than the longest the workers accept ({longest})"
         )
-    limit = core.fit_check(core.policy, [h.description for h in workers if h.description], total)
+    limit = core.fit_check(core.policy, fleet.descriptions, total)
     if limit is not None:
         raise InvalidArgument(
             f"a request of {len(prompt)} prompt + {sampling.max_tokens} output tokens can never be held by "

@@ -210,13 +210,24 @@ class WorkerBudget:
     def host_reserved(self) -> int:
         return self.pending.host_blocks
 
+    def _promised(self) -> tuple[int, int]:
+        """Promised plus headroom blocks over all layers, (GPU, host): from the per-placement sums,
+        two integers per placement, not the per-layer tuples of ``pending`` / ``headroom``, which
+        every hold invalidates (admission asks for the free blocks after each dispatch's hold)."""
+        gpu = host = 0
+        for placement, (pending, headroom, _) in self._by_placement.items():
+            on_gpu = placement.tiers.count(Tier.GPU)
+            gpu += (pending + headroom) * on_gpu
+            host += (pending + headroom) * (len(placement.tiers) - on_gpu)
+        return gpu, host
+
     @property
     def gpu_free(self) -> int:
-        return max(0, self.gpu.free_blocks - self.gpu_reserved - self.headroom.gpu_blocks)
+        return max(0, self.gpu.free_blocks - self._promised()[0])
 
     @property
     def host_free(self) -> int:
-        return max(0, self.host.free_blocks - self.host_reserved - self.headroom.host_blocks)
+        return max(0, self.host.free_blocks - self._promised()[1])
 
     @property
     def num_requests(self) -> int:

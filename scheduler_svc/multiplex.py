@@ -24,7 +24,7 @@ from typing import Any
 from common.errors import InvalidArgument, LayerKVError
 from common.grpc_errors import clip_details, status_of
 from common.proto.layerkv.v1 import scheduler_pb2
-from scheduler_svc.admission import submit
+from scheduler_svc.admission import FleetFacts, fleet_facts, submit
 from scheduler_svc.core import SchedulerCore
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class StreamSession:
         queue in this pass of the loop: one wake, one round, one commit for their records. A
         client-chosen id needs its create call: those go concurrently."""
         with_ids = []
+        fleet: FleetFacts | None = None  # the workers' facts, read once for the message
         for item in tagged:
             if item.tag in self._pumps:
                 self._error(item.tag, "", InvalidArgument(f"tag {item.tag} is in use on this stream"))
@@ -92,14 +93,23 @@ class StreamSession:
                 self._pumps[item.tag] = None  # reserved: a duplicate in this message is refused
                 with_ids.append(item)
             else:
-                await self._admit(item)
+                if fleet is None:
+                    fleet = fleet_facts(self.core)
+                # While Redis is away this admission awaits its create call, and the fleet may
+                # change meanwhile: the next request reads it afresh.
+                suspends = not self.core.store.reachable
+                await self._admit(item, fleet)
+                if suspends:
+                    fleet = None
         if with_ids:
             await asyncio.gather(*(self._admit(item) for item in with_ids))
 
-    async def _admit(self, item: scheduler_pb2.TaggedGenerateRequest) -> None:
+    async def _admit(
+        self, item: scheduler_pb2.TaggedGenerateRequest, fleet: FleetFacts | None = None
+    ) -> None:
         tag, request = item.tag, item.request
         try:
-            admitted = await submit(self.core, request)
+            admitted = await submit(self.core, request, fleet)
         except Exception as exc:  # every admission error is this request's status only
             self._pumps.pop(tag, None)
             self._error(tag, request.request_id, exc)

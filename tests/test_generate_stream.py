@@ -325,3 +325,31 @@ async def test_the_stream_needs_the_bearer_token(redis_url: str) -> None:
         assert seen[1].tokens == expected_tokens([1], 2)
     finally:
         await fleet.close()
+
+
+async def test_the_workers_facts_are_read_once_per_message(fleet: Fleet, monkeypatch) -> None:
+    # Admission checks every request of a message against one reading of the fleet (workers,
+    # tokenizer, vocabulary, longest length), not one reading per request.
+    import scheduler_svc.multiplex as multiplex
+
+    reads = []
+    real = multiplex.fleet_facts
+
+    def counting(core):
+        reads.append(1)
+        return real(core)
+
+    monkeypatch.setattr(multiplex, "fleet_facts", counting)
+    call = fleet.client.GenerateStream()
+    too_long = generate_request([1], 10**6)  # past every worker's max_model_len: refused alone
+    await call.write(submit(*((t, generate_request([t + 1] * 3, 2)) for t in range(20)), (20, too_long)))
+    await call.write(submit(*((t, generate_request([t + 1] * 2, 3)) for t in range(30, 40))))
+    await call.done_writing()
+    seen: dict[int, Tagged] = {}
+    await asyncio.wait_for(read_all(call, seen), 30)
+    assert len(reads) == 2
+    for tag in [*range(20), *range(30, 40)]:
+        prompt = [tag + 1] * (3 if tag < 20 else 2)
+        assert seen[tag].error is None and seen[tag].tokens == expected_tokens(prompt, 2 if tag < 20 else 3)
+    assert seen[20].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "more than the longest the workers accept" in seen[20].error.message

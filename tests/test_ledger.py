@@ -287,5 +287,28 @@ def test_incremental_sums_equal_a_full_resum_after_any_sequence() -> None:
         for h in budget.holdings.values():
             pending = pending + h.pending(GEOMETRY)
             headroom = headroom + h.headroom(GEOMETRY)
+        free = (budget.gpu_free, budget.host_free)  # read before the per-layer sums are built
         assert (budget.pending, budget.headroom) == (pending, headroom), i
+        total = pending + headroom
+        assert free == (
+            max(0, budget.gpu.free_blocks - total.gpu_blocks),
+            max(0, budget.host.free_blocks - total.host_blocks),
+        ), i
         assert budget.num_preempted == sum(h.state is HoldState.WAITING for h in budget.holdings.values())
+
+
+def test_free_blocks_are_read_without_building_per_layer_sums() -> None:
+    """Admission reads a worker's free blocks after every hold: from two integers per placement,
+    not by rebuilding the per-layer pending / headroom tuples each hold invalidates."""
+    ledger = Ledger()
+    ledger.add_worker("w", GEOMETRY, TierCapacity(1_000, 1_000))
+    budget = ledger.get("w")
+    assert budget is not None
+    for i, letters in enumerate(("GGGG", "GHGH", "HHHH", "GGGG")):
+        assert ledger.try_reserve("w", f"r{i}", 20, Placement.from_letters(letters, 4), max_tokens=20,
+                                  headroom_tokens=8)
+    assert budget._totals is None
+    gpu, host = budget.gpu_free, budget.host_free
+    assert budget._totals is None
+    total = budget.pending + budget.headroom
+    assert (gpu, host) == (1_000 - total.gpu_blocks, 1_000 - total.host_blocks)
