@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from common.config import SchedulerSettings
 from common.cost_profile import describe_cost
 from common.errors import InvalidArgument, NotFound, Unavailable, quoted
-from common.grpc_errors import ErrorInterceptor, grpc_errors
+from common.grpc_errors import ErrorInterceptor
 from common.metrics import ServiceMetrics, start_metrics_server
 from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from common.security import AccessGuard, AccessRule, add_port, warn_if_insecure
@@ -62,7 +62,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         async for item in self._events(request_id, 0, final_with_tokens=request.final_with_tokens):
             yield scheduler_pb2.GenerateResponse(request_id=request_id, **item)
 
-    @grpc_errors
     async def GenerateStream(
         self,
         requests: AsyncIterator[scheduler_pb2.GenerateStreamRequest],

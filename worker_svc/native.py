@@ -21,6 +21,30 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
+# C shared by the vector kernels (put in front of their source): the machine's native vector of
+# floats and ints, and Cephes' exp polynomial, so that each kernel writes only its own reduction.
+SIMD_PRELUDE = r"""
+#include <stdint.h>
+
+/* W floats: the machine's native vector (AVX-512: 16, else 8); aligned(4): loads may be unaligned.
+   Wider generic vectors than the hardware's made GCC spill through the stack on AVX2 (4x slower). */
+#ifdef __AVX512F__
+#define W 16
+#else
+#define W 8
+#endif
+typedef float vw __attribute__((vector_size(W * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(W * 4), aligned(4)));
+
+/* Cephes' degree-6 polynomial of exp(r) for the small r a range reduction leaves (about 1 ulp), on
+   a float or a vector T: arithmetic only, so that the loops around it vectorise (libm's expf is
+   one scalar call each). */
+#define EXP_POLY(T, r) ({ const T r_ = (r); T p_ = (T){0} + 1.9875691500e-4f; \
+    p_ = p_ * r_ + 1.3981999507e-3f; p_ = p_ * r_ + 8.3334519073e-3f; \
+    p_ = p_ * r_ + 4.1665795894e-2f; p_ = p_ * r_ + 1.6666665459e-1f; \
+    p_ = p_ * r_ + 5.0000001201e-1f; p_ * r_ * r_ + r_ + 1.0f; })
+"""
+
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 
 

@@ -27,21 +27,11 @@ import torch
 
 from worker_svc import native
 
-_SOURCE = r"""
+_SOURCE = native.SIMD_PRELUDE + r"""
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* W floats: the machine's native vector (AVX-512: 16, else 8); aligned(4): loads may be unaligned.
-   Wider generic vectors than the hardware's made GCC spill through the stack on AVX2 (4x slower). */
-#ifdef __AVX512F__
-#define W 16
-#else
-#define W 8
-#endif
-typedef float vw __attribute__((vector_size(W * 4), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(W * 4), aligned(4)));
 typedef float v4 __attribute__((vector_size(16), aligned(4)));
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 
@@ -94,13 +84,7 @@ static inline float exp_nonpos(float x) {
     x = x < -87.33654f ? -87.33654f : x;  /* 2^-126: the smallest normal float, and -inf's image */
     const float n = __builtin_rintf(x * 1.44269504088896341f);
     const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    const float p = EXP_POLY(float, r);
     union { int32_t i; float f; } scale = { .i = ((int32_t)n + 127) << 23 };
     return p * scale.f;
 }
@@ -113,13 +97,7 @@ static inline vw vexp_nonpos(vw x) {
     x = vsel(x < lo, lo, x);
     const vw n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     const vw r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-    vw p = (vw){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    const vw p = EXP_POLY(vw, r);
     const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
     return p * (vw)e;
 }

@@ -28,20 +28,12 @@ import torch
 
 from worker_svc import native
 
-_SOURCE = r"""
+_SOURCE = native.SIMD_PRELUDE + r"""
 #include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef __AVX512F__
-#define W 16
-#else
-#define W 8
-#endif
-typedef float vw __attribute__((vector_size(W * 4), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(W * 4), aligned(4)));
 #if W == 16
 #define IOTA {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}
 #else
@@ -60,13 +52,7 @@ static inline float exp2_nonpos(float x) {
     x = x < -126.0f ? -126.0f : x;
     const float n = (x + 12582912.0f) - 12582912.0f;   /* rint: 1.5 * 2^23 */
     const float r = (x - n) * 0.693147180559945f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    const float p = EXP_POLY(float, r);
     union { int32_t i; float f; } scale = { .i = ((int32_t)n + 127) << 23 };
     return p * scale.f;
 }
