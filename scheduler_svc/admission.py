@@ -13,11 +13,11 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 from common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from common.proto.layerkv.v1 import scheduler_pb2
 from common.store import RequestRecord
+from common.tokenizer import Tokenizer
 from common.types import SamplingParams
 from common.wire import sampling_from_proto
 from scheduler_svc.core import SchedulerCore
@@ -42,7 +42,7 @@ class FleetFacts:
     admitted in one pass of the event loop), and per call on ``Generate``."""
 
     descriptions: list[WorkerDescription]  # the accepting workers that described themselves
-    tokenizer: Any  # the first loaded worker tokenizer, or None
+    tokenizer: Tokenizer | None  # the first loaded worker tokenizer
     vocab: int  # the smallest vocabulary among them (0: none reported)
     longest: int  # the longest max_model_len among them
 
