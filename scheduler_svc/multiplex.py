@@ -12,6 +12,12 @@ gRPC) and, since a message carries many requests, the per-request admission roun
 of one message are admitted in one pass of the event loop, so they wake one scheduling round
 and their records ride one Redis commit. Outgoing events are coalesced: every event that one
 commit made visible goes out in one ``GenerateStreamResponse``.
+
+Backpressure: a client that stops reading stops the stream's writes (HTTP/2 flow control), and
+then its outbox is bounded (``StreamLimits.outbox_events``): the pumps pause, and a paused
+request's tokens wait in its state, where they are anyway (its next chunk carries them all). A
+message that stays unsent for ``StreamLimits.stall_timeout_s`` cancels every request of the
+stream and ends the call with RESOURCE_EXHAUSTED: a stuck client does not hold workers' blocks.
 """
 
 from __future__ import annotations
@@ -19,7 +25,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
+
+import grpc
+import grpc.aio
 
 from common.errors import InvalidArgument, LayerKVError
 from common.grpc_errors import clip_details, status_of
@@ -33,29 +43,64 @@ log = logging.getLogger(__name__)
 EventSource = Callable[..., AsyncIterator[dict[str, Any]]]
 
 
+@dataclass(frozen=True)
+class StreamLimits:
+    """How much one ``GenerateStream`` may hold for a client that does not read."""
+
+    outbox_events: int = 1024  # events waiting for the next message; the pumps pause at this many
+    stall_timeout_s: float = 30.0  # a message unsent this long: the stream's requests are cancelled
+
+    def __post_init__(self) -> None:
+        if self.outbox_events < 1:
+            raise ValueError(f"outbox_events must be >= 1, got {self.outbox_events}")
+        if not self.stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
+
+
 class StreamSession:
     """The state of one ``GenerateStream`` call: live tags, their pumps and the outbox."""
 
-    def __init__(self, core: SchedulerCore, events: EventSource) -> None:
+    def __init__(
+        self,
+        core: SchedulerCore,
+        events: EventSource,
+        limits: StreamLimits | None = None,
+        context: grpc.aio.ServicerContext | None = None,
+    ) -> None:
         self.core = core
         self._events = events
+        self.limits = limits or StreamLimits()
+        self._context = context  # to end the call with a status when the client stalls
         # live tag -> the task streaming its events (None while its admission is under way)
         self._pumps: dict[int, asyncio.Task[None] | None] = {}
         self._ids: dict[int, str] = {}  # live tag -> request id
         self._outbox: list[scheduler_pb2.TaggedEvent] = []
         self._ready = asyncio.Event()  # the outbox has events, or the reader ended
+        self._room = asyncio.Event()  # the outbox is below its bound (paused pumps wait on it)
+        self._room.set()
         self._background: set[asyncio.Task[Any]] = set()
+        self.stalled = False  # the client stopped reading past the limit: its requests were cancelled
+        self.most_queued = 0  # the most events the outbox held at once (for tests and logs)
 
     async def run(
         self, requests: AsyncIterator[scheduler_pb2.GenerateStreamRequest]
     ) -> AsyncIterator[scheduler_pb2.GenerateStreamResponse]:
         """The response stream: until the client half-closed and every tag has ended."""
         reader = asyncio.create_task(self._read(requests), name="generate-stream-reader")
+        loop = asyncio.get_running_loop()
+        handler = asyncio.current_task()
         try:
             while True:
                 if self._outbox:
                     events, self._outbox = self._outbox, []
-                    yield scheduler_pb2.GenerateStreamResponse(events=events)
+                    self._room.set()
+                    # The write returns once gRPC took the message; a client that does not read
+                    # keeps it from returning (flow control), and past the limit the stream ends.
+                    watchdog = loop.call_later(self.limits.stall_timeout_s, self._stall, handler)
+                    try:
+                        yield scheduler_pb2.GenerateStreamResponse(events=events)
+                    finally:
+                        watchdog.cancel()
                     continue
                 if reader.done():
                     reader.result()  # an undecodable message ends the call with its status
@@ -121,7 +166,11 @@ class StreamSession:
     async def _pump(self, tag: int, request_id: str, final_with_tokens: bool) -> None:
         try:
             async for fields in self._events(request_id, 0, final_with_tokens=final_with_tokens):
+                while len(self._outbox) >= self.limits.outbox_events:  # the client is behind: pause
+                    self._room.clear()
+                    await self._room.wait()
                 self._outbox.append(scheduler_pb2.TaggedEvent(tag=tag, request_id=request_id, **fields))
+                self.most_queued = max(self.most_queued, len(self._outbox))
                 self._ready.set()
         except asyncio.CancelledError:
             raise
@@ -132,6 +181,41 @@ class StreamSession:
                 del self._pumps[tag]
                 self._ids.pop(tag, None)
                 self._ready.set()
+
+    def _stall(self, handler: asyncio.Task[Any] | None) -> None:
+        """A message stayed unsent past the limit: cancel every request of this stream (their blocks
+        go back to the workers) and end the call with RESOURCE_EXHAUSTED."""
+        self.stalled = True
+        log.warning(
+            "GenerateStream: the client read nothing for %.1f s; cancelling its %d requests",
+            self.limits.stall_timeout_s,
+            len(self._ids),
+        )
+        for tag in list(self._ids):
+            self._cancel(tag)
+        for pump in self._pumps.values():
+            if pump is not None:
+                pump.cancel()
+        task = asyncio.create_task(self._end_stalled(handler))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _end_stalled(self, handler: asyncio.Task[Any] | None) -> None:
+        """The status goes out after what the client's transport holds already (it reads them
+        first), and the handler, stuck in its write, is ended."""
+        details = (
+            f"the client read nothing for {self.limits.stall_timeout_s:g} s; "
+            "the requests of this stream were cancelled"
+        )
+        if self._context is not None:
+            try:
+                await self._context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+            except grpc.aio.AbortError:
+                pass
+            except Exception as exc:  # the call ended meanwhile
+                log.info("GenerateStream: could not send the stall status: %s", exc)
+        if handler is not None:
+            handler.cancel()
 
     def _cancel(self, tag: int) -> None:
         request_id = self._ids.get(tag)

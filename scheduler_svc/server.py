@@ -34,7 +34,7 @@ from scheduler_svc.admission import lookup, submit
 from scheduler_svc.core import SchedulerCore
 from scheduler_svc.fleet_view import CoreFleetView
 from scheduler_svc.gc_tuning import tune_gc
-from scheduler_svc.multiplex import StreamSession
+from scheduler_svc.multiplex import StreamLimits, StreamSession
 from scheduler_svc.openai_api.server import http_server
 from scheduler_svc.policies.base import Policy
 from scheduler_svc.policies.registry import describe_policies, policy_params
@@ -53,6 +53,8 @@ ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, core: SchedulerCore) -> None:
         self.core = core
+        self.stream_limits = StreamLimits()  # per GenerateStream call (backpressure)
+        self.streams: set[StreamSession] = set()  # the GenerateStream calls open now
 
     async def Generate(
         self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -67,8 +69,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         requests: AsyncIterator[scheduler_pb2.GenerateStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[scheduler_pb2.GenerateStreamResponse]:
-        async for response in StreamSession(self.core, self._events).run(requests):
-            yield response
+        session = StreamSession(self.core, self._events, self.stream_limits, context)
+        self.streams.add(session)
+        try:
+            async for response in session.run(requests):
+                yield response
+        finally:
+            self.streams.discard(session)
 
     async def Attach(
         self, request: scheduler_pb2.AttachRequest, context: grpc.aio.ServicerContext
@@ -311,9 +318,8 @@ class SchedulerServer:
         })
         self.server = grpc.aio.server(interceptors=[ErrorInterceptor(guard)])
         self.core.pool.on_drop = self.store.remove_worker  # a registered worker the pool gave up on
-        scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
-            SchedulerServicer(self.core), self.server
-        )
+        self.servicer = SchedulerServicer(self.core)
+        scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(self.servicer, self.server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.core), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
