@@ -117,6 +117,12 @@ class SchedulerSettings(_Settings):
         1.0, ge=0, description="a request whose clients all went away is cancelled after this long")
     worker_silence_s: float = Field(
         15.0, gt=0, description="a worker whose event stream is silent this long is down (liveness)")
+    stream_outbox_events: int = Field(
+        1024, ge=1, description="GenerateStream backpressure: events one stream holds for a client that "
+        "does not read before its requests pause")
+    stream_stall_timeout_s: float = Field(
+        30.0, gt=0, description="GenerateStream backpressure: a message unsent this long cancels the "
+        "stream's requests (RESOURCE_EXHAUSTED)")
 
     @field_validator("workers", mode="before")
     @classmethod

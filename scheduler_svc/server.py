@@ -51,9 +51,9 @@ ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    def __init__(self, core: SchedulerCore) -> None:
+    def __init__(self, core: SchedulerCore, stream_limits: StreamLimits | None = None) -> None:
         self.core = core
-        self.stream_limits = StreamLimits()  # per GenerateStream call (backpressure)
+        self.stream_limits = stream_limits or StreamLimits()  # per GenerateStream call (backpressure)
         self.streams: set[StreamSession] = set()  # the GenerateStream calls open now
 
     async def Generate(
@@ -318,7 +318,9 @@ class SchedulerServer:
         })
         self.server = grpc.aio.server(interceptors=[ErrorInterceptor(guard)])
         self.core.pool.on_drop = self.store.remove_worker  # a registered worker the pool gave up on
-        self.servicer = SchedulerServicer(self.core)
+        self.servicer = SchedulerServicer(
+            self.core, StreamLimits(settings.stream_outbox_events, settings.stream_stall_timeout_s)
+        )
         scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(self.servicer, self.server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.core), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

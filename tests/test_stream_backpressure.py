@@ -5,15 +5,22 @@ are cancelled (their blocks freed) and the call ends with RESOURCE_EXHAUSTED."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import grpc.aio
 import pytest
 
+from common.config import SchedulerSettings
 from common.proto.layerkv.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.multiplex import StreamLimits
 from scheduler_svc.testing.fleet import generate_request, start_fleet
 from scheduler_svc.testing.stub_worker import StubWorker
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_limits_reject_nonsense() -> None:
@@ -23,12 +30,38 @@ def test_limits_reject_nonsense() -> None:
         StreamLimits(stall_timeout_s=0.0)
 
 
+@pytest.mark.parametrize(
+    "flag, value, fragment",
+    [("--stream-outbox-events", "0", "stream_outbox_events"),
+     ("--stream-stall-timeout-s", "0", "stream_stall_timeout_s"),
+     ("--stream-stall-timeout-s", "soon", "valid number")],
+)  # fmt: skip
+def test_the_scheduler_cli_rejects_bad_stream_limits(flag: str, value: str, fragment: str) -> None:
+    """`layerkv scheduler` names the bad limit and exits before it starts anything."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "layerkv", "scheduler", "--redis-url", "redis://127.0.0.1:1/0", flag, value],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"},
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert fragment in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_the_stream_limits_are_scheduler_settings() -> None:
+    env = {"LAYERKV_STREAM_OUTBOX_EVENTS": "64", "LAYERKV_STREAM_STALL_TIMEOUT_S": "5.5"}
+    settings = SchedulerSettings.from_env(env)
+    assert (settings.stream_outbox_events, settings.stream_stall_timeout_s) == (64, 5.5)
+    defaults = SchedulerSettings.build()
+    assert StreamLimits(defaults.stream_outbox_events, defaults.stream_stall_timeout_s) == StreamLimits()
+
+
 async def test_a_client_that_stops_reading_is_bounded_then_cancelled(redis_url: str) -> None:
     worker = StubWorker("w0", step_s=0.001, gpu_blocks=1 << 20, host_blocks=1 << 20)
-    fleet = await start_fleet(redis_url, [worker])
+    # The limits as an operator sets them (--stream-outbox-events / --stream-stall-timeout-s).
+    fleet = await start_fleet(redis_url, [worker], stream_outbox_events=16, stream_stall_timeout_s=2.0)
     try:
         servicer = fleet.server.servicer
-        servicer.stream_limits = StreamLimits(outbox_events=16, stall_timeout_s=2.0)
+        assert servicer.stream_limits == StreamLimits(outbox_events=16, stall_timeout_s=2.0)
         # A client with HTTP/2's initial 64 KiB window (no BDP probing to widen it): its transport
         # takes that much, then nothing until it reads.
         channel = grpc.aio.insecure_channel(fleet.address, options=[("grpc.http2.bdp_probe", 0)])
