@@ -8,7 +8,9 @@ command, and this client. Two measurements, side by side:
   with a call per request (``Generate``) and (c) through the scheduler on one multiplexed
   ``GenerateStream`` kept open (a front end's way); the difference of the medians (and of the
   99th percentiles) to (a) is what the scheduler adds (admission, Redis writes, the scheduling
-  round, the extra gRPC hop and re-streaming). The direct side uses a stub of its own that the
+  round, the extra gRPC hop and re-streaming). The three sides take turns request by request
+  (``--requests`` each, 1,000 by default: ten samples lie above each side's p99), so drift on the
+  shared machine falls on all three alike. The direct side uses a stub of its own that the
   scheduler does not watch.
 * **dispatches per second**: a burst of ``--burst`` one-token requests, ``--concurrency`` in flight,
   three ways: on one ``GenerateStream`` (the headline: a front end sends the requests that are
@@ -82,71 +84,77 @@ def request(prompt_tokens: int, max_tokens: int, request_id: str = "") -> schedu
     )
 
 
-async def direct_latencies(address: str, n: int, prompt_tokens: int, max_tokens: int) -> list[float]:
-    """Dispatch straight to a worker and wait for its finished update, one request at a time."""
-    out = []
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = worker_pb2_grpc.WorkerServiceStub(channel)
-        events = stub.StreamEvents(worker_pb2.StreamEventsRequest())
-        iterator = events.__aiter__()
-        await iterator.__anext__()  # the initial state: the subscription is live
-        for i in range(n):
-            rid = f"direct-{i}"
-            start = time.perf_counter()
-            await stub.Dispatch(
-                worker_pb2.DispatchRequest(
-                    request_id=rid,
-                    prompt_token_ids=[7] * prompt_tokens,
-                    sampling=types_pb2.SamplingParams(max_tokens=max_tokens),
-                    placement="GGGG",
-                )
+class DirectSide:
+    """One request at a time straight to a worker: Dispatch, then its StreamEvents until finished."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
+        self.sent = 0
+
+    async def __aenter__(self) -> DirectSide:
+        self.events = self.stub.StreamEvents(worker_pb2.StreamEventsRequest())
+        self.iterator = self.events.__aiter__()
+        await self.iterator.__anext__()  # the initial state: the subscription is live
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.events.cancel()
+        await self.channel.close(None)
+
+    async def one(self, prompt_tokens: int, max_tokens: int) -> float:
+        rid = f"direct-{self.sent}"
+        self.sent += 1
+        start = time.perf_counter()
+        await self.stub.Dispatch(
+            worker_pb2.DispatchRequest(
+                request_id=rid,
+                prompt_token_ids=[7] * prompt_tokens,
+                sampling=types_pb2.SamplingParams(max_tokens=max_tokens),
+                placement="GGGG",
             )
-            done = False
-            while not done:
-                event = await iterator.__anext__()
-                ends = [u for u in event.tokens if u.request_id == rid and u.finished]
-                if ends:
-                    assert ends[0].finish_reason == types_pb2.FINISH_REASON_LENGTH, ends[0]
-                    done = True
-            out.append(time.perf_counter() - start)
-        events.cancel()
-    return out
+        )
+        while True:
+            event = await self.iterator.__anext__()
+            ends = [u for u in event.tokens if u.request_id == rid and u.finished]
+            if ends:
+                assert ends[0].finish_reason == types_pb2.FINISH_REASON_LENGTH, ends[0]
+                return time.perf_counter() - start
 
 
-async def scheduler_latencies(
-    client: scheduler_pb2_grpc.SchedulerServiceStub, n: int, prompt_tokens: int, max_tokens: int
-) -> list[float]:
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        async for response in client.Generate(request(prompt_tokens, max_tokens)):
-            if response.HasField("final"):
-                assert response.final.output_tokens == max_tokens, response.final
-        out.append(time.perf_counter() - start)
-    return out
+async def call_one(
+    client: scheduler_pb2_grpc.SchedulerServiceStub, prompt_tokens: int, max_tokens: int
+) -> float:
+    """One ``Generate`` call, read to its final."""
+    start = time.perf_counter()
+    async for response in client.Generate(request(prompt_tokens, max_tokens)):
+        if response.HasField("final"):
+            assert response.final.output_tokens == max_tokens, response.final
+    return time.perf_counter() - start
 
 
-async def stream_latencies(
-    client: scheduler_pb2_grpc.SchedulerServiceStub, n: int, prompt_tokens: int, max_tokens: int
-) -> list[float]:
+class StreamSide:
     """One request at a time on one open GenerateStream: send it, read until its final."""
-    out = []
-    call = client.GenerateStream()
-    for tag in range(n):
+
+    def __init__(self, client: scheduler_pb2_grpc.SchedulerServiceStub) -> None:
+        self.call = client.GenerateStream()
+        self.tag = 0
+
+    async def one(self, prompt_tokens: int, max_tokens: int) -> float:
         start = time.perf_counter()
-        await call.write(submit_message([(tag, request(prompt_tokens, max_tokens))]))
-        done = False
-        while not done:
-            response = await call.read()
+        await self.call.write(submit_message([(self.tag, request(prompt_tokens, max_tokens))]))
+        self.tag += 1
+        while True:
+            response = await self.call.read()
             for event in response.events:
                 assert not event.HasField("error"), event.error
                 if event.HasField("final"):
                     assert event.final.output_tokens == max_tokens, event.final
-                    done = True
-        out.append(time.perf_counter() - start)
-    await call.done_writing()
-    await call.read()  # EOF: every tag ended
-    return out
+                    return time.perf_counter() - start
+
+    async def close(self) -> None:
+        await self.call.done_writing()
+        await self.call.read()  # EOF: every tag ended
 
 
 def submit_message(
@@ -280,10 +288,13 @@ def cpu_s(pid: int) -> float:
 
 def ms(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
+    p99 = int(0.99 * (len(ordered) - 1))
     return {
+        "samples": len(ordered),
+        "samples_above_p99": len(ordered) - 1 - p99,
         "p50_ms": 1000 * statistics.median(ordered),
         "p90_ms": 1000 * ordered[int(0.9 * (len(ordered) - 1))],
-        "p99_ms": 1000 * ordered[int(0.99 * (len(ordered) - 1))],
+        "p99_ms": 1000 * ordered[p99],
         "mean_ms": 1000 * statistics.fmean(ordered),
     }
 
@@ -296,28 +307,37 @@ async def measure(
         client = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         for _ in range(200):  # wait until the scheduler sees a worker
             try:
-                await scheduler_latencies(client, 1, 4, 1)
+                await call_one(client, 4, 1)
                 break
             except grpc.aio.AioRpcError:
                 await asyncio.sleep(0.1)
         shape = (args.prompt_tokens, args.max_tokens)
-        await scheduler_latencies(client, 20, *shape)  # warm-up
-        await stream_latencies(client, 20, *shape)
-        await direct_latencies(direct_worker, 20, *shape)
-        # Interleave the three measurements in blocks so drift affects them alike.
+        # The three sides request by request in turn (the order rotating), so drift (a busy core,
+        # a GC pass, another job) falls on all of them alike; --requests of each, after a warm-up.
+        # The scheduler's CPU per request is read around each request through it (the CPU it
+        # spends while a direct request runs is counted on neither side).
         direct: list[float] = []
         via: list[float] = []
         streamed: list[float] = []
-        via_cpu = stream_cpu = 0.0
-        block = args.requests // 5
-        for _ in range(5):
-            direct += await direct_latencies(direct_worker, block, *shape)
-            before = cpu_s(scheduler_pid)
-            via += await scheduler_latencies(client, block, *shape)
-            middle = cpu_s(scheduler_pid)
-            streamed += await stream_latencies(client, block, *shape)
-            via_cpu += middle - before
-            stream_cpu += cpu_s(scheduler_pid) - middle
+        cpu = {"via": 0.0, "stream": 0.0}
+        async with DirectSide(direct_worker) as direct_side:
+            stream_side = StreamSide(client)
+            sides = [
+                ("direct", direct_side.one),
+                ("via", lambda *shape: call_one(client, *shape)),
+                ("stream", stream_side.one),
+            ]
+            samples = {"direct": direct, "via": via, "stream": streamed}
+            for i in range(args.warmup + args.requests):
+                for name, one in sides[i % 3 :] + sides[: i % 3]:
+                    before = cpu_s(scheduler_pid)
+                    elapsed = await one(*shape)
+                    if i >= args.warmup:
+                        samples[name].append(elapsed)
+                        if name != "direct":
+                            cpu[name] += cpu_s(scheduler_pid) - before
+            await stream_side.close()
+        via_cpu, stream_cpu = cpu["via"], cpu["stream"]
         throughput = {}
         if args.burst_client in ("stream", "both"):
             throughput["burst"] = await burst(client, args.burst, args.concurrency, pids, stream=True)
@@ -346,7 +366,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--step-s", type=float, default=0.001, help="stub worker step time")
-    parser.add_argument("--requests", type=int, default=200, help="sequential requests per latency side")
+    parser.add_argument(
+        "--requests", type=int, default=1000,
+        help="sequential requests per latency side (1,000: ten samples above the p99)",
+    )  # fmt: skip
+    parser.add_argument("--warmup", type=int, default=20, help="sequential requests per side not counted")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--burst", type=int, default=2000)
