@@ -314,12 +314,12 @@ async def measure(
         shape = (args.prompt_tokens, args.max_tokens)
         # The three sides request by request in turn (the order rotating), so drift (a busy core,
         # a GC pass, another job) falls on all of them alike; --requests of each, after a warm-up.
-        # The scheduler's CPU per request is read around each request through it (the CPU it
-        # spends while a direct request runs is counted on neither side).
+        # The scheduler's CPU is read around each request, the direct side's too (what it spends
+        # with no request of its own).
         direct: list[float] = []
         via: list[float] = []
         streamed: list[float] = []
-        cpu = {"via": 0.0, "stream": 0.0}
+        cpu = {"direct": 0.0, "via": 0.0, "stream": 0.0}
         async with DirectSide(direct_worker) as direct_side:
             stream_side = StreamSide(client)
             sides = [
@@ -334,8 +334,7 @@ async def measure(
                     elapsed = await one(*shape)
                     if i >= args.warmup:
                         samples[name].append(elapsed)
-                        if name != "direct":
-                            cpu[name] += cpu_s(scheduler_pid) - before
+                        cpu[name] += cpu_s(scheduler_pid) - before
             await stream_side.close()
         via_cpu, stream_cpu = cpu["via"], cpu["stream"]
         throughput = {}
@@ -358,6 +357,9 @@ async def measure(
         "stream_added_latency_p99_ms": st["p99_ms"] - d["p99_ms"],
         "scheduler_cpu_ms_per_sequential_request": 1000 * via_cpu / len(via),
         "scheduler_cpu_ms_per_sequential_stream_request": 1000 * stream_cpu / len(streamed),
+        # What the scheduler spends meanwhile with no request of its own (its idle rounds, the
+        # workers' event streams): the floor under the two figures above.
+        "scheduler_cpu_ms_per_direct_request": 1000 * cpu["direct"] / len(direct),
         **throughput,
     }
 
