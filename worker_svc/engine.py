@@ -448,7 +448,7 @@ class Engine:
             # promotions and swap-outs, counted per request (rare)
             r.bytes_offloaded += stats.offloaded_by_request.get(r.request_id, 0)
             r.bytes_loaded += stats.loaded_by_request.get(r.request_id, 0)
-        outputs: list[RequestOutput] = []
+        outputs = []
         emit = outputs.append
         running = RequestState.RUNNING
         for r, tok in zip(to_sample, tokens, strict=True):
