@@ -185,8 +185,10 @@ class KVCacheManager:
             return False
         host_read = self._host_read
         after = list(map(add, host_read, host_mask)) if host_at else host_read  # [L] with the growth
+        # (no host layer: the staging demand is unchanged); kv_budget.staging_needed's largest
+        # adjacent pair, by one C-level map (its generator cost a frame per pair, 16 rows a step)
         if host_at and self.staging_limit is not None and not self._staging_holds(
-                kv_budget.staging_needed(after)):  # (no host layer: the staging demand is unchanged)
+                max(map(add, after, after[1:])) if len(after) > 1 else kv_budget.staging_needed(after)):
             return False
         gpu_ids = self.gpu.allocate(len(gpu_at))
         assert gpu_ids is not None, "the GPU pool has fewer free blocks after the check"
