@@ -16,7 +16,8 @@ from worker_svc.outputs import StepOutput
 
 
 def make(mode: str, placement: str) -> Engine:
-    config = EngineConfig(model="tiny-llama", block_size=4, gpu_blocks=160, host_blocks=400, staging_blocks=160,
+    config = EngineConfig(model="tiny-llama", block_size=4, gpu_blocks=160, host_blocks=400,
+                          staging_blocks=160,
                           max_num_seqs=8, max_num_batched_tokens=64, max_prefill_tokens=48,
                           preemption_mode=mode, max_promotions_per_step=1, default_placement=placement)
     return Engine.from_config(config)
