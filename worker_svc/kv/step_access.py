@@ -105,6 +105,7 @@ class _BufferViews:
         self._steady: dict[tuple[int, int], _Steady] = {}
         self._rows: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._aranges: dict[int, np.ndarray] = {}
+        self._pairs: tuple[tuple[bytes, bytes, int], tuple[np.ndarray, ...]] | None = None
 
     def steady(self, buffer: BlockTableBuffer, b: int, m: int) -> _Steady:
         hit = self._steady.get((b, m))
@@ -113,6 +114,27 @@ class _BufferViews:
                 self._steady.clear()
             hit = self._steady[(b, m)] = _Steady(buffer, b, m)
         return hit
+
+    def pairs(self, hr: np.ndarray, rows: np.ndarray, r: int) -> tuple[np.ndarray, ...]:
+        """The host-read (layer, row) pairs of ``hr`` [L, B] (by layer) and their indexes, for batch
+        rows ``rows`` [B] of a buffer of ``r`` rows: (layer, batch row, buffer row, (layer, buffer row)
+        as one index) [P] each, each host-read layer's first pair and pair count, and the layers.
+        The last call's arrays again when nothing moved (read only, shared by steps)."""
+        key = (hr.tobytes(), rows.tobytes(), r)
+        if self._pairs is not None and self._pairs[0] == key:
+            return self._pairs[1]
+        pl, pb = np.nonzero(hr)  # [P] (layer, batch row) of every host-read pair, by layer
+        pr = rows[pb]  # [P] buffer rows
+        # The host-read layers, each one's first pair and pair count (``pl`` is sorted: np.unique
+        # would sort it again)
+        first_pair = np.flatnonzero(np.concatenate(([True], pl[1:] != pl[:-1]))) if len(pl) else pl
+        layers, per_layer = pl[first_pair], np.diff(np.append(first_pair, len(pl)))
+        flat = pl * r + pr  # [P] (layer, row) as one index: one gather each
+        arrays = (pl, pb, pr, first_pair, layers, per_layer, flat)
+        for a in arrays:
+            a.setflags(write=False)
+        self._pairs = (key, arrays)
+        return arrays
 
     def arange(self, b: int) -> np.ndarray:
         hit = self._aranges.get(b)
@@ -236,18 +258,15 @@ class StepAccess:
         used = -(-ends // self.bs)  # [B] blocks the segment reads
         first_written = starts // self.bs  # [B]
         written = used - first_written  # [B] blocks the segment writes: copied back
-        pl, pb = np.nonzero(hr)  # [P] (layer, batch row) of every host-read pair, by layer
-        pr = rows[pb]  # [P] buffer rows
+        # The (layer, row) pairs and their indexes depend only on which rows read which layer
+        # through staging: a steady batch's are the previous step's (``_BufferViews.pairs``).
+        pl, pb, pr, first_pair, layers, per_layer, flat = _views_of(buf).pairs(
+            hr, rows, buf.run_count.shape[1])
         # Where each pair's blocks begin in its layer's range: the blocks of earlier host rows.
         pair_used = used[pb]
         cum = np.cumsum(pair_used) - pair_used  # [P] over all pairs
-        # The host-read layers, each one's first pair and pair count (``pl`` is sorted: np.unique
-        # would sort it again)
-        first_pair = np.flatnonzero(np.concatenate(([True], pl[1:] != pl[:-1]))) if len(pl) else pl
-        layers, per_layer = pl[first_pair], np.diff(np.append(first_pair, len(pl)))
         offset = cum - np.repeat(cum[first_pair], per_layer)  # [P] restarted at each layer
         # Stream-in runs: the host runs of each pair cut at its filled blocks.
-        flat = pl * buf.run_count.shape[1] + pr  # [P] (layer, row) as one index: one gather each
         pairs = buf.run_count.size  # L * R
         counts = buf.run_count.reshape(pairs)[flat]  # [P]
         k = int(counts.max()) if len(counts) else 0
@@ -259,8 +278,17 @@ class StepAccess:
         before = np.zeros_like(run_len)  # [P, K] blocks of the pair before each run
         for c in range(1, k):
             np.add(before[:, c - 1], run_len[:, c - 1], out=before[:, c])
-        take = filled[pb][:, None] - before  # [P, K] (np.clip's wrappers cost more than the work)
-        np.minimum(np.maximum(take, 0, out=take), run_len, out=take)
+        short = buf.row_blocks[rows] - filled  # [B] blocks of each row not streamed in
+        if bool(((short == 0) | (short == 1)).all()):
+            # (decodes) a pair streams every block it holds but, when its row starts a block, the
+            # new last one: its runs whole, the last one a block shorter (what the cut below gives,
+            # as a pair's runs sum to its row's blocks)
+            take = run_len.copy()
+            cut = np.flatnonzero(short[pb])  # [P'] pairs of the rows starting a block (runs > 0)
+            take.reshape(-1)[cut * k + counts[cut] - 1] -= 1
+        else:
+            take = filled[pb][:, None] - before  # [P, K] (np.clip's wrappers cost more than the work)
+            np.minimum(np.maximum(take, 0, out=take), run_len, out=take)
         # The runs that stream something, as flat indices into [P, K] found once (four boolean
         # selections recomputed the mask's nonzeros each, and broadcast the layers to [P, K]).
         at = np.flatnonzero(take > 0)  # [R]
@@ -272,8 +300,11 @@ class StepAccess:
         load_layer = pl[run_pair]  # [R]
         # Copy-back pairs: blocks first_written .. used-1 of each pair.
         n_written = written[pb]  # [P]
-        if bool((n_written == 1).all() and (first_written[pb] == buf.row_blocks[pr] - 1).all()
-                and (counts > 0).all()):
+        # (checked over the batch's rows first: [B] against [P]; a GPU row failing it sends the
+        # check to the pairs)
+        if bool((counts > 0).all()) and (
+                bool((written == 1).all() and (first_written == buf.row_blocks[rows] - 1).all()) or bool(
+                    (n_written == 1).all() and (first_written[pb] == buf.row_blocks[pr] - 1).all())):
             # Every pair writes its last block (decodes): its host id ends the pair's last run, in
             # the runs gathered above, not a gather of one id a page apart per pair from host_ids.
             pair_of = np.arange(len(pb))  # [W = P]
@@ -289,7 +320,7 @@ class StepAccess:
         store_src = offset[pair_of] + j  # [W]
         # Runs do not depend on the range's base (it shifts a layer's sources alike): built once here.
         store_layer = pl[pair_of]
-        if len(pair_of) == len(pb) and bool((pair_used > 1).all()):
+        if len(pair_of) == len(pb) and bool((used > 1).all() or (pair_used > 1).all()):
             # One block written per pair, and no row of one block: pair p + 1's source lies
             # used[p + 1] past pair p's, so no two pairs form a run and every pair is its own one
             # (what pair_runs finds, without its diff and stack passes over every pair).
