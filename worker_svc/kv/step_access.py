@@ -97,6 +97,20 @@ class _Steady:
         return self._decode_layers
 
 
+@dataclass
+class _Pairs:
+    """The host-read (layer, batch row) pairs of a step's rows, by layer (what depends only on which
+    rows read which layer through staging, so a steady batch keeps them across steps)."""
+
+    key: tuple[bytes, bytes, int]  # (host_read [L, B], buffer rows [B], buffer row count)
+    # (layer, batch row, buffer row, (layer, buffer row) as one flat index) [P] each, each host-read
+    # layer's first pair and pair count, and the host-read layers, as arrays
+    arrays: tuple[np.ndarray, ...]
+    layers: list[int]  # the host-read layers
+    keys: list[bytes]  # each one's host-row set (its ``host_read`` row as bytes)
+    per_row: np.ndarray  # [B] host-read layers of each batch row
+
+
 class _BufferViews:
     """What a buffer's steps share across steps: the steady batch's views (``_Steady``, the last two
     shapes: a block boundary moves ``M`` on) and a decode step's token rows per batch size."""
@@ -105,7 +119,7 @@ class _BufferViews:
         self._steady: dict[tuple[int, int], _Steady] = {}
         self._rows: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._aranges: dict[int, np.ndarray] = {}
-        self._pairs: tuple[tuple[bytes, bytes, int], tuple[np.ndarray, ...]] | None = None
+        self._pairs: _Pairs | None = None
 
     def steady(self, buffer: BlockTableBuffer, b: int, m: int) -> _Steady:
         hit = self._steady.get((b, m))
@@ -115,14 +129,12 @@ class _BufferViews:
             hit = self._steady[(b, m)] = _Steady(buffer, b, m)
         return hit
 
-    def pairs(self, hr: np.ndarray, rows: np.ndarray, r: int) -> tuple[np.ndarray, ...]:
-        """The host-read (layer, row) pairs of ``hr`` [L, B] (by layer) and their indexes, for batch
-        rows ``rows`` [B] of a buffer of ``r`` rows: (layer, batch row, buffer row, (layer, buffer row)
-        as one index) [P] each, each host-read layer's first pair and pair count, and the layers.
-        The last call's arrays again when nothing moved (read only, shared by steps)."""
+    def pairs(self, hr: np.ndarray, rows: np.ndarray, r: int) -> _Pairs:
+        """The host-read pairs of ``hr`` [L, B] for batch rows ``rows`` [B] of a buffer of ``r``
+        rows; the last call's again when nothing moved (read only, shared by steps)."""
         key = (hr.tobytes(), rows.tobytes(), r)
-        if self._pairs is not None and self._pairs[0] == key:
-            return self._pairs[1]
+        if self._pairs is not None and self._pairs.key == key:
+            return self._pairs
         pl, pb = np.nonzero(hr)  # [P] (layer, batch row) of every host-read pair, by layer
         pr = rows[pb]  # [P] buffer rows
         # The host-read layers, each one's first pair and pair count (``pl`` is sorted: np.unique
@@ -131,10 +143,12 @@ class _BufferViews:
         layers, per_layer = pl[first_pair], np.diff(np.append(first_pair, len(pl)))
         flat = pl * r + pr  # [P] (layer, row) as one index: one gather each
         arrays = (pl, pb, pr, first_pair, layers, per_layer, flat)
-        for a in arrays:
+        per_row = np.count_nonzero(hr, axis=0)  # [B]
+        for a in (*arrays, per_row):
             a.setflags(write=False)
-        self._pairs = (key, arrays)
-        return arrays
+        listed = layers.tolist()
+        self._pairs = _Pairs(key, arrays, listed, [hr[layer].tobytes() for layer in listed], per_row)
+        return self._pairs
 
     def arange(self, b: int) -> np.ndarray:
         hit = self._aranges.get(b)
@@ -260,8 +274,8 @@ class StepAccess:
         written = used - first_written  # [B] blocks the segment writes: copied back
         # The (layer, row) pairs and their indexes depend only on which rows read which layer
         # through staging: a steady batch's are the previous step's (``_BufferViews.pairs``).
-        pl, pb, pr, first_pair, layers, per_layer, flat = _views_of(buf).pairs(
-            hr, rows, buf.run_count.shape[1])
+        pairs_of = _views_of(buf).pairs(hr, rows, buf.run_count.shape[1])
+        pl, pb, pr, first_pair, layers, per_layer, flat = pairs_of.arrays
         # Where each pair's blocks begin in its layer's range: the blocks of earlier host rows.
         pair_used = used[pb]
         cum = np.cumsum(pair_used) - pair_used  # [P] over all pairs
@@ -331,8 +345,7 @@ class StepAccess:
         load_cut = [*np.searchsorted(load_layer, layers, side="left").tolist(), len(load_layer)]
         store_cut = [*np.searchsorted(store_layer, layers, side="left").tolist(), len(store_layer)]
         layout: dict[bytes, tuple[int, np.ndarray]] = {}  # host-row set -> (blocks, offsets)
-        for x, layer in enumerate(layers.tolist()):
-            key = hr[layer].tobytes()
+        for x, (layer, key) in enumerate(zip(pairs_of.layers, pairs_of.keys, strict=True)):
             if key not in layout:  # layers with the same host rows share one layout (half-host: all)
                 a, b = first_pair[x], first_pair[x] + per_layer[x]
                 offsets = np.zeros(len(rows), dtype=np.int64)
@@ -342,10 +355,10 @@ class StepAccess:
             self._host[layer] = _HostLayer(key, blocks, offsets, load[load_cut[x]:load_cut[x + 1]],
                                            store[store_cut[x]:store_cut[x + 1]])
         # Bytes per request: every host-read layer streams its filled blocks in and writes back.
-        host_layers = np.count_nonzero(hr, axis=0)  # [B]
+        host_layers = pairs_of.per_row  # [B] host-read layers of each row
         self._loaded_blocks = host_layers * filled  # [B]
         self._stored_blocks = host_layers * written  # [B]
-        self._last_host_layer = int(layers[-1])
+        self._last_host_layer = pairs_of.layers[-1]
         self._all_rows = np.ones(len(rows), dtype=np.bool_).tobytes()  # the key of "every row"
         self._used = used
         self._used_key = used.tobytes()
