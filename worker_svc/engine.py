@@ -348,6 +348,9 @@ class Engine:
         # A decode computes token num_computed (the last one): growth when it starts a new block.
         at_boundary = [j for j, r in enumerate(running[:k])
                        if r.num_computed >= r.table.blocks_per_layer * bs]  # type: ignore[union-attr]
+        if len(at_boundary) > 1 and self.kv_manager.grow_each_by_one(
+                [running[j].table for j in at_boundary]):  # type: ignore[misc]
+            at_boundary = []  # all grew, as make_room's growth of each in turn would have
         end = k
         for j in at_boundary:
             r = running[j]
