@@ -107,7 +107,8 @@ def test_grow_each_by_one_takes_what_one_growth_each_takes(seed: int) -> None:
         return mgr
 
     def state(mgr: KVCacheManager) -> tuple[Any, ...]:
-        tables = tuple((t.blocks_per_layer, tuple((tuple(lb.gpu_blocks), tuple(lb.host_blocks)) for lb in t.layers))
+        tables = tuple((t.blocks_per_layer,
+                        tuple((tuple(lb.gpu_blocks), tuple(lb.host_blocks)) for lb in t.layers))
                        for t in mgr.tables.values())
         return (mgr.gpu.num_free, mgr.host.num_free, tuple(mgr._host_read),
                 tuple(map(tuple, mgr._used.values())), tables)
