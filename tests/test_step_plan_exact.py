@@ -62,7 +62,7 @@ def test_plan_and_staging_tables_equal_the_general_construction(seed: int,
         return real_pair_runs(*args)
 
     monkeypatch.setattr(step_access, "pair_runs", counting)
-    seen = {"fast_store": 0, "general_store": 0, "tail_zero": 0, "mask": 0}
+    seen = {"fast_store": 0, "general_store": 0, "tail_zero": 0, "mask": 0, "whole_runs": 0, "cut_runs": 0}
     for step in range(60):
         if len(mgr.tables) < 8:  # mostly half-host rows; now and then a GPU row or a one-block one
             letters = "HGHG" if rnd.random() < 0.8 else "GGHG"
@@ -76,7 +76,7 @@ def test_plan_and_staging_tables_equal_the_general_construction(seed: int,
         starts, lens = [], []
         for t in tables:  # a decode of the next token (grown when it crosses a block), or a chunk
             n = t.num_tokens
-            length = rnd.randint(1, 5) if chunk else 1
+            length = rnd.randint(1, 9) if chunk else 1
             if not mgr.grow(t, n + length):
                 length = t.blocks_per_layer * BS - n
             starts.append(n)
@@ -92,6 +92,10 @@ def test_plan_and_staging_tables_equal_the_general_construction(seed: int,
         host_pairs = [(i, layer) for layer in range(LAYERS) for i, t in enumerate(tables)
                       if not t.layers[layer].reads_gpu_blocks]
         used_min = min(-(-ends[i] // BS) for i, _ in host_pairs) if host_pairs else 0
+        if host_pairs:  # stream-in runs taken whole (but a new last block) or cut at the filled blocks
+            whole = all(t.blocks_per_layer - -(-s // BS) in (0, 1)
+                        for t, s in zip(tables, starts, strict=True))
+            seen["whole_runs" if whole else "cut_runs"] += 1
         if host_pairs and not chunk:
             key = "fast_store" if used_min > 1 and calls["pair_runs"] == before else "general_store"
             seen[key] += 1

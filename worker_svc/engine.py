@@ -18,6 +18,8 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
+from itertools import repeat
+from operator import attrgetter
 
 import torch
 
@@ -43,6 +45,8 @@ from worker_svc.request import Request, RequestState
 from worker_svc.sampling import make_batch_generator, make_generator, sample
 
 __all__ = ["Engine", "EngineConfig"]
+
+_state_of = attrgetter("state")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -284,10 +288,13 @@ class Engine:
         plan: list[tuple[Request, int]] = []
         failed: list[RequestOutput] = []
         admitted: list[Request] = []
-        i = 0
         # Locals for the per-request loop (it runs for every request of every step). ``running``
         # is the list itself: admission and preemption change it in place.
         running, admitted_state, bs = self._running, RequestState.ADMITTED, self.geometry.block_size
+        i = self._schedule_decodes(plan, failed, stats, counts) if budget >= len(running) else 0
+        if i < 0:
+            return plan, admitted, failed, 0, 0  # a request at a block boundary stopped the step
+        budget -= i
         while budget > 0:
             if i == len(running):
                 if counts.preemptions or admitted or not self._waiting:
@@ -322,6 +329,44 @@ class Engine:
                 prefills += 1
             i += 1
         return plan, admitted, failed, prefills, self.config.max_prefill_tokens - prefill_left
+
+    def _schedule_decodes(self, plan: list[tuple[Request, int]], failed: list[RequestOutput],
+                          stats: CopyStats, counts: StepCounts) -> int:
+        """The general loop's work for the leading decoding requests of ``_running`` (RUNNING: one
+        token each, every one within the budget), with the per-request checks as C-level passes
+        and ``make_room`` only for the rows at a block boundary, in the same order: the plan gets
+        the same entries. Returns where the general loop goes on (after a growth that preempted,
+        the request after it), or -1 when a request that needed room was not scheduled (the
+        general loop stops there too)."""
+        running, decoding = self._running, RequestState.RUNNING
+        states = list(map(_state_of, running))
+        k = len(states) if states.count(decoding) == len(states) else next(
+            j for j, s in enumerate(states) if s is not decoding)
+        if not k:
+            return 0
+        bs = self.geometry.block_size
+        # A decode computes token num_computed (the last one): growth when it starts a new block.
+        at_boundary = [j for j, r in enumerate(running[:k])
+                       if r.num_computed >= r.table.blocks_per_layer * bs]  # type: ignore[union-attr]
+        if len(at_boundary) > 1 and self.kv_manager.grow_each_by_one(
+                [running[j].table for j in at_boundary]):  # type: ignore[misc]
+            at_boundary = []  # all grew, as make_room's growth of each in turn would have
+        end = k
+        for j in at_boundary:
+            r = running[j]
+            held, preemptions = len(running), counts.preemptions
+            outcome = self._preemptor.make_room(r, r.num_computed + 1, stats, counts)
+            if outcome is not None:  # r itself was preempted, or can never grow
+                if outcome.error:
+                    self._requests.pop(r.request_id, None)
+                    failed.append(outcome.error)
+                plan.extend(zip(running[:j], repeat(1)))
+                return -1
+            if len(running) != held or counts.preemptions != preemptions:
+                end = j + 1  # newer requests were preempted or swapped: the general loop goes on
+                break
+        plan.extend(zip(running[:end], repeat(1)))
+        return end
 
     def _promote(self, stats: CopyStats) -> None:
         if not self.kv_manager.has_host_reads or self.config.max_promotions_per_step <= 0:
@@ -407,17 +452,19 @@ class Engine:
             r.bytes_offloaded += stats.offloaded_by_request.get(r.request_id, 0)
             r.bytes_loaded += stats.loaded_by_request.get(r.request_id, 0)
         outputs = []
+        emit = outputs.append
         running = RequestState.RUNNING
         for r, tok in zip(to_sample, tokens, strict=True):
+            token_id, logprob = tok.token_id, tok.logprob
             if r.first_token_s is None:
                 r.first_token_s = now
             r.state = running
-            reason = r.append(tok.token_id, tok.logprob)
+            reason = r.append(token_id, logprob)
             if reason is not None:
                 self._finish(r, reason)
                 self._requests.pop(r.request_id, None)
-            outputs.append(RequestOutput(  # positional: keywords cost a frozen dataclass more, per request
-                r.request_id, (tok.token_id,), (tok.logprob,), reason is not None, reason, None,
+            emit(RequestOutput(  # positional: keywords cost a frozen dataclass more, per request
+                r.request_id, (token_id,), (logprob,), reason is not None, reason, None,
                 r.admitted_placement, r.bytes_offloaded, r.bytes_loaded))
             r.bytes_offloaded = r.bytes_loaded = 0
         return outputs

@@ -47,6 +47,14 @@ class Request:
     admitted_placement: str = ""  # placement letters at the latest admission
     bytes_offloaded: int = 0  # copies of steps that produced no token yet (reported with the next one)
     bytes_loaded: int = 0
+    # The token ids that stop this request (its stop ids, and EOS unless ignored): one set lookup
+    # per sampled token instead of a tuple scan and three attribute checks
+    _stops: frozenset[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        s = self.sampling
+        eos = () if s.ignore_eos or self.eos_token_id is None else (self.eos_token_id,)
+        self._stops = frozenset((*s.stop_token_ids, *eos))
 
     @property
     def num_tokens(self) -> int:
@@ -65,13 +73,11 @@ class Request:
 
     def append(self, token_id: int, logprob: float) -> FinishReason | None:
         """Record a sampled token; the finish reason if it ends the request."""
-        self.output_ids.append(token_id)
+        out = self.output_ids
+        out.append(token_id)
         self.logprobs.append(logprob)
-        s = self.sampling
-        if token_id in s.stop_token_ids or (
-            not s.ignore_eos and self.eos_token_id is not None and token_id == self.eos_token_id
-        ):
+        if token_id in self._stops:
             return FinishReason.STOP
-        if len(self.output_ids) >= s.max_tokens:
+        if len(out) >= self.sampling.max_tokens:
             return FinishReason.LENGTH
         return None

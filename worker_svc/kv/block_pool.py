@@ -46,8 +46,11 @@ class BlockPool:
         taken = self._free[top:]  # a copy: the top of the stack, lowest id last
         del self._free[top:]
         taken.reverse()  # lowest id first
-        # [n] a view of the array: no list-to-array conversion of the ids
-        self._is_free[np.frombuffer(taken, dtype=np.int64) - self.first_id] = False
+        low = min(taken)
+        if max(taken) - low == n - 1:  # n distinct ids spanning n: one run (an unfragmented pool)
+            self._is_free[low - self.first_id:low - self.first_id + n] = False  # a slice, no index
+        else:  # [n] a view of the array: no list-to-array conversion of the ids
+            self._is_free[np.frombuffer(taken, dtype=np.int64) - self.first_id] = False
         return taken.tolist()
 
     def free(self, ids: list[int]) -> None:

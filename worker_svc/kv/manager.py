@@ -185,8 +185,10 @@ class KVCacheManager:
             return False
         host_read = self._host_read
         after = list(map(add, host_read, host_mask)) if host_at else host_read  # [L] with the growth
+        # (no host layer: the staging demand is unchanged); kv_budget.staging_needed's largest
+        # adjacent pair, by one C-level map (its generator cost a frame per pair, 16 rows a step)
         if host_at and self.staging_limit is not None and not self._staging_holds(
-                kv_budget.staging_needed(after)):  # (no host layer: the staging demand is unchanged)
+                max(map(add, after, after[1:])) if len(after) > 1 else kv_budget.staging_needed(after)):
             return False
         gpu_ids = self.gpu.allocate(len(gpu_at))
         assert gpu_ids is not None, "the GPU pool has fewer free blocks after the check"
@@ -207,6 +209,53 @@ class KVCacheManager:
             used_host[:] = list(map(add, used_host, host_mask))
             host_read[:] = after
         table.blocks_per_layer += 1
+        return True
+
+    def grow_each_by_one(self, tables: list[LayerBlockTable]) -> bool:
+        """``grow`` each of ``tables`` by one block per layer, in order, when all of them fit at
+        once: the ids, counts and checks of ``_grow_one`` for each in turn (pools hand out ids from
+        the top of their stack, so one call for all gives each table what its own call would; and
+        every check only tightens as blocks are taken, so the last one passing passes them all), with
+        one pool call per tier and one pass over the per-layer counts. ``False``, and nothing taken,
+        when they do not all fit: the caller grows them one by one (and preempts where needed)."""
+        splits = [t.read_split for t in tables]
+        n_gpu = sum(len(split[0]) for split in splits)
+        n_host = sum(len(split[1]) for split in splits)
+        if not self.gpu.can_allocate(n_gpu) or not self.host.can_allocate(n_host):
+            return False
+        host_read = self._host_read
+        after = host_read
+        if n_host:
+            for split in splits:
+                if split[1]:
+                    after = list(map(add, after, split[3]))
+            if self.staging_limit is not None and not self._staging_holds(kv_budget.staging_needed(after)):
+                return False
+        gpu_ids = self.gpu.allocate(n_gpu)
+        host_ids = self.host.allocate(n_host)
+        assert gpu_ids is not None and host_ids is not None, "a pool has fewer free blocks after the check"
+        used_gpu = self._used[Tier.GPU]
+        added_gpu = [0] * self.num_layers
+        g = h = 0
+        for table, (gpu_at, host_at, gpu_mask, _) in zip(tables, splits, strict=True):
+            layers = table.layers
+            if not host_at:  # every layer reads GPU blocks: one id each, in layer order
+                for lb, block in zip(layers, gpu_ids[g:g + len(layers)], strict=True):
+                    lb.gpu_blocks.append(block)
+            else:
+                for i, block in zip(gpu_at, gpu_ids[g:g + len(gpu_at)], strict=True):
+                    layers[i].gpu_blocks.append(block)
+                for i, block in zip(host_at, host_ids[h:h + len(host_at)], strict=True):
+                    layers[i].host_blocks.append(block)
+                h += len(host_at)
+            g += len(gpu_at)
+            added_gpu = list(map(add, added_gpu, gpu_mask))
+            table.blocks_per_layer += 1
+        used_gpu[:] = list(map(add, used_gpu, added_gpu))
+        if n_host:
+            used_host = self._used[Tier.HOST]
+            used_host[:] = list(map(add, used_host, map(lambda a, b: a - b, after, host_read)))
+            host_read[:] = after
         return True
 
     def _take(self, tier: Tier, n: int, layer: int) -> list[int]:

@@ -97,6 +97,20 @@ class _Steady:
         return self._decode_layers
 
 
+@dataclass
+class _Pairs:
+    """The host-read (layer, batch row) pairs of a step's rows, by layer (what depends only on which
+    rows read which layer through staging, so a steady batch keeps them across steps)."""
+
+    key: tuple[bytes, bytes, int]  # (host_read [L, B], buffer rows [B], buffer row count)
+    # (layer, batch row, buffer row, (layer, buffer row) as one flat index) [P] each, each host-read
+    # layer's first pair and pair count, and the host-read layers, as arrays
+    arrays: tuple[np.ndarray, ...]
+    layers: list[int]  # the host-read layers
+    keys: list[bytes]  # each one's host-row set (its ``host_read`` row as bytes)
+    per_row: np.ndarray  # [B] host-read layers of each batch row
+
+
 class _BufferViews:
     """What a buffer's steps share across steps: the steady batch's views (``_Steady``, the last two
     shapes: a block boundary moves ``M`` on) and a decode step's token rows per batch size."""
@@ -105,6 +119,7 @@ class _BufferViews:
         self._steady: dict[tuple[int, int], _Steady] = {}
         self._rows: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._aranges: dict[int, np.ndarray] = {}
+        self._pairs: _Pairs | None = None
 
     def steady(self, buffer: BlockTableBuffer, b: int, m: int) -> _Steady:
         hit = self._steady.get((b, m))
@@ -113,6 +128,27 @@ class _BufferViews:
                 self._steady.clear()
             hit = self._steady[(b, m)] = _Steady(buffer, b, m)
         return hit
+
+    def pairs(self, hr: np.ndarray, rows: np.ndarray, r: int) -> _Pairs:
+        """The host-read pairs of ``hr`` [L, B] for batch rows ``rows`` [B] of a buffer of ``r``
+        rows; the last call's again when nothing moved (read only, shared by steps)."""
+        key = (hr.tobytes(), rows.tobytes(), r)
+        if self._pairs is not None and self._pairs.key == key:
+            return self._pairs
+        pl, pb = np.nonzero(hr)  # [P] (layer, batch row) of every host-read pair, by layer
+        pr = rows[pb]  # [P] buffer rows
+        # The host-read layers, each one's first pair and pair count (``pl`` is sorted: np.unique
+        # would sort it again)
+        first_pair = np.flatnonzero(np.concatenate(([True], pl[1:] != pl[:-1]))) if len(pl) else pl
+        layers, per_layer = pl[first_pair], np.diff(np.append(first_pair, len(pl)))
+        flat = pl * r + pr  # [P] (layer, row) as one index: one gather each
+        arrays = (pl, pb, pr, first_pair, layers, per_layer, flat)
+        per_row = np.count_nonzero(hr, axis=0)  # [B]
+        for a in (*arrays, per_row):
+            a.setflags(write=False)
+        listed = layers.tolist()
+        self._pairs = _Pairs(key, arrays, listed, [hr[layer].tobytes() for layer in listed], per_row)
+        return self._pairs
 
     def arange(self, b: int) -> np.ndarray:
         hit = self._aranges.get(b)
@@ -236,18 +272,15 @@ class StepAccess:
         used = -(-ends // self.bs)  # [B] blocks the segment reads
         first_written = starts // self.bs  # [B]
         written = used - first_written  # [B] blocks the segment writes: copied back
-        pl, pb = np.nonzero(hr)  # [P] (layer, batch row) of every host-read pair, by layer
-        pr = rows[pb]  # [P] buffer rows
+        # The (layer, row) pairs and their indexes depend only on which rows read which layer
+        # through staging: a steady batch's are the previous step's (``_BufferViews.pairs``).
+        pairs_of = _views_of(buf).pairs(hr, rows, buf.run_count.shape[1])
+        pl, pb, pr, first_pair, layers, per_layer, flat = pairs_of.arrays
         # Where each pair's blocks begin in its layer's range: the blocks of earlier host rows.
         pair_used = used[pb]
         cum = np.cumsum(pair_used) - pair_used  # [P] over all pairs
-        # The host-read layers, each one's first pair and pair count (``pl`` is sorted: np.unique
-        # would sort it again)
-        first_pair = np.flatnonzero(np.concatenate(([True], pl[1:] != pl[:-1]))) if len(pl) else pl
-        layers, per_layer = pl[first_pair], np.diff(np.append(first_pair, len(pl)))
         offset = cum - np.repeat(cum[first_pair], per_layer)  # [P] restarted at each layer
         # Stream-in runs: the host runs of each pair cut at its filled blocks.
-        flat = pl * buf.run_count.shape[1] + pr  # [P] (layer, row) as one index: one gather each
         pairs = buf.run_count.size  # L * R
         counts = buf.run_count.reshape(pairs)[flat]  # [P]
         k = int(counts.max()) if len(counts) else 0
@@ -259,8 +292,17 @@ class StepAccess:
         before = np.zeros_like(run_len)  # [P, K] blocks of the pair before each run
         for c in range(1, k):
             np.add(before[:, c - 1], run_len[:, c - 1], out=before[:, c])
-        take = filled[pb][:, None] - before  # [P, K] (np.clip's wrappers cost more than the work)
-        np.minimum(np.maximum(take, 0, out=take), run_len, out=take)
+        short = buf.row_blocks[rows] - filled  # [B] blocks of each row not streamed in
+        if bool(((short == 0) | (short == 1)).all()):
+            # (decodes) a pair streams every block it holds but, when its row starts a block, the
+            # new last one: its runs whole, the last one a block shorter (what the cut below gives,
+            # as a pair's runs sum to its row's blocks)
+            take = run_len.copy()
+            cut = np.flatnonzero(short[pb])  # [P'] pairs of the rows starting a block (runs > 0)
+            take.reshape(-1)[cut * k + counts[cut] - 1] -= 1
+        else:
+            take = filled[pb][:, None] - before  # [P, K] (np.clip's wrappers cost more than the work)
+            np.minimum(np.maximum(take, 0, out=take), run_len, out=take)
         # The runs that stream something, as flat indices into [P, K] found once (four boolean
         # selections recomputed the mask's nonzeros each, and broadcast the layers to [P, K]).
         at = np.flatnonzero(take > 0)  # [R]
@@ -272,8 +314,11 @@ class StepAccess:
         load_layer = pl[run_pair]  # [R]
         # Copy-back pairs: blocks first_written .. used-1 of each pair.
         n_written = written[pb]  # [P]
-        if bool((n_written == 1).all() and (first_written[pb] == buf.row_blocks[pr] - 1).all()
-                and (counts > 0).all()):
+        # (checked over the batch's rows first: [B] against [P]; a GPU row failing it sends the
+        # check to the pairs)
+        if bool((counts > 0).all()) and (
+                bool((written == 1).all() and (first_written == buf.row_blocks[rows] - 1).all()) or bool(
+                    (n_written == 1).all() and (first_written[pb] == buf.row_blocks[pr] - 1).all())):
             # Every pair writes its last block (decodes): its host id ends the pair's last run, in
             # the runs gathered above, not a gather of one id a page apart per pair from host_ids.
             pair_of = np.arange(len(pb))  # [W = P]
@@ -289,7 +334,7 @@ class StepAccess:
         store_src = offset[pair_of] + j  # [W]
         # Runs do not depend on the range's base (it shifts a layer's sources alike): built once here.
         store_layer = pl[pair_of]
-        if len(pair_of) == len(pb) and bool((pair_used > 1).all()):
+        if len(pair_of) == len(pb) and bool((used > 1).all() or (pair_used > 1).all()):
             # One block written per pair, and no row of one block: pair p + 1's source lies
             # used[p + 1] past pair p's, so no two pairs form a run and every pair is its own one
             # (what pair_runs finds, without its diff and stack passes over every pair).
@@ -300,8 +345,7 @@ class StepAccess:
         load_cut = [*np.searchsorted(load_layer, layers, side="left").tolist(), len(load_layer)]
         store_cut = [*np.searchsorted(store_layer, layers, side="left").tolist(), len(store_layer)]
         layout: dict[bytes, tuple[int, np.ndarray]] = {}  # host-row set -> (blocks, offsets)
-        for x, layer in enumerate(layers.tolist()):
-            key = hr[layer].tobytes()
+        for x, (layer, key) in enumerate(zip(pairs_of.layers, pairs_of.keys, strict=True)):
             if key not in layout:  # layers with the same host rows share one layout (half-host: all)
                 a, b = first_pair[x], first_pair[x] + per_layer[x]
                 offsets = np.zeros(len(rows), dtype=np.int64)
@@ -311,10 +355,10 @@ class StepAccess:
             self._host[layer] = _HostLayer(key, blocks, offsets, load[load_cut[x]:load_cut[x + 1]],
                                            store[store_cut[x]:store_cut[x + 1]])
         # Bytes per request: every host-read layer streams its filled blocks in and writes back.
-        host_layers = np.count_nonzero(hr, axis=0)  # [B]
+        host_layers = pairs_of.per_row  # [B] host-read layers of each row
         self._loaded_blocks = host_layers * filled  # [B]
         self._stored_blocks = host_layers * written  # [B]
-        self._last_host_layer = int(layers[-1])
+        self._last_host_layer = pairs_of.layers[-1]
         self._all_rows = np.ones(len(rows), dtype=np.bool_).tobytes()  # the key of "every row"
         self._used = used
         self._used_key = used.tobytes()
