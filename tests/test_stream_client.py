@@ -69,9 +69,9 @@ def job(prompt: list[int], max_tokens: int, request_id: str = "") -> GenerateJob
     return GenerateJob(tuple(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True), request_id)
 
 
-async def consume(stream: RequestStream) -> tuple[list[int], str, Finished]:
-    """Tokens, text and final of one request; checks no token is lost or repeated."""
-    tokens: list[int] = []
+async def consume(stream: RequestStream, tokens: list[int] | None = None) -> tuple[list[int], str, Finished]:
+    """Tokens (into ``tokens``), text and final of one request; checks none is lost or repeated."""
+    tokens = [] if tokens is None else tokens
     text = ""
     async for event in stream:
         if isinstance(event, Tokens):
@@ -215,12 +215,13 @@ async def test_requests_resume_after_a_scheduler_restart(redis_url: str, client_
         client = GenerateClient(fleet.channel)
         prompts = [[i + 3] * 6 for i in range(12)]
         streams = [client.generate(job(p, 40, f"r{i}" if client_ids else "")) for i, p in enumerate(prompts)]
-        results = [asyncio.ensure_future(consume(s)) for s in streams]
+        seen: list[list[int]] = [[] for _ in streams]
+        results = [asyncio.ensure_future(consume(s, got)) for s, got in zip(streams, seen, strict=True)]
         await until(
             lambda: sum(len(w.running_ids) for w in workers) == 6 and len(fleet.server.core.queue) > 0,
             lambda: f"running {[w.running_ids for w in workers]}",
         )
-        await until(lambda: all(s.request_id for s in streams[:6]), lambda: "no ids yet")
+        await until(lambda: sum(map(bool, seen)) >= 6, lambda: "no tokens yet")
         await asyncio.wait_for(fleet.restart_scheduler(), 20)
         outcomes = await asyncio.wait_for(asyncio.gather(*results), 60)
         per_call = GenerateClient(fleet.channel, multiplex=False)
