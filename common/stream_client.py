@@ -3,11 +3,13 @@
 ``GenerateClient`` keeps one long-lived ``GenerateStream`` per channel; each ``generate`` gets a
 tag of its own and a ``RequestStream``, an async iterator of its ``Tokens`` and one ``Finished``
 (a refusal raises the ``LayerKVError`` that ``Generate`` would have raised). Requests made in one
-pass of the event loop go out in one message. A broken stream is reopened and its unfinished
-requests resent with their ids (the scheduler's ids are idempotent: a known id attaches to the
-running request and replays it from offset 0), and what the client already delivered is skipped,
-so no token is lost or repeated. A scheduler without ``GenerateStream`` (``UNIMPLEMENTED``), or
-``multiplex=False``, gets one ``Generate`` call per request. No proto object passes this module.
+pass of the event loop go out in one message. A broken stream is reopened (once a stream of the
+client has answered: an endpoint never reached fails its requests at once, as ``Generate`` does)
+and its unfinished requests are resent with their ids (the scheduler's ids are idempotent: a known
+id attaches to the running request and replays it from offset 0); what the client delivered
+already is skipped, so no token is lost or repeated. A scheduler without ``GenerateStream``
+(``UNIMPLEMENTED``), or ``multiplex=False``, gets one ``Generate`` call per request.
+No proto object passes this module.
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ class GenerateClient:
         self.multiplex = multiplex  # False after the scheduler answered UNIMPLEMENTED
         self.reconnect_s = reconnect_s  # how long a broken stream is retried before requests fail
         self.stream_calls = 0  # GenerateStream calls opened (the first and each reconnect)
+        self._answered = False  # a stream of this client has delivered a response (so it can again)
         self._tags = itertools.count(1)
         self._live: dict[int, _Live] = {}
         self._cancels: list[int] = []  # tags to cancel in the next message
@@ -206,6 +209,7 @@ class GenerateClient:
             try:
                 while (response := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
                     got_any, broken_since, delay = True, None, 0.05
+                    self._answered = True
                     for event in response.events:
                         self._dispatch(event)
                 return  # the scheduler ended the call (it only does so after we half-close)
@@ -219,7 +223,8 @@ class GenerateClient:
                     return
                 now = loop.time()
                 broken_since = now if broken_since is None else broken_since
-                if code in _FATAL or now - broken_since > self.reconnect_s:
+                # A scheduler never reached fails the requests at once, as a Generate call would.
+                if code in _FATAL or not self._answered or now - broken_since > self.reconnect_s:
                     for live in list(self._live.values()):
                         self._end(live, error_from_rpc(err))
                     return

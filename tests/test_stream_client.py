@@ -62,7 +62,8 @@ async def fleet(redis_url: str):
 
 def counted_channel(address: str) -> tuple[grpc.aio.Channel, CallCounter]:
     counter = CallCounter()
-    return grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS, interceptors=counter.interceptors), counter
+    channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS, interceptors=counter.interceptors)
+    return channel, counter
 
 
 def job(prompt: list[int], max_tokens: int, request_id: str = "") -> GenerateJob:
@@ -94,7 +95,8 @@ async def test_many_concurrent_requests_share_one_stream(fleet: Fleet) -> None:
     channel, counter = counted_channel(fleet.address)
     client = GenerateClient(channel)
     prompts = [[i % 200 + 1] * (3 + i % 7) for i in range(60)]
-    outcomes = await asyncio.gather(*(consume(client.generate(job(p, 5 + i % 4))) for i, p in enumerate(prompts)))
+    streams = [client.generate(job(p, 5 + i % 4)) for i, p in enumerate(prompts)]
+    outcomes = await asyncio.gather(*map(consume, streams))
     for i, (prompt, (tokens, _, final)) in enumerate(zip(prompts, outcomes, strict=True)):
         assert tokens == expected_tokens(prompt, 5 + i % 4)
         assert final.finish_reason is FinishReason.LENGTH and final.output_tokens == len(tokens)
@@ -153,8 +155,9 @@ async def test_cancel_ends_only_its_request(fleet: Fleet) -> None:
 async def test_refusals_raise_what_generate_raised(fleet: Fleet, multiplex: bool) -> None:
     """A tagged StreamStatus becomes the error class and message of the per-call status."""
     client = GenerateClient(fleet.channel, multiplex=multiplex)
+    refused = [job([1, 2], 10**7), GenerateJob((), SamplingParams(max_tokens=3))]  # too long, no prompt
     errors = []
-    for bad in (job([1, 2], 10**7), GenerateJob((), SamplingParams(max_tokens=3))):
+    for bad in refused:
         with pytest.raises(LayerKVError) as caught:
             await consume(client.generate(bad))
         errors.append((type(caught.value), str(caught.value)))
@@ -162,8 +165,7 @@ async def test_refusals_raise_what_generate_raised(fleet: Fleet, multiplex: bool
     assert tokens == expected_tokens([3, 3], 3)
     await client.close()
     per_call = GenerateClient(fleet.channel, multiplex=False)
-    for (cls, message), bad in zip(errors, (job([1, 2], 10**7), GenerateJob((), SamplingParams(max_tokens=3))),
-                                   strict=True):
+    for (cls, message), bad in zip(errors, refused, strict=True):
         with pytest.raises(cls) as caught:
             await consume(per_call.generate(bad))
         assert str(caught.value) == message
@@ -235,3 +237,18 @@ async def test_requests_resume_after_a_scheduler_restart(redis_url: str, client_
         await client.close()
     finally:
         await fleet.close()
+
+
+@pytest.mark.parametrize("multiplex", [True, False])
+async def test_an_endpoint_never_reached_fails_at_once_as_generate_does(multiplex: bool) -> None:
+    from common.errors import Unavailable
+    from layerkv.testing.ports import free_port
+
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}")
+    client = GenerateClient(channel, multiplex=multiplex)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(consume(client.generate(job([1], 2))), 10)
+    assert asyncio.get_running_loop().time() - started < client.reconnect_s / 3  # no reconnect loop
+    await client.close()
+    await channel.close(None)
