@@ -7,9 +7,10 @@ pass of the event loop go out in one message. A broken stream is reopened (once 
 client has answered: an endpoint never reached fails its requests at once, as ``Generate`` does)
 and its unfinished requests are resent with their ids (the scheduler's ids are idempotent: a known
 id attaches to the running request and replays it from offset 0); what the client delivered
-already is skipped, so no token is lost or repeated. A scheduler without ``GenerateStream``
-(``UNIMPLEMENTED``), or ``multiplex=False``, gets one ``Generate`` call per request.
-No proto object passes this module.
+already is skipped, so no token is lost or repeated (a request the scheduler had not named yet
+is sent as new; its first run, detached, ends after the scheduler's disconnect grace). A
+scheduler without ``GenerateStream`` (``UNIMPLEMENTED``), or ``multiplex=False``, gets one
+``Generate`` call per request. No proto object passes this module.
 """
 
 from __future__ import annotations
@@ -39,11 +40,14 @@ _REASONS = {
     types_pb2.FINISH_REASON_ABORT: FinishReason.ABORT,
     types_pb2.FINISH_REASON_ERROR: FinishReason.ERROR,
 }
-# A stream failing with one of these failed as a whole for a reason a retry does not change.
+# A stream failing with one of these failed as a whole for a reason a retry does not change (a
+# request's own refusal, a full queue included, comes as its tagged status, never as these).
 _FATAL = {
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # e.g. a message over the size limit
+    grpc.StatusCode.UNIMPLEMENTED,  # after the stream had answered: not an older scheduler
 }
 
 
@@ -191,6 +195,14 @@ class GenerateClient:
     # -- the multiplexed path ------------------------------------------------------------------
 
     async def _run(self) -> None:
+        try:
+            await self._keep_streaming()
+        except Exception as exc:  # a bug here must not leave the requests' consumers waiting
+            log.exception("the GenerateStream client failed")
+            for live in list(self._live.values()):
+                self._end(live, LayerKVError(f"internal error in the stream client: {type(exc).__name__}"))
+
+    async def _keep_streaming(self) -> None:
         """Keep one stream open while requests are live: reopen it when it breaks."""
         loop = asyncio.get_running_loop()
         broken_since: float | None = None
@@ -279,6 +291,9 @@ class GenerateClient:
                     self._finish(live, msg.final)
         except grpc.aio.AioRpcError as err:
             self._end(live, error_from_rpc(err))
+        except Exception as exc:
+            log.exception("a Generate call of the client failed")
+            self._end(live, LayerKVError(f"internal error in the stream client: {type(exc).__name__}"))
 
     async def _cancel_by_id(self, request_id: str) -> None:
         try:
