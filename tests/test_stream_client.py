@@ -252,3 +252,27 @@ async def test_an_endpoint_never_reached_fails_at_once_as_generate_does(multiple
     assert asyncio.get_running_loop().time() - started < client.reconnect_s / 3  # no reconnect loop
     await client.close()
     await channel.close(None)
+
+
+async def test_the_cli_streams_by_default_and_per_call_on_request(fleet: Fleet) -> None:
+    """``layerkv generate --endpoint`` prints the same JSON lines either way (timings aside)."""
+    import json
+    import os
+    import sys
+
+    outputs = []
+    for extra in ([], ["--per-call"]):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "layerkv", "generate", "--endpoint", fleet.address, "--json",
+            "--max-tokens", "6", "--ignore-eos", "hi", "héllo", *extra,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "LAYERKV_API_TOKEN": ""},
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        lines = [json.loads(line) for line in out.decode().splitlines()]
+        outputs.append([(r["index"], r["token_ids"], r["text"], r["finish_reason"]) for r in lines])
+    assert outputs[0] == outputs[1]
+    tokenizer = fleet.workers[0].tokenizer
+    want = [expected_tokens(tokenizer.encode(p), 6) for p in ("hi", "héllo")]
+    assert [ids for _, ids, _, _ in outputs[0]] == want
