@@ -3,11 +3,13 @@
 One process holds a real redis-server's client, the scheduler (``create_server``, port 0) and two
 stub workers (no model): what ``layerkv generate --endpoint`` and other front ends pay per request
 through the whole stack. A burst of ``--requests`` requests (``--max-tokens`` each, all in flight
-at once) goes through a ``GenerateClient`` with ``multiplex`` on and off, in order-swapped pairs
-(stream, per-call, per-call, stream, ...); per mode the median over rounds of wall time per
-request and of this process's CPU time per request (client + scheduler + stubs, on its one core).
+at once) goes through a ``GenerateClient`` with ``multiplex`` on and off, and, for reference,
+through the OpenAI API's in-process gateway (``CoreGateway``: admission and the token log called
+directly, no gRPC; its HTTP layer left out), in rotated order each round; per mode the median over
+rounds of wall time per request and of this process's CPU time per request (client + scheduler +
+stubs, on its one core).
 
-    python benchmarks/stream_client_bench.py --requests 400 --rounds 4
+    python benchmarks/stream_client_bench.py --requests 400 --rounds 6
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ if str(REPO) not in sys.path:  # runnable as `python benchmarks/stream_client_be
 from common.stream_client import Finished, GenerateClient, GenerateJob, RequestStream  # noqa: E402
 from common.types import SamplingParams  # noqa: E402
 from layerkv.testing.redis_server import RedisServer  # noqa: E402
+from scheduler_svc.openai_api.gateway import CoreGateway  # noqa: E402
+from scheduler_svc.requests import StreamFinal  # noqa: E402
 from scheduler_svc.testing.fleet import start_fleet  # noqa: E402
 from scheduler_svc.testing.stub_worker import StubWorker  # noqa: E402
 
@@ -38,11 +42,21 @@ async def drain(stream: RequestStream) -> None:
             assert event.output_tokens > 0, event
 
 
-async def burst(client: GenerateClient, requests: int, max_tokens: int) -> tuple[float, float]:
+async def in_process(gateway: CoreGateway, job: GenerateJob) -> None:
+    submitted = await gateway.submit(list(job.prompt), job.sampling)
+    async for item in gateway.stream(submitted.request_id):
+        if isinstance(item, StreamFinal):
+            assert item.record.output_tokens > 0, item.record
+
+
+async def burst(client: GenerateClient | CoreGateway, requests: int, max_tokens: int) -> tuple[float, float]:
     jobs = [GenerateJob((i % 200 + 1, 7, 9), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
             for i in range(requests)]  # fmt: skip
     wall, cpu = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(drain(client.generate(j)) for j in jobs))
+    if isinstance(client, CoreGateway):
+        await asyncio.gather(*(in_process(client, j) for j in jobs))
+    else:
+        await asyncio.gather(*(drain(client.generate(j)) for j in jobs))
     return (time.perf_counter() - wall) / requests, (time.process_time() - cpu) / requests
 
 
@@ -51,17 +65,21 @@ async def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         redis = RedisServer(Path(folder)).start()
         fleet = await start_fleet(redis.url, [StubWorker("w0", step_s=0.002), StubWorker("w1", step_s=0.002)])
         try:
-            clients = {mode: GenerateClient(fleet.channel, multiplex=mode == "stream")
-                       for mode in ("stream", "per_call")}  # fmt: skip
+            clients: dict[str, GenerateClient | CoreGateway] = {
+                "stream": GenerateClient(fleet.channel),
+                "per_call": GenerateClient(fleet.channel, multiplex=False),
+                "in_process": CoreGateway(fleet.server.core),
+            }
             for client in clients.values():  # warm up: the stream opened, code paths run once
                 await burst(client, 50, args.max_tokens)
+            modes = list(clients)
             samples: dict[str, list[tuple[float, float]]] = {m: [] for m in clients}
             for r in range(args.rounds):
-                order = ["stream", "per_call"] if r % 2 == 0 else ["per_call", "stream"]
-                for mode in order:
+                for mode in modes[r % 3:] + modes[: r % 3]:  # rotated: none always first
                     samples[mode].append(await burst(clients[mode], args.requests, args.max_tokens))
             for client in clients.values():
-                await client.close()
+                if isinstance(client, GenerateClient):
+                    await client.close()
         finally:
             await fleet.close()
             redis.stop()
@@ -80,7 +98,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--requests", type=int, default=400, help="requests per burst, all in flight")
     parser.add_argument("--max-tokens", type=int, default=4, help="tokens generated per request")
-    parser.add_argument("--rounds", type=int, default=4, help="bursts per mode (order swapped each round)")
+    parser.add_argument("--rounds", type=int, default=6, help="bursts per mode (order rotated each round)")
     import uvloop
 
     result = uvloop.run(main(parser.parse_args()))
