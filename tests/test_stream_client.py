@@ -130,8 +130,18 @@ async def test_remote_generate_output_equals_the_per_call_path(fleet: Fleet) -> 
         assert text == bytes(ids).decode()
 
 
-async def test_cancel_ends_only_its_request(fleet: Fleet) -> None:
-    client = GenerateClient(fleet.channel)
+@pytest.mark.parametrize("multiplex", [True, False])
+async def test_cancel_ends_only_its_request(redis_url: str, multiplex: bool) -> None:
+    # A long grace: the cancel itself ends the request, not the scheduler's disconnect grace.
+    workers = [StubWorker("w0", step_s=0.003), StubWorker("w1", step_s=0.003)]
+    fleet = await start_fleet(redis_url, workers, disconnect_grace_s=120)
+    try:
+        await cancel_one_of_two(fleet, GenerateClient(fleet.channel, multiplex=multiplex))
+    finally:
+        await fleet.close()
+
+
+async def cancel_one_of_two(fleet: Fleet, client: GenerateClient) -> None:
     doomed = client.generate(job([4] * 5, 200, request_id="doomed"))
     kept = client.generate(job([6] * 5, 60, request_id="kept"))
     kept_result = asyncio.ensure_future(consume(kept))
@@ -145,9 +155,21 @@ async def test_cancel_ends_only_its_request(fleet: Fleet) -> None:
     tokens, _, kept_final = await asyncio.wait_for(kept_result, 30)
     assert tokens == expected_tokens([6] * 5, 60) and kept_final.finish_reason is FinishReason.LENGTH
     core = fleet.server.core
+    await until(lambda: core.requests["doomed"].finished, lambda: "not cancelled")  # at once, no grace
     assert core.requests["doomed"].record.finish_reason == "abort"
     assert core.requests["kept"].record.finish_reason == "length"
     await until(lambda: all(not w.running_ids for w in fleet.workers), lambda: "still running")
+    await client.close()
+
+
+async def test_a_cancel_before_the_request_was_sent_sends_nothing(fleet: Fleet) -> None:
+    client = GenerateClient(fleet.channel)
+    stream = client.generate(job([5] * 3, 50, request_id="never-sent"))
+    stream.cancel()  # same pass of the loop: the writer has not run yet
+    assert [event async for event in stream] == [Finished(FinishReason.ABORT, 0, 0, 0.0, 0.0, 0.0, 0.0)]
+    tokens, _, _ = await consume(client.generate(job([5] * 3, 3)))
+    assert tokens == expected_tokens([5] * 3, 3)
+    assert "never-sent" not in fleet.server.core.requests
     await client.close()
 
 
