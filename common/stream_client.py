@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,8 @@ class GenerateJob:
     sampling: SamplingParams
     request_id: str = ""  # client-chosen (a retry attaches to the first run); "": the scheduler's
     expected_output_tokens: int = 0  # the client's estimate of its output length (0: not given)
+    ttft_slo_s: float | None = None  # the request's SLOs (None: not sent)
+    tpot_slo_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,9 @@ class Tokens:
     offset: int
     token_ids: tuple[int, ...]
     text: str  # their detokenized text (may hold back an incomplete character until later)
+    # time.monotonic() when the message carrying them was read off the call (before any queue):
+    # what a client timing its requests takes as their arrival
+    received_s: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,7 @@ class Finished:
     latency_s: float  # arrival to finish
     tpot_s: float  # mean time per output token after the first
     error: str = ""  # why the worker failed it (finish_reason ERROR)
+    received_s: float = field(default=0.0, compare=False)  # as Tokens.received_s (0: ended here)
 
 
 Event = Tokens | Finished
@@ -222,8 +229,9 @@ class GenerateClient:
                 while (response := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
                     got_any, broken_since, delay = True, None, 0.05
                     self._answered = True
+                    received = time.monotonic()
                     for event in response.events:
-                        self._dispatch(event)
+                        self._dispatch(event, received)
                 return  # the scheduler ended the call (it only does so after we half-close)
             except grpc.aio.AioRpcError as err:
                 code = err.code()
@@ -264,16 +272,16 @@ class GenerateClient:
                 except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
                     return  # the call broke: the reader sees why and reopens
 
-    def _dispatch(self, event: scheduler_pb2.TaggedEvent) -> None:
+    def _dispatch(self, event: scheduler_pb2.TaggedEvent, received: float) -> None:
         live = self._live.get(event.tag)
         if live is None:
             return  # ended here already (cancelled before it was sent, or the client closed)
         live.request_id = event.request_id or live.request_id
         kind = event.WhichOneof("event")
         if kind == "chunk":
-            self._take(live, event.chunk)
+            self._take(live, event.chunk, received)
         elif kind == "final":
-            self._finish(live, event.final)
+            self._finish(live, event.final, received)
         elif kind == "error":
             code = _CODES.get(event.error.code, grpc.StatusCode.UNKNOWN)
             self._end(live, error_from_status(code, event.error.message))
@@ -284,11 +292,12 @@ class GenerateClient:
         try:
             call = self._stub.Generate(wire_request(live.job, live.request_id), metadata=self._metadata)
             async for msg in call:
+                received = time.monotonic()
                 live.request_id = msg.request_id or live.request_id
                 if msg.HasField("chunk"):
-                    self._take(live, msg.chunk)
+                    self._take(live, msg.chunk, received)
                 elif msg.HasField("final"):
-                    self._finish(live, msg.final)
+                    self._finish(live, msg.final, received)
         except grpc.aio.AioRpcError as err:
             self._end(live, error_from_rpc(err))
         except Exception as exc:
@@ -309,7 +318,7 @@ class GenerateClient:
 
     # -- both paths ------------------------------------------------------------------------------
 
-    def _take(self, live: _Live, chunk: scheduler_pb2.TokenChunk) -> None:
+    def _take(self, live: _Live, chunk: scheduler_pb2.TokenChunk, received: float) -> None:
         """Deliver what of ``chunk`` the consumer has not had (a resent request replays from 0)."""
         ids = chunk.token_ids
         fresh_ids = tuple(ids[max(0, live.tokens_seen - chunk.offset):])
@@ -322,14 +331,14 @@ class GenerateClient:
         assert offset == live.tokens_seen or not fresh_ids, (offset, live.tokens_seen)
         live.tokens_seen = max(live.tokens_seen, chunk.offset + len(ids))
         live.text_seen += len(text)
-        live.queue.put_nowait(Tokens(offset, fresh_ids, text))
+        live.queue.put_nowait(Tokens(offset, fresh_ids, text, received))
 
-    def _finish(self, live: _Live, final: scheduler_pb2.GenerateFinal) -> None:
+    def _finish(self, live: _Live, final: scheduler_pb2.GenerateFinal, received: float) -> None:
         if final.HasField("last_chunk"):
-            self._take(live, final.last_chunk)
+            self._take(live, final.last_chunk, received)
         self._end(live, Finished(
             _REASONS.get(final.finish_reason), final.prompt_tokens, final.output_tokens,
-            final.queue_s, final.ttft_s, final.latency_s, final.tpot_s, final.error,
+            final.queue_s, final.ttft_s, final.latency_s, final.tpot_s, final.error, received,
         ))  # fmt: skip
 
     def _end(self, live: _Live, last: Finished | LayerKVError) -> None:
@@ -345,6 +354,10 @@ def wire_request(job: GenerateJob, request_id: str = "") -> scheduler_pb2.Genera
         request_id=request_id, sampling=sampling_to_proto(job.sampling),
         expected_output_tokens=job.expected_output_tokens, final_with_tokens=True,
     )  # fmt: skip
+    if job.ttft_slo_s is not None:
+        request.slo.ttft_s = job.ttft_slo_s
+    if job.tpot_slo_s is not None:
+        request.slo.tpot_s = job.tpot_slo_s
     if isinstance(job.prompt, str):
         request.text = job.prompt
     else:
