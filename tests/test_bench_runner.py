@@ -43,6 +43,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
             prompt_tokens=len(request.token_ids.ids),
             output_tokens=n,
             queue_s=0.25,
+            ttft_s=0.125,
         )
         for offset in range(0, n, 2):
             chunk = scheduler_pb2.TokenChunk(offset=offset, token_ids=list(range(offset, min(offset + 2, n))))
@@ -154,6 +155,7 @@ async def test_workload_is_sent_at_its_arrival_times_and_measured(
         assert r.sent_s >= req.arrival_s  # never early
         assert r.prompt_tokens == len(req.prompt_token_ids)
     assert ok.ok and ok.output_tokens == 5 and ok.queue_s == pytest.approx(0.25)
+    assert ok.server_ttft_s == pytest.approx(0.125)  # the scheduler's own TTFT, from its final
     assert ok.ttft_s is not None and ok.ttft_s >= FIRST_TOKEN_DELAY_S
     assert ok.finished_s is not None and ok.first_token_s is not None and ok.finished_s >= ok.first_token_s
     assert single.ok and single.output_tokens == 1 and single.tpot_s is None

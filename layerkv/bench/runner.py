@@ -153,6 +153,7 @@ async def _one(
     finished: float | None = None
     tokens = 0
     queue_s: float | None = None
+    server_ttft: float | None = None
     error = ""
     stream = client.generate(_job(config, run_id, req))
     try:
@@ -168,6 +169,7 @@ async def _one(
                 else:
                     finished = now
                     queue_s = event.queue_s
+                    server_ttft = event.ttft_s or None
                     tokens = max(tokens, event.output_tokens)
                     if event.finish_reason == FinishReason.ERROR:
                         error = f"worker error: {event.error}"
@@ -189,6 +191,7 @@ async def _one(
         output_tokens=tokens,
         queue_s=queue_s,
         error=error,
+        server_ttft_s=server_ttft,
     )
 
 
