@@ -51,6 +51,10 @@ _FATAL = {
     grpc.StatusCode.UNIMPLEMENTED,  # after the stream had answered: not an older scheduler
 }
 
+# How many times a client's first stream is reopened after INTERNAL before any answer (then the
+# client goes per call).
+_EARLY_INTERNAL = 2
+
 
 @dataclass(frozen=True)
 class GenerateJob:
@@ -214,6 +218,7 @@ class GenerateClient:
         loop = asyncio.get_running_loop()
         broken_since: float | None = None
         delay = 0.05
+        early_internal = 0  # first streams that failed INTERNAL before any answer (see below)
         while self._live:
             call = self._stub.GenerateStream(metadata=self._metadata)
             self.stream_calls += 1
@@ -235,7 +240,17 @@ class GenerateClient:
                 return  # the scheduler ended the call (it only does so after we half-close)
             except grpc.aio.AioRpcError as err:
                 code = err.code()
-                if code == grpc.StatusCode.UNIMPLEMENTED and not got_any:
+                # A scheduler without GenerateStream answers UNIMPLEMENTED, but when its status
+                # races the client's first write, grpc fails the call INTERNAL ("Internal error
+                # from Core"; 5-15 % of fresh streams to a sync server here, some channels again
+                # and again): a stream never answered is reopened for that, and after a few such
+                # failures the client goes per call, which every scheduler serves.
+                early = code == grpc.StatusCode.INTERNAL and not self._answered
+                if early and early_internal < _EARLY_INTERNAL:
+                    early_internal += 1
+                    log.info("GenerateStream failed INTERNAL before an answer (%s): reopening", err.details())
+                    continue
+                if (code == grpc.StatusCode.UNIMPLEMENTED and not got_any) or early:
                     log.info("the scheduler has no GenerateStream: one Generate call per request")
                     self.multiplex = False
                     for live in self._live.values():

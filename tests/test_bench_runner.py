@@ -196,6 +196,35 @@ async def test_a_multi_request_run_makes_one_generate_stream_call() -> None:
         await server.stop(None)
 
 
+class InternalOnStream(FakeScheduler):
+    """``GenerateStream`` always fails INTERNAL before answering, as grpc reports the race of an
+    older scheduler's UNIMPLEMENTED with the client's first write; ``Generate`` works."""
+
+    async def GenerateStream(
+        self,
+        request_iterator: AsyncIterator[scheduler_pb2.GenerateStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[scheduler_pb2.GenerateStreamResponse]:
+        self.calls["GenerateStream"] += 1
+        await context.abort(grpc.StatusCode.INTERNAL, "Internal error from Core")
+        yield scheduler_pb2.GenerateStreamResponse()  # never reached
+
+
+async def test_a_stream_failing_internal_before_any_answer_falls_back_to_a_call_each() -> None:
+    server = grpc.aio.server()
+    sched = InternalOnStream()
+    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(sched, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        config = ClientConfig(endpoint=f"127.0.0.1:{port}", ttft_slo_s=2.0, tpot_slo_s=0.25)
+        results = await run_workload(config, [BenchRequest(i, 0.0, (5, i + 1), 3) for i in range(2)])
+        assert [(r.ok, r.output_tokens, r.error) for r in results] == [(True, 3, "")] * 2
+        assert sched.calls == {"GenerateStream": 3, "Generate": 2}  # reopened twice, then a call each
+    finally:
+        await server.stop(None)
+
+
 async def test_a_request_past_its_deadline_fails_and_is_cancelled(
     fake: tuple[str, FakeScheduler, FakeAdmin],
 ) -> None:
