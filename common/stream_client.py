@@ -242,8 +242,8 @@ class GenerateClient:
                 code = err.code()
                 # A scheduler without GenerateStream answers UNIMPLEMENTED, but when its status
                 # races the client's first write, grpc fails the call INTERNAL ("Internal error
-                # from Core"; 5-15 % of fresh streams to a sync server here, some channels again
-                # and again): a stream never answered is reopened for that, and after a few such
+                # from Core"; 2.5-7.5 % of fresh channels to a sync server here, some again and
+                # again): a stream never answered is reopened for that, and after a few such
                 # failures the client goes per call, which every scheduler serves.
                 early = code == grpc.StatusCode.INTERNAL and not self._answered
                 if early and early_internal < _EARLY_INTERNAL:
