@@ -13,7 +13,11 @@ clients use. Per request:
 * TPOT at the client and the worker's mean decode step: their difference is per-token time outside
   the steps (gaps between steps);
 * the same prompts' prefill and decode steps through an ``Engine`` in this process (no stack): a
-  step inside the worker that costs more than this waits for the CPU or the GIL there.
+  step inside the worker that costs more than this waits for the CPU or the GIL there;
+* the TTFT outside the prefill split by the scheduler's own times (its final message): client to
+  scheduler and back (client TTFT less the scheduler's), the scheduler's arrival to dispatch, and
+  its dispatch to first token less the prefill steps (the dispatch RPC, the worker's hand-off, the
+  step's event back; ``worker_hop.py`` measures the worker's share of it alone).
 
     python benchmarks/stack_overhead.py --requests 6 --output-tokens 64
 """
@@ -73,6 +77,9 @@ class Row:
     tpot_ms: float
     decode_step_ms: float
     outside_decode_ms: float  # TPOT less the mean decode step
+    client_hop_ms: float  # client TTFT less the scheduler's (arrival to first token on its clock)
+    queue_ms: float  # the scheduler's arrival to dispatch (admission, its Redis writes, the round)
+    dispatched_ms: float  # the scheduler's dispatch to first token, less the prefill steps
 
 
 def _prompts(n: int, tokens: int, vocab: int, seed: int) -> list[list[int]]:
@@ -131,11 +138,14 @@ def through_stack(folder: Path, prompts: list[list[int]], output_tokens: int, bl
                     after = step_totals((await http.get(worker_metrics)).text)
                     if not res.ok or res.ttft_s is None or res.tpot_s is None:
                         raise RuntimeError(f"request {i} failed: {res.error}")
+                    server_ttft, queue = res.server_ttft_s or 0.0, res.queue_s or 0.0
                     prefill_s, _ = steps_between(before, after, "prefill")
                     decode_s, decodes = steps_between(before, after, "decode")
                     step = decode_s / max(1, decodes)
                     rows.append(Row(1e3 * res.ttft_s, 1e3 * prefill_s, 1e3 * (res.ttft_s - prefill_s),
-                                    1e3 * res.tpot_s, 1e3 * step, 1e3 * (res.tpot_s - step)))
+                                    1e3 * res.tpot_s, 1e3 * step, 1e3 * (res.tpot_s - step),
+                                    1e3 * (res.ttft_s - server_ttft), 1e3 * queue,
+                                    1e3 * (server_ttft - queue - prefill_s)))
 
         asyncio.run(run())
     return rows
@@ -170,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     for label, v in [*((str(i), v) for i, v in enumerate(values)), ("mean", means)]:
         cells = (f"{x:.1f}" if c < 4 else f"{x:.2f}" for c, x in enumerate(v))  # ms: prefill, then decode
         print(f"| {label} | " + " | ".join(cells) + " |")
+    print("\nTTFT outside the prefill steps, split: ms")
+    split_head = ("request", "client to scheduler and back", "scheduler arrival to dispatch",
+            "dispatch to first token at the scheduler, less the prefill steps")
+    print("| " + " | ".join(split_head) + " |\n|" + "---|" * len(split_head))
+    split = [[r.client_hop_ms, r.queue_ms, r.dispatched_ms] for r in rows]
+    for label, v in [*((str(i), v) for i, v in enumerate(split)),
+                     ("mean", [statistics.mean(c) for c in zip(*split, strict=True)])]:
+        print(f"| {label} | " + " | ".join(f"{x:.2f}" for x in v) + " |")
     if args.json is not None:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                          "engine_prefill_s": prefill, "engine_decode_step_s": decode,

@@ -85,6 +85,8 @@ def register(app: typer.Typer) -> None:
         endpoint: Annotated[str | None, Opt(help="HOST:PORT of a running scheduler")] = None,
         api_token: Annotated[str, Opt(envvar="LAYERKV_API_TOKEN", help="bearer token (--endpoint)")] = "",
         tls_ca: Annotated[str, Opt(envvar="LAYERKV_TLS_CA", help="CA of the scheduler's TLS cert")] = "",
+        per_call: Annotated[bool, Opt("--per-call", help="one Generate call per prompt, not one "
+                                                         "shared stream (--endpoint; debugging)")] = False,
     ) -> None:
         """Generate text for one or more prompts."""
         try:
@@ -107,7 +109,7 @@ def register(app: typer.Typer) -> None:
                 raise typer.Exit(remote_generate.run(
                     endpoint=endpoint, prompts=texts_all, json_output=json_output, max_tokens=max_tokens,
                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, ignore_eos=ignore_eos,
-                    api_token=api_token, tls_ca=tls_ca))
+                    api_token=api_token, tls_ca=tls_ca, per_call=per_call))
             if placement is not None and gpu_layers is not None:
                 raise InvalidArgument("give --placement or --gpu-layers, not both")
             from worker_svc.local_generate import PromptSpec, run_local

@@ -1,6 +1,8 @@
 """``layerkv generate --endpoint HOST:PORT``: send prompts to a running fleet and stream the answers.
 
-All prompts are submitted at once (the fleet batches them). Text is printed as it arrives: the
+All prompts are submitted at once (the fleet batches them), as tagged requests on one
+``GenerateStream`` call (``common.stream_client``; ``multiplex=False``, the CLI's ``--per-call``,
+or a scheduler without it: one ``Generate`` call each). Text is printed as it arrives: the
 first unfinished prompt streams live, later ones are buffered and printed when their turn comes,
 so the output is in input order. With ``json_output`` each request prints one JSON line
 ``{"index","token_ids","text","finish_reason","ttft_s","latency_s"}``, in input order. Torch-free.
@@ -16,19 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
-import grpc
-
-from common.errors import LayerKVError
-from common.grpc_errors import error_from_rpc
-from common.proto.layerkv.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
+from common.errors import LayerKVError, Unavailable
+from common.proto.layerkv.v1 import scheduler_pb2
 from common.security import bearer_metadata, open_channel
-
-_FINISH_NAMES = {
-    types_pb2.FINISH_REASON_STOP: "stop",
-    types_pb2.FINISH_REASON_LENGTH: "length",
-    types_pb2.FINISH_REASON_ABORT: "abort",
-    types_pb2.FINISH_REASON_ERROR: "error",
-}
+from common.stream_client import Finished, GenerateClient, GenerateJob, RequestStream, Tokens, wire_request
+from common.types import SamplingParams
 
 
 @dataclass
@@ -72,61 +66,50 @@ class RemoteOptions:
     tls_ca: str = ""
     server_name: str = ""  # TLS name override when the endpoint's host is not in the certificate
     timeout_s: float | None = None
+    multiplex: bool = True  # False: one Generate call per prompt (the per-call path, for debugging)
+
+
+def _job(prompt: str, opts: RemoteOptions) -> GenerateJob:
+    sampling = SamplingParams(
+        max_tokens=opts.max_tokens, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
+        seed=opts.seed, ignore_eos=opts.ignore_eos,
+    )  # fmt: skip
+    return GenerateJob(prompt, sampling)
 
 
 def _request(prompt: str, opts: RemoteOptions) -> scheduler_pb2.GenerateRequest:
-    sampling = types_pb2.SamplingParams(
-        max_tokens=opts.max_tokens,
-        temperature=opts.temperature,
-        top_p=opts.top_p,
-        top_k=opts.top_k,
-        ignore_eos=opts.ignore_eos,
-    )
-    if opts.seed is not None:
-        sampling.seed = opts.seed
-    # final_with_tokens: the last tokens ride in the final message (one message fewer; an older
-    # scheduler ignores the field and sends them in a chunk, read alike below).
-    return scheduler_pb2.GenerateRequest(text=prompt, sampling=sampling, final_with_tokens=True)
+    """What is sent for one prompt, on either path."""
+    return wire_request(_job(prompt, opts))
 
 
 async def _one(
-    stub: scheduler_pb2_grpc.SchedulerServiceStub,
-    prompt: str,
-    result: RemoteResult,
-    opts: RemoteOptions,
-    on_text: asyncio.Queue[tuple[int, str]],
+    stream: RequestStream, result: RemoteResult, opts: RemoteOptions, on_text: asyncio.Queue[tuple[int, str]]
 ) -> None:
     try:
-        call = stub.Generate(_request(prompt, opts), metadata=bearer_metadata(opts.api_token),
-                             timeout=opts.timeout_s)
-        async for msg in call:
-            if msg.HasField("chunk"):
-                _take(result, msg.chunk, on_text)
-            elif msg.HasField("final"):
-                f = msg.final
-                if f.HasField("last_chunk"):
-                    _take(result, f.last_chunk, on_text)
-                result.finish_reason = _FINISH_NAMES.get(f.finish_reason, "unspecified")
-                result.ttft_s = f.ttft_s
-                result.latency_s = f.latency_s
-                result.error = f.error
-    except grpc.RpcError as exc:
-        err = error_from_rpc(exc)
+        async with asyncio.timeout(opts.timeout_s):
+            async for event in stream:
+                if isinstance(event, Tokens):
+                    result.token_ids.extend(event.token_ids)
+                    result.text += event.text
+                    if event.text:
+                        on_text.put_nowait((result.index, event.text))
+                else:
+                    assert isinstance(event, Finished)
+                    reason = event.finish_reason
+                    result.finish_reason = reason.value if reason is not None else "unspecified"
+                    result.ttft_s = event.ttft_s
+                    result.latency_s = event.latency_s
+                    result.error = event.error
+    except TimeoutError:
+        stream.cancel()
+        result.finish_reason = "error"
+        result.error = f"Unavailable: {Unavailable('Deadline Exceeded')}"
+    except LayerKVError as err:
         result.finish_reason = "error"
         result.error = f"{type(err).__name__}: {err}"
     finally:
         result.done.set()
         on_text.put_nowait((result.index, ""))  # wake the printer
-
-
-def _take(
-    result: RemoteResult, chunk: scheduler_pb2.TokenChunk, on_text: asyncio.Queue[tuple[int, str]]
-) -> None:
-    """A chunk's tokens and text into ``result``; its text to the printer."""
-    result.token_ids.extend(chunk.token_ids)
-    result.text += chunk.text_delta
-    if chunk.text_delta:
-        on_text.put_nowait((result.index, chunk.text_delta))
 
 
 async def generate_remote(
@@ -136,9 +119,9 @@ async def generate_remote(
     results = [RemoteResult(i) for i in range(len(prompts))]
     text_events: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
     async with open_channel(endpoint, ca=opts.tls_ca, server_name=opts.server_name) as channel:
-        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        client = GenerateClient(channel, bearer_metadata(opts.api_token), multiplex=opts.multiplex)
         tasks = [
-            asyncio.create_task(_one(stub, p, r, opts, text_events))
+            asyncio.create_task(_one(client.generate(_job(p, opts)), r, opts, text_events))
             for p, r in zip(prompts, results, strict=True)
         ]
         current, printed = 0, 0  # prompt being shown live; characters of it already printed
@@ -159,6 +142,7 @@ async def generate_remote(
                 continue
             await text_events.get()
         await asyncio.gather(*tasks)
+        await client.close()
     return results
 
 
@@ -176,6 +160,7 @@ def run(
     api_token: str = "",
     tls_ca: str = "",
     server_name: str = "",
+    per_call: bool = False,
     out: TextIO | None = None,
 ) -> int:
     """Entry point of ``layerkv generate --endpoint``; returns the process exit code.
@@ -187,7 +172,8 @@ def run(
 
     api_token = api_token or credentials.load(endpoint).api_token
     opts = RemoteOptions(
-        max_tokens, temperature, top_p, top_k, seed, ignore_eos, api_token, tls_ca, server_name
+        max_tokens, temperature, top_p, top_k, seed, ignore_eos, api_token, tls_ca, server_name,
+        multiplex=not per_call,
     )
     stream = out if out is not None else sys.stdout
     started = time.monotonic()

@@ -24,6 +24,7 @@ class RequestResult:
     output_tokens: int
     queue_s: float | None  # arrival to dispatch, as the scheduler measured it
     error: str = ""  # empty when the request completed
+    server_ttft_s: float | None = None  # arrival to first token on the scheduler's clock (None: not sent)
 
     @property
     def ok(self) -> bool:

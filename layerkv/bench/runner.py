@@ -2,8 +2,9 @@
 
 Each request is sent at its arrival time (open loop: a slow server does not slow the arrivals),
 streamed to the end, and timed on the client: time of sending, of the first token and of the final
-message; the queueing time comes from the scheduler's final message. ``set_policy`` switches the
-scheduler's policy through the Admin API between two runs.
+message, each taken when the message carrying it was read off the call; the queueing time comes
+from the scheduler's final message. A run's requests share one ``GenerateStream`` call.
+``set_policy`` switches the scheduler's policy through the Admin API between two runs.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
+from common.errors import LayerKVError
+from common.grpc_errors import status_of
+from common.proto.layerkv.v1 import admin_pb2, admin_pb2_grpc
 from common.security import bearer_metadata
-from common.types import CostModel
+from common.stream_client import GenerateClient, GenerateJob, Tokens
+from common.types import CostModel, FinishReason, SamplingParams
 from common.wire import cost_model_from_proto
 from layerkv.bench.report import RequestResult
 from layerkv.bench.slo import (
@@ -41,9 +45,10 @@ class ClientConfig:
     endpoint: str  # host:port of SchedulerService / AdminService
     ttft_slo_s: float  # sent with every request
     tpot_slo_s: float
-    request_timeout_s: float = 600.0  # deadline of one Generate call
+    request_timeout_s: float = 600.0  # deadline of one request
     api_token: str = ""  # bearer token of SchedulerService, when the scheduler requires one
     admin_token: str = ""  # bearer token of AdminService
+    multiplex: bool = True  # one GenerateStream for a run's requests; False: a Generate call each
 
 
 async def set_policy(config: ClientConfig, name: str, params: dict[str, object]) -> str:
@@ -126,25 +131,19 @@ async def batch1_times(
     return from_probe(ttfts, tpots, prompt_tokens)
 
 
-def _generate_request(config: ClientConfig, run_id: str, req: BenchRequest) -> scheduler_pb2.GenerateRequest:
-    return scheduler_pb2.GenerateRequest(
-        request_id=f"bench-{run_id}-{req.index}",
-        token_ids=scheduler_pb2.TokenIds(ids=list(req.prompt_token_ids)),
+def _job(config: ClientConfig, run_id: str, req: BenchRequest) -> GenerateJob:
+    return GenerateJob(
+        prompt=tuple(req.prompt_token_ids),
         # Greedy and EOS ignored: every policy generates exactly max_tokens tokens per request.
-        sampling=types_pb2.SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True),
-        slo=types_pb2.Slo(ttft_s=config.ttft_slo_s, tpot_s=config.tpot_slo_s),
-        # The last tokens ride in the final message (one message fewer per request; a scheduler
-        # from before the field ignores it and sends them in a chunk, which is read alike).
-        final_with_tokens=True,
+        sampling=SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True),
+        request_id=f"bench-{run_id}-{req.index}",
+        ttft_slo_s=config.ttft_slo_s,
+        tpot_slo_s=config.tpot_slo_s,
     )
 
 
 async def _one(
-    stub: scheduler_pb2_grpc.SchedulerServiceStub,
-    config: ClientConfig,
-    run_id: str,
-    req: BenchRequest,
-    start: float,
+    client: GenerateClient, config: ClientConfig, run_id: str, req: BenchRequest, start: float
 ) -> RequestResult:
     # The event loop's timer may fire up to a millisecond early: sleep again until the arrival.
     while (delay := start + req.arrival_s - time.monotonic()) > 0:
@@ -154,34 +153,33 @@ async def _one(
     finished: float | None = None
     tokens = 0
     queue_s: float | None = None
+    server_ttft: float | None = None
     error = ""
+    stream = client.generate(_job(config, run_id, req))
     try:
-        call = stub.Generate(
-            _generate_request(config, run_id, req),
-            metadata=bearer_metadata(config.api_token),
-            timeout=config.request_timeout_s,
-        )
-        async for message in call:
-            now = time.monotonic() - start
-            if message.HasField("chunk"):
-                if first is None and message.chunk.token_ids:
-                    first = now
-                tokens += len(message.chunk.token_ids)
-            elif message.HasField("final"):
-                final = message.final
-                if final.last_chunk.token_ids:  # tokens no chunk carried: they arrive now
-                    if first is None:
+        async with asyncio.timeout(config.request_timeout_s):
+            # Each event carries when its message was read off the call: the request's own
+            # arrival times, not when this task got round to it.
+            async for event in stream:
+                now = event.received_s - start
+                if isinstance(event, Tokens):
+                    if first is None and event.token_ids:
                         first = now
-                    tokens += len(final.last_chunk.token_ids)
-                finished = now
-                queue_s = float(final.queue_s)
-                tokens = max(tokens, int(final.output_tokens))
-                if final.finish_reason == types_pb2.FINISH_REASON_ERROR:
-                    error = f"worker error: {final.error}"
-                elif final.finish_reason == types_pb2.FINISH_REASON_ABORT:
-                    error = "aborted"
-    except grpc.aio.AioRpcError as exc:
-        error = f"{exc.code().name}: {exc.details()}"
+                    tokens += len(event.token_ids)
+                else:
+                    finished = now
+                    queue_s = event.queue_s
+                    server_ttft = event.ttft_s or None
+                    tokens = max(tokens, event.output_tokens)
+                    if event.finish_reason == FinishReason.ERROR:
+                        error = f"worker error: {event.error}"
+                    elif event.finish_reason == FinishReason.ABORT:
+                        error = "aborted"
+    except TimeoutError:
+        stream.cancel()
+        finished, error = None, f"DEADLINE_EXCEEDED: no final after {config.request_timeout_s:g} s"
+    except LayerKVError as exc:
+        error = f"{status_of(exc).name}: {exc}"
     if not error and finished is None:
         error = "stream ended without a final message"
     return RequestResult(
@@ -193,6 +191,7 @@ async def _one(
         output_tokens=tokens,
         queue_s=queue_s,
         error=error,
+        server_ttft_s=server_ttft,
     )
 
 
@@ -201,19 +200,25 @@ async def run_workload(
     requests: Sequence[BenchRequest],
     on_done: Callable[[RequestResult], None] | None = None,
 ) -> list[RequestResult]:
-    """Send every request at its arrival time; results in request order."""
+    """Send every request at its arrival time; results in request order.
+
+    All of them share one ``GenerateStream`` call (``common.stream_client``; one ``Generate`` call
+    each with ``config.multiplex`` False or on a scheduler without the stream)."""
     run_id = uuid.uuid4().hex[:8]  # fresh ids: a rerun must not attach to an earlier run's requests
     async with grpc.aio.insecure_channel(config.endpoint) as channel:
-        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        client = GenerateClient(channel, bearer_metadata(config.api_token), multiplex=config.multiplex)
         start = time.monotonic()
 
         async def tracked(req: BenchRequest) -> RequestResult:
-            result = await _one(stub, config, run_id, req, start)
+            result = await _one(client, config, run_id, req, start)
             if on_done is not None:
                 on_done(result)
             return result
 
-        results = await asyncio.gather(*(tracked(r) for r in requests))
+        try:
+            results = await asyncio.gather(*(tracked(r) for r in requests))
+        finally:
+            await client.close()
     return sorted(results, key=lambda r: r.index)
 
 
