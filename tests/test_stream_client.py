@@ -280,19 +280,22 @@ async def test_the_cli_streams_by_default_and_per_call_on_request(fleet: Fleet) 
     """``layerkv generate --endpoint`` prints the same JSON lines either way (timings aside)."""
     import json
     import os
+    import subprocess
     import sys
 
     outputs = []
     for extra in ([], ["--per-call"]):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "layerkv", "generate", "--endpoint", fleet.address, "--json",
-            "--max-tokens", "6", "--ignore-eos", "hi", "héllo", *extra,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "LAYERKV_API_TOKEN": ""},
+        # subprocess.run in a thread, not asyncio's subprocess: uvloop spawns with fork(), whose
+        # child runs gRPC's fork handlers beside this process's live servers and can crash before
+        # exec (seen: 1 run in 8 died of SIGSEGV); subprocess uses vfork.
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "layerkv", "generate", "--endpoint", fleet.address, "--json",
+             "--max-tokens", "6", "--ignore-eos", "hi", "héllo", *extra],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "LAYERKV_API_TOKEN": ""},
         )  # fmt: skip
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode == 0, err.decode()
-        lines = [json.loads(line) for line in out.decode().splitlines()]
+        assert proc.returncode == 0, proc.stderr
+        lines = [json.loads(line) for line in proc.stdout.splitlines()]
         outputs.append([(r["index"], r["token_ids"], r["text"], r["finish_reason"]) for r in lines])
     assert outputs[0] == outputs[1]
     tokenizer = fleet.workers[0].tokenizer
