@@ -101,9 +101,11 @@ def test_linear_matches_f_linear() -> None:
         torch.testing.assert_close(linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_weights_follow_writes_and_replacement_and_respect_the_bound() -> None:
+def test_packed_weights_follow_writes_and_replacement_and_respect_the_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The packed copy of a weight is rebuilt after an in-place write or a new tensor at the same
     parameter, and past PREPACK_MAX_BYTES the plain weight is used (same results either way)."""
+    monkeypatch.setattr(linear_module, "MKL_NATIVE", False)  # this small weight through oneDNN anywhere
     torch.manual_seed(0)
     lin = torch.nn.Linear(40, 96, bias=False)
     x = torch.randn(4, 40)
@@ -144,6 +146,7 @@ def test_swiglu_with_post_ops_matches_the_plain_formula(monkeypatch: pytest.Monk
     """linear.swiglu (silu and the product as oneDNN post-ops from FUSED_SWIGLU_MIN_ROWS rows)
     gives silu(x g^T + bg) * (x u^T + bu) to float32 rounding, with and without biases, on a
     strided input, below and above the threshold; and the many-row case takes the fused call."""
+    monkeypatch.setattr(linear_module, "MKL_NATIVE", False)  # these small weights through oneDNN anywhere
     torch.manual_seed(0)
     g, u = torch.randn(96, 40) * 0.2, torch.randn(96, 40) * 0.2
     bg, bu = torch.randn(96), torch.randn(96)
