@@ -218,6 +218,38 @@ def test_mlp_few_rows_take_one_fused_gate_up_matmul(monkeypatch: pytest.MonkeyPa
     assert mlp.gate_proj.weight.data_ptr() == mlp._gate_up.get()[0].data_ptr()
 
 
+@pytest.mark.parametrize("mkl_native", [True, False])
+def test_mlp_many_rows_take_post_ops_through_onednn_else_the_fused_matmul(
+        mkl_native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From FUSED_SWIGLU_MIN_ROWS rows the MLP takes ``swiglu``'s oneDNN post-ops where oneDNN
+    takes its gate and up weights, and otherwise (an Intel CPU's MKL path for small weights) the
+    one fused [2 * intermediate] matmul; both give the plain formula to float32 rounding."""
+    if not linear_module._ONEDNN and not mkl_native:
+        pytest.skip("no oneDNN in this torch build")
+    monkeypatch.setattr(linear_module, "MKL_NATIVE", mkl_native)
+    torch.manual_seed(0)
+    mlp = llama.MLP(ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                                max_position_embeddings=128, mlp_bias=True))
+    F = torch.nn.functional
+    swiglu_calls: list[int] = []
+    real_swiglu = llama.swiglu
+    monkeypatch.setattr(llama, "swiglu", lambda x, *a: swiglu_calls.append(x.shape[0]) or real_swiglu(x, *a))
+    calls: list[int] = []
+    real = llama.linear
+    monkeypatch.setattr(llama, "linear", lambda x, w, b=None: calls.append(w.shape[0]) or real(x, w, b))
+    x = torch.randn(linear_module.FUSED_SWIGLU_MIN_ROWS + 5, 32)
+    with torch.inference_mode():
+        got = mlp(x)
+    g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    want = F.linear(F.silu(F.linear(x, g.weight, g.bias)) * F.linear(x, u.weight, u.bias), d.weight, d.bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if mkl_native:  # these small weights stay with MKL: one fused matmul, then down
+        assert (swiglu_calls, calls) == ([], [128, 32])
+    else:
+        assert (swiglu_calls, calls) == ([x.shape[0]], [32])
+
+
 def test_fused_qkv_matmul_sees_an_in_place_write_after_first_use() -> None:
     """A parameter written in place after the fused weight was used (and packed for oneDNN) is
     seen by the next fused matmul: the packed copy is not left stale."""
