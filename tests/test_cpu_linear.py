@@ -35,7 +35,7 @@ def test_every_row_count_goes_through_onednn_with_f_linears_results(
 def test_one_row_follows_the_cpu() -> None:
     assert ("AVX512" in torch.backends.cpu.get_cpu_capability()) == linear_mod.ONE_ROW_ONEDNN
     intel = linear_mod._cpu_vendor() == "GenuineIntel"
-    assert linear_mod.MKL_NATIVE == (intel and linear_mod.ONE_ROW_ONEDNN)
+    assert (intel and linear_mod.ONE_ROW_ONEDNN) == linear_mod.MKL_NATIVE
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 64, 255, 256, 2048])

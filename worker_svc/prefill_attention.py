@@ -9,8 +9,9 @@ token's g heads) go through in tiles; for each tile of keys up to the tile's las
 register-blocked micro-kernel computes the scores (6 rows x 2 vectors of keys on AVX2, 8 rows on
 AVX-512, the queries broadcast), the online softmax rescales the running max, sum and output of
 each row (exp2 by a polynomial, vectorised; the score scale and log2(e) folded into the packed
-queries), and a second micro-kernel adds P V (the same rows x 2 vectors of the head dim). Tiles wholly above the diagonal are
-skipped; only tiles crossing it are masked. Requests and KV heads are spread over OpenMP threads.
+queries), and a second micro-kernel adds P V (the same rows x 2 vectors of the head dim). Tiles
+wholly above the diagonal are skipped; only tiles crossing it are masked. Requests and KV heads
+are spread over OpenMP threads.
 
 Why: torch's CPU flash kernel ran 14-30 GFLOP/s on the bench shapes (a quarter to a third of a
 512-token prefill of the small bench model), with GQA either expanded or mapped per head; this one
