@@ -11,7 +11,7 @@ of the 7M-parameter bench model: 3.2-3.8 ms against 4.5-4.8 with MKL for 1-3 row
 eligible matmul goes through oneDNN, one row included where the CPU has AVX-512 (without it one row
 stays with MKL: ``ONE_ROW_ONEDNN``). On Intel CPUs with AVX-512 MKL takes its own AVX-512 path and
 the balance turns (``MKL_NATIVE``): there MKL is faster for up to three rows, for weights under
-1 MiB at any row count, and from a few hundred rows (``onednn_for``). Elsewhere (CUDA, other dtypes,
+1 MiB at any row count, and for prefills (``onednn_for``). Elsewhere (CUDA, other dtypes,
 autograd) this is ``F.linear``.
 """
 
@@ -61,11 +61,12 @@ def _cpu_vendor() -> str:
 # MKL stayed faster at every row count for the 7M bench model's 256-512 KB q/k/v and o weights
 # (4-32 rows: 0.27-0.94x); from 4 rows on weights of 1 MiB and more (its fused gate/up, the LM
 # head, every projection of the 51M model) oneDNN took 0.45-0.85x MKL's time up to 64 rows; from
-# 256 rows both ran at 75-100 GFLOP/s, MKL ahead by a few percent on most shapes.
+# 128 rows both ran at 75-113 GFLOP/s, and prefill steps of the 7M model ran as fast or faster
+# with MKL alone (1 x 128, 1 x 512, 4 x 100 tokens, the variants alternating in one process).
 MKL_NATIVE = _cpu_vendor() == "GenuineIntel" and ONE_ROW_ONEDNN
 MKL_MAX_ROWS = 3  # on MKL_NATIVE CPUs: calls of up to this many rows stay with MKL (its GEMV path)
 ONEDNN_MIN_WEIGHT_BYTES = 1 << 20  # ... and so do smaller weights at any row count
-ONEDNN_MAX_ROWS = 255  # ... and calls of more rows: MKL at least as fast
+ONEDNN_MAX_ROWS = 63  # ... and calls of more rows (prefill): MKL as fast or faster in the engine
 
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
