@@ -39,7 +39,8 @@ def one_shape(k: int, n: int, m: int, repeats: int) -> str:
     """One table row: an [m, k] x [k, n] matmul both ways."""
     w, x = torch.randn(n, k), torch.randn(m, k)
     with torch.inference_mode():
-        assert torch.allclose(linear(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
+        # (sums of k float32 products: the absolute error grows with sqrt(k))
+        assert torch.allclose(linear(x, w), F.linear(x, w), rtol=1e-4, atol=1e-5 * k ** 0.5)
         mkl = timed_ms(lambda: F.linear(x, w), repeats)
         packed_w = _packed_weight(w)
         onednn = timed_ms(lambda: torch.ops.mkldnn._linear_pointwise(x, packed_w, None, "none", [], ""),

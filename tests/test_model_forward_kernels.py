@@ -101,9 +101,11 @@ def test_linear_matches_f_linear() -> None:
         torch.testing.assert_close(linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_weights_follow_writes_and_replacement_and_respect_the_bound() -> None:
+def test_packed_weights_follow_writes_and_replacement_and_respect_the_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The packed copy of a weight is rebuilt after an in-place write or a new tensor at the same
     parameter, and past PREPACK_MAX_BYTES the plain weight is used (same results either way)."""
+    monkeypatch.setattr(linear_module, "MKL_NATIVE", False)  # this small weight through oneDNN anywhere
     torch.manual_seed(0)
     lin = torch.nn.Linear(40, 96, bias=False)
     x = torch.randn(4, 40)
@@ -144,6 +146,7 @@ def test_swiglu_with_post_ops_matches_the_plain_formula(monkeypatch: pytest.Monk
     """linear.swiglu (silu and the product as oneDNN post-ops from FUSED_SWIGLU_MIN_ROWS rows)
     gives silu(x g^T + bg) * (x u^T + bu) to float32 rounding, with and without biases, on a
     strided input, below and above the threshold; and the many-row case takes the fused call."""
+    monkeypatch.setattr(linear_module, "MKL_NATIVE", False)  # these small weights through oneDNN anywhere
     torch.manual_seed(0)
     g, u = torch.randn(96, 40) * 0.2, torch.randn(96, 40) * 0.2
     bg, bu = torch.randn(96), torch.randn(96)
@@ -213,6 +216,38 @@ def test_mlp_few_rows_take_one_fused_gate_up_matmul(monkeypatch: pytest.MonkeyPa
     with torch.inference_mode():
         torch.testing.assert_close(mlp(x), plain(x), rtol=1e-5, atol=1e-5)
     assert mlp.gate_proj.weight.data_ptr() == mlp._gate_up.get()[0].data_ptr()
+
+
+@pytest.mark.parametrize("mkl_native", [True, False])
+def test_mlp_many_rows_take_post_ops_through_onednn_else_the_fused_matmul(
+        mkl_native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From FUSED_SWIGLU_MIN_ROWS rows the MLP takes ``swiglu``'s oneDNN post-ops where oneDNN
+    takes its gate and up weights, and otherwise (an Intel CPU's MKL path for small weights) the
+    one fused [2 * intermediate] matmul; both give the plain formula to float32 rounding."""
+    if not linear_module._ONEDNN and not mkl_native:
+        pytest.skip("no oneDNN in this torch build")
+    monkeypatch.setattr(linear_module, "MKL_NATIVE", mkl_native)
+    torch.manual_seed(0)
+    mlp = llama.MLP(ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                                max_position_embeddings=128, mlp_bias=True))
+    F = torch.nn.functional
+    swiglu_calls: list[int] = []
+    real_swiglu = llama.swiglu
+    monkeypatch.setattr(llama, "swiglu", lambda x, *a: swiglu_calls.append(x.shape[0]) or real_swiglu(x, *a))
+    calls: list[int] = []
+    real = llama.linear
+    monkeypatch.setattr(llama, "linear", lambda x, w, b=None: calls.append(w.shape[0]) or real(x, w, b))
+    x = torch.randn(linear_module.FUSED_SWIGLU_MIN_ROWS + 5, 32)
+    with torch.inference_mode():
+        got = mlp(x)
+    g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    want = F.linear(F.silu(F.linear(x, g.weight, g.bias)) * F.linear(x, u.weight, u.bias), d.weight, d.bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if mkl_native:  # these small weights stay with MKL: one fused matmul, then down
+        assert (swiglu_calls, calls) == ([], [128, 32])
+    else:
+        assert (swiglu_calls, calls) == ([x.shape[0]], [32])
 
 
 def test_fused_qkv_matmul_sees_an_in_place_write_after_first_use() -> None:

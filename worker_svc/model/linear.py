@@ -1,4 +1,5 @@
-"""Linear layers' CPU matmuls through oneDNN, with float32 weights prepacked in its layout.
+"""Linear layers' CPU matmuls: oneDNN with float32 weights prepacked in its layout, or MKL's sgemm,
+whichever this CPU runs faster for the call's rows and weight.
 
 torch's float32 matmul on CPU is MKL's sgemm, whose code path on AMD CPUs stops at AVX2; oneDNN
 picks its kernels from the CPU's flags (AVX-512 where present) and, on a weight reordered once into
@@ -6,9 +7,12 @@ its blocked layout, ran the projections of the bench models 2-2.4x faster from a
 AVX-512 EPYC of our benchmarks (``benchmarks/cpu_linear.py``; vLLM's CPU path uses oneDNN too).
 One row is faster through MKL only while the weight sits in cache (that benchmark); in a model the
 weights of a decode step stream from memory, where oneDNN is faster at one row too (a batch-1 step
-of the 7M-parameter bench model: 3.2-3.8 ms against 4.5-4.8 with MKL for 1-3 rows), so every
+of the 7M-parameter bench model: 3.2-3.8 ms against 4.5-4.8 with MKL for 1-3 rows), so on AMD every
 eligible matmul goes through oneDNN, one row included where the CPU has AVX-512 (without it one row
-stays with MKL: ``ONE_ROW_ONEDNN``). Elsewhere (CUDA, other dtypes, autograd) this is ``F.linear``.
+stays with MKL: ``ONE_ROW_ONEDNN``). On Intel CPUs with AVX-512 MKL takes its own AVX-512 path and
+the balance turns (``MKL_NATIVE``): there MKL is faster for up to three rows, for weights under
+1 MiB at any row count, and for prefills (``onednn_for``). Elsewhere (CUDA, other dtypes,
+autograd) this is ``F.linear``.
 """
 
 from __future__ import annotations
@@ -38,7 +42,46 @@ _ONEDNN = _onednn_usable()
 ONE_ROW_ONEDNN = "AVX512" in torch.backends.cpu.get_cpu_capability()
 
 
+def _cpu_vendor() -> str:
+    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``), or "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+# Intel CPUs with AVX-512: MKL's sgemm runs its AVX-512 code there (on AMD it stops at AVX2), and
+# float32 matmuls go to oneDNN only where it measured faster (``onednn_for``). On a 2-core Sapphire
+# Rapids VM, one thread, weights in cache (``benchmarks/cpu_linear.py``): MKL's one- to three-row
+# calls took 0.3-0.7x oneDNN's time (oneDNN's ~25-35 us fixed cost per call dominates them), and
+# MKL stayed faster at every row count for the 7M bench model's 256-512 KB q/k/v and o weights
+# (4-32 rows: 0.27-0.94x); from 4 rows on weights of 1 MiB and more (its fused gate/up, the LM
+# head, every projection of the 51M model) oneDNN took 0.45-0.85x MKL's time up to 64 rows; from
+# 128 rows both ran at 75-113 GFLOP/s, and prefill steps of the 7M model ran as fast or faster
+# with MKL alone (1 x 128, 1 x 512, 4 x 100 tokens, the variants alternating in one process).
+MKL_NATIVE = _cpu_vendor() == "GenuineIntel" and ONE_ROW_ONEDNN
+MKL_MAX_ROWS = 3  # on MKL_NATIVE CPUs: calls of up to this many rows stay with MKL (its GEMV path)
+ONEDNN_MIN_WEIGHT_BYTES = 1 << 20  # ... and so do smaller weights at any row count
+ONEDNN_MAX_ROWS = 63  # ... and calls of more rows (prefill): MKL as fast or faster in the engine
+
+
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def onednn_for(rows: int, weight: torch.Tensor) -> bool:
+    """Whether a ``rows``-row matmul by ``weight`` is faster through oneDNN than MKL on this CPU
+    (for the eligible dtypes; see ``MKL_NATIVE`` and ``ONE_ROW_ONEDNN``). bfloat16 always: MKL
+    has no bfloat16 sgemm, and oneDNN takes AMX where the CPU has it."""
+    if weight.dtype != torch.float32:
+        return True
+    if MKL_NATIVE:
+        return (MKL_MAX_ROWS < rows <= ONEDNN_MAX_ROWS
+                and weight.numel() * 4 >= ONEDNN_MIN_WEIGHT_BYTES)
+    return ONE_ROW_ONEDNN or rows > 1
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -46,7 +89,7 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # (``x.is_cpu`` rather than ``x.device.type``: no device object per call; this runs ~40 times
     # a decode step)
     return (_ONEDNN and x.is_cpu and x.dim() == 2 and x.dtype == weight.dtype
-            and x.dtype in _ONEDNN_DTYPES and (ONE_ROW_ONEDNN or x.shape[0] > 1)
+            and x.dtype in _ONEDNN_DTYPES and onednn_for(x.shape[0], weight)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
