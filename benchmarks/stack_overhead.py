@@ -151,14 +151,20 @@ def through_stack(folder: Path, prompts: list[list[int]], output_tokens: int, bl
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def request_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options of a one-request-at-a-time run (shared with ``benchmarks/worker_hop.py``)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="small")
     p.add_argument("--requests", type=int, default=6)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = request_parser(__doc__)
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
     shape = MODEL_SHAPES[args.model_shape]

@@ -19,7 +19,6 @@ the scheduler's hop and its Redis writes.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import itertools
@@ -38,7 +37,7 @@ if str(REPO) not in sys.path:
 
 import grpc  # noqa: E402
 
-from benchmarks.stack_overhead import engine_only  # noqa: E402
+from benchmarks.stack_overhead import engine_only, request_parser  # noqa: E402
 from benchmarks.vs_vllm_model import ensure_model_folder  # noqa: E402
 from benchmarks.vs_vllm_settings import MODEL_SHAPES  # noqa: E402
 from common.proto.layerkv.v1 import types_pb2, worker_pb2, worker_pb2_grpc  # noqa: E402
@@ -123,14 +122,7 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="small")
-    p.add_argument("--requests", type=int, default=6)
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--output-tokens", type=int, default=64)
-    p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = request_parser(__doc__).parse_args(argv)
     shape = MODEL_SHAPES[args.model_shape]
     folder = ensure_model_folder(REPO / ".bench" / f"model-{args.model_shape}", shape)
     rng = random.Random(args.seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import grpc
@@ -123,6 +124,19 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.SetPolicyResponse(previous=previous, current=request.policy)
 
 
+@asynccontextmanager
+async def serving(sched: FakeScheduler) -> AsyncIterator[str]:
+    """A gRPC server on a free port with ``sched`` as its scheduler service; yields its address."""
+    server = grpc.aio.server()
+    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(sched, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
 @pytest.fixture(params=["per-call", "stream"])
 async def fake(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, FakeScheduler, FakeAdmin]]:
     server = grpc.aio.server()
@@ -173,13 +187,9 @@ async def test_workload_is_sent_at_its_arrival_times_and_measured(
 
 
 async def test_a_multi_request_run_makes_one_generate_stream_call() -> None:
-    server = grpc.aio.server()
     sched = StreamingFakeScheduler()
-    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(sched, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        config = ClientConfig(endpoint=f"127.0.0.1:{port}", ttft_slo_s=2.0, tpot_slo_s=0.25)
+    async with serving(sched) as endpoint:
+        config = ClientConfig(endpoint=endpoint, ttft_slo_s=2.0, tpot_slo_s=0.25)
         requests = [BenchRequest(i, 0.02 * i, (5, i + 1), 4) for i in range(6)]
         results = await run_workload(config, requests)
         assert all(r.ok and r.output_tokens == 4 for r in results)
@@ -192,8 +202,6 @@ async def test_a_multi_request_run_makes_one_generate_stream_call() -> None:
         per_call = await run_workload(replace(config, multiplex=False), requests)
         assert sched.calls == {"Generate": 6}
         assert [(r.ok, r.output_tokens) for r in per_call] == [(r.ok, r.output_tokens) for r in results]
-    finally:
-        await server.stop(None)
 
 
 class InternalOnStream(FakeScheduler):
@@ -211,18 +219,12 @@ class InternalOnStream(FakeScheduler):
 
 
 async def test_a_stream_failing_internal_before_any_answer_falls_back_to_a_call_each() -> None:
-    server = grpc.aio.server()
     sched = InternalOnStream()
-    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(sched, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        config = ClientConfig(endpoint=f"127.0.0.1:{port}", ttft_slo_s=2.0, tpot_slo_s=0.25)
+    async with serving(sched) as endpoint:
+        config = ClientConfig(endpoint=endpoint, ttft_slo_s=2.0, tpot_slo_s=0.25)
         results = await run_workload(config, [BenchRequest(i, 0.0, (5, i + 1), 3) for i in range(2)])
         assert [(r.ok, r.output_tokens, r.error) for r in results] == [(True, 3, "")] * 2
         assert sched.calls == {"GenerateStream": 3, "Generate": 2}  # reopened twice, then a call each
-    finally:
-        await server.stop(None)
 
 
 async def test_a_request_past_its_deadline_fails_and_is_cancelled(
