@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import add
 
 from common.types import KVGeometry, Placement, Tier, TierCapacity
 
@@ -96,7 +97,9 @@ def staging_needed(host_per_layer: Sequence[int]) -> int:
         return 0
     if len(host_per_layer) == 1:
         return host_per_layer[0]
-    return max(a + b for a, b in itertools.pairwise(host_per_layer))
+    # one C-level map, not a generator over pairs: the KV manager asks this on every growth of a
+    # request with host layers (a frame per pair cost ~16 rows' worth of a decode step)
+    return max(map(add, host_per_layer, itertools.islice(host_per_layer, 1, None)))
 
 
 def staging_fits(host_per_layer: Sequence[int], staging_blocks: int) -> bool:

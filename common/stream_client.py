@@ -28,19 +28,13 @@ import grpc.aio
 
 from common.errors import LayerKVError, Unavailable
 from common.grpc_errors import error_from_rpc, error_from_status
-from common.proto.layerkv.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
+from common.proto.layerkv.v1 import scheduler_pb2, scheduler_pb2_grpc
 from common.types import FinishReason, SamplingParams
-from common.wire import sampling_to_proto
+from common.wire import FINISH_FROM_PROTO, sampling_to_proto
 
 log = logging.getLogger(__name__)
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-_REASONS = {
-    types_pb2.FINISH_REASON_STOP: FinishReason.STOP,
-    types_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
-    types_pb2.FINISH_REASON_ABORT: FinishReason.ABORT,
-    types_pb2.FINISH_REASON_ERROR: FinishReason.ERROR,
-}
 # A stream failing with one of these failed as a whole for a reason a retry does not change (a
 # request's own refusal, a full queue included, comes as its tagged status, never as these).
 _FATAL = {
@@ -352,7 +346,7 @@ class GenerateClient:
         if final.HasField("last_chunk"):
             self._take(live, final.last_chunk, received)
         self._end(live, Finished(
-            _REASONS.get(final.finish_reason), final.prompt_tokens, final.output_tokens,
+            FINISH_FROM_PROTO.get(final.finish_reason), final.prompt_tokens, final.output_tokens,
             final.queue_s, final.ttft_s, final.latency_s, final.tpot_s, final.error, received,
         ))  # fmt: skip
 

@@ -24,6 +24,9 @@ FINISH_TO_PROTO: dict[FinishReason, types_pb2.FinishReason] = {
 }
 
 
+FINISH_FROM_PROTO: dict[int, FinishReason] = {proto: reason for reason, proto in FINISH_TO_PROTO.items()}
+
+
 def finish_reason_to_proto(reason: FinishReason | None) -> types_pb2.FinishReason:
     return types_pb2.FINISH_REASON_UNSPECIFIED if reason is None else FINISH_TO_PROTO[reason]
 

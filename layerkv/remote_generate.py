@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from common.errors import LayerKVError, Unavailable
+from common.errors import LayerKVError
 from common.proto.layerkv.v1 import scheduler_pb2
 from common.security import bearer_metadata, open_channel
 from common.stream_client import Finished, GenerateClient, GenerateJob, RequestStream, Tokens, wire_request
@@ -103,7 +103,7 @@ async def _one(
     except TimeoutError:
         stream.cancel()
         result.finish_reason = "error"
-        result.error = f"Unavailable: {Unavailable('Deadline Exceeded')}"
+        result.error = "Unavailable: Deadline Exceeded"  # what a gRPC deadline read as before
     except LayerKVError as err:
         result.finish_reason = "error"
         result.error = f"{type(err).__name__}: {err}"

@@ -179,7 +179,6 @@ def tokenizer_from_proto(t: worker_pb2.GetTokenizerResponse) -> Tokenizer:
 
 
 _STEP_KINDS = {k.value: k for k in StepKind}
-_FINISH_OF_PROTO = {proto: reason for reason, proto in wire.FINISH_TO_PROTO.items()}
 
 
 def _tier(usage: types_pb2.TierUsage) -> TierReport:
@@ -219,7 +218,7 @@ def worker_event_from_proto(event: worker_pb2.StreamEventsResponse, num_layers: 
                 u.request_id,
                 tuple(u.token_ids),
                 u.finished,
-                _FINISH_OF_PROTO.get(u.finish_reason, FinishReason.ERROR) if u.finished else None,
+                wire.FINISH_FROM_PROTO.get(u.finish_reason, FinishReason.ERROR) if u.finished else None,
                 u.error,
             )
             for u in event.tokens

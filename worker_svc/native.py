@@ -43,6 +43,27 @@ typedef int32_t vi __attribute__((vector_size(W * 4), aligned(4)));
     p_ = p_ * r_ + 1.3981999507e-3f; p_ = p_ * r_ + 8.3334519073e-3f; \
     p_ = p_ * r_ + 4.1665795894e-2f; p_ = p_ * r_ + 1.6666665459e-1f; \
     p_ = p_ * r_ + 5.0000001201e-1f; p_ * r_ * r_ + r_ + 1.0f; })
+
+/* exp(x) for x the caller clamped to [-87.33654, 88.7] (exp(-87.33654) is the smallest normal
+   float, exp(88.7) the largest finite one): Cody-Waite reduction by ln 2, EXP_POLY, and the power
+   of two put in the exponent bits. The vector form rounds to nearest by adding and taking away
+   1.5 * 2^23 (rintf's result in the default rounding mode; GCC vectorised the scalar form's loop
+   badly). */
+static inline float exp_in_range(float x) {
+    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    const float p = EXP_POLY(float, r);
+    union { int32_t i; float f; } scale = { .i = ((int32_t)n + 127) << 23 };
+    return p * scale.f;
+}
+
+static inline vw vexp_in_range(vw x) {
+    const vw n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const vw r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    const vw p = EXP_POLY(vw, r);
+    const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vw)e;
+}
 """
 
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")

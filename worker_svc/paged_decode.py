@@ -77,29 +77,14 @@ static inline v4 hsum4(vw a0, vw a1, vw a2, vw a3) {
 
 static inline vw vsel(vi m, vw a, vw b) { return (vw)((m & (vi)a) | (~m & (vi)b)); }  /* m ? a : b */
 
-/* exp(x) for x <= 0 (softmax's x - max): Cody-Waite reduction and Cephes' degree-6 polynomial,
-   about 1 ulp, in arithmetic only (libm's expf is a scalar call each). The scalar form is for the
-   one rescale factor a head takes per block. */
-static inline float exp_nonpos(float x) {
-    x = x < -87.33654f ? -87.33654f : x;  /* 2^-126: the smallest normal float, and -inf's image */
-    const float n = __builtin_rintf(x * 1.44269504088896341f);
-    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-    const float p = EXP_POLY(float, r);
-    union { int32_t i; float f; } scale = { .i = ((int32_t)n + 127) << 23 };
-    return p * scale.f;
-}
+/* exp(x) for x <= 0 (softmax's x - max), about 1 ulp, in arithmetic only (libm's expf is a scalar
+   call each): the prelude's exp_in_range below its floor (2^-126, also -inf's image). The scalar
+   form is for the one rescale factor a head takes per block. */
+static inline float exp_nonpos(float x) { return exp_in_range(x < -87.33654f ? -87.33654f : x); }
 
-/* The same on W lanes, written with vectors (GCC did not vectorise the scalar form's loop well):
-   round to nearest by adding and taking away 1.5 * 2^23 (rintf's result in the default rounding
-   mode, for the |x * log2(e)| <= 126 the clamp leaves). */
 static inline vw vexp_nonpos(vw x) {
     const vw lo = (vw){0} - 87.33654f;
-    x = vsel(x < lo, lo, x);
-    const vw n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const vw r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-    const vw p = EXP_POLY(vw, r);
-    const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-    return p * (vw)e;
+    return vexp_in_range(vsel(x < lo, lo, x));
 }
 
 /* Cache lines still to prefetch, issued a few at a time between the computation's own loads:

@@ -14,7 +14,7 @@ layers read in place on the CPU, ``kv_cache``) there is no staging rule and noth
 from __future__ import annotations
 
 from dataclasses import dataclass
-from operator import add
+from operator import add, sub
 
 from common import kv_budget
 from common.kv_budget import BlockDemand
@@ -185,10 +185,8 @@ class KVCacheManager:
             return False
         host_read = self._host_read
         after = list(map(add, host_read, host_mask)) if host_at else host_read  # [L] with the growth
-        # (no host layer: the staging demand is unchanged); kv_budget.staging_needed's largest
-        # adjacent pair, by one C-level map (its generator cost a frame per pair, 16 rows a step)
         if host_at and self.staging_limit is not None and not self._staging_holds(
-                max(map(add, after, after[1:])) if len(after) > 1 else kv_budget.staging_needed(after)):
+                kv_budget.staging_needed(after)):  # (no host layer: the staging demand is unchanged)
             return False
         gpu_ids = self.gpu.allocate(len(gpu_at))
         assert gpu_ids is not None, "the GPU pool has fewer free blocks after the check"
@@ -254,7 +252,7 @@ class KVCacheManager:
         used_gpu[:] = list(map(add, used_gpu, added_gpu))
         if n_host:
             used_host = self._used[Tier.HOST]
-            used_host[:] = list(map(add, used_host, map(lambda a, b: a - b, after, host_read)))
+            used_host[:] = list(map(add, used_host, map(sub, after, host_read)))
             host_read[:] = after
         return True
 

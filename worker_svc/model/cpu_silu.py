@@ -20,29 +20,17 @@ import torch
 from worker_svc import native
 
 _SOURCE = native.SIMD_PRELUDE + r"""
-#include <math.h>
 
-/* exp(x) on W lanes for any float x: clamped to [-87.3, 88.7] (exp(-87.3) is the smallest normal
-   float, exp(88.7) the largest finite one), Cody-Waite reduction, Cephes' polynomial. */
+/* exp(x) for any float x: clamped to the prelude's exp_in_range's range. */
 static inline vw vexp(vw x) {
     const vw hi = (vw){0} + 88.7f, lo = (vw){0} - 87.33654f;
     x = (vw)(((vi)x & (vi)(x < hi)) | ((vi)hi & ~(vi)(x < hi)));
     x = (vw)(((vi)x & (vi)(x > lo)) | ((vi)lo & ~(vi)(x > lo)));
-    const vw n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const vw r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-    const vw p = EXP_POLY(vw, r);
-    const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-    return p * (vw)e;
+    return vexp_in_range(x);
 }
 
 static inline float sexp(float x) {
-    x = x < 88.7f ? x : 88.7f;
-    x = x > -87.33654f ? x : -87.33654f;
-    const float n = __builtin_rintf(x * 1.44269504088896341f);
-    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-    const float p = EXP_POLY(float, r);
-    union { int32_t i; float f; } scale = { .i = ((int32_t)n + 127) << 23 };
-    return p * scale.f;
+    return exp_in_range(x < 88.7f ? (x > -87.33654f ? x : -87.33654f) : 88.7f);
 }
 
 /* out[r, i] = g / (1 + exp(-g)) * u with g = gu[r, i], u = gu[r, inter + i], for rows rows of gu
